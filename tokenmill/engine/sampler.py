@@ -1,0 +1,104 @@
+"""Turns one step's logits into tokens, for the whole batch at once.
+
+Rows are sequences; every per-request setting becomes a column tensor, so the work is a handful of
+tensor ops whatever the mix of settings. Only seeded requests cost a Python call each (one
+generator draw per row), since a torch generator cannot be shared between rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.engine.sequence import Sequence
+from tokenmill.outputs import Logprob, TokenLogprobs
+
+
+def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
+            or s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    sub = logits[rows]
+    params = [seqs[i].params for i in rows]
+    # Padding points at an extra column that is dropped afterwards.
+    outputs = _pad([seqs[i].output_token_ids for i in rows], vocab)
+    counts = torch.zeros(len(rows), vocab + 1).scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float))
+    counts = counts[:, :vocab]
+    prompts = _pad([seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows], vocab)
+    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool).scatter_(1, prompts, True)[:, :vocab]
+    seen |= counts > 0
+    rep = torch.tensor([p.repetition_penalty for p in params])[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub -= torch.tensor([p.frequency_penalty for p in params])[:, None] * counts
+    sub -= torch.tensor([p.presence_penalty for p in params])[:, None] * (counts > 0)
+    logits[rows] = sub
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """top-k, top-p and min-p, on temperature-scaled logits; removed tokens get -inf."""
+    top_k = [s.params.top_k for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        vocab = logits.shape[1]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab)[None, :]
+        k = torch.tensor([k if k > 0 else vocab for k in top_k])[:, None]
+        drop = ranks >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Drop a token once the tokens before it already cover top_p; the first always stays.
+        drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p)[:, None]
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(p > 0 for p in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p)[:, None]
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
+    """logits: [R, V] fp32, one row per sequence in seqs. Returns the chosen token ids, [R]."""
+    apply_penalties(logits, seqs)
+    blocked = [(i, list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids)))
+               for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    for i, token_ids in blocked:
+        logits[i, token_ids] = float("-inf")
+
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not random_rows:
+        return tokens
+    rseqs = [seqs[i] for i in random_rows]
+    temps = torch.tensor([s.params.temperature for s in rseqs])[:, None]
+    probs = _filter(logits[random_rows] / temps, rseqs).softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded row
+    # take its noise from its own generator.
+    noise = torch.empty_like(probs).exponential_()
+    for row, s in enumerate(rseqs):
+        if s.generator is not None:
+            noise[row].exponential_(generator=s.generator)
+    tokens[random_rows] = (probs / noise).argmax(dim=-1)
+    return tokens
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
+    """logprobs: [R, V]; chosen: [R] token ids. Each row's top num_top[r] tokens plus the chosen one."""
+    k = max(num_top)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])
+    chosen_values = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    chosen_ranks = (logprobs > chosen_values[:, None]).sum(dim=-1) + 1
+    result = []
+    for row, (ids, values, n) in enumerate(zip(top_ids.tolist(), top_values.tolist(), num_top)):
+        entry = {tid: Logprob(v, rank + 1) for rank, (tid, v) in enumerate(zip(ids[:n], values[:n]))}
+        token = int(chosen[row])
+        if token not in entry:
+            entry[token] = Logprob(float(chosen_values[row]), int(chosen_ranks[row]))
+        result.append(entry)
+    return result

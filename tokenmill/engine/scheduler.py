@@ -1,0 +1,99 @@
+"""Decides, each step, how many new tokens each sequence computes.
+
+There are no prefill and decode phases: a sequence simply has `num_computed_tokens` behind
+`num_tokens`. Under one token budget, running sequences are served first (a decode is one token,
+a long prompt is cut into chunks), then waiting ones are admitted while KV blocks last. When blocks
+run out, the newest running sequence is preempted: its blocks are freed and it is recomputed later
+(cheaply, since its full blocks usually stay in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engine.sequence import Sequence, Status
+from tokenmill.kv.manager import KVCacheManager
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+
+        # Samples still to be forked will join the running set: count them against max_num_seqs.
+        num_seqs = sum(len(s.request.seqs) if s.num_output_tokens == 0 else 1 for s in self.running)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            joining = len(seq.request.seqs) if seq.num_output_tokens == 0 else 1
+            if num_seqs + joining > self.max_num_seqs and num_seqs > 0:
+                break
+            computed = self.kv.get_computed_blocks(seq)
+            num_cached = len(computed) * self.kv.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(seq, num_new, computed):
+                break
+            if seq.index == 0 and seq.num_output_tokens == 0:
+                seq.request.num_cached_tokens = num_cached
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            num_seqs += joining
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sample that already holds its blocks."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)

@@ -1,0 +1,101 @@
+"""A request and its sequences: the state the scheduler, the KV manager and the runner share.
+
+A `Request` is what a user asked for; it owns `n` `Sequence`s, one per sample. Only the first is
+scheduled for the prompt; the others are forked from it when the prompt has been computed, so the
+prompt's K/V are computed once and shared (see `Engine._fork`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for its first sibling's prompt
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int) -> None:
+        self.request = request
+        self.index = index
+        self.params = request.params
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # of the full blocks of token_ids, in order
+        self.num_registered_blocks = 0  # leading blocks of block_table that are in the prefix cache
+        self.status = Status.WAITING if index == 0 else Status.FORK_PENDING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = ""
+        self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
+        seed = self.params.seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
+        self._decoder = DecodeStream(skip_special_tokens=self.params.skip_special_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token_id: int, tokenizer: Tokenizer) -> str:
+        """Adds a generated token; returns the text it completes (may be empty mid-character)."""
+        self.token_ids.append(token_id)
+        piece = self._decoder.step(tokenizer, token_id) or ""
+        self.text += piece
+        return piece
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.text, self.output_token_ids, self.finish_reason,
+                                self.stop_reason, self.logprobs)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, max_total_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        # max_tokens capped by the context length; the request ends with "length" there.
+        self.max_total_tokens = max_total_tokens
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.seqs = [Sequence(self, i) for i in range(params.n)]
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [s.to_output() for s in self.seqs], self.finished,
+                             self.num_cached_tokens, self.prompt_logprobs)

@@ -1,0 +1,113 @@
+"""The KV cache manager: the narrow interface between the scheduler and the block pool.
+
+The scheduler asks three things: which leading blocks of a new sequence are already cached
+(`get_computed_blocks`), whether room can be made for N more tokens of a sequence
+(`allocate_slots`), and to give a sequence's blocks back (`free`). A full block is identified by a
+hash chained over its parent's hash and its token ids, so equal prefixes map to equal blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from tokenmill.engine.sequence import Sequence
+from tokenmill.kv.block_pool import BlockPool
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def _hash_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Extends seq.block_hashes over the full blocks among its first num_tokens tokens."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), num_tokens // bs):
+            parent = seq.block_hashes[i - 1] if i else b""
+            tokens = array("i", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()
+            seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """The cached blocks that hold a prefix of seq's tokens. They are not yet acquired."""
+        if not self.enable_prefix_caching or seq.request.prompt_logprobs is not None:
+            return []
+        # NOTE: the last token is always computed, so that there are logits to sample from.
+        self._hash_full_blocks(seq, seq.num_tokens - 1)
+        blocks = []
+        for block_hash in seq.block_hashes:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+        """Makes room for num_new_tokens after seq's computed (and newly found cached) tokens.
+
+        Returns False, changing nothing, when the pool cannot supply the blocks.
+        """
+        num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_blocks_needed = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = num_blocks_needed - len(seq.block_table) - len(computed_blocks)
+        # Cached blocks that sit in the free queue stop being free once acquired.
+        reclaimed = sum(1 for b in computed_blocks if self.pool.is_free(b))
+        if num_new_blocks > self.pool.num_free - reclaimed:
+            return False
+        if computed_blocks:  # only ever for a sequence that holds no blocks yet
+            for block in computed_blocks:
+                self.pool.acquire(block)
+            seq.block_table = list(computed_blocks)
+            seq.num_registered_blocks = len(computed_blocks)
+            seq.num_computed_tokens = num_computed
+        seq.block_table.extend(self.pool.allocate() for _ in range(num_new_blocks))
+        if self.enable_prefix_caching:
+            # The blocks these tokens fill become findable now: their K/V are computed in this
+            # step, before any other sequence could be scheduled onto them.
+            self._hash_full_blocks(seq, num_computed + num_new_tokens)
+            num_full = (num_computed + num_new_tokens) // self.block_size
+            for i in range(seq.num_registered_blocks, num_full):
+                self.pool.register(seq.block_table[i], seq.block_hashes[i])
+            seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        # NOTE: released tail first, so that a prompt's first blocks, the likeliest to be shared,
+        # are the last to be evicted.
+        for block in reversed(seq.block_table):
+            self.pool.release(block)
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+        seq.num_computed_tokens = 0
+
+    def can_fork(self, parent: Sequence) -> bool:
+        return parent.num_computed_tokens % self.block_size == 0 or self.pool.num_free > 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Shares parent's computed blocks with child (check `can_fork` first).
+
+        Full blocks are shared by reference; a partly filled last block is copied, since the two
+        sequences will append different tokens to it. Returns the (source, destination) blocks
+        whose K/V the caller must copy, or None.
+        """
+        full = parent.num_computed_tokens // self.block_size
+        for block in parent.block_table[:full]:
+            self.pool.acquire(block)
+        child.block_table = parent.block_table[:full]
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_registered_blocks = min(parent.num_registered_blocks, full)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if parent.num_computed_tokens % self.block_size == 0:
+            return None
+        copy = self.pool.allocate()
+        child.block_table.append(copy)
+        return parent.block_table[full], copy

@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache, for a flat ragged batch.
+
+The KV pool of one layer is `[2, num_slots, num_kv_heads, head_dim]` (K and V; a slot is one token
+position of one block). Each step the new K/V are written at `slot_mapping`, then every request's
+queries attend to its whole context, gathered from the pool through its block table.
+
+Requests with one new token (decodes) and those with several (prompt chunks) are attended in two
+batched calls, so one long prompt chunk never pads the many one-token decodes. Everything here is
+built once per step in `AttentionMetadata` and reused by all layers: no Python loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Requests attended together: queries padded to `[B, max_q]`, contexts to `[B, max_ctx]`."""
+
+    query_index: torch.Tensor  # [B, max_q] rows of the flat batch (padding repeats a real row)
+    query_valid: torch.Tensor  # [B, max_q] bool, False on padding
+    context_slots: torch.Tensor  # [B, max_ctx] pool slots of each request's context
+    mask: torch.Tensor  # [B, 1, max_q * group, max_ctx] bool, True where a query may attend
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes in the pool
+    groups: list[AttentionGroup]
+
+
+def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_len: torch.Tensor,
+                block_table: torch.Tensor, block_size: int, queries_per_kv_head: int) -> AttentionGroup:
+    """query_start, num_queries, context_len: [B]; block_table: [B, max_blocks] (padded)."""
+    max_q = int(num_queries.max())
+    max_ctx = int(context_len.max())
+    q_offset = torch.arange(max_q)
+    query_valid = q_offset[None, :] < num_queries[:, None]
+    q_offset = torch.minimum(q_offset[None, :], num_queries[:, None] - 1)
+    query_index = query_start[:, None] + q_offset
+    query_pos = context_len[:, None] - num_queries[:, None] + q_offset  # [B, max_q]
+    ctx = torch.arange(max_ctx)
+    context_slots = block_table[:, ctx // block_size] * block_size + ctx % block_size
+    mask = ctx[None, None, :] <= query_pos[:, :, None]  # causal, and never past the context
+    # NOTE: queries are laid out [q, group] per KV head (see paged_attention), so each query's mask
+    # row is repeated for the query heads sharing that KV head.
+    mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
+    return AttentionGroup(query_index, query_valid, context_slots, mask)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, heads, D]; k, v: [T, kv_heads, D]; kv_pool: [2, slots, kv_heads, D]. Returns [T, heads, D]."""
+    kv_pool[0].index_copy_(0, meta.slot_mapping, k.to(kv_pool.dtype))
+    kv_pool[1].index_copy_(0, meta.slot_mapping, v.to(kv_pool.dtype))
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        batch, max_q = g.query_index.shape
+        # GQA without repeating K/V: the `group` query heads of one KV head become extra query rows.
+        qg = q[g.query_index].view(batch, max_q, kv_heads, group, head_dim)
+        qg = qg.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_q * group, head_dim)
+        keys = kv_pool[0][g.context_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, D]
+        values = kv_pool[1][g.context_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask)
+        o = o.view(batch, kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
+        out[g.query_index[g.query_valid]] = o[g.query_valid].reshape(-1, heads, head_dim)
+    return out
