@@ -36,6 +36,18 @@ class EngineConfig:
     max_model_len: int | None = None
 
 
+@dataclass
+class EngineStats:
+    steps: int = 0
+    computed_tokens: int = 0  # tokens run through the model, prompts and generated
+    prompt_tokens: int = 0  # of finished requests
+    cached_prompt_tokens: int = 0  # of those, found in the prefix cache
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -90,6 +102,7 @@ class Engine:
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
         logger.info("KV pool: %d blocks of %d tokens (%.0f MiB)", num_blocks, config.block_size,
                     num_blocks * block_bytes / 2**20)
 
@@ -149,6 +162,8 @@ class Engine:
         if not batch.seqs:
             return []
         result = self.runner.run(batch)
+        self.stats.steps += 1
+        self.stats.computed_tokens += batch.num_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         for seq, target, logits in result.prompt_logits:
@@ -178,6 +193,8 @@ class Engine:
         for request in {s.request.request_id: s.request for s in seqs}.values():
             if request.finished and self.requests.pop(request.request_id, None) is not None:
                 finished.append(request.to_output())
+                self.stats.prompt_tokens += len(request.prompt_token_ids)
+                self.stats.cached_prompt_tokens += request.num_cached_tokens or 0
         return finished
 
     def _expand_forks(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
@@ -245,6 +262,3 @@ class Engine:
     def _decode_logprob_tokens(self, entry: TokenLogprobs) -> None:
         for token_id, logprob in entry.items():
             logprob.decoded_token = self.tokenizer.decode([token_id])
-
-    def num_preemptions(self) -> int:
-        return self.scheduler.num_preemptions

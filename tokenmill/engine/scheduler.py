@@ -72,7 +72,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(seq, num_new, computed):
                 break
-            if seq.index == 0 and seq.num_output_tokens == 0:
+            if seq.index == 0 and seq.num_output_tokens == 0 and seq.request.num_cached_tokens is None:
                 seq.request.num_cached_tokens = num_cached
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -89,7 +89,7 @@ class Request:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.seqs = [Sequence(self, i) for i in range(params.n)]
-        self.num_cached_tokens = 0
+        self.num_cached_tokens: int | None = None  # set when first admitted
 
     @property
     def finished(self) -> bool:
@@ -98,4 +98,4 @@ class Request:
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [s.to_output() for s in self.seqs], self.finished,
-                             self.num_cached_tokens, self.prompt_logprobs)
+                             self.num_cached_tokens or 0, self.prompt_logprobs)

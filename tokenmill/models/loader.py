@@ -95,7 +95,12 @@ def _gguf_folder(path: Path) -> Path:
         hf_model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
         del hf_model
-        os.replace(tmp, folder)  # atomic: a half-written conversion is never found
+        try:
+            os.replace(tmp, folder)  # atomic: a half-written conversion is never found
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process converted the same file meanwhile
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ModelLoadError):

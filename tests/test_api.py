@@ -1,0 +1,49 @@
+"""The Python API: input forms, lazy consumption, per-prompt parameters, output order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenmill import LLM, RequestOutput, SamplingParams
+
+
+def test_lazy_iterable_in_order_with_bounded_flight(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_models["qwen2"]), dtype="float32", kv_cache_memory=1 << 26, max_num_seqs=4)
+    peak = 0
+
+    def prompts() -> Iterator[list[int]]:
+        nonlocal peak
+        for i in range(100):
+            peak = max(peak, len(llm.engine.requests))
+            yield [100 + i, 200 + i % 7, 300]
+
+    outputs = llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt_token_ids[0] for o in outputs] == [100 + i for i in range(100)]
+    assert peak <= 2 * 4  # the window, not the input's length
+    assert not llm.engine.requests and not llm.engine.scheduler.has_work()
+    # Same prompt, same output, whatever else was in the batch.
+    again = llm.generate([[100, 200, 300]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                         use_tqdm=False)
+    assert again[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+
+
+def test_one_sampling_params_per_prompt(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
+    params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in (1, 5, 9)]
+    outputs = llm.generate(["a", "b", {"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 5, 9]
+    assert outputs[0].prompt == "a" and outputs[2].prompt_token_ids == [5, 6, 7]
+
+
+def test_default_model_chat(smol_llm: LLM) -> None:
+    default = LLM(kv_cache_memory=1 << 28, dtype="float32")
+    assert default.engine.model_path == smol_llm.engine.model_path
+    conversation = [{"role": "system", "content": "Answer in one word."},
+                    {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    single = default.chat(conversation, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    batch = default.chat([conversation, conversation], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert isinstance(single[0], RequestOutput) and len(batch) == 2
+    assert single[0].prompt.startswith("<|im_start|>system\nAnswer in one word.")
+    assert batch[0].outputs[0].text == batch[1].outputs[0].text == single[0].outputs[0].text
+    assert batch[1].num_cached_tokens > 0  # the second conversation reuses the first's blocks

@@ -1,0 +1,80 @@
+"""The KV cache manager on its own: prefix hits, reference counts, LRU eviction, forks."""
+
+from __future__ import annotations
+
+from tokenmill.engine.sequence import Request
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.sampling_params import SamplingParams
+
+
+def make_seq(tokens: list[int], n: int = 1) -> object:
+    return Request("r", None, tokens, SamplingParams(n=n), 10_000).seqs[0]
+
+
+def admit(kv: KVCacheManager, seq: object) -> list[int]:
+    computed = kv.get_computed_blocks(seq)
+    assert kv.allocate_slots(seq, seq.num_tokens - len(computed) * kv.block_size, computed)
+    return computed
+
+
+def test_shared_prefix_blocks_are_found_and_reference_counted() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
+    a = make_seq(list(range(10)))  # 2 full blocks + 2 tokens
+    assert admit(kv, a) == []
+    assert len(a.block_table) == 3
+    b = make_seq(list(range(8)) + [99, 98, 97])
+    assert admit(kv, b) == a.block_table[:2]
+    assert b.num_computed_tokens == 8
+    assert [kv.pool.ref_counts[x] for x in a.block_table[:2]] == [2, 2]
+    kv.free(a)
+    kv.free(b)
+    assert kv.pool.num_free == 10  # freed, but the full blocks stay findable
+    c = make_seq(list(range(8)) + [5])
+    assert len(admit(kv, c)) == 2
+
+
+def test_last_token_is_always_computed() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
+    a = make_seq(list(range(8)))
+    admit(kv, a)
+    kv.free(a)
+    again = make_seq(list(range(8)))
+    assert len(admit(kv, again)) == 1  # the second block holds the last token: recomputed
+    assert again.num_computed_tokens == 4
+
+
+def test_eviction_takes_the_least_recently_freed_block() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    old, new = make_seq([1, 2, 3]), make_seq([7, 8, 9])
+    admit(kv, old)
+    admit(kv, new)
+    kv.free(old)
+    kv.free(new)
+    assert kv.allocate_slots(make_seq([50, 51, 52]), 3)  # needs 2 blocks: the 2 unhashed partial ones
+    assert kv.get_computed_blocks(make_seq([1, 2, 3])) and kv.get_computed_blocks(make_seq([7, 8, 9]))
+    assert kv.allocate_slots(make_seq([60, 61]), 2)  # evicts the oldest full block, old's
+    assert kv.get_computed_blocks(make_seq([1, 2, 3])) == []
+    assert kv.get_computed_blocks(make_seq([7, 8, 9])) != []
+
+
+def test_allocation_fails_cleanly_when_full() -> None:
+    kv = KVCacheManager(num_blocks=2, block_size=4, enable_prefix_caching=False)
+    a = make_seq(list(range(6)))
+    assert kv.allocate_slots(a, 6)
+    a.num_computed_tokens = 6  # as the engine does after the step
+    before = (list(a.block_table), kv.pool.num_free)
+    assert not kv.allocate_slots(a, 4)  # would need a third block
+    assert (a.block_table, kv.pool.num_free) == before
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
+    parent, child = Request("r", None, list(range(10)), SamplingParams(n=2), 100).seqs
+    admit(kv, parent)
+    parent.num_computed_tokens = 10  # the prompt ran
+    assert kv.can_fork(parent)
+    copy = kv.fork(parent, child)
+    assert child.block_table[:2] == parent.block_table[:2]
+    assert copy == (parent.block_table[2], child.block_table[2])
+    assert child.num_computed_tokens == 10
+    assert kv.pool.ref_counts[parent.block_table[0]] == 2
