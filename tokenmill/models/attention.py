@@ -7,6 +7,11 @@ queries attend to its whole context, gathered from the pool through its block ta
 Requests with one new token (decodes) and those with several (prompt chunks) are attended in two
 batched calls, so one long prompt chunk never pads the many one-token decodes. Everything here is
 built once per step in `AttentionMetadata` and reused by all layers: no Python loop over requests.
+
+Decodes that share leading KV blocks (a common system prompt, found by the prefix cache) attend to
+that shared prefix in one GEMM for all their queries, reading its K/V once, and to their own
+suffixes separately; the two parts are merged exactly by their log-sum-exp (Hydragen,
+RelayAttention).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ class AttentionGroup:
     query_valid: torch.Tensor  # [B, max_q] bool, False on padding
     context_slots: torch.Tensor  # [B, max_ctx] pool slots of each request's context
     mask: torch.Tensor  # [B, 1, max_q * group, max_ctx] bool, True where a query may attend
+    # Slots of a prefix all B requests share, [P], or None. When set, context_slots and mask
+    # cover only what follows the prefix.
+    shared_prefix_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,7 +57,46 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     # NOTE: queries are laid out [q, group] per KV head (see paged_attention), so each query's mask
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
-    return AttentionGroup(query_index, query_valid, context_slots, mask)
+    group = AttentionGroup(query_index, query_valid, context_slots, mask)
+    if max_q == 1 and len(query_start) > 1:
+        # Leading block-table columns equal in every row: blocks shared through the prefix cache
+        # (always full). Each request keeps at least its current token outside the prefix.
+        same = (block_table == block_table[0]).all(dim=0).int().cumprod(dim=0)
+        shared_blocks = min(int(same.sum()), (int(context_len.min()) - 1) // block_size)
+        if shared_blocks > 0:
+            prefix_len = shared_blocks * block_size
+            group.shared_prefix_slots = context_slots[0, :prefix_len]
+            group.context_slots = context_slots[:, prefix_len:]
+            group.mask = group.mask[..., prefix_len:]
+    return group
+
+
+def _attend_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each query's scores, in fp32."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(dim=-1, keepdim=True)
+    out = torch.matmul((scores - lse).exp().to(values.dtype), values)
+    return out.float(), lse
+
+
+def _shared_prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    """qg: [B, kv_heads, group, D] decode queries. Exact attention over prefix + own suffix."""
+    batch, kv_heads, group, head_dim = qg.shape
+    # All B*group queries of a KV head against the one copy of the prefix: a plain GEMM.
+    q_all = qg.transpose(0, 1).reshape(kv_heads, batch * group, head_dim)
+    prefix_k = kv_pool[0][g.shared_prefix_slots].transpose(0, 1).to(qg.dtype)  # [kv_heads, P, D]
+    prefix_v = kv_pool[1][g.shared_prefix_slots].transpose(0, 1).to(qg.dtype)
+    out_p, lse_p = _attend_with_lse(q_all, prefix_k, prefix_v, None)
+    out_p = out_p.view(kv_heads, batch, group, head_dim).transpose(0, 1)
+    lse_p = lse_p.view(kv_heads, batch, group, 1).transpose(0, 1)
+    keys = kv_pool[0][g.context_slots].transpose(1, 2).to(qg.dtype)
+    values = kv_pool[1][g.context_slots].transpose(1, 2).to(qg.dtype)
+    out_s, lse_s = _attend_with_lse(qg, keys, values, g.mask)
+    lse = torch.logaddexp(lse_p, lse_s)
+    return (out_p * (lse_p - lse).exp() + out_s * (lse_s - lse).exp()).to(qg.dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor,
@@ -66,9 +113,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: 
         # GQA without repeating K/V: the `group` query heads of one KV head become extra query rows.
         qg = q[g.query_index].view(batch, max_q, kv_heads, group, head_dim)
         qg = qg.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_q * group, head_dim)
-        keys = kv_pool[0][g.context_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, D]
-        values = kv_pool[1][g.context_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask)
+        if g.shared_prefix_slots is not None:
+            o = _shared_prefix_attention(qg, kv_pool, g)
+        else:
+            keys = kv_pool[0][g.context_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, D]
+            values = kv_pool[1][g.context_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask)
         o = o.view(batch, kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
         out[g.query_index[g.query_valid]] = o[g.query_valid].reshape(-1, heads, head_dim)
     return out
