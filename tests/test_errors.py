@@ -48,6 +48,10 @@ def test_request_larger_than_the_kv_pool_fails_alone(tiny_models: dict[str, Path
     ({"stop": [""]}, "stop"),
     ({"logprobs": -1}, "logprobs"),
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"stop": 5}, "stop"),
+    ({"seed": "x"}, "seed"),
 ])
 def test_invalid_sampling_values_name_the_parameter(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):

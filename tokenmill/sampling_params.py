@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -30,35 +31,50 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.top_k == -1:
             self.top_k = 0
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
 
     def _validate(self) -> None:
-        checks: list[tuple[bool, str, str]] = [
-            (isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 or a positive integer"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             "max_tokens", "must be an integer >= 1"),
-            (isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens"),
-            (all(isinstance(s, str) and s for s in self.stop_strings), "stop", "must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        checks: list[tuple[str, Callable[[], bool], str]] = [
+            ("n", lambda: is_int(self.n) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", lambda: is_number(self.temperature) and self.temperature >= 0, "must be a number >= 0"),
+            ("top_p", lambda: is_number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", lambda: is_int(self.top_k) and self.top_k >= 0, "must be -1, 0 or a positive integer"),
+            ("min_p", lambda: is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("presence_penalty", lambda: is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", lambda: is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("repetition_penalty", lambda: is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be a number > 0"),
+            ("max_tokens", lambda: self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+             "must be an integer >= 1"),
+            ("min_tokens", lambda: is_int(self.min_tokens) and self.min_tokens >= 0, "must be an integer >= 0"),
+            ("min_tokens", lambda: self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             "must be <= max_tokens"),
+            ("stop", lambda: all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
+            ("stop_token_ids", lambda: all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs",
+            ("logprobs", lambda: self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0),
              "must be an integer >= 0"),
-            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
-             "prompt_logprobs", "must be an integer >= 0"),
-            (self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"),
+            ("prompt_logprobs",
+             lambda: self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+             "must be an integer >= 0"),
+            ("seed", lambda: self.seed is None or is_int(self.seed), "must be an integer"),
         ]
-        for ok, name, rule in checks:
-            if not ok:
+        for name, ok, rule in checks:
+            if not ok():
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
     @property
