@@ -81,6 +81,7 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype)
         loaded = load_model(config.model, self.dtype, config.max_model_len)
         self.model_path = loaded.path
+        self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len

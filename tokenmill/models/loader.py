@@ -42,6 +42,7 @@ class LoadedModel:
     eos_token_ids: set[int]
     max_model_len: int
     path: Path
+    name: str  # what responses report as the model
 
 
 def cache_root() -> Path:
@@ -112,6 +113,7 @@ def _gguf_folder(path: Path) -> Path:
 
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None) -> LoadedModel:
     folder = resolve_model_folder(model)
+    name = Path(model).name.removesuffix(".gguf") if model is not None else DEFAULT_MODEL_FILE.split(".")[0]
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
@@ -153,4 +155,4 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return LoadedModel(model_, config, tokenizer, eos, max_model_len, folder)
+    return LoadedModel(model_, config, tokenizer, eos, max_model_len, folder, name)

@@ -1,0 +1,188 @@
+"""The OpenAI Batch file format: one input line in, one output or error record out.
+
+Each line is validated alone; whatever is wrong with it becomes a `LineError` naming the line and
+the field, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+
+
+@dataclass
+class LineError(Exception):
+    code: str
+    message: str
+    custom_id: str | None = None
+
+
+@dataclass
+class BatchLine:
+    line_no: int  # 1-based, in the input file
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+    params: SamplingParams
+
+
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], line_no: int) -> Any:
+    """body[name], None if absent; a LineError if it is not of one of kinds (a bool is no number)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = {(int,): "an integer", (int, float): "a number", (bool,): "a boolean"}[kinds]
+        raise LineError("invalid_type", f"line {line_no}: body.{name} must be {names}, got {json.dumps(value)}")
+    return value
+
+
+def sampling_params_from_body(body: dict[str, Any], url: str, line_no: int) -> SamplingParams:
+    number, integer, boolean = (int, float), (int,), (bool,)
+    kwargs: dict[str, Any] = {}
+    max_tokens = _typed(body, "max_tokens", integer, line_no)
+    if url == CHAT_URL:
+        max_tokens = _typed(body, "max_completion_tokens", integer, line_no) or max_tokens
+        if _typed(body, "logprobs", boolean, line_no):
+            kwargs["logprobs"] = _typed(body, "top_logprobs", integer, line_no) or 0
+    elif (logprobs := _typed(body, "logprobs", integer, line_no)) is not None:
+        kwargs["logprobs"] = logprobs
+    kwargs["max_tokens"] = max_tokens
+    for name, kinds in (("n", integer), ("temperature", number), ("top_p", number), ("top_k", integer),
+                        ("min_p", number), ("presence_penalty", number), ("frequency_penalty", number),
+                        ("repetition_penalty", number), ("seed", integer), ("ignore_eos", boolean),
+                        ("min_tokens", integer)):
+        value = _typed(body, name, kinds, line_no)
+        if value is not None:
+            kwargs[name] = value
+    stop = body.get("stop")
+    if stop is not None:
+        if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+            raise LineError("invalid_type", f"line {line_no}: body.stop must be a string or a list of strings")
+        kwargs["stop"] = stop
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise LineError("invalid_value", f"line {line_no}: body.{e}") from None
+
+
+def _check_messages(messages: Any, line_no: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise LineError("invalid_type", f"line {line_no}: body.messages must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise LineError("invalid_type", f"line {line_no}: body.messages[{i}] must be an object with a role")
+        content = m.get("content")
+        if not (isinstance(content, str) or (isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content))):
+            raise LineError("invalid_type", f"line {line_no}: body.messages[{i}].content must be a string "
+                                            "or a list of text parts")
+
+
+def parse_line(text: str, line_no: int) -> BatchLine:
+    """Validates one input line; raises LineError saying what is wrong."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LineError("invalid_json", f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise LineError("invalid_request", f"line {line_no}: a line must be a JSON object")
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise LineError("missing_custom_id", f"line {line_no}: custom_id must be a non-empty string")
+    try:
+        if record.get("method") != "POST":
+            raise LineError("invalid_method", f"line {line_no}: method must be POST, got {record.get('method')!r}")
+        url = record.get("url")
+        if url not in (CHAT_URL, COMPLETIONS_URL):
+            raise LineError("invalid_url", f"line {line_no}: url must be {CHAT_URL} or {COMPLETIONS_URL}, got {url!r}")
+        body = record.get("body")
+        if not isinstance(body, dict):
+            raise LineError("invalid_body", f"line {line_no}: body must be a JSON object")
+        if url == CHAT_URL:
+            _check_messages(body.get("messages"), line_no)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
+                                                    and all(isinstance(t, int) for t in prompt)):
+                raise LineError("invalid_type", f"line {line_no}: body.prompt must be a string or a list of token ids")
+        return BatchLine(line_no, custom_id, url, body, sampling_params_from_body(body, url, line_no))
+    except LineError as e:
+        e.custom_id = custom_id
+        raise
+
+
+def _chat_token(logprob: Logprob) -> dict[str, Any]:
+    text = logprob.decoded_token or ""
+    return {"token": text, "logprob": logprob.logprob, "bytes": list(text.encode())}
+
+
+def _chat_logprobs(entries: list[TokenLogprobs], token_ids: list[int], top: int) -> dict[str, Any]:
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        ranked = sorted((lp for lp in entry.values() if lp.rank <= top), key=lambda lp: lp.rank)
+        content.append({**_chat_token(entry[token_id]), "top_logprobs": [_chat_token(lp) for lp in ranked]})
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(entries: list[TokenLogprobs], token_ids: list[int], top: int) -> dict[str, Any]:
+    tokens, token_logprobs, top_logprobs, offsets, offset = [], [], [], [], 0
+    for token_id, entry in zip(token_ids, entries):
+        text = entry[token_id].decoded_token or ""
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob)
+        top_logprobs.append({entry[t].decoded_token or "": entry[t].logprob for t in entry if entry[t].rank <= top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def response_body(line: BatchLine, output: RequestOutput, model: str) -> dict[str, Any]:
+    """A complete chat.completion or text_completion object, with usage."""
+    completions: list[CompletionOutput] = output.outputs
+    top = line.params.logprobs or 0
+    choices: list[dict[str, Any]] = []
+    for c in completions:
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
+        if line.url == CHAT_URL:
+            choice["message"] = {"role": "assistant", "content": c.text}
+            choice["logprobs"] = _chat_logprobs(c.logprobs, c.token_ids, top) if c.logprobs is not None else None
+        else:
+            choice["text"] = c.text
+            choice["logprobs"] = _completion_logprobs(c.logprobs, c.token_ids, top) if c.logprobs is not None else None
+        choices.append(choice)
+    completion_tokens = sum(len(c.token_ids) for c in completions)
+    prompt_tokens = len(output.prompt_token_ids)
+    return {
+        "id": ("chatcmpl-" if line.url == CHAT_URL else "cmpl-") + f"{output.request_id}",
+        "object": "chat.completion" if line.url == CHAT_URL else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}},
+    }
+
+
+def output_record(record_id: str, line: BatchLine, output: RequestOutput, model: str) -> dict[str, Any]:
+    return {"id": record_id, "custom_id": line.custom_id,
+            "response": {"status_code": 200, "request_id": output.request_id,
+                         "body": response_body(line, output, model)},
+            "error": None}
+
+
+def error_record(record_id: str, error: LineError) -> dict[str, Any]:
+    return {"id": record_id, "custom_id": error.custom_id,
+            "response": {"status_code": 400, "request_id": None,
+                         "body": {"error": {"message": error.message, "type": "invalid_request_error",
+                                            "param": None, "code": error.code}}},
+            "error": {"code": error.code, "message": error.message}}

@@ -1,0 +1,246 @@
+"""`tokenmill run`: a whole OpenAI Batch file through the engine, streamed and crash-safe.
+
+The input is read as a stream; a window of validated, tokenized requests waits in a heap ordered
+by prompt token ids, so requests that share a prompt prefix are admitted together and their
+shared blocks are computed once and stay cached while the group runs (BatchLLM's global prefix
+sharing, within the window). Results are appended as they finish (see journal.py for why that
+is exactly once across crashes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tokenmill.batch.format import CHAT_URL, BatchLine, LineError, error_record, output_record, parse_line
+from tokenmill.batch.journal import (
+    DurableAppender,
+    JobLock,
+    cut_torn_tail,
+    done_lines,
+    input_fingerprint,
+    line_of,
+    record_id,
+)
+from tokenmill.llm import LLM
+
+
+@dataclass
+class JobSummary:
+    input: str
+    output: str
+    errors: str
+    model: str
+    total_lines: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped_already_done: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_time_s: float = 0.0
+    output_tokens_per_s: float = 0.0
+    total_tokens_per_s: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+
+
+def _beside(output: Path, suffix: str) -> Path:
+    name = output.name[:-len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(name + suffix)
+
+
+def default_errors_path(output: Path) -> Path:
+    return _beside(output, ".errors.jsonl")
+
+
+def summary_path(output: Path) -> Path:
+    return _beside(output, ".summary.json")
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+@dataclass(order=True)
+class _Pending:
+    order_key: list[int]  # the prompt's token ids to group shared prefixes; [] keeps input order
+    line_no: int
+    line: BatchLine = field(compare=False)
+    prompt: str | None = field(compare=False)
+    token_ids: list[int] = field(compare=False)
+
+
+class BatchJob:
+    def __init__(self, llm: LLM, input_path: Path, output: Path, errors: Path | None = None,
+                 prefix_order: bool = True, window: int | None = None, use_tqdm: bool = True) -> None:
+        self.llm = llm
+        self.engine = llm.engine
+        self.input = input_path
+        self.output = output
+        self.errors = errors or default_errors_path(output)
+        self.prefix_order = prefix_order
+        self.window = window or max(1024, 8 * self.engine.config.max_num_seqs)
+        self.use_tqdm = use_tqdm
+        self.fingerprint = input_fingerprint(input_path)
+        self.model_name = self.engine.model_name
+        self.summary = JobSummary(str(input_path), str(output), str(self.errors), self.model_name)
+
+    def _lines(self, done: set[int]) -> Iterator[tuple[int, BatchLine | LineError]]:
+        """Validated lines not yet done, in file order. Duplicate custom_ids fail after the first."""
+        seen: set[int] = set()  # hashes of custom_ids: ~50 bytes a line, not the lines themselves
+        with self.input.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if line_no in done:
+                    self.summary.skipped_already_done += 1
+                    try:
+                        custom_id = json.loads(raw).get("custom_id")
+                    except (json.JSONDecodeError, AttributeError):
+                        custom_id = None
+                    if isinstance(custom_id, str):
+                        seen.add(hash(custom_id))
+                    continue
+                try:
+                    line = parse_line(raw.decode("utf-8", errors="replace"), line_no)
+                    key = hash(line.custom_id)
+                    if key in seen:
+                        raise LineError("duplicate_custom_id",
+                                        f"line {line_no}: custom_id {line.custom_id!r} was used by an earlier line",
+                                        line.custom_id)
+                    seen.add(key)
+                    yield line_no, line
+                except LineError as e:
+                    yield line_no, e
+
+    def _tokenize(self, line: BatchLine) -> tuple[str | None, list[int]]:
+        tokenizer = self.engine.tokenizer
+        if line.url == CHAT_URL:
+            try:
+                text = tokenizer.apply_chat_template(line.body["messages"], tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # the template itself rejects the conversation (jinja raises anything)
+                raise LineError("invalid_messages", f"line {line.line_no}: the chat template rejects the "
+                                                    f"messages: {e}", line.custom_id) from None
+            return text, tokenizer.encode(text, add_special_tokens=False)
+        prompt = line.body["prompt"]
+        return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+
+    def run(self) -> JobSummary:
+        start = time.perf_counter()
+        with JobLock(self.output):
+            for path in (self.output, self.errors):
+                cut_torn_tail(path)
+            done = done_lines(self.output, self.fingerprint) | done_lines(self.errors, self.fingerprint)
+            self.summary.total_lines = count_lines(self.input)
+            writer = DurableAppender(self.output, self.errors)
+            try:
+                self._run(done, writer)
+            finally:
+                writer.close()
+        s = self.summary
+        elapsed = time.perf_counter() - start
+        s.wall_time_s = round(elapsed, 3)
+        s.output_tokens_per_s = round(s.completion_tokens / elapsed, 1)
+        s.total_tokens_per_s = round((s.prompt_tokens + s.completion_tokens) / elapsed, 1)
+        s.prefix_cache_hit_rate = round(s.cached_prompt_tokens / max(1, s.prompt_tokens), 4)
+        return s
+
+    def _fail(self, writer: DurableAppender, line_no: int, error: LineError) -> None:
+        writer.append(self.errors, error_record(record_id(self.fingerprint, line_no), error))
+        self.summary.failed += 1
+
+    def _run(self, done: set[int], writer: DurableAppender) -> None:
+        engine = self.engine
+        summary = self.summary
+        lines = self._lines(done)
+        pending: list[_Pending] = []
+        in_flight: dict[str, BatchLine] = {}
+        capacity = 2 * engine.config.max_num_seqs
+        exhausted = False
+        bar = tqdm(total=summary.total_lines, initial=len(done), desc="requests", unit="req",
+                   disable=not self.use_tqdm, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            while True:
+                while not exhausted and len(pending) < self.window:
+                    item = next(lines, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    line_no, line = item
+                    try:
+                        if isinstance(line, LineError):
+                            raise line
+                        prompt, token_ids = self._tokenize(line)
+                    except LineError as e:
+                        self._fail(writer, line_no, e)
+                        bar.update(1)
+                        continue
+                    order_key = token_ids if self.prefix_order else []
+                    heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
+                while pending and len(in_flight) < capacity:
+                    entry = heapq.heappop(pending)
+                    request_id = f"{self.fingerprint}-{entry.line_no}"
+                    failed = engine.add_request(request_id, entry.prompt, entry.token_ids, entry.line.params)
+                    if failed is not None:
+                        self._fail(writer, entry.line_no, LineError(
+                            "invalid_prompt", f"line {entry.line_no}: {failed.error}", entry.line.custom_id))
+                        bar.update(1)
+                    else:
+                        in_flight[request_id] = entry.line
+                if not in_flight:
+                    if exhausted and not pending:
+                        break
+                    continue
+                for output in engine.step():
+                    line = in_flight.pop(output.request_id)
+                    writer.append(self.output, output_record(record_id(self.fingerprint, line.line_no), line,
+                                                             output, self.model_name))
+                    summary.succeeded += 1
+                    summary.prompt_tokens += len(output.prompt_token_ids)
+                    summary.cached_prompt_tokens += output.num_cached_tokens
+                    summary.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    elapsed = time.perf_counter() - start
+                    hit = summary.cached_prompt_tokens / max(1, summary.prompt_tokens)
+                    bar.set_postfix_str(f"out {summary.completion_tokens / elapsed:.0f} tok/s, "
+                                        f"prefix hits {hit:.0%}", refresh=False)
+                    bar.update(1)
+        finally:
+            for request_id in in_flight:
+                engine.abort_request(request_id)
+            bar.close()
+
+
+def sort_output(path: Path) -> None:
+    """Rewrites a result file in input-line order (atomically)."""
+    offsets: list[tuple[int, int, int]] = []
+    with path.open("rb") as f:
+        pos = 0
+        for raw in f:
+            offsets.append((line_of(json.loads(raw)["id"]), pos, len(raw)))
+            pos += len(raw)
+    offsets.sort()
+    tmp = path.with_name(path.name + ".sorting")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        for _, pos, length in offsets:
+            src.seek(pos)
+            dst.write(src.read(length))
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
+def write_summary(summary: JobSummary, output: Path) -> Path:
+    path = summary_path(output)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,79 @@
+"""The `tokenmill` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from tokenmill.batch.runner import BatchJob, default_errors_path, sort_output, write_summary
+
+
+def _fatal(message: str) -> int:
+    print(f"tokenmill: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    input_path, output = Path(args.input), Path(args.output)
+    errors = Path(args.errors) if args.errors else default_errors_path(output)
+    if not input_path.is_file():
+        return _fatal(f"cannot read input file {str(input_path)!r}")
+    try:
+        input_path.open("rb").close()
+    except OSError as e:
+        return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
+    if args.overwrite:
+        for path in (output, errors):
+            path.unlink(missing_ok=True)
+    from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
+
+    try:
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
+        job = BatchJob(llm, input_path, output, errors, prefix_order=not args.input_order)
+        summary = job.run()
+    except ValueError as e:  # model that cannot load, another job's output, a locked output
+        return _fatal(str(e))
+    if args.sorted:
+        sort_output(output)
+    path = write_summary(summary, output)
+    print(json.dumps(asdict(summary), indent=2))
+    print(f"summary written to {path}", file=sys.stderr)
+    return 0
+
+
+def _memory(value: str) -> int | float:
+    number = float(value)
+    return number if number <= 1 else int(number)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Batch inference for large language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run an OpenAI Batch file (JSONL) to an output file, resumably")
+    run.add_argument("input", help="the requests, one OpenAI Batch API line each")
+    run.add_argument("-o", "--output", required=True, help="results (JSONL), appended as they finish")
+    run.add_argument("--errors", help="failed lines (default: OUTPUT with .errors.jsonl)")
+    run.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    run.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    run.add_argument("--sorted", action="store_true", help="rewrite OUTPUT in input order at the end")
+    run.add_argument("--input-order", action="store_true",
+                     help="admit requests in file order instead of grouping shared prompt prefixes")
+    run.add_argument("--max-num-seqs", type=int, default=128)
+    run.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    run.add_argument("--kv-cache-memory", type=_memory, default=0.2, help="bytes, or a fraction of free RAM")
+    run.set_defaults(handler=run_command)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("tokenmill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
