@@ -110,7 +110,7 @@ class BatchJob:
                         seen.add(hash(custom_id))
                     continue
                 try:
-                    line = parse_line(raw.decode("utf-8", errors="replace"), line_no)
+                    line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
                     key = hash(line.custom_id)
                     if key in seen:
                         raise LineError("duplicate_custom_id",
