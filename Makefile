@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/tokenmill run examples/requests.jsonl -o demo-output/results.jsonl --overwrite --sorted
 
 test: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks examples

@@ -48,7 +48,7 @@ def write_input(path: Path, lines: int) -> None:
 def peak_rss_mib(model: Path, input_path: Path, output: Path) -> tuple[float, float]:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-                    "--model", str(model), "--dtype", "float32", "--kv-cache-memory", str(1 << 27)],
+                    "--model", str(model), "--dtype", "float32", "--kv-cache-memory", str(1 << 24)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Children are waited for one at a time, so the maximum so far is the latest run's if it grows.
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - start

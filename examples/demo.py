@@ -1,5 +1,5 @@
-"""A small real job on the default model (SmolLM2-135M-Instruct): classify support tickets that
-share one instruction, with the Python API. Run with `make demo`."""
+"""The Python API on the default model (SmolLM2-135M-Instruct): classify support tickets that share
+one instruction. Run with `.venv/bin/python examples/demo.py`."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tokenmill import LLM, RequestOutput, SamplingParams
 
 
@@ -47,3 +49,31 @@ def test_default_model_chat(smol_llm: LLM) -> None:
     assert single[0].prompt.startswith("<|im_start|>system\nAnswer in one word.")
     assert batch[0].outputs[0].text == batch[1].outputs[0].text == single[0].outputs[0].text
     assert batch[1].num_cached_tokens > 0  # the second conversation reuses the first's blocks
+
+
+def test_lazy_prompts_and_a_params_list_of_another_length(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
+    two = [SamplingParams(max_tokens=2), SamplingParams(max_tokens=2)]
+    with pytest.raises(ValueError, match="more prompts"):
+        llm.generate(iter([[5], [6], [7]]), two, use_tqdm=False)
+    with pytest.raises(ValueError, match="more sampling_params"):
+        llm.generate(iter([[5]]), two, use_tqdm=False)
+    assert not llm.engine.requests and llm.engine.kv.pool.num_free == llm.engine.kv.pool.num_blocks
+
+
+def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
+    prompt = list(range(100, 140))
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
+    forward = fresh.engine.runner.model.forward
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    fresh.engine.runner.model.forward = interrupted  # e.g. Ctrl-C during a long prefill
+    with pytest.raises(KeyboardInterrupt):
+        fresh.generate([prompt], params, use_tqdm=False)
+    fresh.engine.runner.model.forward = forward
+    assert fresh.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected

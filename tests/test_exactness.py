@@ -102,3 +102,19 @@ def test_same_outputs_under_cache_chunking_and_preemption(setting: str, tiny_mod
     if setting == "tiny_kv_pool":
         assert llm.engine.kv.pool.num_blocks == 12
         assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_prompt_logprobs_survive_chunking_and_preemption(tiny_models: dict[str, Path]) -> None:
+    rng = random.Random(1)
+    short, long = [rng.randrange(3, 1000) for _ in range(5)], [rng.randrange(3, 1000) for _ in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)]
+    folder = str(tiny_models["llama"])
+    roomy = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, max_num_batched_tokens=20)
+    tight = LLM(folder, dtype="float32", kv_cache_memory=3 * 8192, max_num_batched_tokens=20)  # 3 blocks
+    expected, actual = (llm.generate([short, long], params, use_tqdm=False)[1] for llm in (roomy, tight))
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert len(actual.prompt_logprobs) == len(long)
+    for want, got, token in zip(expected.prompt_logprobs[1:], actual.prompt_logprobs[1:], long[1:]):
+        assert list(got) == [token] and got[token].logprob == pytest.approx(want[token].logprob, abs=1e-4)
+    assert actual.outputs[0].token_ids == expected.outputs[0].token_ids

@@ -111,3 +111,22 @@ def test_logprobs_match_transformers(smol_llm: LLM, smol_hf: torch.nn.Module) ->
         actual = output.prompt_token_ids[position]
         assert entry[actual].logprob == pytest.approx(float(expected[position - 1, actual]), abs=1e-3)
         assert entry[actual].rank == int((expected[position - 1] > expected[position - 1, actual]).sum()) + 1
+
+
+def test_stop_token_text_is_left_out_unless_asked(smol_llm: LLM) -> None:
+    short = [{"role": "user", "content": "What is 1 plus 1?"}]
+    natural = smol_llm.chat(short, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
+    tokenizer = smol_llm.get_tokenizer()
+    stop_id = natural.token_ids[2]
+    for include in (False, True):
+        cut = smol_llm.chat(short, SamplingParams(temperature=0, max_tokens=64, stop_token_ids=[stop_id],
+                                                  include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+        kept = natural.token_ids[:3] if include else natural.token_ids[:2]
+        assert cut.text == tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_too_many_logprobs_fail_the_request_alone(smol_llm: LLM) -> None:
+    outputs = smol_llm.generate(["a", "b"], [SamplingParams(max_tokens=2, logprobs=50), SamplingParams(max_tokens=2)],
+                                use_tqdm=False)
+    assert "logprobs must be <= 20" in outputs[0].error
+    assert outputs[1].error is None and len(outputs[1].outputs[0].token_ids) == 2

@@ -77,14 +77,16 @@ class LLM:
     def _run(self, prompts: Iterator[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
              length: Any) -> list[RequestOutput]:
+        one_each = not (sampling_params is None or isinstance(sampling_params, SamplingParams))
         if sampling_params is None:
-            params_iter: Iterator[SamplingParams] = itertools.repeat(SamplingParams())
+            params_iter: Iterator[SamplingParams | None] = itertools.repeat(SamplingParams())
         elif isinstance(sampling_params, SamplingParams):
             params_iter = itertools.repeat(sampling_params)
         else:
             if length is not None and len(sampling_params) != length():
                 raise ValueError(f"got {len(sampling_params)} sampling_params for {length()} prompts")
-            params_iter = iter(sampling_params)
+            # The None marks the end, so that a lazy input of another length is an error, not a cut.
+            params_iter = itertools.chain(sampling_params, [None])
 
         engine = self.engine
         # Requests in flight: enough to keep the batch full, few enough to bound memory.
@@ -101,8 +103,12 @@ class LLM:
                     item = next(pending, None)
                     if item is None:
                         exhausted = True
+                        if one_each and next(params_iter) is not None:
+                            raise ValueError("more sampling_params than prompts")
                         break
                     index, (text, token_ids), params = item
+                    if params is None:
+                        raise ValueError(f"more prompts than sampling_params ({index} given)")
                     request_id = str(next(self._request_ids))
                     failed = engine.add_request(request_id, text, token_ids, params)
                     if failed is not None:
@@ -125,3 +131,4 @@ class LLM:
                 engine.abort_request(request_id)
             bar.close()
         return [results[i] for i in range(len(results))]
+

@@ -23,6 +23,8 @@ from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default and OpenAI's limit
+
 
 @dataclass
 class EngineConfig:
@@ -119,7 +121,7 @@ class Engine:
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        error = self._check_prompt(token_ids)
+        error = self._check_prompt(token_ids, params)
         max_total = min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
         if error is None and max_total > self.kv_capacity_tokens:
             error = (f"request needs up to {max_total} tokens of KV cache but the pool holds "
@@ -131,15 +133,22 @@ class Engine:
         self.scheduler.add(request.seqs[0])
         return None
 
-    def _check_prompt(self, token_ids: list[int]) -> str | None:
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not token_ids:
             return "the prompt is empty"
+        if not all(type(t) is int for t in token_ids):
+            return "prompt token ids must be integers"
         if len(token_ids) >= self.max_model_len:
             return (f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len} "
                     "tokens, including at least one generated")
         vocab = self.runner.model.config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             return f"prompt token ids must be in [0, {vocab})"
+        if any(t >= vocab for t in params.stop_token_ids):
+            return f"stop_token_ids must be in [0, {vocab})"
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > MAX_LOGPROBS:
+                return f"{name} must be <= {MAX_LOGPROBS}"
         return None
 
     def abort_request(self, request_id: str) -> None:
@@ -162,7 +171,15 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        result = self.runner.run(batch)
+        try:
+            result = self.runner.run(batch)
+        except BaseException:
+            # NOTE: blocks registered for this step never got their K/V: unregister them, or a
+            # later request with the same prefix would read garbage from the cache.
+            self.kv.step_computed(ok=False)
+            self.scheduler.requeue(batch.seqs)
+            raise
+        self.kv.step_computed(ok=True)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -226,10 +243,11 @@ class Engine:
         params = seq.params
         piece = seq.append_token(token, self._backend_tokenizer)
         may_stop = seq.num_output_tokens >= params.min_tokens
-        if may_stop and token in self.eos_token_ids and not params.ignore_eos:
-            seq.finish("stop")
-        elif may_stop and token in params.stop_token_ids:
-            seq.finish("stop", token)
+        if may_stop and (token in params.stop_token_ids
+                         or (token in self.eos_token_ids and not params.ignore_eos)):
+            seq.finish("stop", token if token in params.stop_token_ids else None)
+            if piece and not params.include_stop_str_in_output:  # as vLLM: the stop token's text is left out
+                seq.text = seq.text[:-len(piece)]
         elif may_stop and params.stop_strings and piece:
             self._check_stop_strings(seq, len(piece))
         if not seq.finished and (seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
@@ -242,18 +260,21 @@ class Engine:
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new_chars: int) -> None:
-        # A stop string can only end inside the new text, so search just the tail that could hold it.
-        longest = max(len(s) for s in seq.params.stop_strings)
-        tail_start = max(0, len(seq.text) - new_chars - longest + 1)
-        hits = [(pos, s) for s in seq.params.stop_strings if (pos := seq.text.find(s, tail_start)) >= 0]
+        # A new stop string can only end inside the new text: search just the tail that could hold it.
+        end = len(seq.text) - new_chars
+        hits = [(pos, s) for s in seq.params.stop_strings if (pos := seq.text.find(s, max(0, end - len(s) + 1))) >= 0]
         if hits:
             pos, stop = min(hits)
             seq.text = seq.text[:pos + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:pos]
             seq.finish("stop", stop)
 
     def _record_prompt_logprobs(self, request: Request, target: int, logits: torch.Tensor) -> None:
-        if target < len(request.prompt_logprobs):  # recomputed after a preemption: already recorded
+        # After a preemption the prompt is recomputed: keep only rows not recorded before.
+        skip = len(request.prompt_logprobs) - target
+        if skip >= logits.shape[0]:
             return
+        if skip > 0:
+            logits, target = logits[skip:], target + skip
         ids = torch.tensor(request.prompt_token_ids[target:target + logits.shape[0]])
         entries = top_logprobs(logits.log_softmax(dim=-1), ids, [request.params.prompt_logprobs] * len(ids))
         for entry in entries:

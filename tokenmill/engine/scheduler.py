@@ -83,6 +83,12 @@ class Scheduler:
             budget -= num_new
         return batch
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Puts sequences back to be recomputed from scratch (their step failed)."""
+        self.running = [s for s in self.running if s not in seqs]
+        for seq in reversed(seqs):
+            self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.status = Status.WAITING
@@ -94,6 +100,3 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.kv.free(seq)

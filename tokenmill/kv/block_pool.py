@@ -26,10 +26,7 @@ class BlockPool:
 
     def allocate(self) -> int:
         block, _ = self.free.popitem(last=False)
-        stale = self.block_hashes[block]
-        if stale is not None:
-            del self.cached[stale]
-            self.block_hashes[block] = None
+        self.unregister(block)
         self.ref_counts[block] = 1
         return block
 
@@ -49,11 +46,19 @@ class BlockPool:
             if self.block_hashes[block] is None:
                 self.free.move_to_end(block, last=False)
 
-    def register(self, block: int, block_hash: bytes) -> None:
+    def register(self, block: int, block_hash: bytes) -> bool:
         """Makes a full block findable by its hash (unless an equal block already is)."""
-        if block_hash not in self.cached:
-            self.cached[block_hash] = block
-            self.block_hashes[block] = block_hash
+        if block_hash in self.cached:
+            return False
+        self.cached[block_hash] = block
+        self.block_hashes[block] = block_hash
+        return True
+
+    def unregister(self, block: int) -> None:
+        block_hash = self.block_hashes[block]
+        if block_hash is not None:
+            del self.cached[block_hash]
+            self.block_hashes[block] = None
 
     def is_free(self, block: int) -> bool:
         return self.ref_counts[block] == 0

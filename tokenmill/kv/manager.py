@@ -24,6 +24,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Blocks made findable for this step, whose K/V the step has yet to compute.
+        self.registered_this_step: list[int] = []
 
     @property
     def usage(self) -> float:
@@ -76,9 +78,17 @@ class KVCacheManager:
             self._hash_full_blocks(seq, num_computed + num_new_tokens)
             num_full = (num_computed + num_new_tokens) // self.block_size
             for i in range(seq.num_registered_blocks, num_full):
-                self.pool.register(seq.block_table[i], seq.block_hashes[i])
+                if self.pool.register(seq.block_table[i], seq.block_hashes[i]):
+                    self.registered_this_step.append(seq.block_table[i])
             seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
         return True
+
+    def step_computed(self, ok: bool) -> None:
+        """Called after each step: if it failed, blocks registered for it hold no valid K/V."""
+        if not ok:
+            for block in self.registered_this_step:
+                self.pool.unregister(block)
+        self.registered_this_step = []
 
     def free(self, seq: Sequence) -> None:
         # NOTE: released tail first, so that a prompt's first blocks, the likeliest to be shared,
