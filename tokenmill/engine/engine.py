@@ -162,6 +162,7 @@ class Engine:
                 self.scheduler.waiting.remove(seq)
             seq.finish("abort")
         self.scheduler.running = [s for s in self.scheduler.running if not s.finished]
+        request.seqs = []
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -211,6 +212,9 @@ class Engine:
         for request in {s.request.request_id: s.request for s in seqs}.values():
             if request.finished and self.requests.pop(request.request_id, None) is not None:
                 finished.append(request.to_output())
+                # NOTE: breaks the request <-> sequence cycle, so that memory (native decoder
+                # state included) is freed now rather than at a rare full garbage collection.
+                request.seqs = []
                 self.stats.prompt_tokens += len(request.prompt_token_ids)
                 self.stats.cached_prompt_tokens += request.num_cached_tokens or 0
         return finished
