@@ -182,7 +182,7 @@ def test_prefix_order_groups_shared_prompts(prefix_order: bool, tmp_path: Path,
         return add_request(request_id, *args)
 
     llm.engine.add_request = recording_add  # observe the admission order of the real engine
-    summary = BatchJob(llm, input_path, tmp_path / "out.jsonl", prefix_order=prefix_order, use_tqdm=False).run()
+    summary = BatchJob(llm.engine, input_path, tmp_path / "out.jsonl", prefix_order=prefix_order, use_tqdm=False).run()
     assert summary.succeeded == 64
     groups = [(line - 1) % 4 for line in admitted]
     switches = sum(a != b for a, b in zip(groups, groups[1:]))

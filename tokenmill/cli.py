@@ -33,7 +33,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
-        job = BatchJob(llm, input_path, output, errors, prefix_order=not args.input_order)
+        job = BatchJob(llm.engine, input_path, output, errors, prefix_order=not args.input_order)
         summary = job.run()
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))

@@ -20,9 +20,12 @@ COMPLETIONS_URL = "/v1/completions"
 
 @dataclass
 class LineError(Exception):
+    """What is wrong with one request; `param` names the field, when one is to blame."""
+
     code: str
     message: str
     custom_id: str | None = None
+    param: str | None = None
 
 
 @dataclass
@@ -34,88 +37,96 @@ class BatchLine:
     params: SamplingParams
 
 
-def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], line_no: int) -> Any:
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...]) -> Any:
     """body[name], None if absent; a LineError if it is not of one of kinds (a bool is no number)."""
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = {(int,): "an integer", (int, float): "a number", (bool,): "a boolean"}[kinds]
-        raise LineError("invalid_type", f"line {line_no}: body.{name} must be {names}, got {json.dumps(value)}")
+        raise LineError("invalid_type", f"body.{name} must be {names}, got {json.dumps(value)}", param=name)
     return value
 
 
-def sampling_params_from_body(body: dict[str, Any], url: str, line_no: int) -> SamplingParams:
+def sampling_params_from_body(body: dict[str, Any], url: str) -> SamplingParams:
     number, integer, boolean = (int, float), (int,), (bool,)
     kwargs: dict[str, Any] = {}
-    max_tokens = _typed(body, "max_tokens", integer, line_no)
+    max_tokens = _typed(body, "max_tokens", integer)
     if url == CHAT_URL:
-        max_tokens = _typed(body, "max_completion_tokens", integer, line_no) or max_tokens
-        if _typed(body, "logprobs", boolean, line_no):
-            kwargs["logprobs"] = _typed(body, "top_logprobs", integer, line_no) or 0
-    elif (logprobs := _typed(body, "logprobs", integer, line_no)) is not None:
+        max_tokens = _typed(body, "max_completion_tokens", integer) or max_tokens
+        if _typed(body, "logprobs", boolean):
+            kwargs["logprobs"] = _typed(body, "top_logprobs", integer) or 0
+    elif (logprobs := _typed(body, "logprobs", integer)) is not None:
         kwargs["logprobs"] = logprobs
     kwargs["max_tokens"] = max_tokens
     for name, kinds in (("n", integer), ("temperature", number), ("top_p", number), ("top_k", integer),
                         ("min_p", number), ("presence_penalty", number), ("frequency_penalty", number),
                         ("repetition_penalty", number), ("seed", integer), ("ignore_eos", boolean),
                         ("min_tokens", integer)):
-        value = _typed(body, name, kinds, line_no)
+        value = _typed(body, name, kinds)
         if value is not None:
             kwargs[name] = value
     stop = body.get("stop")
     if stop is not None:
         if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-            raise LineError("invalid_type", f"line {line_no}: body.stop must be a string or a list of strings")
+            raise LineError("invalid_type", "body.stop must be a string or a list of strings", param="stop")
         kwargs["stop"] = stop
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
-        raise LineError("invalid_value", f"line {line_no}: body.{e}") from None
+        raise LineError("invalid_value", f"body.{e}", param=str(e).split()[0]) from None
 
 
-def _check_messages(messages: Any, line_no: int) -> None:
+def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise LineError("invalid_type", f"line {line_no}: body.messages must be a non-empty list of messages")
+        raise LineError("invalid_type", "body.messages must be a non-empty list of messages", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise LineError("invalid_type", f"line {line_no}: body.messages[{i}] must be an object with a role")
+            raise LineError("invalid_type", f"body.messages[{i}] must be an object with a role", param="messages")
         content = m.get("content")
         if not (isinstance(content, str) or (isinstance(content, list) and all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content))):
-            raise LineError("invalid_type", f"line {line_no}: body.messages[{i}].content must be a string "
-                                            "or a list of text parts")
+            raise LineError("invalid_type", f"body.messages[{i}].content must be a string or a list of text parts",
+                            param="messages")
+
+
+def validate_body(url: str, body: Any) -> SamplingParams:
+    """Checks an endpoint's request body; returns its sampling settings or raises LineError."""
+    if not isinstance(body, dict):
+        raise LineError("invalid_body", "body must be a JSON object")
+    if url == CHAT_URL:
+        _check_messages(body.get("messages"))
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
+                                                and all(isinstance(t, int) for t in prompt)):
+            raise LineError("invalid_type", "body.prompt must be a string or a list of token ids", param="prompt")
+    return sampling_params_from_body(body, url)
 
 
 def parse_line(text: str, line_no: int) -> BatchLine:
-    """Validates one input line; raises LineError saying what is wrong."""
+    """Validates one input line; raises LineError saying what is wrong, and on which line."""
+    custom_id = None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LineError("invalid_json", f"line {line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise LineError("invalid_request", f"line {line_no}: a line must be a JSON object")
-    custom_id = record.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise LineError("missing_custom_id", f"line {line_no}: custom_id must be a non-empty string")
-    try:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LineError("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise LineError("invalid_request", "a line must be a JSON object")
+        custom_id = record.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            custom_id = None
+            raise LineError("missing_custom_id", "custom_id must be a non-empty string")
         if record.get("method") != "POST":
-            raise LineError("invalid_method", f"line {line_no}: method must be POST, got {record.get('method')!r}")
+            raise LineError("invalid_method", f"method must be POST, got {record.get('method')!r}")
         url = record.get("url")
         if url not in (CHAT_URL, COMPLETIONS_URL):
-            raise LineError("invalid_url", f"line {line_no}: url must be {CHAT_URL} or {COMPLETIONS_URL}, got {url!r}")
+            raise LineError("invalid_url", f"url must be {CHAT_URL} or {COMPLETIONS_URL}, got {url!r}")
         body = record.get("body")
-        if not isinstance(body, dict):
-            raise LineError("invalid_body", f"line {line_no}: body must be a JSON object")
-        if url == CHAT_URL:
-            _check_messages(body.get("messages"), line_no)
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
-                                                    and all(isinstance(t, int) for t in prompt)):
-                raise LineError("invalid_type", f"line {line_no}: body.prompt must be a string or a list of token ids")
-        return BatchLine(line_no, custom_id, url, body, sampling_params_from_body(body, url, line_no))
+        return BatchLine(line_no, custom_id, url, body, validate_body(url, body))
     except LineError as e:
+        e.message = f"line {line_no}: {e.message}"
         e.custom_id = custom_id
         raise
 

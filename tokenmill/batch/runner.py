@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,8 @@ from tokenmill.batch.journal import (
     line_of,
     record_id,
 )
-from tokenmill.llm import LLM
+from tokenmill.engine.engine import Engine
+from tokenmill.engine.threaded import LocalClient, ThreadClient
 
 
 @dataclass
@@ -79,10 +81,16 @@ class _Pending:
 
 
 class BatchJob:
-    def __init__(self, llm: LLM, input_path: Path, output: Path, errors: Path | None = None,
-                 prefix_order: bool = True, window: int | None = None, use_tqdm: bool = True) -> None:
-        self.llm = llm
-        self.engine = llm.engine
+    """One batch file through the engine. `client` is how it reaches the engine: in this thread
+    (the default, for `tokenmill run`) or through the server's shared engine thread. Setting
+    `cancel` stops it after the requests in flight are aborted; what is done stays done."""
+
+    def __init__(self, engine: Engine, input_path: Path, output: Path, errors: Path | None = None,
+                 client: LocalClient | ThreadClient | None = None, prefix_order: bool = True,
+                 window: int | None = None, use_tqdm: bool = True, cancel: threading.Event | None = None) -> None:
+        self.engine = engine
+        self.client = client or LocalClient(engine)
+        self.cancel = cancel or threading.Event()
         self.input = input_path
         self.output = output
         self.errors = errors or default_errors_path(output)
@@ -158,12 +166,12 @@ class BatchJob:
         self.summary.failed += 1
 
     def _run(self, done: set[int], writer: DurableAppender) -> None:
-        engine = self.engine
+        client = self.client
         summary = self.summary
         lines = self._lines(done)
         pending: list[_Pending] = []
         in_flight: dict[str, BatchLine] = {}
-        capacity = 2 * engine.config.max_num_seqs
+        capacity = 2 * self.engine.config.max_num_seqs
         exhausted = False
         bar = tqdm(total=summary.total_lines, initial=len(done), desc="requests", unit="req",
                    disable=not self.use_tqdm, dynamic_ncols=True)
@@ -189,19 +197,17 @@ class BatchJob:
                 while pending and len(in_flight) < capacity:
                     entry = heapq.heappop(pending)
                     request_id = f"{self.fingerprint}-{entry.line_no}"
-                    failed = engine.add_request(request_id, entry.prompt, entry.token_ids, entry.line.params)
-                    if failed is not None:
-                        self._fail(writer, entry.line_no, LineError(
-                            "invalid_prompt", f"line {entry.line_no}: {failed.error}", entry.line.custom_id))
-                        bar.update(1)
-                    else:
-                        in_flight[request_id] = entry.line
-                if not in_flight:
-                    if exhausted and not pending:
-                        break
-                    continue
-                for output in engine.step():
+                    client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
+                    in_flight[request_id] = entry.line
+                if self.cancel.is_set() or (not in_flight and exhausted and not pending):
+                    break
+                for output in client.next_outputs():
                     line = in_flight.pop(output.request_id)
+                    bar.update(1)
+                    if output.error is not None:
+                        self._fail(writer, line.line_no,
+                                   LineError("invalid_prompt", f"line {line.line_no}: {output.error}", line.custom_id))
+                        continue
                     writer.append(self.output, output_record(record_id(self.fingerprint, line.line_no), line,
                                                              output, self.model_name))
                     summary.succeeded += 1
@@ -212,10 +218,9 @@ class BatchJob:
                     hit = summary.cached_prompt_tokens / max(1, summary.prompt_tokens)
                     bar.set_postfix_str(f"out {summary.completion_tokens / elapsed:.0f} tok/s, "
                                         f"prefix hits {hit:.0%}", refresh=False)
-                    bar.update(1)
         finally:
             for request_id in in_flight:
-                engine.abort_request(request_id)
+                client.abort(request_id)
             bar.close()
 
 

@@ -113,11 +113,13 @@ class Engine:
     def kv_capacity_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
 
-    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int],
-                    params: SamplingParams) -> RequestOutput | None:
+    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, stream: bool = False) -> RequestOutput | None:
         """Queues a request. Returns a finished output carrying the error if it cannot run at all.
 
         `prompt` is the text the token ids came from, if any; it is only handed back in outputs.
+        Lower `priority` values are admitted first. A `stream` request's output is returned after
+        every step that adds to it, not only when it finishes.
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -128,7 +130,7 @@ class Engine:
                      f"{self.kv_capacity_tokens}: raise kv_cache_memory or lower max_tokens")
         if error is not None:
             return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
-        request = Request(request_id, prompt, token_ids, params, max_total)
+        request = Request(request_id, prompt, token_ids, params, max_total, priority, stream)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         return None
@@ -158,7 +160,7 @@ class Engine:
         for seq in request.seqs:
             if seq.status is Status.RUNNING:
                 self.kv.free(seq)
-            elif seq.status is Status.WAITING:
+            elif seq.status is Status.WAITING and seq in self.scheduler.waiting:
                 self.scheduler.waiting.remove(seq)
             seq.finish("abort")
         self.scheduler.running = [s for s in self.scheduler.running if not s.finished]
@@ -168,7 +170,8 @@ class Engine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns the outputs of the requests that finished in it."""
+        """Runs one batch; returns the outputs of the requests that finished in it, and of
+        streaming requests that made progress."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -208,16 +211,18 @@ class Engine:
             self._append_and_check(seq, token)
         self.scheduler.running = [s for s in self.scheduler.running if not s.finished]
 
-        finished = []
+        outputs = []
         for request in {s.request.request_id: s.request for s in seqs}.values():
-            if request.finished and self.requests.pop(request.request_id, None) is not None:
-                finished.append(request.to_output())
+            if request.stream and not request.finished:
+                outputs.append(request.to_output())
+            elif request.finished and self.requests.pop(request.request_id, None) is not None:
+                outputs.append(request.to_output())
                 # NOTE: breaks the request <-> sequence cycle, so that memory (native decoder
                 # state included) is freed now rather than at a rare full garbage collection.
                 request.seqs = []
                 self.stats.prompt_tokens += len(request.prompt_token_ids)
                 self.stats.cached_prompt_tokens += request.num_cached_tokens or 0
-        return finished
+        return outputs
 
     def _expand_forks(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """A prompt that finished for a request with n > 1 samples once for each of its n sequences."""

@@ -3,8 +3,10 @@
 There are no prefill and decode phases: a sequence simply has `num_computed_tokens` behind
 `num_tokens`. Under one token budget, running sequences are served first (a decode is one token,
 a long prompt is cut into chunks), then waiting ones are admitted while KV blocks last. When blocks
-run out, the newest running sequence is preempted: its blocks are freed and it is recomputed later
-(cheaply, since its full blocks usually stay in the prefix cache).
+run out, the newest running sequence of the lowest priority is preempted: its blocks are freed
+and it is recomputed later (cheaply, since its full blocks usually stay in the prefix cache).
+Waiting sequences are admitted by priority (interactive requests before batch jobs), then in
+arrival order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,40 @@ from dataclasses import dataclass, field
 
 from tokenmill.engine.sequence import Sequence, Status
 from tokenmill.kv.manager import KVCacheManager
+
+
+class WaitQueue:
+    """Waiting sequences: lower priority values first, first come first served within one."""
+
+    def __init__(self) -> None:
+        self.queues: dict[int, deque[Sequence]] = {}
+
+    def _queue(self, seq: Sequence) -> deque[Sequence]:
+        priority = seq.request.priority
+        if priority not in self.queues:
+            self.queues = dict(sorted({**self.queues, priority: deque()}.items()))
+        return self.queues[priority]
+
+    def append(self, seq: Sequence) -> None:
+        self._queue(seq).append(seq)
+
+    def appendleft(self, seq: Sequence) -> None:
+        self._queue(seq).appendleft(seq)
+
+    def peek(self) -> Sequence:
+        return next(q[0] for q in self.queues.values() if q)
+
+    def popleft(self) -> Sequence:
+        return next(q for q in self.queues.values() if q).popleft()
+
+    def remove(self, seq: Sequence) -> None:
+        self._queue(seq).remove(seq)
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq in self._queue(seq)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
 
 
 @dataclass
@@ -31,7 +67,7 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -50,7 +86,7 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq, num_new):
-                victim = self.running.pop()
+                victim = self._pick_victim(first=i)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -63,7 +99,7 @@ class Scheduler:
         # Samples still to be forked will join the running set: count them against max_num_seqs.
         num_seqs = sum(len(s.request.seqs) if s.num_output_tokens == 0 else 1 for s in self.running)
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             joining = len(seq.request.seqs) if seq.num_output_tokens == 0 else 1
             if num_seqs + joining > self.max_num_seqs and num_seqs > 0:
                 break
@@ -82,6 +118,11 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
         return batch
+
+    def _pick_victim(self, first: int) -> Sequence:
+        """Among running[first:] (not yet scheduled this step), the newest of the lowest priority."""
+        index = max(range(first, len(self.running)), key=lambda i: (self.running[i].request.priority, i))
+        return self.running.pop(index)
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """Puts sequences back to be recomputed from scratch (their step failed)."""

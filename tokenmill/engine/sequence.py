@@ -79,8 +79,10 @@ class Sequence:
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, max_total_tokens: int) -> None:
+                 params: SamplingParams, max_total_tokens: int, priority: int = 0, stream: bool = False) -> None:
         self.request_id = request_id
+        self.priority = priority  # lower first: interactive 0, batch jobs higher
+        self.stream = stream  # report progress every step, not just at the end
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

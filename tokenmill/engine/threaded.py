@@ -1,0 +1,141 @@
+"""Clients of the engine: in the caller's thread, or through a background step-loop thread.
+
+The server runs one `EngineThread`: every HTTP request and every batch job hands it requests and
+gets outputs back through a callback, so all of them share one continuous batch. The step loop
+is the only code that touches the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenmill.engine.engine import Engine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    stream: bool
+    sink: Sink
+
+
+class EngineThread:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+            sink: Sink, priority: int = 0, stream: bool = False) -> None:
+        """Queues a request; its outputs (and an immediate error, if any) go to sink, in this thread."""
+        self._commands.put(_Add(request_id, prompt, token_ids, params, priority, stream, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+
+    def stop(self) -> None:
+        self._commands.put(None)
+        self._thread.join()
+
+    def _apply(self, command: _Add | str) -> None:
+        if isinstance(command, str):
+            self.engine.abort_request(command)
+            self._sinks.pop(command, None)
+            return
+        failed = self.engine.add_request(command.request_id, command.prompt, command.token_ids, command.params,
+                                         command.priority, command.stream)
+        if failed is not None:
+            command.sink(failed)
+        else:
+            self._sinks[command.request_id] = command.sink
+
+    def _loop(self) -> None:
+        while True:
+            # Block for work only when the engine has none; otherwise take what has arrived.
+            try:
+                command = self._commands.get(block=not self.engine.has_unfinished_requests())
+                while True:
+                    if command is None:
+                        return
+                    self._apply(command)
+                    command = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:
+                logger.exception("engine step failed; failing the requests in flight")
+                for request_id, sink in list(self._sinks.items()):
+                    self.engine.abort_request(request_id)
+                    sink(RequestOutput(request_id, None, [], [], finished=True, error="internal engine error"))
+                self._sinks.clear()
+                continue
+            for output in outputs:
+                sink = self._sinks.pop(output.request_id) if output.finished else self._sinks.get(output.request_id)
+                if sink is not None:
+                    sink(output)
+
+
+class LocalClient:
+    """Drives the engine in the caller's thread (the `tokenmill run` command)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._failed: list[RequestOutput] = []
+
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
+        failed = self.engine.add_request(request_id, prompt, token_ids, params)
+        if failed is not None:
+            self._failed.append(failed)
+
+    def next_outputs(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return failed + self.engine.step()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+
+
+class ThreadClient:
+    """Hands requests to a shared EngineThread at a given priority (the server's batch jobs)."""
+
+    def __init__(self, engine_thread: EngineThread, priority: int) -> None:
+        self.engine_thread = engine_thread
+        self.priority = priority
+        self._outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
+        self.engine_thread.add(request_id, prompt, token_ids, params, self._outputs.put, self.priority)
+
+    def next_outputs(self, timeout: float = 0.5) -> list[RequestOutput]:
+        """What has finished; waits up to timeout for the first one, so callers can check for cancels."""
+        try:
+            outputs = [self._outputs.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                outputs.append(self._outputs.get_nowait())
+            except queue.Empty:
+                return outputs
+
+    def abort(self, request_id: str) -> None:
+        self.engine_thread.abort(request_id)
