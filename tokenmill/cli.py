@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +46,32 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.engine.threaded import EngineThread
+    from tokenmill.server.app import create_app
+    from tokenmill.server.batches import BatchManager
+    from tokenmill.server.store import Store
+
+    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY")
+    data_dir = Path(args.data_dir).expanduser()
+    try:
+        engine = Engine(EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
+                                     args.kv_cache_memory))
+        store = Store(data_dir)
+    except (ValueError, OSError) as e:
+        return _fatal(str(e))
+    engine_thread = EngineThread(engine)
+    batches = BatchManager(store, engine, engine_thread)
+    batches.resume()
+    app = create_app(engine, engine_thread, store, batches, api_key)
+    print(f"tokenmill: serving {engine.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _memory(value: str) -> int | float:
     number = float(value)
     return number if number <= 1 else int(number)
@@ -58,15 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-o", "--output", required=True, help="results (JSONL), appended as they finish")
     run.add_argument("--errors", help="failed lines (default: OUTPUT with .errors.jsonl)")
     run.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     run.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     run.add_argument("--sorted", action="store_true", help="rewrite OUTPUT in input order at the end")
     run.add_argument("--input-order", action="store_true",
                      help="admit requests in file order instead of grouping shared prompt prefixes")
-    run.add_argument("--max-num-seqs", type=int, default=128)
-    run.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    run.add_argument("--kv-cache-memory", type=_memory, default=0.2, help="bytes, or a fraction of free RAM")
     run.set_defaults(handler=run_command)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server, /v1/files and /v1/batches included")
+    serve.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require this key as a bearer token (or set TOKENMILL_API_KEY)")
+    serve.add_argument("--data-dir", default="~/.cache/tokenmill/server", help="where files and batches are kept")
+    serve.set_defaults(handler=serve_command)
+    for sub in (run, serve):
+        sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+        sub.add_argument("--max-num-seqs", type=int, default=128)
+        sub.add_argument("--max-num-batched-tokens", type=int, default=1024)
+        sub.add_argument("--kv-cache-memory", type=_memory, default=0.2, help="bytes, or a fraction of free RAM")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -156,38 +156,49 @@ def _completion_logprobs(entries: list[TokenLogprobs], token_ids: list[int], top
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def response_body(line: BatchLine, output: RequestOutput, model: str) -> dict[str, Any]:
+def choice_logprobs(url: str, completion: CompletionOutput, top: int, start: int = 0) -> dict[str, Any] | None:
+    """The OpenAI logprobs object of a choice, for its tokens from `start` on."""
+    if completion.logprobs is None:
+        return None
+    entries, token_ids = completion.logprobs[start:], completion.token_ids[start:]
+    return (_chat_logprobs if url == CHAT_URL else _completion_logprobs)(entries, token_ids, top)
+
+
+def usage(output: RequestOutput) -> dict[str, Any]:
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    prompt_tokens = len(output.prompt_token_ids)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}}
+
+
+def response_body(url: str, params: SamplingParams, output: RequestOutput, model: str) -> dict[str, Any]:
     """A complete chat.completion or text_completion object, with usage."""
     completions: list[CompletionOutput] = output.outputs
-    top = line.params.logprobs or 0
+    top = params.logprobs or 0
     choices: list[dict[str, Any]] = []
     for c in completions:
-        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
-        if line.url == CHAT_URL:
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
+                                  "logprobs": choice_logprobs(url, c, top)}
+        if url == CHAT_URL:
             choice["message"] = {"role": "assistant", "content": c.text}
-            choice["logprobs"] = _chat_logprobs(c.logprobs, c.token_ids, top) if c.logprobs is not None else None
         else:
             choice["text"] = c.text
-            choice["logprobs"] = _completion_logprobs(c.logprobs, c.token_ids, top) if c.logprobs is not None else None
         choices.append(choice)
-    completion_tokens = sum(len(c.token_ids) for c in completions)
-    prompt_tokens = len(output.prompt_token_ids)
     return {
-        "id": ("chatcmpl-" if line.url == CHAT_URL else "cmpl-") + f"{output.request_id}",
-        "object": "chat.completion" if line.url == CHAT_URL else "text_completion",
+        "id": output.request_id,
+        "object": "chat.completion" if url == CHAT_URL else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens,
-                  "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}},
+        "usage": usage(output),
     }
 
 
 def output_record(record_id: str, line: BatchLine, output: RequestOutput, model: str) -> dict[str, Any]:
     return {"id": record_id, "custom_id": line.custom_id,
             "response": {"status_code": 200, "request_id": output.request_id,
-                         "body": response_body(line, output, model)},
+                         "body": response_body(line.url, line.params, output, model)},
             "error": None}
 
 

@@ -87,8 +87,10 @@ class BatchJob:
 
     def __init__(self, engine: Engine, input_path: Path, output: Path, errors: Path | None = None,
                  client: LocalClient | ThreadClient | None = None, prefix_order: bool = True,
-                 window: int | None = None, use_tqdm: bool = True, cancel: threading.Event | None = None) -> None:
+                 window: int | None = None, use_tqdm: bool = True, cancel: threading.Event | None = None,
+                 endpoint: str | None = None) -> None:
         self.engine = engine
+        self.endpoint = endpoint  # when set, every line's url must be this one (the server's batches)
         self.client = client or LocalClient(engine)
         self.cancel = cancel or threading.Event()
         self.input = input_path
@@ -100,6 +102,7 @@ class BatchJob:
         self.fingerprint = input_fingerprint(input_path)
         self.model_name = self.engine.model_name
         self.summary = JobSummary(str(input_path), str(output), str(self.errors), self.model_name)
+        self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
 
     def _lines(self, done: set[int]) -> Iterator[tuple[int, BatchLine | LineError]]:
         """Validated lines not yet done, in file order. Duplicate custom_ids fail after the first."""
@@ -119,6 +122,9 @@ class BatchJob:
                     continue
                 try:
                     line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
+                    if self.endpoint is not None and line.url != self.endpoint:
+                        raise LineError("invalid_url", f"line {line_no}: url {line.url} is not the batch's endpoint "
+                                                       f"{self.endpoint}", line.custom_id)
                     key = hash(line.custom_id)
                     if key in seen:
                         raise LineError("duplicate_custom_id",
@@ -146,7 +152,9 @@ class BatchJob:
         with JobLock(self.output):
             for path in (self.output, self.errors):
                 cut_torn_tail(path)
-            done = done_lines(self.output, self.fingerprint) | done_lines(self.errors, self.fingerprint)
+            done_ok, done_failed = done_lines(self.output, self.fingerprint), done_lines(self.errors, self.fingerprint)
+            self.previously_succeeded, self.previously_failed = len(done_ok), len(done_failed)
+            done = done_ok | done_failed
             self.summary.total_lines = count_lines(self.input)
             writer = DurableAppender(self.output, self.errors)
             try:
@@ -196,7 +204,8 @@ class BatchJob:
                     heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
                 while pending and len(in_flight) < capacity:
                     entry = heapq.heappop(pending)
-                    request_id = f"{self.fingerprint}-{entry.line_no}"
+                    prefix = "chatcmpl" if entry.line.url == CHAT_URL else "cmpl"
+                    request_id = f"{prefix}-{self.fingerprint}-{entry.line_no}"
                     client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
                     in_flight[request_id] = entry.line
                 if self.cancel.is_set() or (not in_flight and exhausted and not pending):

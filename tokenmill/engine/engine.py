@@ -42,8 +42,10 @@ class EngineConfig:
 class EngineStats:
     steps: int = 0
     computed_tokens: int = 0  # tokens run through the model, prompts and generated
+    requests_finished: int = 0
     prompt_tokens: int = 0  # of finished requests
     cached_prompt_tokens: int = 0  # of those, found in the prefix cache
+    generated_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -220,8 +222,10 @@ class Engine:
                 # NOTE: breaks the request <-> sequence cycle, so that memory (native decoder
                 # state included) is freed now rather than at a rare full garbage collection.
                 request.seqs = []
+                self.stats.requests_finished += 1
                 self.stats.prompt_tokens += len(request.prompt_token_ids)
                 self.stats.cached_prompt_tokens += request.num_cached_tokens or 0
+                self.stats.generated_tokens += sum(len(c.token_ids) for c in outputs[-1].outputs)
         return outputs
 
     def _expand_forks(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:

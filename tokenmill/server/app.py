@@ -1,0 +1,302 @@
+"""`tokenmill serve`: an OpenAI-compatible HTTP API over the shared engine thread.
+
+Every completion request becomes an engine request at interactive priority; streamed ones are
+sent as server-sent events as the engine produces tokens, and a client that disconnects has its
+request aborted at once (its KV blocks freed). Errors have OpenAI's shape and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL, LineError, choice_logprobs, response_body, usage
+from tokenmill.batch.format import validate_body as validate_request
+from tokenmill.engine.engine import Engine
+from tokenmill.engine.threaded import EngineThread
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.batches import BatchError, BatchManager
+from tokenmill.server.store import Store
+
+MAX_JSON_BYTES = 16 << 20
+MAX_FILE_BYTES = 200 << 20  # as OpenAI's batch input limit
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+                        status_code=e.status)
+
+
+class EngineMetrics:
+    """Prometheus collector over the engine's live state."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        engine, stats = self.engine, self.engine.stats
+        yield CounterMetricFamily("tokenmill_requests_finished", "Requests finished", value=stats.requests_finished)
+        yield CounterMetricFamily("tokenmill_prompt_tokens", "Prompt tokens of finished requests",
+                                  value=stats.prompt_tokens)
+        yield CounterMetricFamily("tokenmill_cached_prompt_tokens", "Of which found in the prefix cache",
+                                  value=stats.cached_prompt_tokens)
+        yield CounterMetricFamily("tokenmill_generation_tokens", "Tokens generated", value=stats.generated_tokens)
+        yield GaugeMetricFamily("tokenmill_requests_running", "Sequences running", value=len(engine.scheduler.running))
+        yield GaugeMetricFamily("tokenmill_requests_waiting", "Sequences waiting", value=len(engine.scheduler.waiting))
+        yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Share of KV blocks in use", value=engine.kv.usage)
+        yield GaugeMetricFamily("tokenmill_prefix_cache_hit_rate", "Cached / all prompt tokens",
+                                value=stats.prefix_cache_hit_rate)
+
+
+def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batches: BatchManager,
+               api_key: str | None) -> FastAPI:
+    app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
+    model_name = engine.model_name
+    registry = CollectorRegistry()
+    registry.register(EngineMetrics(engine))
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return error_response(APIError(400, f"invalid request: {param or 'body'}: {first.get('msg', 'invalid')}",
+                                       param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
+                                       else "server_error"))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.startswith("/v1/") and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(APIError(401, "missing or wrong API key", "authentication_error",
+                                               code="invalid_api_key"))
+        limit = MAX_FILE_BYTES + (1 << 20) if request.url.path == "/v1/files" else MAX_JSON_BYTES
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return error_response(APIError(413, f"request body larger than {limit} bytes", code="request_too_large"))
+        return await call_next(request)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "tokenmill"}]}
+
+    async def complete(request: Request, url: str) -> Response:
+        body = await json_body(request)
+        if body.get("model") != model_name:
+            raise APIError(404, f"model {body.get('model')!r} not found; this server runs {model_name!r}",
+                           param="model", code="model_not_found")
+        try:
+            params = validate_request(url, body)
+            text, token_ids = tokenize(url, body)
+        except LineError as e:
+            raise APIError(400, e.message, param=e.param, code=e.code) from None
+        stream = body.get("stream") is True
+        options = body.get("stream_options") or {}
+        prefix = "chatcmpl" if url == CHAT_URL else "cmpl"
+        request_id = f"{prefix}-{secrets.token_hex(12)}"
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine_thread.add(request_id, text, token_ids, params,
+                          lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), stream=stream)
+        if stream:
+            events = stream_events(url, request_id, params, outputs, bool(options.get("include_usage")))
+            return StreamingResponse(events, media_type="text/event-stream")
+        output: RequestOutput | None = None
+        try:
+            while output is None or not output.finished:
+                output = await outputs.get()
+        finally:
+            if output is None or not output.finished:  # the client went away
+                engine_thread.abort(request_id)
+        if output.error is not None:
+            raise APIError(400, output.error, param="messages" if url == CHAT_URL else "prompt",
+                           code="invalid_prompt")
+        return JSONResponse(response_body(url, params, output, model_name))
+
+    def tokenize(url: str, body: dict[str, Any]) -> tuple[str | None, list[int]]:
+        tokenizer = engine.tokenizer
+        if url == CHAT_URL:
+            try:
+                text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # the template rejects the conversation (jinja raises anything)
+                raise LineError("invalid_messages", f"the chat template rejects the messages: {e}",
+                                param="messages") from None
+            return text, tokenizer.encode(text, add_special_tokens=False)
+        prompt = body["prompt"]
+        return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+
+    async def stream_events(url: str, request_id: str, params: SamplingParams,
+                            outputs: asyncio.Queue[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        kind = "chat.completion.chunk" if url == CHAT_URL else "text_completion"
+        # NOTE: text that could be the start of a stop string is held back until it is not.
+        hold = max((len(s) for s in params.stop_strings), default=1) - 1
+        sent_chars = [0] * params.n
+        sent_tokens = [0] * params.n
+        finished = False
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            data = {"id": request_id, "object": kind, "created": created, "model": model_name,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            if url == CHAT_URL:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(params.n)])
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                if output.error is not None:
+                    yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_prompt'}})}\n\n"  # noqa: E501
+                    break
+                choices = []
+                for c in output.outputs:
+                    end = len(c.text) if c.finished else max(sent_chars[c.index], len(c.text) - hold)
+                    delta = c.text[sent_chars[c.index]:end]
+                    if not delta and not c.finished:
+                        continue
+                    logprobs = choice_logprobs(url, c, params.logprobs or 0, sent_tokens[c.index])
+                    sent_chars[c.index], sent_tokens[c.index] = end, len(c.token_ids)
+                    choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": logprobs}
+                    choice.update({"delta": {"content": delta}} if url == CHAT_URL else {"text": delta})
+                    choices.append(choice)
+                if choices:
+                    yield chunk(choices)
+                if finished and include_usage:
+                    yield chunk([], usage=usage(output))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client disconnected mid-stream: free its KV and compute now
+                engine_thread.abort(request_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, CHAT_URL)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, COMPLETIONS_URL)
+
+    # -- files
+    @app.post("/v1/files")
+    async def upload_file(request: Request) -> dict[str, Any]:
+        form = await request.form(max_part_size=MAX_FILE_BYTES)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+            raise APIError(400, "a multipart field 'file' is required", param="file")
+        if purpose != "batch":
+            raise APIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while piece := await upload.read(1 << 20):
+                yield piece
+
+        try:
+            return await store.create_file(upload.filename or "upload.jsonl", purpose, chunks(), MAX_FILE_BYTES)
+        except ValueError as e:
+            raise APIError(413, str(e), param="file", code="file_too_large") from None
+
+    def file_or_404(file_id: str) -> tuple[dict[str, Any], Any]:
+        found = store.get_file(file_id)
+        if found is None:
+            raise APIError(404, f"no file with id {file_id!r}", param="file_id", code="file_not_found")
+        return found
+
+    @app.get("/v1/files")
+    async def list_files(purpose: str | None = None) -> dict[str, Any]:
+        return {"object": "list", "data": store.list_files(purpose), "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> dict[str, Any]:
+        return file_or_404(file_id)[0]
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        return FileResponse(file_or_404(file_id)[1], media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> dict[str, Any]:
+        if not store.delete_file(file_id):
+            file_or_404(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- batches
+    def batch_or_404(batch: dict[str, Any] | None, batch_id: str) -> dict[str, Any]:
+        if batch is None:
+            raise APIError(404, f"no batch with id {batch_id!r}", param="batch_id", code="batch_not_found")
+        return batch
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        try:
+            return batches.create(body.get("input_file_id"), body.get("endpoint"), body.get("completion_window"),
+                                  body.get("metadata"))
+        except BatchError as e:
+            raise APIError(e.status, str(e), param=e.param) from None
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str) -> dict[str, Any]:
+        return batch_or_404(batches.get(batch_id), batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str) -> dict[str, Any]:
+        return batch_or_404(batches.cancel(batch_id), batch_id)
+
+    @app.get("/v1/batches")
+    async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise APIError(400, "limit must be between 1 and 100", param="limit")
+        everything = batches.list()
+        start = next((i + 1 for i, b in enumerate(everything) if b["id"] == after), 0) if after else 0
+        page = everything[start:start + limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(everything)}
+
+    return app

@@ -1,0 +1,157 @@
+"""The server's batches: each runs through the same `BatchJob` as `tokenmill run`, at a lower
+priority than interactive requests, on the shared engine thread.
+
+A batch's state lives in the store; its results are appended to files in its own folder, so a
+server killed mid-batch resumes it at start-up and finishes it exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL
+from tokenmill.batch.runner import BatchJob, count_lines
+from tokenmill.engine.engine import Engine
+from tokenmill.engine.threaded import EngineThread, ThreadClient
+from tokenmill.server.store import Store, new_id
+
+logger = logging.getLogger(__name__)
+
+BATCH_PRIORITY = 1  # interactive requests are 0: admitted first, preempted last
+ENDPOINTS = (CHAT_URL, COMPLETIONS_URL)
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class BatchError(ValueError):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class BatchManager:
+    def __init__(self, store: Store, engine: Engine, engine_thread: EngineThread) -> None:
+        self.store = store
+        self.engine = engine
+        self.engine_thread = engine_thread
+        self.jobs: dict[str, BatchJob] = {}
+        self.cancels: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def resume(self) -> None:
+        """Restarts the batches a previous server process left unfinished."""
+        for batch in self.store.list_batches():
+            if batch["status"] in ACTIVE:
+                logger.info("resuming batch %s", batch["id"])
+                self._start(batch["id"], cancelled=batch["status"] == "cancelling")
+
+    def create(self, input_file_id: Any, endpoint: Any, completion_window: Any, metadata: Any) -> dict[str, Any]:
+        if not isinstance(input_file_id, str) or self.store.get_file(input_file_id) is None:
+            raise BatchError(404, f"no file with id {input_file_id!r}", "input_file_id")
+        if endpoint not in ENDPOINTS:
+            raise BatchError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint")
+        if completion_window != "24h":
+            raise BatchError(400, "completion_window must be '24h'", "completion_window")
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise BatchError(400, "metadata must be at most 16 string keys and string values", "metadata")
+        now = int(time.time())
+        batch = {"id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
+                 "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
+                 "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+                 "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None, "failed_at": None,
+                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
+        self.store.save_batch(batch)
+        self._start(batch["id"])
+        return batch
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        batch = self.store.get_batch(batch_id)
+        job = self.jobs.get(batch_id)
+        if batch is not None and job is not None:  # live counts while it runs
+            batch["request_counts"] = self._counts(job, batch["request_counts"]["total"])
+        return batch
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.get(b["id"]) or b for b in self.store.list_batches()]
+
+    def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            batch = self.store.get_batch(batch_id)
+            if batch is None:
+                return None
+            if batch["status"] in ("validating", "in_progress"):
+                batch.update(status="cancelling", cancelling_at=int(time.time()))
+                self.store.save_batch(batch)
+                if batch_id in self.cancels:
+                    self.cancels[batch_id].set()
+        return self.get(batch_id)
+
+    @staticmethod
+    def _counts(job: BatchJob, total: int) -> dict[str, int]:
+        s = job.summary
+        return {"total": total, "completed": job.previously_succeeded + s.succeeded,
+                "failed": job.previously_failed + s.failed}
+
+    def _start(self, batch_id: str, cancelled: bool = False) -> None:
+        cancel = threading.Event()
+        if cancelled:
+            cancel.set()
+        self.cancels[batch_id] = cancel
+        threading.Thread(target=self._run, args=(batch_id, cancel), name=f"batch-{batch_id}", daemon=True).start()
+
+    def _update(self, batch_id: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            batch = self.store.get_batch(batch_id)
+            assert batch is not None
+            if batch["status"] == "cancelling" and fields.get("status") == "in_progress":
+                fields.pop("status")  # a cancel arrived meanwhile: it wins
+            batch.update(fields)
+            self.store.save_batch(batch)
+            return batch
+
+    def _run(self, batch_id: str, cancel: threading.Event) -> None:
+        try:
+            self._run_job(batch_id, cancel)
+        except Exception as e:
+            logger.exception("batch %s failed", batch_id)
+            self._update(batch_id, status="failed", failed_at=int(time.time()),
+                         errors={"object": "list", "data": [{"code": "internal_error", "message": str(e),
+                                                             "param": None, "line": None}]})
+        finally:
+            self.jobs.pop(batch_id, None)
+            self.cancels.pop(batch_id, None)
+
+    def _run_job(self, batch_id: str, cancel: threading.Event) -> None:
+        batch = self.store.get_batch(batch_id)
+        assert batch is not None
+        found = self.store.get_file(batch["input_file_id"])
+        total = count_lines(found[1]) if found is not None else 0
+        if found is None or total == 0:
+            message = "the input file was deleted" if found is None else "the input file has no requests"
+            self._update(batch_id, status="failed", failed_at=int(time.time()),
+                         errors={"object": "list", "data": [{"code": "invalid_file", "message": message,
+                                                             "param": "input_file_id", "line": None}]})
+            return
+        folder = self.store.batch_dir(batch_id)
+        output, errors = folder / "output.jsonl", folder / "errors.jsonl"
+        job = BatchJob(self.engine, found[1], output, errors, client=ThreadClient(self.engine_thread, BATCH_PRIORITY),
+                       use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
+        self.jobs[batch_id] = job
+        self._update(batch_id, status="in_progress", in_progress_at=batch["in_progress_at"] or int(time.time()),
+                     request_counts={"total": total, "completed": 0, "failed": 0})
+        job.run()
+        batch = self._update(batch_id, status="finalizing" if not cancel.is_set() else "cancelling",
+                             finalizing_at=int(time.time()) if not cancel.is_set() else None)
+        counts = self._counts(job, total)
+        files: dict[str, str] = {}
+        for key, path in (("output_file_id", output), ("error_file_id", errors)):
+            if batch[key] is None and path.exists() and path.stat().st_size > 0:
+                files[key] = self.store.register_file(path, f"{batch_id}_{path.name}", "batch_output")["id"]
+        now = int(time.time())
+        final = {"status": "cancelled", "cancelled_at": now} if cancel.is_set() else \
+            {"status": "completed", "completed_at": now}
+        self._update(batch_id, request_counts=counts, **files, **final)
