@@ -1,0 +1,266 @@
+"""`tokenmill serve` against the official `openai` client, on a real server process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, data_dir: Path) -> None:
+        self.model, self.data_dir, self.port = model, data_dir, free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        args = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(self.model), "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", str(1 << 26),
+                "--api-key", API_KEY]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return self
+            except OSError:
+                assert self.process.poll() is None, "the server died at start-up"
+                time.sleep(0.2)
+        raise TimeoutError("server did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"{self.url}/metrics").read().decode()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Iterator[Server]:
+    running = Server(tiny_models["llama"], tmp_path_factory.mktemp("server")).start()
+    yield running
+    running.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+
+
+def test_chat_streamed_equals_non_streamed(client: openai.OpenAI, model: str) -> None:
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
+    assert plain.object == "chat.completion" and plain.usage.completion_tokens == 24
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+
+
+def test_completions_n_stop_seed_logprobs(client: openai.OpenAI, model: str) -> None:
+    full = client.completions.create(model=model, prompt="one two three", max_tokens=16, temperature=0)
+    stop = full.choices[0].text[4:7]
+    cut = client.completions.create(model=model, prompt="one two three", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full.choices[0].text.split(stop)[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="one two three", max_tokens=16, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.choices[0].text  # held back text never leaks the stop string
+    sampled = client.completions.create(model=model, prompt="one two three", max_tokens=8, temperature=1.0, n=3,
+                                        seed=11, logprobs=2)
+    again = client.completions.create(model=model, prompt="one two three", max_tokens=8, temperature=1.0, n=3,
+                                      seed=11, logprobs=2)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
+    assert len(sampled.choices) == 3 and len(sampled.choices[0].logprobs.tokens) == 8
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=5, logprobs=True,
+                                          top_logprobs=3, temperature=0, extra_body={"top_k": 5, "min_p": 0.1})
+    assert len(chat.choices[0].logprobs.content) == 5 and len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+
+
+def test_errors_have_openai_shape_and_status(server: Server, client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model, messages=CHAT, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=model, messages="hello")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=model, prompt="word " * 600)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-missing")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_missing")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h")
+    for body, length, status in ((b"not json", 8, 400), (b"", 17 << 20, 413)):
+        # The 413 is decided on the declared length, before any of the body is read.
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Authorization", f"Bearer {API_KEY}")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        assert response.status == status
+        error = json.loads(response.read())["error"]
+        assert set(error) == {"message", "type", "param", "code"} and "Traceback" not in error["message"]
+        connection.close()
+
+
+def batch_file(path: Path, model: str, count: int, max_tokens: int = 6) -> Path:
+    lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                                  "messages": [{"role": "user", "content": f"Tell me about number {i}."}]}})
+             for i in range(count)]
+    lines.insert(2, '{"custom_id": "broken", ')
+    lines.insert(4, json.dumps({"custom_id": "other-endpoint", "method": "POST", "url": "/v1/completions",
+                                "body": {"prompt": "x"}}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 180) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        time.sleep(0.2)
+    raise TimeoutError(f"batch still {batch.status}")
+
+
+def test_batch_lifecycle(tmp_path: Path, client: openai.OpenAI, model: str) -> None:
+    uploaded = client.files.create(file=batch_file(tmp_path / "in.jsonl", model, 20).open("rb"), purpose="batch")
+    assert client.files.retrieve(uploaded.id).bytes == (tmp_path / "in.jsonl").stat().st_size
+    assert client.files.content(uploaded.id).content == (tmp_path / "in.jsonl").read_bytes()
+    assert uploaded.id in [f.id for f in client.files.list().data]
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"job": "test"})
+    assert batch.status == "validating" and batch.metadata == {"job": "test"}
+    done = wait_for(client, batch.id, ("completed", "failed"))
+    assert done.status == "completed" and done.completed_at and done.in_progress_at
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (22, 20, 2)
+    results = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(20))
+    errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+    assert sorted(e["error"]["code"] for e in errors) == ["invalid_json", "invalid_url"]
+    assert batch.id in [b.id for b in client.batches.list(limit=5).data]
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_cancel_keeps_partial_results(tmp_path: Path, client: openai.OpenAI, model: str) -> None:
+    uploaded = client.files.create(file=batch_file(tmp_path / "in.jsonl", model, 400, 40).open("rb"),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(client, batch.id, ("in_progress",))
+    while client.batches.retrieve(batch.id).request_counts.completed < 5:
+        time.sleep(0.1)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    cancelled = wait_for(client, batch.id, ("cancelled",))
+    assert 5 <= cancelled.request_counts.completed < 400
+    kept = client.files.content(cancelled.output_file_id).text.splitlines()
+    assert len(kept) == cancelled.request_counts.completed
+
+
+def test_concurrent_streams_share_the_batch_and_memory_returns(server: Server, client: openai.OpenAI,
+                                                               model: str) -> None:
+    def stream(i: int) -> str:
+        chunks = client.chat.completions.create(model=model, stream=True, max_tokens=32, temperature=0,
+                                                messages=[{"role": "user", "content": f"Count to {i}."}])
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        list(pool.map(stream, range(64)))  # warm-up: allocator and pool pages at their working size
+    idle = server.rss_mib()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        texts = list(pool.map(stream, range(64)))
+    assert all(texts)
+    time.sleep(0.5)
+    metrics = server.metrics()
+    assert metrics["tokenmill_requests_running"] == 0 and metrics["tokenmill_kv_cache_usage_ratio"] == 0
+    assert server.rss_mib() < idle * 1.05 + 10
+
+
+def test_disconnect_mid_stream_frees_the_request(server: Server, client: openai.OpenAI, model: str) -> None:
+    stream = client.completions.create(model=model, prompt="forever", max_tokens=400, temperature=0,
+                                       extra_body={"ignore_eos": True}, stream=True)
+    next(iter(stream))
+    assert server.metrics()["tokenmill_requests_running"] == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while server.metrics()["tokenmill_requests_running"] != 0:
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.1)
+    assert server.metrics()["tokenmill_kv_cache_usage_ratio"] == 0
+
+
+def test_sigkill_mid_batch_then_restart_completes_exactly_once(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    server = Server(tiny_models["llama"], tmp_path / "data").start()
+    client = server.client()
+    model = client.models.list().data[0].id
+    uploaded = client.files.create(file=batch_file(tmp_path / "in.jsonl", model, 300, 24).open("rb"),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    output = tmp_path / "data" / "batches" / batch.id / "output.jsonl"
+    while not output.exists() or output.stat().st_size < 50_000:  # past the first fsync
+        assert client.batches.retrieve(batch.id).status in ("validating", "in_progress")
+        time.sleep(0.05)
+    server.kill()
+    survivors = output.read_bytes().count(b"\n")
+    assert 0 < survivors < 300
+
+    server.start()
+    try:
+        done = wait_for(server.client(), batch.id, ("completed",))
+        results = [json.loads(line) for line in server.client().files.content(done.output_file_id).text.splitlines()]
+        ids = [r["custom_id"] for r in results]
+        assert len(ids) == len(set(ids)) == 300
+        assert (done.request_counts.completed, done.request_counts.failed) == (300, 2)
+    finally:
+        server.kill()
+    assert os.path.exists(tmp_path / "data" / "tokenmill.sqlite3")
