@@ -77,9 +77,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _num_seqs(self) -> int:
+        # Samples still to be forked will join the running set: count them against max_num_seqs.
+        return sum(len(s.request.seqs) if s.num_output_tokens == 0 else 1 for s in self.running)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        priorities = {s.request.priority for s in self.running} | {q for q, d in self.waiting.queues.items() if d}
+        if len(priorities) > 1:
+            # NOTE: mixed with lower-priority (batch) work, interactive requests would wait on long
+            # steps full of batch prefill chunks; shorter steps keep their time to first token low.
+            budget = max(budget // 4, 2 * len(self.running))
+
+        # A waiting request never waits for a sequence slot behind lower-priority work.
+        while self.waiting and self.running and self._num_seqs() >= self.max_num_seqs:
+            victim = self._lowest_priority()
+            if self.running[victim].request.priority <= self.waiting.peek().request.priority:
+                break
+            self._preempt(self.running.pop(victim))
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -96,8 +112,7 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Samples still to be forked will join the running set: count them against max_num_seqs.
-        num_seqs = sum(len(s.request.seqs) if s.num_output_tokens == 0 else 1 for s in self.running)
+        num_seqs = self._num_seqs()
         while self.waiting and budget > 0:
             seq = self.waiting.peek()
             joining = len(seq.request.seqs) if seq.num_output_tokens == 0 else 1
@@ -121,8 +136,10 @@ class Scheduler:
 
     def _pick_victim(self, first: int) -> Sequence:
         """Among running[first:] (not yet scheduled this step), the newest of the lowest priority."""
-        index = max(range(first, len(self.running)), key=lambda i: (self.running[i].request.priority, i))
-        return self.running.pop(index)
+        return self.running.pop(self._lowest_priority(first))
+
+    def _lowest_priority(self, first: int = 0) -> int:
+        return max(range(first, len(self.running)), key=lambda i: (self.running[i].request.priority, i))
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """Puts sequences back to be recomputed from scratch (their step failed)."""
