@@ -26,9 +26,13 @@ def run_command(args: argparse.Namespace) -> int:
         input_path.open("rb").close()
     except OSError as e:
         return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
-    if args.overwrite:
+    try:
         for path in (output, errors):
-            path.unlink(missing_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        return _fatal(f"cannot write {e.filename}: {e.strerror}")
     from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
 
     try:
@@ -38,6 +42,8 @@ def run_command(args: argparse.Namespace) -> int:
         summary = job.run()
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))
+    except OSError as e:  # e.g. an output folder that cannot be written
+        return _fatal(f"{e.strerror}: {e.filename}")
     if args.sorted:
         sort_output(output)
     path = write_summary(summary, output)
