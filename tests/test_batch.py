@@ -63,7 +63,7 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
     ]
     expected_codes = ["invalid_json", "missing_custom_id", "duplicate_custom_id", "invalid_method", "invalid_url",
                       "invalid_body", "invalid_value", "invalid_type", "invalid_type", "invalid_value",
-                      "invalid_prompt", "missing_custom_id"]
+                      "invalid_request", "missing_custom_id"]
     lines = good[:3] + bad[:6] + [""] + good[3:] + bad[6:]
     input_path = write_jsonl(tmp_path / "in.jsonl", lines)
     output = tmp_path / "out.jsonl"

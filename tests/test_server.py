@@ -264,3 +264,17 @@ def test_sigkill_mid_batch_then_restart_completes_exactly_once(tmp_path: Path, t
     finally:
         server.kill()
     assert os.path.exists(tmp_path / "data" / "tokenmill.sqlite3")
+
+
+def test_structured_output_over_http(client: openai.OpenAI, model: str) -> None:
+    colours = ["red", "green", "blue"]
+    answer = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0.7,
+                                            extra_body={"structured_outputs": {"choice": colours}})
+    assert answer.choices[0].message.content in colours and answer.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model=model, messages=CHAT, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}})
+    with pytest.raises(openai.BadRequestError, match="structured output: cannot compile json: Unsupported type"):
+        client.chat.completions.create(model=model, messages=CHAT, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+                "a": {"type": "wrong"}}}}})

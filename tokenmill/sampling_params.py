@@ -4,6 +4,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a grammar: set exactly one of these (names as in vLLM)."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF)
+    json_object: bool = False  # any JSON object
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {given or 'none'}")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs choice must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs {name} must be a string")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs json must be a JSON schema (an object or its text)")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
 
 
 @dataclass
@@ -26,6 +58,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top logprobs per generated token
     prompt_logprobs: int | None = None  # number of top logprobs per prompt token
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +105,9 @@ class SamplingParams:
              lambda: self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
              "must be an integer >= 0"),
             ("seed", lambda: self.seed is None or is_int(self.seed), "must be an integer"),
+            ("structured_outputs",
+             lambda: self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "must be a StructuredOutputsParams"),
         ]
         for name, ok, rule in checks:
             if not ok():

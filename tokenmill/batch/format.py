@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -71,10 +71,40 @@ def sampling_params_from_body(body: dict[str, Any], url: str) -> SamplingParams:
         if not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
             raise LineError("invalid_type", "body.stop must be a string or a list of strings", param="stop")
         kwargs["stop"] = stop
+    kwargs["structured_outputs"] = _structured_outputs(body)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
         raise LineError("invalid_value", f"body.{e}", param=str(e).split()[0]) from None
+
+
+def _structured_outputs(body: dict[str, Any]) -> StructuredOutputsParams | None:
+    """OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)."""
+    response_format, structured = body.get("response_format"), body.get("structured_outputs")
+    if response_format is not None and structured is not None:
+        raise LineError("invalid_value", "give response_format or structured_outputs, not both",
+                        param="response_format")
+    try:
+        if structured is not None:
+            if not isinstance(structured, dict):
+                raise ValueError("structured_outputs must be an object")
+            return StructuredOutputsParams(**structured)
+        if response_format is None:
+            return None
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format.json_schema must be an object with a schema object")
+            return StructuredOutputsParams(json=spec["schema"])
+        raise ValueError("response_format.type must be text, json_object or json_schema")
+    except (TypeError, ValueError) as e:
+        param = "structured_outputs" if structured is not None else "response_format"
+        raise LineError("invalid_value", f"body.{param}: {e}", param=param) from None
 
 
 def _check_messages(messages: Any) -> None:

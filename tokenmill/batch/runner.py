@@ -215,7 +215,7 @@ class BatchJob:
                     bar.update(1)
                     if output.error is not None:
                         self._fail(writer, line.line_no,
-                                   LineError("invalid_prompt", f"line {line.line_no}: {output.error}", line.custom_id))
+                                   LineError("invalid_request", f"line {line.line_no}: {output.error}", line.custom_id))
                         continue
                     writer.append(self.output, output_record(record_id(self.fingerprint, line.line_no), line,
                                                              output, self.model_name))

@@ -16,6 +16,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.sampler import sample, top_logprobs
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence, Status
+from tokenmill.engine.structured import StructuredOutputs
 from tokenmill.kv.manager import KVCacheManager, cdiv
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput, TokenLogprobs
@@ -105,6 +106,7 @@ class Engine:
                              f"({block_bytes} bytes each)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
+        self.structured = StructuredOutputs(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
@@ -130,9 +132,15 @@ class Engine:
         if error is None and max_total > self.kv_capacity_tokens:
             error = (f"request needs up to {max_total} tokens of KV cache but the pool holds "
                      f"{self.kv_capacity_tokens}: raise kv_cache_memory or lower max_tokens")
+        request = Request(request_id, prompt, token_ids, params, max_total, priority, stream)
+        if error is None and params.structured_outputs is not None:
+            try:
+                for seq in request.seqs:
+                    seq.grammar = self.structured.matcher(params.structured_outputs)
+            except ValueError as e:
+                error = str(e)
         if error is not None:
             return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
-        request = Request(request_id, prompt, token_ids, params, max_total, priority, stream)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         return None
@@ -197,6 +205,9 @@ class Engine:
         logits = result.sample_logits[rows]
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in want_logprobs) else None
+        constrained = [(row, s.grammar) for row, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            self.structured.apply(logits, constrained)
         tokens = sample(logits, seqs, self.eos_token_ids).tolist()
         if raw_logprobs is not None:
             chosen = [i for i, k in enumerate(want_logprobs) if k is not None]
@@ -256,7 +267,13 @@ class Engine:
         params = seq.params
         piece = seq.append_token(token, self._backend_tokenizer)
         may_stop = seq.num_output_tokens >= params.min_tokens
-        if may_stop and (token in params.stop_token_ids
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)
+        if seq.grammar is not None and seq.grammar.is_terminated():  # the grammar is complete and closed
+            seq.finish("stop")
+            if token in self.eos_token_ids and piece:
+                seq.text = seq.text[:-len(piece)]
+        elif may_stop and (token in params.stop_token_ids
                          or (token in self.eos_token_ids and not params.ignore_eos)):
             seq.finish("stop", token if token in params.stop_token_ids else None)
             if piece and not params.include_stop_str_in_output:  # as vLLM: the stop token's text is left out

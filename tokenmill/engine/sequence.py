@@ -12,6 +12,7 @@ import enum
 import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+from xgrammar import GrammarMatcher
 
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class Sequence:
         seed = self.params.seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
         self._decoder = DecodeStream(skip_special_tokens=self.params.skip_special_tokens)
+        self.grammar: GrammarMatcher | None = None  # set by the engine for structured output
 
     @property
     def num_tokens(self) -> int:

@@ -154,8 +154,9 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
             if output is None or not output.finished:  # the client went away
                 engine_thread.abort(request_id)
         if output.error is not None:
-            raise APIError(400, output.error, param="messages" if url == CHAT_URL else "prompt",
-                           code="invalid_prompt")
+            param = "response_format" if output.error.startswith("structured output") else \
+                "messages" if url == CHAT_URL else "prompt"
+            raise APIError(400, output.error, param=param, code="invalid_request")
         return JSONResponse(response_body(url, params, output, model_name))
 
     def tokenize(url: str, body: dict[str, Any]) -> tuple[str | None, list[int]]:
@@ -193,7 +194,7 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                 output = await outputs.get()
                 finished = output.finished
                 if output.error is not None:
-                    yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_prompt'}})}\n\n"  # noqa: E501
+                    yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_request'}})}\n\n"  # noqa: E501
                     break
                 choices = []
                 for c in output.outputs:

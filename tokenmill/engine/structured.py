@@ -1,0 +1,73 @@
+"""Structured output: token masks from a grammar library (xgrammar), never a hand-made compiler.
+
+Each distinct constraint is compiled once (xgrammar's compiler caches compiled grammars); each
+constrained sequence holds a matcher that tracks where its output is in the grammar. Every step
+the matchers of the constrained rows fill one shared bitmask, applied to the batch's logits in
+one call, so constrained and free requests share a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+import xgrammar as xgr
+from transformers import PreTrainedTokenizerBase
+
+from tokenmill.sampling_params import StructuredOutputsParams
+
+
+class StructuredOutputs:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._compiler: xgr.GrammarCompiler | None = None  # built on first use: it reads the whole vocabulary
+
+    def _get_compiler(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                      stop_token_ids=self._eos_token_ids)
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    def matcher(self, spec: StructuredOutputsParams) -> xgr.GrammarMatcher:
+        """A fresh matcher for one sequence; raises ValueError if the constraint cannot be compiled."""
+        compiler = self._get_compiler()
+        try:
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                # NOTE: compact JSON (no free whitespace): a small model can otherwise spend its
+                # whole budget on whitespace and never close the object.
+                grammar = compiler.compile_json_schema(schema, any_whitespace=False)
+            elif spec.json_object:
+                grammar = compiler.compile_builtin_json_grammar()
+            elif spec.regex is not None:
+                grammar = compiler.compile_regex(spec.regex)
+            elif spec.choice is not None:
+                grammar = compiler.compile_regex("|".join(_regex_literal(c) for c in spec.choice))
+            else:
+                grammar = compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"structured output: cannot compile {spec.kind}: {_first_line(e)}") from None
+        return xgr.GrammarMatcher(grammar)
+
+    def apply(self, logits: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
+        """Masks, in place, the tokens each constrained row's grammar does not allow next."""
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self._vocab_size)
+        for row, matcher in matchers:
+            matcher.fill_next_token_bitmask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self._vocab_size,
+                                        indices=[row for row, _ in matchers])
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + c if c in r"\.^$|?*+()[]{}/" else c for c in text)
+
+
+def _first_line(e: Exception) -> str:
+    """The library's message without its source location and assertion text."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)  # "[time] file.cc:123: "
+    return text.split("is false: ", 1)[-1]
