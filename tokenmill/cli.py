@@ -78,6 +78,33 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenmill import bench
+    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.models.loader import default_model_path
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        engine = Engine(EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
+                                     args.kv_cache_memory))
+    except ValueError as e:
+        return _fatal(str(e))
+    if args.bench == "job":
+        print(json.dumps(bench.job(engine, Path(args.input), Path(args.output)), indent=2))
+        return 0
+    gguf = Path(args.gguf) if args.gguf else (default_model_path() if args.model is None else None)
+    print(bench.batched(engine, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, args.llama_batched_bench,
+                        gguf, torch.get_num_threads(), Path(args.jsonl) if args.jsonl else None,
+                        Path(args.plot) if args.plot else None))
+    return 0
+
+
 def _memory(value: str) -> int | float:
     number = float(value)
     return number if number <= 1 else int(number)
@@ -103,7 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", help="require this key as a bearer token (or set TOKENMILL_API_KEY)")
     serve.add_argument("--data-dir", default="~/.cache/tokenmill/server", help="where files and batches are kept")
     serve.set_defaults(handler=serve_command)
-    for sub in (run, serve):
+    bench_parser = commands.add_parser("bench", help="throughput benchmarks, side by side with llama.cpp")
+    kinds = bench_parser.add_subparsers(dest="bench", required=True)
+    batched = kinds.add_parser("batched", help="llama-batched-bench's grid: PP, TG, B")
+    batched.add_argument("--npp", default="128,512", help="prompt lengths")
+    batched.add_argument("--ntg", default="128", help="generated lengths")
+    batched.add_argument("--npl", default="1,8,32,64", help="parallel sequences")
+    batched.add_argument("--pps", action="store_true", help="the parallel sequences share one prompt")
+    batched.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench, to run it too")
+    batched.add_argument("--gguf", help="GGUF file for llama.cpp (default: the default model's)")
+    batched.add_argument("--jsonl", help="also write the rows as JSON lines here")
+    batched.add_argument("--plot", help="write S_TG against B as a PNG here")
+    job_parser = kinds.add_parser("job", help="time a whole batch file")
+    job_parser.add_argument("input")
+    job_parser.add_argument("-o", "--output", default="bench-output.jsonl")
+    for sub in (batched, job_parser):
+        sub.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+        sub.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    bench_parser.set_defaults(handler=bench_command)
+    for sub in (run, serve, batched, job_parser):
         sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
         sub.add_argument("--max-num-seqs", type=int, default=128)
         sub.add_argument("--max-num-batched-tokens", type=int, default=1024)

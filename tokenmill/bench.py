@@ -1,0 +1,175 @@
+"""`tokenmill bench`: throughput measured the way llama.cpp's `llama-batched-bench` does, side by side.
+
+`batched` runs a grid of (prompt length PP, generated length TG, parallel sequences B) on
+synthetic prompts with greedy sampling, and prints llama-batched-bench's columns: N_KV, T_PP and
+S_PP (prompt processing), T_TG and S_TG (generation), T and S (all). With `--pps` the B sequences
+share one prompt. Given `--llama-batched-bench BIN`, the same grid runs through llama.cpp on the
+same GGUF file with the same thread count, and the ratios are printed. `job` times a whole batch
+file. The share of the machine is achieved FLOP/s over a GEMM peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.engine.engine import Engine
+from tokenmill.models.linear import OneDNNLinear
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class Row:
+    engine: str
+    PP: int
+    TG: int
+    B: int
+    N_KV: int
+    T_PP: float
+    S_PP: float
+    T_TG: float
+    S_TG: float
+    T: float
+    S: float
+
+
+def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of the best GEMM this process has for dtype, on a batched MLP shape (2048x576x1536)."""
+    x = torch.randn(2048, 576, dtype=dtype)
+    linear = torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
+    best = 0.0
+    for product in ([linear, OneDNNLinear(linear)] if dtype == torch.float32 else [linear]):
+        for _ in range(3):
+            product(x)
+        iters, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            product(x)
+            iters += 1
+        best = max(best, 2 * 2048 * 576 * 1536 * iters / elapsed)
+    return best
+
+
+def flops_per_token(engine: Engine) -> float:
+    """2 x the weights of every linear layer, the lm_head included (the embedding is a lookup)."""
+    linears = (torch.nn.Linear, OneDNNLinear)
+    return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
+
+
+def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
+    vocab = engine.runner.model.config.vocab_size
+    shared = [rng.randrange(3, vocab) for _ in range(pp)]
+    prompts = [shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)] for _ in range(b)]
+    # TG decode steps per sequence after the prompt, as llama-batched-bench: the prompt's own
+    # step yields the first token, so each sequence generates TG + 1.
+    params = SamplingParams(temperature=0, max_tokens=tg + 1, ignore_eos=True)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{pp}-{tg}-{b}-{i}", None, prompt, params)
+    t_pp = None
+    while engine.has_unfinished_requests():
+        engine.step()
+        if t_pp is None and all(r.seqs[0].num_output_tokens > 0 for r in engine.requests.values()):
+            t_pp = time.perf_counter() - start
+    total = time.perf_counter() - start
+    t_pp = t_pp if t_pp is not None else total
+    t_tg = total - t_pp
+    n_kv = pp + b * tg if shared_prompt else b * (pp + tg)
+    prompt_tokens = pp if shared_prompt else b * pp
+    return Row("tokenmill", pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg, total, n_kv / total)
+
+
+def run_llamacpp(binary: str, gguf: Path, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
+                 threads: int) -> list[Row]:
+    ctx = max(npl) * (max(npp) + max(ntg)) + 64
+    args = [binary, "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512", "-t", str(threads),
+            "-npp", ",".join(map(str, npp)), "-ntg", ",".join(map(str, ntg)), "-npl", ",".join(map(str, npl)),
+            "--output-format", "jsonl"] + (["-pps"] if shared_prompt else [])
+    result = subprocess.run(args, capture_output=True, text=True, check=True)
+    rows = []
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows.append(Row("llama.cpp", r["pp"], r["tg"], r["pl"], r["n_kv"], r["t_pp"], r["speed_pp"], r["t_tg"],
+                            r["speed_tg"], r["t"], r["speed"]))
+    return rows
+
+
+def markdown(rows: list[Row], share: dict[tuple[int, int, int], float]) -> str:
+    lines = ["| engine | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s | TG % of peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pct = share.get((r.PP, r.TG, r.B)) if r.engine == "tokenmill" else None
+        lines.append(f"| {r.engine} | {r.PP} | {r.TG} | {r.B} | {r.N_KV} | {r.T_PP:.3f} | {r.S_PP:.1f} | "
+                     f"{r.T_TG:.3f} | {r.S_TG:.1f} | {r.T:.3f} | {r.S:.1f} | "
+                     f"{'' if pct is None else f'{pct:.1%}'} |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> str:
+    ours = {(r.PP, r.TG, r.B): r for r in rows if r.engine == "tokenmill"}
+    theirs = {(r.PP, r.TG, r.B): r for r in rows if r.engine == "llama.cpp"}
+    lines = ["| PP | TG | B | S_PP ratio | S_TG ratio | S ratio |", "|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(ours.keys() & theirs.keys()):
+        a, b = ours[key], theirs[key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {a.S_PP / b.S_PP:.2f}x | {a.S_TG / b.S_TG:.2f}x | "
+                     f"{a.S / b.S:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine in sorted({r.engine for r in rows}):
+        for pp in sorted({r.PP for r in rows}):
+            points = sorted((r.B, r.S_TG) for r in rows if r.engine == engine and r.PP == pp)
+            ax.plot(*zip(*points), marker="o", label=f"{engine}, PP={pp}")
+    ax.set_xlabel("parallel sequences (B)")
+    ax.set_ylabel("generated tokens/s (S_TG)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
+            llama_bin: str | None, gguf: Path | None, threads: int, jsonl: Path | None,
+            plot_path: Path | None) -> str:
+    rng = random.Random(0)
+    run_point(engine, 16, 4, 2, shared_prompt, rng)  # warm-up
+    rows = [run_point(engine, pp, tg, b, shared_prompt, rng) for pp in npp for tg in ntg for b in npl]
+    peak = gemm_peak(engine.dtype)
+    per_token = flops_per_token(engine)
+    share = {(r.PP, r.TG, r.B): r.S_TG * per_token / peak for r in rows}
+    if llama_bin is not None and gguf is not None:
+        rows += run_llamacpp(llama_bin, gguf, npp, ntg, npl, shared_prompt, threads)
+    out = [f"model {engine.model_name}, dtype {str(engine.dtype).removeprefix('torch.')}, {threads} threads, "
+           f"{'shared prompt (pps), ' if shared_prompt else ''}GEMM peak {peak / 1e9:.0f} GFLOP/s, "
+           f"{per_token / 1e6:.0f} MFLOP/token", "", markdown(rows, share)]
+    if any(r.engine == "llama.cpp" for r in rows):
+        out += ["", "tokenmill / llama.cpp:", "", ratios(rows)]
+    if jsonl is not None:
+        jsonl.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    if plot_path is not None:
+        plot(rows, plot_path)
+    return "\n".join(out)
+
+
+def job(engine: Engine, input_path: Path, output: Path) -> dict[str, Any]:
+    from tokenmill.batch.runner import BatchJob
+
+    for path in (output, output.with_name(output.stem + ".errors.jsonl")):
+        path.unlink(missing_ok=True)
+    summary = BatchJob(engine, input_path, output, use_tqdm=False).run()
+    return asdict(summary)
