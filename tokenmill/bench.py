@@ -124,7 +124,10 @@ def ratios(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'tokenmill[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
