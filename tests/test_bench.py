@@ -1,0 +1,27 @@
+"""`tokenmill bench batched`: llama-batched-bench's grid and columns, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenmill.cli import main
+
+
+@pytest.mark.parametrize("pps", [False, True])
+def test_batched_grid_rows_and_plot(pps: bool, tmp_path: Path, tiny_models: dict[str, Path],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rows_path, plot_path = tmp_path / "rows.jsonl", tmp_path / "plot.png"
+    args = ["bench", "batched", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--npp", "8,16",
+            "--ntg", "4", "--npl", "1,3", "--jsonl", str(rows_path), "--plot", str(plot_path)]
+    assert main(args + (["--pps"] if pps else [])) == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [(r["PP"], r["TG"], r["B"]) for r in rows] == [(8, 4, 1), (8, 4, 3), (16, 4, 1), (16, 4, 3)]
+    for r in rows:
+        assert r["N_KV"] == (r["PP"] + r["B"] * r["TG"] if pps else r["B"] * (r["PP"] + r["TG"]))
+        assert r["S_TG"] == pytest.approx(r["B"] * r["TG"] / r["T_TG"])
+        assert r["T"] == pytest.approx(r["T_PP"] + r["T_TG"])
+    assert plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert "| tokenmill | 16 | 4 | 3 |" in capsys.readouterr().out
