@@ -1,4 +1,5 @@
-"""The KV cache manager on its own: prefix hits, reference counts, LRU eviction, forks."""
+"""Engine parts on their own: the KV cache manager (prefix hits, reference counts, LRU eviction,
+forks) and sequence detokenization."""
 
 from __future__ import annotations
 
@@ -78,3 +79,13 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
     assert copy == (parent.block_table[2], child.block_table[2])
     assert child.num_computed_tokens == 10
     assert kv.pool.ref_counts[parent.block_table[0]] == 2
+
+
+def test_output_text_keeps_its_leading_space_on_metaspace_tokenizers() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁Paris": 3}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    seq = make_seq([1])  # "Hello"
+    assert "".join(seq.append_token(t, tokenizer) for t in [2, 3]) == " world Paris"

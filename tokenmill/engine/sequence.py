@@ -43,7 +43,10 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
         seed = self.params.seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
-        self._decoder = DecodeStream(skip_special_tokens=self.params.skip_special_tokens)
+        # NOTE: primed with the prompt's last tokens, so that tokenizers that drop the leading space
+        # of a text's first word (SentencePiece's Metaspace) keep it on the first generated word.
+        self._decoder = DecodeStream(ids=request.prompt_token_ids[-4:],
+                                     skip_special_tokens=self.params.skip_special_tokens)
         self.grammar: GrammarMatcher | None = None  # set by the engine for structured output
 
     @property
