@@ -20,7 +20,7 @@ def test_batched_grid_rows_and_plot(pps: bool, tmp_path: Path, tiny_models: dict
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [(r["PP"], r["TG"], r["B"]) for r in rows] == [(8, 4, 1), (8, 4, 3), (16, 4, 1), (16, 4, 3)]
     for r in rows:
-        assert r["N_KV"] == (r["PP"] + r["B"] * r["TG"] if pps else r["B"] * (r["PP"] + r["TG"]))
+        assert r["N_KV"] == r["B"] * (r["PP"] + r["TG"])
         assert r["S_TG"] == pytest.approx(r["B"] * r["TG"] / r["T_TG"])
         assert r["T"] == pytest.approx(r["T_PP"] + r["T_TG"])
     assert plot_path.read_bytes()[:4] == b"\x89PNG"

@@ -80,7 +80,7 @@ def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng
     total = time.perf_counter() - start
     t_pp = t_pp if t_pp is not None else total
     t_tg = total - t_pp
-    n_kv = pp + b * tg if shared_prompt else b * (pp + tg)
+    n_kv = b * (pp + tg)  # as llama-batched-bench reports it, shared prompt or not
     prompt_tokens = pp if shared_prompt else b * pp
     return Row("tokenmill", pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg, total, n_kv / total)
 

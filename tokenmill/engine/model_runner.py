@@ -67,11 +67,14 @@ class ModelRunner:
         bs = self.block_size
         slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
 
+        # NOTE: one group for the decodes, and the prompt chunks grouped by length (powers of two),
+        # so that padding each group to its longest chunk wastes at most half of its work.
+        length_class = torch.where(num_new == 1, 0, torch.ceil(torch.log2(num_new.float())).long() + 1)
         groups = []
-        for selected in (num_new == 1, num_new > 1):
-            if bool(selected.any()):
-                groups.append(build_group(query_start[selected], num_new[selected], context_len[selected],
-                                          block_table[selected], bs, self.queries_per_kv_head))
+        for cls in length_class.unique().tolist():
+            selected = length_class == cls
+            groups.append(build_group(query_start[selected], num_new[selected], context_len[selected],
+                                      block_table[selected], bs, self.queries_per_kv_head))
         meta = AttentionMetadata(slot_mapping, groups)
         hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, meta)
 

@@ -4,8 +4,9 @@ The KV pool of one layer is `[2, num_slots, num_kv_heads, head_dim]` (K and V; a
 position of one block). Each step the new K/V are written at `slot_mapping`, then every request's
 queries attend to its whole context, gathered from the pool through its block table.
 
-Requests with one new token (decodes) and those with several (prompt chunks) are attended in two
-batched calls, so one long prompt chunk never pads the many one-token decodes. Everything here is
+Requests with one new token (decodes) and those with several (prompt chunks, grouped by length)
+are attended in separate batched calls, so one long prompt chunk never pads the many one-token
+decodes or the short chunks. Everything here is
 built once per step in `AttentionMetadata` and reused by all layers: no Python loop over requests.
 
 Decodes that share leading KV blocks (a common system prompt, found by the prefix cache) attend to
