@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.models.linear import OneDNNLinear
+from tokenmill.bench import gemm_peak
 from tokenmill.models.loader import resolve_model_folder
 
 NUM_REQUESTS, OUTPUT_TOKENS, HF_BATCH = 64, 64, 16
@@ -67,27 +67,6 @@ def user_messages(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
         if 20 <= len(tokenizer.encode(text, add_special_tokens=False)) <= 60 and text not in messages:
             messages.append(text)
     return messages
-
-
-def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of a repeated 2048x576 @ 576x1536 product, the shape of a batched MLP projection.
-
-    The best of torch's default GEMM and oneDNN's (which tokenmill uses for fp32 on CPU), so the
-    share of peak is against the fastest GEMM this machine offers.
-    """
-    a = torch.randn(2048, 576, dtype=dtype)
-    linear = torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
-    candidates = [linear, OneDNNLinear(linear)] if dtype == torch.float32 else [linear]
-    best = 0.0
-    for product in candidates:
-        for _ in range(3):
-            product(a)
-        iters, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            product(a)
-            iters += 1
-        best = max(best, 2 * 2048 * 576 * 1536 * iters / elapsed)
-    return best
 
 
 def model_flops_per_token(model: torch.nn.Module) -> int:
