@@ -77,3 +77,16 @@ def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(tiny_model
         fresh.generate([prompt], params, use_tqdm=False)
     fresh.engine.runner.model.forward = forward
     assert fresh.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
+def test_generate_inside_a_prompt_iterator_is_a_clear_error(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
+
+    def prompts() -> Iterator[list[int]]:
+        yield [5, 6]
+        llm.generate([[7, 8]], use_tqdm=False)
+        yield [9]
+
+    with pytest.raises(RuntimeError, match="cannot run inside another call"):
+        llm.generate(prompts(), use_tqdm=False)
+    assert len(llm.generate([[7, 8]], SamplingParams(max_tokens=2), use_tqdm=False)) == 1

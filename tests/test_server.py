@@ -281,3 +281,30 @@ def test_structured_output_over_http(client: openai.OpenAI, model: str) -> None:
         client.chat.completions.create(model=model, messages=CHAT, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
                 "a": {"type": "wrong"}}}}})
+
+
+def test_a_batch_past_its_window_expires_with_partial_results(tmp_path: Path, tiny_models: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.engine.threaded import EngineThread
+    from tokenmill.server import batches as batches_module
+    from tokenmill.server.store import Store
+
+    monkeypatch.setattr(batches_module, "COMPLETION_WINDOW_S", 2)  # instead of 24 hours
+    engine = Engine(EngineConfig(str(tiny_models["llama"]), "float32", kv_cache_memory=1 << 26, max_num_seqs=4))
+    engine_thread = EngineThread(engine)
+    try:
+        manager = batches_module.BatchManager(Store(tmp_path / "data"), engine, engine_thread)
+        path = batch_file(tmp_path / "in.jsonl", engine.model_name, 2000, 40)
+        uploaded = manager.store.register_file(path, "in.jsonl", "batch")
+        batch = manager.create(uploaded["id"], "/v1/chat/completions", "24h", None)
+        deadline = time.monotonic() + 60
+        while (state := manager.get(batch["id"]))["status"] not in ("expired", "completed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state["status"] == "expired" and state["expired_at"] is not None
+        assert 0 < state["request_counts"]["completed"] < 2000
+        output = manager.store.get_file(state["output_file_id"])[1]
+        assert len(output.read_text().splitlines()) == state["request_counts"]["completed"]
+    finally:
+        engine_thread.stop()

@@ -24,6 +24,7 @@ class LLM:
         self.engine = Engine(EngineConfig(model, dtype, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
                                           enable_prefix_caching, block_size, max_model_len))
         self._request_ids = itertools.count()
+        self._running = False  # one generate/chat at a time: each drives the engine's step loop
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -88,6 +89,10 @@ class LLM:
             # The None marks the end, so that a lazy input of another length is an error, not a cut.
             params_iter = itertools.chain(sampling_params, [None])
 
+        if self._running:
+            raise RuntimeError("generate() and chat() cannot run inside another call on the same LLM "
+                               "(e.g. from its prompt iterator): the engine has one step loop")
+        self._running = True
         engine = self.engine
         # Requests in flight: enough to keep the batch full, few enough to bound memory.
         window = 2 * engine.config.max_num_seqs
@@ -130,5 +135,6 @@ class LLM:
             for request_id in index_of:  # interrupted: leave the engine clean for the next call
                 engine.abort_request(request_id)
             bar.close()
+            self._running = False
         return [results[i] for i in range(len(results))]
 

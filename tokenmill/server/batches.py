@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 BATCH_PRIORITY = 1  # interactive requests are 0: admitted first, preempted last
 ENDPOINTS = (CHAT_URL, COMPLETIONS_URL)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+COMPLETION_WINDOW_S = 24 * 3600  # the only window OpenAI offers, "24h"
 
 
 class BatchError(ValueError):
@@ -61,8 +62,8 @@ class BatchManager:
         batch = {"id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
                  "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
                  "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-                 "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None, "failed_at": None,
-                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                 "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None, "completed_at": None,
+                 "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                  "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
         self.store.save_batch(batch)
         self._start(batch["id"])
@@ -143,15 +144,24 @@ class BatchManager:
         self.jobs[batch_id] = job
         self._update(batch_id, status="in_progress", in_progress_at=batch["in_progress_at"] or int(time.time()),
                      request_counts={"total": total, "completed": 0, "failed": 0})
-        job.run()
-        batch = self._update(batch_id, status="finalizing" if not cancel.is_set() else "cancelling",
-                             finalizing_at=int(time.time()) if not cancel.is_set() else None)
+        # Past its completion window a batch stops, keeping what is done, as "expired".
+        expired = threading.Event()
+        deadline = threading.Timer(max(0.0, batch["expires_at"] - time.time()), lambda: (expired.set(), cancel.set()))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            job.run()
+        finally:
+            deadline.cancel()
+        cancelled = cancel.is_set() and not expired.is_set()
+        batch = self._update(batch_id, status="cancelling" if cancelled else "finalizing",
+                             finalizing_at=None if cancelled else int(time.time()))
         counts = self._counts(job, total)
         files: dict[str, str] = {}
         for key, path in (("output_file_id", output), ("error_file_id", errors)):
             if batch[key] is None and path.exists() and path.stat().st_size > 0:
                 files[key] = self.store.register_file(path, f"{batch_id}_{path.name}", "batch_output")["id"]
         now = int(time.time())
-        final = {"status": "cancelled", "cancelled_at": now} if cancel.is_set() else \
-            {"status": "completed", "completed_at": now}
+        final = {"status": "expired", "expired_at": now} if expired.is_set() else \
+            {"status": "cancelled", "cancelled_at": now} if cancelled else {"status": "completed", "completed_at": now}
         self._update(batch_id, request_counts=counts, **files, **final)
