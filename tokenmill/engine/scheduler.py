@@ -88,7 +88,7 @@ class Scheduler:
         if len(priorities) > 1:
             # NOTE: mixed with lower-priority (batch) work, interactive requests would wait on long
             # steps full of batch prefill chunks; shorter steps keep their time to first token low.
-            budget = max(budget // 4, 2 * len(self.running))
+            budget = min(budget, max(budget // 4, 2 * len(self.running)))
 
         # A waiting request never waits for a sequence slot behind lower-priority work.
         while self.waiting and self.running and self._num_seqs() >= self.max_num_seqs:
