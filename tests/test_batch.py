@@ -187,3 +187,36 @@ def test_prefix_order_groups_shared_prompts(prefix_order: bool, tmp_path: Path,
     groups = [(line - 1) % 4 for line in admitted]
     switches = sum(a != b for a, b in zip(groups, groups[1:]))
     assert switches <= 3 if prefix_order else switches > 30
+
+
+def test_resume_judges_lines_as_the_first_run_did(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    lines: list[dict | str] = [
+        {**chat_line("a", SYSTEMS[0], "x", max_tokens=2), "method": "GET"},  # invalid: does not claim "a"
+        chat_line("a", SYSTEMS[0], "caf\udcff", max_tokens=2),  # valid, and its text is not UTF-8 below
+        chat_line("b", SYSTEMS[1], "y", max_tokens=2),
+    ]
+    input_path = tmp_path / "in.jsonl"
+    text = "".join(json.dumps(line) + "\n" for line in lines).replace("\\udcff", "\udcff")
+    input_path.write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    output = tmp_path / "out.jsonl"
+    common = ["--model", tiny_models["llama"], "--dtype", "float32"]
+    run_cli(input_path, "-o", output, *common)
+    first = read_jsonl(output)
+    assert sorted(r["custom_id"] for r in first) == ["a", "b"]
+    # A crash lost the record of line 2 ("a"); the rerun must give it the same fate.
+    output.write_text("".join(json.dumps(r) + "\n" for r in first if r["custom_id"] != "a"))
+    run_cli(input_path, "-o", output, *common)
+    assert sorted(r["custom_id"] for r in read_jsonl(output)) == ["a", "b"]
+    assert [e["error"]["code"] for e in read_jsonl(tmp_path / "out.errors.jsonl")] == ["invalid_method"]
+
+
+def test_overwrite_never_deletes_a_running_jobs_files(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    from tokenmill.batch.journal import JobLock
+
+    input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(2))
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"id": "batch_req_x_1"}\n')
+    with JobLock(output):  # another run holds the output
+        result = run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--overwrite", check=False)
+    assert result.returncode == 2 and "another tokenmill run" in result.stderr
+    assert output.read_text() == '{"id": "batch_req_x_1"}\n'

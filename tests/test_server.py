@@ -308,3 +308,20 @@ def test_a_batch_past_its_window_expires_with_partial_results(tmp_path: Path, ti
         assert len(output.read_text().splitlines()) == state["request_counts"]["completed"]
     finally:
         engine_thread.stop()
+
+
+def test_streamed_choices_report_their_finish_once(client: openai.OpenAI, model: str) -> None:
+    chunks = list(client.completions.create(model=model, prompt="one two", max_tokens=12, temperature=1.5, seed=2,
+                                            n=3, stop=["e"], stream=True))
+    finishes = [(c.index, c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason]
+    assert sorted(i for i, _ in finishes) == [0, 1, 2]
+
+
+def test_two_batches_on_one_file_both_complete(tmp_path: Path, client: openai.OpenAI, model: str) -> None:
+    uploaded = client.files.create(file=batch_file(tmp_path / "in.jsonl", model, 10).open("rb"), purpose="batch")
+    first, second = (client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h") for _ in range(2))
+    for batch in (first, second):
+        done = wait_for(client, batch.id, ("completed", "failed"), timeout=120)
+        assert done.status == "completed" and done.request_counts.completed == 10
+    assert client.chat.completions.create(model=model, messages=CHAT, max_tokens=2).choices  # engine still alive

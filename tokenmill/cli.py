@@ -29,8 +29,6 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         for path in (output, errors):
             path.parent.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
-                path.unlink(missing_ok=True)
     except OSError as e:
         return _fatal(f"cannot write {e.filename}: {e.strerror}")
     from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
@@ -39,7 +37,7 @@ def run_command(args: argparse.Namespace) -> int:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
         job = BatchJob(llm.engine, input_path, output, errors, prefix_order=not args.input_order)
-        summary = job.run()
+        summary = job.run(overwrite=args.overwrite)
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))
     except OSError as e:  # e.g. an output folder that cannot be written

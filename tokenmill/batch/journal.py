@@ -87,9 +87,10 @@ class JobLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # NOTE: the lock file is left in place: unlinking it would let a waiting process lock the
+        # old inode while a new one locks a fresh file at the same path.
         assert self.file is not None
         self.file.close()
-        self.path.unlink(missing_ok=True)
 
 
 class DurableAppender:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +104,9 @@ class BatchJob:
         self.model_name = self.engine.model_name
         self.summary = JobSummary(str(input_path), str(output), str(self.errors), self.model_name)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
+        # Engine request ids must be unique among everything the engine runs (the server runs many
+        # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
+        self.run_id = secrets.token_hex(6)
 
     def _lines(self, done: set[int]) -> Iterator[tuple[int, BatchLine | LineError]]:
         """Validated lines not yet done, in file order. Duplicate custom_ids fail after the first."""
@@ -111,15 +115,8 @@ class BatchJob:
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
-                if line_no in done:
-                    self.summary.skipped_already_done += 1
-                    try:
-                        custom_id = json.loads(raw).get("custom_id")
-                    except (json.JSONDecodeError, AttributeError):
-                        custom_id = None
-                    if isinstance(custom_id, str):
-                        seen.add(hash(custom_id))
-                    continue
+                # NOTE: lines done in an earlier run are validated again, only so that `seen` holds
+                # exactly the custom_ids it held then: a resumed job judges duplicates the same way.
                 try:
                     line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
                     if self.endpoint is not None and line.url != self.endpoint:
@@ -131,9 +128,13 @@ class BatchJob:
                                         f"line {line_no}: custom_id {line.custom_id!r} was used by an earlier line",
                                         line.custom_id)
                     seen.add(key)
-                    yield line_no, line
+                    item: BatchLine | LineError = line
                 except LineError as e:
-                    yield line_no, e
+                    item = e
+                if line_no in done:
+                    self.summary.skipped_already_done += 1
+                else:
+                    yield line_no, item
 
     def _tokenize(self, line: BatchLine) -> tuple[str | None, list[int]]:
         tokenizer = self.engine.tokenizer
@@ -147,10 +148,13 @@ class BatchJob:
         prompt = line.body["prompt"]
         return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
 
-    def run(self) -> JobSummary:
+    def run(self, overwrite: bool = False) -> JobSummary:
+        """Runs the job to its end, resuming what earlier runs did unless `overwrite`."""
         start = time.perf_counter()
         with JobLock(self.output):
             for path in (self.output, self.errors):
+                if overwrite:
+                    path.unlink(missing_ok=True)
                 cut_torn_tail(path)
             done_ok, done_failed = done_lines(self.output, self.fingerprint), done_lines(self.errors, self.fingerprint)
             self.previously_succeeded, self.previously_failed = len(done_ok), len(done_failed)
@@ -185,7 +189,7 @@ class BatchJob:
                    disable=not self.use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
         try:
-            while True:
+            while not self.cancel.is_set():
                 while not exhausted and len(pending) < self.window:
                     item = next(lines, None)
                     if item is None:
@@ -205,7 +209,7 @@ class BatchJob:
                 while pending and len(in_flight) < capacity:
                     entry = heapq.heappop(pending)
                     prefix = "chatcmpl" if entry.line.url == CHAT_URL else "cmpl"
-                    request_id = f"{prefix}-{self.fingerprint}-{entry.line_no}"
+                    request_id = f"{prefix}-{self.run_id}-{entry.line_no}"
                     client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
                     in_flight[request_id] = entry.line
                 if self.cancel.is_set() or (not in_flight and exhausted and not pending):

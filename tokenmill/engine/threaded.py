@@ -58,8 +58,12 @@ class EngineThread:
             self.engine.abort_request(command)
             self._sinks.pop(command, None)
             return
-        failed = self.engine.add_request(command.request_id, command.prompt, command.token_ids, command.params,
-                                         command.priority, command.stream)
+        try:
+            failed = self.engine.add_request(command.request_id, command.prompt, command.token_ids,
+                                             command.params, command.priority, command.stream)
+        except ValueError as e:  # e.g. an id already in use: that request fails, the loop goes on
+            failed = RequestOutput(command.request_id, command.prompt, command.token_ids, [], finished=True,
+                                   error=str(e))
         if failed is not None:
             command.sink(failed)
         else:
@@ -90,8 +94,12 @@ class EngineThread:
                 continue
             for output in outputs:
                 sink = self._sinks.pop(output.request_id) if output.finished else self._sinks.get(output.request_id)
-                if sink is not None:
+                if sink is None:
+                    continue
+                try:
                     sink(output)
+                except Exception:  # a consumer gone wrong must not stop everyone else's requests
+                    logger.exception("delivering the output of %s failed", output.request_id)
 
 
 class LocalClient:

@@ -179,6 +179,7 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
         hold = max((len(s) for s in params.stop_strings), default=1) - 1
         sent_chars = [0] * params.n
         sent_tokens = [0] * params.n
+        reported_finish = [False] * params.n  # finish_reason goes out once per choice
         finished = False
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -198,6 +199,9 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                     break
                 choices = []
                 for c in output.outputs:
+                    if reported_finish[c.index]:
+                        continue
+                    reported_finish[c.index] = c.finished
                     end = len(c.text) if c.finished else max(sent_chars[c.index], len(c.text) - hold)
                     delta = c.text[sent_chars[c.index]:end]
                     if not delta and not c.finished:
