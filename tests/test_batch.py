@@ -220,3 +220,14 @@ def test_overwrite_never_deletes_a_running_jobs_files(tmp_path: Path, tiny_model
         result = run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--overwrite", check=False)
     assert result.returncode == 2 and "another tokenmill run" in result.stderr
     assert output.read_text() == '{"id": "batch_req_x_1"}\n'
+
+
+def test_resume_with_another_errors_file_is_refused(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(2) + ["not json"])
+    output = tmp_path / "out.jsonl"
+    common = ["--model", tiny_models["llama"], "--dtype", "float32"]
+    run_cli(input_path, "-o", output, "--errors", tmp_path / "first.errors.jsonl", *common)
+    moved = run_cli(input_path, "-o", output, *common, check=False)  # the default errors path now
+    assert moved.returncode == 2 and "first.errors.jsonl" in moved.stderr
+    run_cli(input_path, "-o", output, "--errors", tmp_path / "first.errors.jsonl", *common)
+    assert len(read_jsonl(tmp_path / "first.errors.jsonl")) == 1 and len(read_jsonl(output)) == 2

@@ -72,19 +72,34 @@ def done_lines(path: Path, fingerprint: str) -> set[int]:
 
 
 class JobLock:
-    """One run per output file at a time."""
+    """One run per output file at a time. The lock file also remembers where the job's errors go,
+    since a resumed run must read the same error file to know which lines already failed."""
 
     def __init__(self, output: Path) -> None:
         self.path = output.with_name(output.name + ".lock")
         self.file: IO[str] | None = None
 
     def __enter__(self) -> JobLock:
-        self.file = self.path.open("w")
+        self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another tokenmill run is writing {self.path.with_suffix('')}") from None
         return self
+
+    def claim(self, errors: Path, overwrite: bool) -> None:
+        """Records errors as this job's error file; refuses a resume that names another one."""
+        assert self.file is not None
+        self.file.seek(0)
+        previous = self.file.read().strip()
+        current = str(errors.resolve())
+        if previous and previous != current and not overwrite:
+            raise ValueError(f"an earlier run of this job wrote its errors to {previous}: pass --errors {previous} "
+                             "to resume it, or --overwrite to start over")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(current)
+        self.file.flush()
 
     def __exit__(self, *exc: object) -> None:
         # NOTE: the lock file is left in place: unlinking it would let a waiting process lock the

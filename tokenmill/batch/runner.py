@@ -151,7 +151,8 @@ class BatchJob:
     def run(self, overwrite: bool = False) -> JobSummary:
         """Runs the job to its end, resuming what earlier runs did unless `overwrite`."""
         start = time.perf_counter()
-        with JobLock(self.output):
+        with JobLock(self.output) as lock:
+            lock.claim(self.errors, overwrite)
             for path in (self.output, self.errors):
                 if overwrite:
                     path.unlink(missing_ok=True)

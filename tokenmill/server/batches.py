@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL
@@ -114,6 +115,16 @@ class BatchManager:
             self.store.save_batch(batch)
             return batch
 
+    def _register_results(self, batch_id: str, output: Path, errors: Path) -> dict[str, str]:
+        """File records for a batch's non-empty result files. Their ids derive from the batch's,
+        so registering again after a restart replaces rather than duplicates them."""
+        files: dict[str, str] = {}
+        for key, path, kind in (("output_file_id", output, "output"), ("error_file_id", errors, "errors")):
+            if path.exists() and path.stat().st_size > 0:
+                file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
+                files[key] = self.store.register_file(path, f"{batch_id}_{path.name}", "batch_output", file_id)["id"]
+        return files
+
     def _run(self, batch_id: str, cancel: threading.Event) -> None:
         try:
             self._run_job(batch_id, cancel)
@@ -131,14 +142,15 @@ class BatchManager:
         assert batch is not None
         found = self.store.get_file(batch["input_file_id"])
         total = count_lines(found[1]) if found is not None else 0
+        folder = self.store.batch_dir(batch_id)
+        output, errors = folder / "output.jsonl", folder / "errors.jsonl"
         if found is None or total == 0:
             message = "the input file was deleted" if found is None else "the input file has no requests"
             self._update(batch_id, status="failed", failed_at=int(time.time()),
                          errors={"object": "list", "data": [{"code": "invalid_file", "message": message,
-                                                             "param": "input_file_id", "line": None}]})
+                                                             "param": "input_file_id", "line": None}]},
+                         **self._register_results(batch_id, output, errors))  # what an earlier run did
             return
-        folder = self.store.batch_dir(batch_id)
-        output, errors = folder / "output.jsonl", folder / "errors.jsonl"
         job = BatchJob(self.engine, found[1], output, errors, client=ThreadClient(self.engine_thread, BATCH_PRIORITY),
                        use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
         self.jobs[batch_id] = job
@@ -154,13 +166,10 @@ class BatchManager:
         finally:
             deadline.cancel()
         cancelled = cancel.is_set() and not expired.is_set()
-        batch = self._update(batch_id, status="cancelling" if cancelled else "finalizing",
-                             finalizing_at=None if cancelled else int(time.time()))
+        self._update(batch_id, status="cancelling" if cancelled else "finalizing",
+                     finalizing_at=None if cancelled else int(time.time()))
         counts = self._counts(job, total)
-        files: dict[str, str] = {}
-        for key, path in (("output_file_id", output), ("error_file_id", errors)):
-            if batch[key] is None and path.exists() and path.stat().st_size > 0:
-                files[key] = self.store.register_file(path, f"{batch_id}_{path.name}", "batch_output")["id"]
+        files = self._register_results(batch_id, output, errors)
         now = int(time.time())
         final = {"status": "expired", "expired_at": now} if expired.is_set() else \
             {"status": "cancelled", "cancelled_at": now} if cancelled else {"status": "completed", "completed_at": now}

@@ -57,13 +57,15 @@ class Store:
         return self.register_file(path, filename, purpose, file_id)
 
     def register_file(self, path: Path, filename: str, purpose: str, file_id: str | None = None) -> dict[str, Any]:
+        """Adds a file record (or replaces the one with file_id, so registering is idempotent)."""
         file_id = file_id or new_id("file-")
         created = int(time.time())
         obj = {"id": file_id, "object": "file", "bytes": path.stat().st_size, "created_at": created,
                "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
                "status_details": None}
         with self._lock:
-            self._db.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (file_id, created, str(path), json.dumps(obj)))
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                             (file_id, created, str(path), json.dumps(obj)))
         return obj
 
     def get_file(self, file_id: str) -> tuple[dict[str, Any], Path] | None:
