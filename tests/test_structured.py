@@ -95,3 +95,14 @@ def test_bad_schema_fails_alone_and_length_cut_is_reported(smol_llm: LLM) -> Non
     assert outputs[2].error is None
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(json=ORDER_SCHEMA, regex="a+")
+
+
+def test_bad_schema_in_a_batch_file_is_an_error_line(tmp_path: Path, smol_llm: LLM) -> None:
+    good, bad = extraction_lines(2)
+    bad["body"]["response_format"]["json_schema"]["schema"] = {"type": "object", "properties": {"a": {"type": "x"}}}
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    summary = BatchJob(smol_llm.engine, input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
+    assert (summary.succeeded, summary.failed) == (1, 1)
+    error = json.loads((tmp_path / "out.errors.jsonl").read_text())["error"]
+    assert error["code"] == "invalid_value" and error["message"].startswith("line 2: structured output: cannot")

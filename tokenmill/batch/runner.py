@@ -136,6 +136,12 @@ class BatchJob:
                 else:
                     yield line_no, item
 
+    def _compile(self, line: BatchLine) -> None:
+        try:
+            self.engine.structured.compile(line.params.structured_outputs)
+        except ValueError as e:
+            raise LineError("invalid_value", f"line {line.line_no}: {e}", line.custom_id, "response_format") from None
+
     def _tokenize(self, line: BatchLine) -> tuple[str | None, list[int]]:
         tokenizer = self.engine.tokenizer
         if line.url == CHAT_URL:
@@ -201,6 +207,8 @@ class BatchJob:
                         if isinstance(line, LineError):
                             raise line
                         prompt, token_ids = self._tokenize(line)
+                        if line.params.structured_outputs is not None:  # in this thread, then cached
+                            self._compile(line)
                     except LineError as e:
                         self._fail(writer, line_no, e)
                         bar.update(1)

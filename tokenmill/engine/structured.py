@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import torch
 import xgrammar as xgr
@@ -24,8 +25,13 @@ class StructuredOutputs:
         self._vocab_size = vocab_size
         self._eos_token_ids = sorted(eos_token_ids)
         self._compiler: xgr.GrammarCompiler | None = None  # built on first use: it reads the whole vocabulary
+        self._lock = threading.Lock()
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
+        with self._lock:  # built once, whichever thread asks first
+            return self._build_compiler()
+
+    def _build_compiler(self) -> xgr.GrammarCompiler:
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
                                                       stop_token_ids=self._eos_token_ids)
@@ -34,6 +40,11 @@ class StructuredOutputs:
 
     def matcher(self, spec: StructuredOutputsParams) -> xgr.GrammarMatcher:
         """A fresh matcher for one sequence; raises ValueError if the constraint cannot be compiled."""
+        return xgr.GrammarMatcher(self.compile(spec))
+
+    def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        """The compiled grammar, from the compiler's cache after the first time. Callers outside the
+        engine thread call this first, so that a slow compilation never stalls the running batch."""
         compiler = self._get_compiler()
         try:
             if spec.json is not None:
@@ -51,7 +62,7 @@ class StructuredOutputs:
                 grammar = compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"structured output: cannot compile {spec.kind}: {_first_line(e)}") from None
-        return xgr.GrammarMatcher(grammar)
+        return grammar
 
     def apply(self, logits: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
         """Masks, in place, the tokens each constrained row's grammar does not allow next."""

@@ -135,6 +135,11 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
             text, token_ids = tokenize(url, body)
         except LineError as e:
             raise APIError(400, e.message, param=e.param, code=e.code) from None
+        if params.structured_outputs is not None:  # compiled here, off the engine thread (then cached)
+            try:
+                await asyncio.to_thread(engine.structured.compile, params.structured_outputs)
+            except ValueError as e:
+                raise APIError(400, str(e), param="response_format", code="invalid_request") from None
         stream = body.get("stream") is True
         options = body.get("stream_options") or {}
         prefix = "chatcmpl" if url == CHAT_URL else "cmpl"
