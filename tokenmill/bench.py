@@ -172,7 +172,5 @@ def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shar
 def job(engine: Engine, input_path: Path, output: Path) -> dict[str, Any]:
     from tokenmill.batch.runner import BatchJob
 
-    for path in (output, output.with_name(output.stem + ".errors.jsonl")):
-        path.unlink(missing_ok=True)
-    summary = BatchJob(engine, input_path, output, use_tqdm=False).run()
+    summary = BatchJob(engine, input_path, output, use_tqdm=False).run(overwrite=True)
     return asdict(summary)

@@ -26,11 +26,6 @@ def run_command(args: argparse.Namespace) -> int:
         input_path.open("rb").close()
     except OSError as e:
         return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
-    try:
-        for path in (output, errors):
-            path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return _fatal(f"cannot write {e.filename}: {e.strerror}")
     from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
 
     try:

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -132,6 +134,19 @@ def validate_body(url: str, body: Any) -> SamplingParams:
                                                 and all(isinstance(t, int) for t in prompt)):
             raise LineError("invalid_type", "body.prompt must be a string or a list of token ids", param="prompt")
     return sampling_params_from_body(body, url)
+
+
+def tokenize_body(tokenizer: PreTrainedTokenizerBase, url: str, body: dict[str, Any]) -> tuple[str | None, list[int]]:
+    """The prompt text (if any) and token ids of a validated request body."""
+    if url == CHAT_URL:
+        try:
+            text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template itself rejects the conversation (jinja raises anything)
+            raise LineError("invalid_messages", f"the chat template rejects the messages: {e}",
+                            param="messages") from None
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    prompt = body["prompt"]
+    return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
 
 
 def parse_line(text: str, line_no: int) -> BatchLine:

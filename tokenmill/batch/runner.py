@@ -21,7 +21,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tokenmill.batch.format import CHAT_URL, BatchLine, LineError, error_record, output_record, parse_line
+from tokenmill.batch.format import (
+    CHAT_URL,
+    BatchLine,
+    LineError,
+    error_record,
+    output_record,
+    parse_line,
+    tokenize_body,
+)
 from tokenmill.batch.journal import (
     DurableAppender,
     JobLock,
@@ -143,20 +151,16 @@ class BatchJob:
             raise LineError("invalid_value", f"line {line.line_no}: {e}", line.custom_id, "response_format") from None
 
     def _tokenize(self, line: BatchLine) -> tuple[str | None, list[int]]:
-        tokenizer = self.engine.tokenizer
-        if line.url == CHAT_URL:
-            try:
-                text = tokenizer.apply_chat_template(line.body["messages"], tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # the template itself rejects the conversation (jinja raises anything)
-                raise LineError("invalid_messages", f"line {line.line_no}: the chat template rejects the "
-                                                    f"messages: {e}", line.custom_id) from None
-            return text, tokenizer.encode(text, add_special_tokens=False)
-        prompt = line.body["prompt"]
-        return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        try:
+            return tokenize_body(self.engine.tokenizer, line.url, line.body)
+        except LineError as e:
+            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
 
     def run(self, overwrite: bool = False) -> JobSummary:
         """Runs the job to its end, resuming what earlier runs did unless `overwrite`."""
         start = time.perf_counter()
+        for path in (self.output, self.errors):
+            path.parent.mkdir(parents=True, exist_ok=True)
         with JobLock(self.output) as lock:
             lock.claim(self.errors, overwrite)
             for path in (self.output, self.errors):

@@ -21,7 +21,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL, LineError, choice_logprobs, response_body, usage
+from tokenmill.batch.format import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    LineError,
+    choice_logprobs,
+    response_body,
+    tokenize_body,
+    usage,
+)
 from tokenmill.batch.format import validate_body as validate_request
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.threaded import EngineThread
@@ -132,7 +140,7 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                            param="model", code="model_not_found")
         try:
             params = validate_request(url, body)
-            text, token_ids = tokenize(url, body)
+            text, token_ids = tokenize_body(engine.tokenizer, url, body)
         except LineError as e:
             raise APIError(400, e.message, param=e.param, code=e.code) from None
         if params.structured_outputs is not None:  # compiled here, off the engine thread (then cached)
@@ -163,18 +171,6 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                 "messages" if url == CHAT_URL else "prompt"
             raise APIError(400, output.error, param=param, code="invalid_request")
         return JSONResponse(response_body(url, params, output, model_name))
-
-    def tokenize(url: str, body: dict[str, Any]) -> tuple[str | None, list[int]]:
-        tokenizer = engine.tokenizer
-        if url == CHAT_URL:
-            try:
-                text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # the template rejects the conversation (jinja raises anything)
-                raise LineError("invalid_messages", f"the chat template rejects the messages: {e}",
-                                param="messages") from None
-            return text, tokenizer.encode(text, add_special_tokens=False)
-        prompt = body["prompt"]
-        return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
 
     async def stream_events(url: str, request_id: str, params: SamplingParams,
                             outputs: asyncio.Queue[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
