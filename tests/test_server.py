@@ -19,6 +19,7 @@ import openai
 import pytest
 
 API_KEY = "test-key"
+KV_CACHE_BYTES = 1 << 26
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ class Server:
 
     def start(self) -> Server:
         args = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(self.model), "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", str(1 << 26),
+                "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", str(KV_CACHE_BYTES),
                 "--api-key", API_KEY]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -226,7 +227,9 @@ def test_concurrent_streams_share_the_batch_and_memory_returns(server: Server, c
     while (metrics := server.metrics())["tokenmill_requests_running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metrics["tokenmill_requests_running"] == 0 and metrics["tokenmill_kv_cache_usage_ratio"] == 0
-    assert server.rss_mib() < idle * 1.1 + 20  # no growth with the number of requests served
+    # NOTE: the KV pool's pages are committed as blocks are first used (new blocks are taken
+    # before cached ones are evicted), so memory may grow up to the pool's size, never beyond.
+    assert server.rss_mib() < idle * 1.1 + 20 + KV_CACHE_BYTES / 2**20
 
 
 def test_disconnect_mid_stream_frees_the_request(server: Server, client: openai.OpenAI, model: str) -> None:
