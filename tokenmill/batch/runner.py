@@ -15,9 +15,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -41,6 +42,7 @@ from tokenmill.batch.journal import (
 )
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.threaded import LocalClient, ThreadClient
+from tokenmill.outputs import RequestOutput
 
 
 @dataclass
@@ -60,6 +62,25 @@ class JobSummary:
     output_tokens_per_s: float = 0.0
     total_tokens_per_s: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+
+    def count(self, output: RequestOutput | None) -> None:
+        """Counts one finished line: a result, or a failure (None)."""
+        if output is None:
+            self.failed += 1
+            return
+        self.succeeded += 1
+        self.prompt_tokens += len(output.prompt_token_ids)
+        self.cached_prompt_tokens += output.num_cached_tokens
+        self.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+
+    def hit_rate(self) -> float:
+        return self.cached_prompt_tokens / max(1, self.prompt_tokens)
+
+    def finish(self, elapsed: float) -> None:
+        self.wall_time_s = round(elapsed, 3)
+        self.output_tokens_per_s = round(self.completion_tokens / elapsed, 1)
+        self.total_tokens_per_s = round((self.prompt_tokens + self.completion_tokens) / elapsed, 1)
+        self.prefix_cache_hit_rate = round(self.hit_rate(), 4)
 
 
 def _beside(output: Path, suffix: str) -> Path:
@@ -89,72 +110,142 @@ class _Pending:
     token_ids: list[int] = field(compare=False)
 
 
+def read_lines(path: Path, endpoint: str | None = None) -> Iterator[tuple[int, BatchLine | LineError]]:
+    """Every non-blank line of path, validated, in file order. Duplicate custom_ids fail after the
+    first; with `endpoint`, every line's url must be it (the server's batches)."""
+    seen: set[int] = set()  # hashes of custom_ids: ~50 bytes a line, not the lines themselves
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
+                if endpoint is not None and line.url != endpoint:
+                    raise LineError("invalid_url", f"line {line_no}: url {line.url} is not the batch's endpoint "
+                                                   f"{endpoint}", line.custom_id)
+                key = hash(line.custom_id)
+                if key in seen:
+                    raise LineError("duplicate_custom_id",
+                                    f"line {line_no}: custom_id {line.custom_id!r} was used by an earlier line",
+                                    line.custom_id)
+                seen.add(key)
+                item: BatchLine | LineError = line
+            except LineError as e:
+                item = e
+            yield line_no, item
+
+
+# Where each finished line goes: (line number, its output or error record, the engine's output, or
+# None for an error).
+RecordSink = Callable[[int, dict[str, Any], RequestOutput | None], None]
+
+
+class LineExecutor:
+    """Runs validated lines through the engine and hands each one's record to `sink`.
+
+    Tokenizes as it reads, keeps up to `window` requests waiting in a heap ordered by prompt token
+    ids (so requests sharing a prefix are admitted together), and keeps twice max_num_seqs in the
+    engine. `client` is how it reaches the engine: in this thread, or through a shared engine
+    thread (the server; a Ray replica). Setting `cancel` stops it after the requests in flight are
+    aborted. Used by BatchJob here and by each Ray replica.
+    """
+
+    def __init__(self, engine: Engine, client: LocalClient | ThreadClient, fingerprint: str, sink: RecordSink,
+                 prefix_order: bool = True, window: int | None = None, cancel: threading.Event | None = None) -> None:
+        self.engine = engine
+        self.client = client
+        self.fingerprint = fingerprint
+        self.sink = sink
+        self.prefix_order = prefix_order
+        self.window = window or max(1024, 8 * engine.config.max_num_seqs)
+        self.cancel = cancel or threading.Event()
+        # Engine request ids must be unique among everything the engine runs (the server runs many
+        # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
+        self.run_id = secrets.token_hex(6)
+
+    def _fail(self, line_no: int, error: LineError) -> None:
+        self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
+
+    def _prepare(self, line: BatchLine) -> tuple[str | None, list[int]]:
+        """Tokenizes the line and compiles its grammar here (then found in xgrammar's cache), not in
+        the engine's step loop."""
+        try:
+            prompt, token_ids = tokenize_body(self.engine.tokenizer, line.url, line.body)
+            if line.params.structured_outputs is not None:
+                try:
+                    self.engine.structured.compile(line.params.structured_outputs)
+                except ValueError as e:
+                    raise LineError("invalid_value", str(e), line.custom_id, "response_format") from None
+        except LineError as e:
+            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
+        return prompt, token_ids
+
+    def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
+        client = self.client
+        pending: list[_Pending] = []
+        in_flight: dict[str, BatchLine] = {}
+        capacity = 2 * self.engine.config.max_num_seqs
+        exhausted = False
+        try:
+            while not self.cancel.is_set():
+                while not exhausted and len(pending) < self.window:
+                    item = next(lines, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    line_no, line = item
+                    try:
+                        if isinstance(line, LineError):
+                            raise line
+                        prompt, token_ids = self._prepare(line)
+                    except LineError as e:
+                        self._fail(line_no, e)
+                        continue
+                    order_key = token_ids if self.prefix_order else []
+                    heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
+                while pending and len(in_flight) < capacity:
+                    entry = heapq.heappop(pending)
+                    prefix = "chatcmpl" if entry.line.url == CHAT_URL else "cmpl"
+                    request_id = f"{prefix}-{self.run_id}-{entry.line_no}"
+                    client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
+                    in_flight[request_id] = entry.line
+                if self.cancel.is_set() or (not in_flight and exhausted and not pending):
+                    break
+                for output in client.next_outputs():
+                    line = in_flight.pop(output.request_id)
+                    if output.error is not None:
+                        self._fail(line.line_no,
+                                   LineError("invalid_request", f"line {line.line_no}: {output.error}", line.custom_id))
+                        continue
+                    record = output_record(record_id(self.fingerprint, line.line_no), line, output,
+                                           self.engine.model_name)
+                    self.sink(line.line_no, record, output)
+        finally:
+            for request_id in in_flight:
+                client.abort(request_id)
+
+
 class BatchJob:
-    """One batch file through the engine. `client` is how it reaches the engine: in this thread
-    (the default, for `tokenmill run`) or through the server's shared engine thread. Setting
-    `cancel` stops it after the requests in flight are aborted; what is done stays done."""
+    """One batch file through the engine, its results appended to OUTPUT and ERRORS (the journal).
+    `client` and `cancel` are passed to the LineExecutor; what is done stays done."""
 
     def __init__(self, engine: Engine, input_path: Path, output: Path, errors: Path | None = None,
                  client: LocalClient | ThreadClient | None = None, prefix_order: bool = True,
                  window: int | None = None, use_tqdm: bool = True, cancel: threading.Event | None = None,
                  endpoint: str | None = None) -> None:
         self.engine = engine
-        self.endpoint = endpoint  # when set, every line's url must be this one (the server's batches)
+        self.endpoint = endpoint
         self.client = client or LocalClient(engine)
         self.cancel = cancel or threading.Event()
         self.input = input_path
         self.output = output
         self.errors = errors or default_errors_path(output)
         self.prefix_order = prefix_order
-        self.window = window or max(1024, 8 * self.engine.config.max_num_seqs)
+        self.window = window
         self.use_tqdm = use_tqdm
         self.fingerprint = input_fingerprint(input_path)
-        self.model_name = self.engine.model_name
-        self.summary = JobSummary(str(input_path), str(output), str(self.errors), self.model_name)
+        self.summary = JobSummary(str(input_path), str(output), str(self.errors), engine.model_name)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
-        # Engine request ids must be unique among everything the engine runs (the server runs many
-        # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
-        self.run_id = secrets.token_hex(6)
-
-    def _lines(self, done: set[int]) -> Iterator[tuple[int, BatchLine | LineError]]:
-        """Validated lines not yet done, in file order. Duplicate custom_ids fail after the first."""
-        seen: set[int] = set()  # hashes of custom_ids: ~50 bytes a line, not the lines themselves
-        with self.input.open("rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                # NOTE: lines done in an earlier run are validated again, only so that `seen` holds
-                # exactly the custom_ids it held then: a resumed job judges duplicates the same way.
-                try:
-                    line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
-                    if self.endpoint is not None and line.url != self.endpoint:
-                        raise LineError("invalid_url", f"line {line_no}: url {line.url} is not the batch's endpoint "
-                                                       f"{self.endpoint}", line.custom_id)
-                    key = hash(line.custom_id)
-                    if key in seen:
-                        raise LineError("duplicate_custom_id",
-                                        f"line {line_no}: custom_id {line.custom_id!r} was used by an earlier line",
-                                        line.custom_id)
-                    seen.add(key)
-                    item: BatchLine | LineError = line
-                except LineError as e:
-                    item = e
-                if line_no in done:
-                    self.summary.skipped_already_done += 1
-                else:
-                    yield line_no, item
-
-    def _compile(self, line: BatchLine) -> None:
-        try:
-            self.engine.structured.compile(line.params.structured_outputs)
-        except ValueError as e:
-            raise LineError("invalid_value", f"line {line.line_no}: {e}", line.custom_id, "response_format") from None
-
-    def _tokenize(self, line: BatchLine) -> tuple[str | None, list[int]]:
-        try:
-            return tokenize_body(self.engine.tokenizer, line.url, line.body)
-        except LineError as e:
-            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
 
     def run(self, overwrite: bool = False) -> JobSummary:
         """Runs the job to its end, resuming what earlier runs did unless `overwrite`."""
@@ -176,77 +267,37 @@ class BatchJob:
                 self._run(done, writer)
             finally:
                 writer.close()
-        s = self.summary
-        elapsed = time.perf_counter() - start
-        s.wall_time_s = round(elapsed, 3)
-        s.output_tokens_per_s = round(s.completion_tokens / elapsed, 1)
-        s.total_tokens_per_s = round((s.prompt_tokens + s.completion_tokens) / elapsed, 1)
-        s.prefix_cache_hit_rate = round(s.cached_prompt_tokens / max(1, s.prompt_tokens), 4)
-        return s
-
-    def _fail(self, writer: DurableAppender, line_no: int, error: LineError) -> None:
-        writer.append(self.errors, error_record(record_id(self.fingerprint, line_no), error))
-        self.summary.failed += 1
+        self.summary.finish(time.perf_counter() - start)
+        return self.summary
 
     def _run(self, done: set[int], writer: DurableAppender) -> None:
-        client = self.client
         summary = self.summary
-        lines = self._lines(done)
-        pending: list[_Pending] = []
-        in_flight: dict[str, BatchLine] = {}
-        capacity = 2 * self.engine.config.max_num_seqs
-        exhausted = False
         bar = tqdm(total=summary.total_lines, initial=len(done), desc="requests", unit="req",
                    disable=not self.use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
+
+        def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
+            writer.append(self.errors if output is None else self.output, record)
+            summary.count(output)
+            bar.update(1)
+            if output is not None:
+                bar.set_postfix_str(f"out {summary.completion_tokens / (time.perf_counter() - start):.0f} tok/s, "
+                                    f"prefix hits {summary.hit_rate():.0%}", refresh=False)
+
+        def not_done() -> Iterator[tuple[int, BatchLine | LineError]]:
+            # NOTE: lines done in an earlier run are read again, only so that duplicates are judged
+            # exactly as they were then.
+            for line_no, line in read_lines(self.input, self.endpoint):
+                if line_no in done:
+                    summary.skipped_already_done += 1
+                else:
+                    yield line_no, line
+
+        executor = LineExecutor(self.engine, self.client, self.fingerprint, sink, self.prefix_order, self.window,
+                                self.cancel)
         try:
-            while not self.cancel.is_set():
-                while not exhausted and len(pending) < self.window:
-                    item = next(lines, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    line_no, line = item
-                    try:
-                        if isinstance(line, LineError):
-                            raise line
-                        prompt, token_ids = self._tokenize(line)
-                        if line.params.structured_outputs is not None:  # in this thread, then cached
-                            self._compile(line)
-                    except LineError as e:
-                        self._fail(writer, line_no, e)
-                        bar.update(1)
-                        continue
-                    order_key = token_ids if self.prefix_order else []
-                    heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
-                while pending and len(in_flight) < capacity:
-                    entry = heapq.heappop(pending)
-                    prefix = "chatcmpl" if entry.line.url == CHAT_URL else "cmpl"
-                    request_id = f"{prefix}-{self.run_id}-{entry.line_no}"
-                    client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
-                    in_flight[request_id] = entry.line
-                if self.cancel.is_set() or (not in_flight and exhausted and not pending):
-                    break
-                for output in client.next_outputs():
-                    line = in_flight.pop(output.request_id)
-                    bar.update(1)
-                    if output.error is not None:
-                        self._fail(writer, line.line_no,
-                                   LineError("invalid_request", f"line {line.line_no}: {output.error}", line.custom_id))
-                        continue
-                    writer.append(self.output, output_record(record_id(self.fingerprint, line.line_no), line,
-                                                             output, self.model_name))
-                    summary.succeeded += 1
-                    summary.prompt_tokens += len(output.prompt_token_ids)
-                    summary.cached_prompt_tokens += output.num_cached_tokens
-                    summary.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
-                    elapsed = time.perf_counter() - start
-                    hit = summary.cached_prompt_tokens / max(1, summary.prompt_tokens)
-                    bar.set_postfix_str(f"out {summary.completion_tokens / elapsed:.0f} tok/s, "
-                                        f"prefix hits {hit:.0%}", refresh=False)
+            executor.run(not_done())
         finally:
-            for request_id in in_flight:
-                client.abort(request_id)
             bar.close()
 
 
