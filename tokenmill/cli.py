@@ -26,6 +26,10 @@ def run_command(args: argparse.Namespace) -> int:
         input_path.open("rb").close()
     except OSError as e:
         return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
+    if args.ray:
+        return _run_on_ray(args, input_path, output)
+    if args.ray_address or args.replicas or args.cpus_per_replica or args.batch_lines:
+        return _fatal("--ray-address, --replicas, --cpus-per-replica and --batch-lines go with --ray")
     from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
 
     try:
@@ -42,6 +46,30 @@ def run_command(args: argparse.Namespace) -> int:
     path = write_summary(summary, output)
     print(json.dumps(asdict(summary), indent=2))
     print(f"summary written to {path}", file=sys.stderr)
+    return 0
+
+
+def _run_on_ray(args: argparse.Namespace, input_path: Path, output_dir: Path) -> int:
+    if args.errors or args.sorted:
+        return _fatal("with --ray, OUTPUT is a folder of result shards with errors.jsonl in it: "
+                      "--errors and --sorted do not apply")
+    try:
+        from tokenmill.engine.engine import EngineConfig
+        from tokenmill.ray import run_batch
+    except ImportError as e:
+        return _fatal(f"--ray needs Ray: pip install \"tokenmill[ray]\" ({e})")
+    config = EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+    try:
+        summary = run_batch(input_path, output_dir, config, replicas=args.replicas,
+                            cpus_per_replica=args.cpus_per_replica, address=args.ray_address,
+                            batch_lines=args.batch_lines,
+                            prefix_order=not args.input_order, overwrite=args.overwrite)
+    except ValueError as e:
+        return _fatal(str(e))
+    except OSError as e:
+        return _fatal(f"{e.strerror}: {e.filename}")
+    print(json.dumps(asdict(summary), indent=2))
+    print(f"summary written to {output_dir / 'summary.json'}", file=sys.stderr)
     return 0
 
 
@@ -108,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run an OpenAI Batch file (JSONL) to an output file, resumably")
     run.add_argument("input", help="the requests, one OpenAI Batch API line each")
-    run.add_argument("-o", "--output", required=True, help="results (JSONL), appended as they finish")
+    run.add_argument("-o", "--output", required=True,
+                     help="results (JSONL), appended as they finish; with --ray, a folder of result shards")
     run.add_argument("--errors", help="failed lines (default: OUTPUT with .errors.jsonl)")
     run.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     run.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     run.add_argument("--sorted", action="store_true", help="rewrite OUTPUT in input order at the end")
     run.add_argument("--input-order", action="store_true",
                      help="admit requests in file order instead of grouping shared prompt prefixes")
+    run.add_argument("--ray", action="store_true",
+                     help="run on Ray (pip install \"tokenmill[ray]\"); OUTPUT is then a folder of result shards")
+    run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
+    run.add_argument("--replicas", type=int, help="engine replicas (default: one per node)")
+    run.add_argument("--cpus-per-replica", type=int, help="default: the cluster's CPUs shared among the replicas")
+    run.add_argument("--batch-lines", type=int,
+                     help="lines a replica takes at a time, and retries together if it dies (default: 256)")
     run.set_defaults(handler=run_command)
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server, /v1/files and /v1/batches included")
     serve.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")

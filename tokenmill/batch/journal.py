@@ -117,8 +117,12 @@ class DurableAppender:
         self.last_sync = time.monotonic()
 
     def append(self, path: Path, record: dict[str, Any]) -> None:
+        self.append_encoded(path, json.dumps(record, ensure_ascii=False))
+
+    def append_encoded(self, path: Path, record: str) -> None:
+        """Appends a record already encoded as one line of JSON."""
         # One write call per whole line: a crash tears at most the last line.
-        self.files[path].write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self.files[path].write(record.encode() + b"\n")
         self.unsynced += 1
         if self.unsynced >= SYNC_EVERY_RECORDS or time.monotonic() - self.last_sync >= SYNC_EVERY_SECONDS:
             self.sync()

@@ -111,9 +111,14 @@ def _gguf_folder(path: Path) -> Path:
     return folder
 
 
+def model_name(model: str | os.PathLike | None) -> str:
+    """The name responses give: the folder's or the GGUF file's."""
+    return Path(model).name.removesuffix(".gguf") if model is not None else DEFAULT_MODEL_FILE.split(".")[0]
+
+
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None) -> LoadedModel:
     folder = resolve_model_folder(model)
-    name = Path(model).name.removesuffix(".gguf") if model is not None else DEFAULT_MODEL_FILE.split(".")[0]
+    name = model_name(model)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:

@@ -1,0 +1,169 @@
+"""`tokenmill run --ray`: one batch job across a Ray cluster, still exactly once.
+
+The driver reads and validates the input once (duplicate custom_ids and resumption need the whole
+file's view) and writes the bad lines' errors itself. The other lines go to Ray Data sorted by the
+start of their prompts and cut into batches of consecutive lines, so lines that share a prefix go
+to the same replica together, which computes the prefix once (and orders its batch as the local
+runner orders its window). `map_batches` runs the batches on an actor pool of EngineReplicas, one
+engine each, loaded once; Ray restarts a replica that dies and retries its batch elsewhere.
+
+The driver is the only writer. Each run appends the records Ray Data returns to its own output
+shard (`output-NNNNN.jsonl`) and to `errors.jsonl` with the local runner's journal: a record is
+durable once, in one shard, and a rerun skips every line that any shard or the error file holds.
+A batch lost with a dead replica or a dead driver was never written, so it runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+import ray.data
+
+from tokenmill.batch.format import BatchLine, LineError, error_record
+from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
+from tokenmill.batch.runner import JobSummary, count_lines, read_lines
+from tokenmill.engine.engine import EngineConfig
+from tokenmill.models.loader import model_name, resolve_model_folder
+from tokenmill.ray.replica import EngineReplica
+
+SHARD_GLOB = "output-*.jsonl"
+ERRORS_FILE = "errors.jsonl"
+SUMMARY_FILE = "summary.json"
+# Lines are ordered by this much of their conversation or prompt: enough to cover a long shared
+# system prompt, so that lines sharing one are consecutive.
+ORDER_KEY_CHARS = 4096
+# Lines per replica call: twice a replica's default max_num_seqs keeps its engine full, and a batch
+# lost with a replica is small.
+DEFAULT_BATCH_LINES = 256
+
+
+@dataclass
+class ReplicaStats:
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class RayJobSummary(JobSummary):
+    replicas: dict[str, ReplicaStats] = field(default_factory=dict)  # by host:pid
+    shards: list[str] = field(default_factory=list)
+
+
+def _encode(line: BatchLine) -> str:
+    """The line as the replica parses it again (Ray ships plain rows, not our objects)."""
+    return json.dumps({"custom_id": line.custom_id, "method": "POST", "url": line.url, "body": line.body},
+                      ensure_ascii=False)
+
+
+def _order_key(line: BatchLine) -> str:
+    prompt = line.body.get("messages", line.body.get("prompt"))
+    return json.dumps(prompt, ensure_ascii=False)[:ORDER_KEY_CHARS]
+
+
+def _connect(address: str | None) -> bool:
+    """Joins the cluster at address (or RAY_ADDRESS), or starts a local one. True if started here."""
+    if ray.is_initialized():  # the caller's own Ray session
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def _shards(output_dir: Path) -> list[Path]:
+    return sorted(output_dir.glob(SHARD_GLOB))
+
+
+def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engine_config: EngineConfig | None = None,
+              *, replicas: int | None = None, cpus_per_replica: int | None = None, address: str | None = None,
+              batch_lines: int | None = None, prefix_order: bool = True, overwrite: bool = False) -> RayJobSummary:
+    """Runs an OpenAI Batch file on Ray into output_dir, resuming what earlier runs did unless
+    `overwrite`. By default one replica per node, each with the CPUs of the smallest node."""
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    batch_lines = batch_lines or DEFAULT_BATCH_LINES
+    engine_config = engine_config or EngineConfig()
+    resolve_model_folder(engine_config.model)  # a clear error now, and a GGUF converted once per node
+    start = time.perf_counter()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    errors = output_dir / ERRORS_FILE
+    fingerprint = input_fingerprint(input_path)
+    with JobLock(output_dir / "output") as lock:
+        lock.claim(errors, overwrite)
+        if overwrite:
+            for path in [*_shards(output_dir), errors, output_dir / SUMMARY_FILE]:
+                path.unlink(missing_ok=True)
+        done: set[int] = set()
+        for path in [*_shards(output_dir), errors]:
+            cut_torn_tail(path)
+            done |= done_lines(path, fingerprint)
+        shard = output_dir / f"output-{len(_shards(output_dir)):05d}.jsonl"
+        summary = RayJobSummary(str(input_path), str(output_dir), str(errors), model_name(engine_config.model),
+                                total_lines=count_lines(input_path))
+        writer = DurableAppender(shard, errors)
+        started_ray = _connect(address)
+        try:
+            pending: list[tuple[str, int, str]] = []  # (order key, line number, line for the replica)
+            for line_no, line in read_lines(input_path):
+                if line_no in done:
+                    summary.skipped_already_done += 1
+                elif isinstance(line, LineError):
+                    writer.append(errors, error_record(record_id(fingerprint, line_no), line))
+                    summary.failed += 1
+                else:
+                    pending.append((_order_key(line) if prefix_order else "", line_no, _encode(line)))
+            if pending:
+                _run_on_replicas(sorted(pending), engine_config, fingerprint,
+                                 replicas, cpus_per_replica, batch_lines, prefix_order, writer, shard, errors, summary)
+        finally:
+            writer.close()
+            if started_ray:
+                ray.shutdown()
+        if shard.stat().st_size == 0:
+            shard.unlink()
+        summary.shards = [str(p) for p in _shards(output_dir)]
+    summary.finish(time.perf_counter() - start)
+    path = output_dir / SUMMARY_FILE
+    path.with_suffix(".tmp").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+    return summary
+
+
+def _run_on_replicas(pending: list[tuple[str, int, str]], engine_config: EngineConfig,
+                     fingerprint: str, replicas: int | None, cpus_per_replica: int | None, batch_lines: int,
+                     prefix_order: bool, writer: DurableAppender, shard: Path, errors: Path,
+                     summary: RayJobSummary) -> None:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    replicas = replicas or len(nodes)
+    cpus = cpus_per_replica or max(1, min(int(n["Resources"].get("CPU", 1)) for n in nodes) * len(nodes) // replicas)
+    rows = [{"line_no": line_no, "line": text} for _, line_no, text in pending]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_lines)))
+    results = dataset.map_batches(
+        EngineReplica, fn_constructor_kwargs={"engine_config": engine_config, "fingerprint": fingerprint,
+                                              "threads": cpus, "prefix_order": prefix_order},
+        batch_size=batch_lines, num_cpus=cpus,
+        # Two calls at a time per replica, so its engine never drains between batches.
+        compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=2, enable_true_multi_threading=True))
+    for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, kind in enumerate(batch["kind"].tolist()):
+            writer.append_encoded(errors if kind == "error" else shard, batch["record"][i])
+            stats = summary.replicas.setdefault(str(batch["replica"][i]), ReplicaStats())
+            tokens = (int(batch["prompt_tokens"][i]), int(batch["cached_prompt_tokens"][i]),
+                      int(batch["completion_tokens"][i]))
+            for counts in (summary, stats):
+                if kind == "error":
+                    counts.failed += 1
+                    continue
+                counts.succeeded += 1
+                counts.prompt_tokens += tokens[0]
+                counts.cached_prompt_tokens += tokens[1]
+                counts.completion_tokens += tokens[2]

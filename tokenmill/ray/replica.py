@@ -1,0 +1,64 @@
+"""One engine replica: a Ray Data actor that runs batches of input lines through its own engine.
+
+Ray Data constructs it once per actor (the model loads once) and calls it with batches of rows
+`{"line_no", "line"}`. Each call runs its lines through the same LineExecutor as `tokenmill run`,
+and returns one row per line with its encoded record, so the driver, the only writer of the
+result files, can journal it. Two calls may run at once (ActorPoolStrategy's concurrent calls):
+both feed one engine thread, so the engine stays busy while the next batch arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenmill.batch.format import BatchLine, LineError, parse_line
+from tokenmill.batch.runner import LineExecutor
+from tokenmill.engine.engine import Engine, EngineConfig
+from tokenmill.engine.threaded import EngineThread, ThreadClient
+from tokenmill.outputs import RequestOutput
+
+RESULT_COLUMNS = ("line_no", "kind", "record", "replica", "prompt_tokens", "cached_prompt_tokens",
+                  "completion_tokens")
+
+
+class EngineReplica:
+    def __init__(self, engine_config: EngineConfig, fingerprint: str, threads: int, prefix_order: bool) -> None:
+        torch.set_num_threads(threads)
+        self.engine = Engine(engine_config)
+        self.engine_thread = EngineThread(self.engine)
+        self.fingerprint = fingerprint
+        self.prefix_order = prefix_order
+        # NOTE: a restarted actor is a new process, so it shows as another replica in the summary.
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        results: dict[str, list[Any]] = {name: [] for name in RESULT_COLUMNS}
+
+        def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
+            results["line_no"].append(line_no)
+            results["kind"].append("error" if output is None else "output")
+            results["record"].append(json.dumps(record, ensure_ascii=False))
+            results["replica"].append(self.name)
+            results["prompt_tokens"].append(0 if output is None else len(output.prompt_token_ids))
+            results["cached_prompt_tokens"].append(0 if output is None else output.num_cached_tokens)
+            results["completion_tokens"].append(0 if output is None else sum(len(c.token_ids) for c in output.outputs))
+
+        def lines() -> Iterator[tuple[int, BatchLine | LineError]]:
+            for line_no, text in zip(batch["line_no"].tolist(), batch["line"].tolist()):
+                try:  # the driver validated the line already; this rebuilds it here
+                    line: BatchLine | LineError = parse_line(text, line_no)
+                except LineError as e:
+                    line = e
+                yield line_no, line
+
+        client = ThreadClient(self.engine_thread, priority=0)
+        LineExecutor(self.engine, client, self.fingerprint, sink, self.prefix_order, window=len(batch["line_no"])
+                     ).run(lines())
+        return results
