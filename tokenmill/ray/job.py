@@ -31,7 +31,6 @@ from tokenmill.engine.engine import EngineConfig
 from tokenmill.models.loader import model_name, resolve_model_folder
 from tokenmill.ray.replica import EngineReplica
 
-SHARD_GLOB = "output-*.jsonl"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "summary.json"
 # Lines are ordered by this much of their conversation or prompt: enough to cover a long shared
@@ -80,14 +79,22 @@ def _connect(address: str | None) -> bool:
 
 
 def _shards(output_dir: Path) -> list[Path]:
-    return sorted(output_dir.glob(SHARD_GLOB))
+    """The job's result shards, in the order its runs wrote them."""
+    return sorted(p for p in output_dir.glob("output-*.jsonl") if p.stem.removeprefix("output-").isdigit())
+
+
+def _new_shard(output_dir: Path) -> Path:
+    shards = _shards(output_dir)
+    number = int(shards[-1].stem.removeprefix("output-")) + 1 if shards else 0
+    return output_dir / f"output-{number:05d}.jsonl"
 
 
 def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engine_config: EngineConfig | None = None,
               *, replicas: int | None = None, cpus_per_replica: int | None = None, address: str | None = None,
               batch_lines: int | None = None, prefix_order: bool = True, overwrite: bool = False) -> RayJobSummary:
     """Runs an OpenAI Batch file on Ray into output_dir, resuming what earlier runs did unless
-    `overwrite`. By default one replica per node, each with the CPUs of the smallest node."""
+    `overwrite`. By default one replica per node; by default the cluster's CPUs are shared among
+    the replicas (no more than the smallest node has, so that each fits on one)."""
     input_path, output_dir = Path(input_path), Path(output_dir)
     batch_lines = batch_lines or DEFAULT_BATCH_LINES
     engine_config = engine_config or EngineConfig()
@@ -105,11 +112,10 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
         for path in [*_shards(output_dir), errors]:
             cut_torn_tail(path)
             done |= done_lines(path, fingerprint)
-        shard = output_dir / f"output-{len(_shards(output_dir)):05d}.jsonl"
+        shard = _new_shard(output_dir)
         summary = RayJobSummary(str(input_path), str(output_dir), str(errors), model_name(engine_config.model),
                                 total_lines=count_lines(input_path))
         writer = DurableAppender(shard, errors)
-        started_ray = _connect(address)
         try:
             pending: list[tuple[str, int, str]] = []  # (order key, line number, line for the replica)
             for line_no, line in read_lines(input_path):
@@ -121,12 +127,15 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
                 else:
                     pending.append((_order_key(line) if prefix_order else "", line_no, _encode(line)))
             if pending:
-                _run_on_replicas(sorted(pending), engine_config, fingerprint,
-                                 replicas, cpus_per_replica, batch_lines, prefix_order, writer, shard, errors, summary)
+                started_ray = _connect(address)
+                try:
+                    _run_on_replicas(sorted(pending), engine_config, fingerprint, replicas, cpus_per_replica,
+                                     batch_lines, prefix_order, writer, shard, errors, summary)
+                finally:
+                    if started_ray:
+                        ray.shutdown()
         finally:
             writer.close()
-            if started_ray:
-                ray.shutdown()
         if shard.stat().st_size == 0:
             shard.unlink()
         summary.shards = [str(p) for p in _shards(output_dir)]
@@ -143,7 +152,8 @@ def _run_on_replicas(pending: list[tuple[str, int, str]], engine_config: EngineC
                      summary: RayJobSummary) -> None:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     replicas = replicas or len(nodes)
-    cpus = cpus_per_replica or max(1, min(int(n["Resources"].get("CPU", 1)) for n in nodes) * len(nodes) // replicas)
+    node_cpus = [int(n["Resources"].get("CPU", 1)) for n in nodes]
+    cpus = cpus_per_replica or max(1, min(min(node_cpus), sum(node_cpus) // replicas))
     rows = [{"line_no": line_no, "line": text} for _, line_no, text in pending]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_lines)))
     results = dataset.map_batches(
