@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ray
 import ray.data
+import ray.exceptions
 
 from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
@@ -163,6 +164,26 @@ def _run_on_replicas(pending: list[tuple[str, int, str]], engine_config: EngineC
         # Two calls at a time per replica, so its engine never drains between batches.
         compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=2, enable_true_multi_threading=True))
+    try:
+        _collect(results, writer, shard, errors, summary)
+    except Exception as e:
+        cause = _replica_start_failure(e)
+        if cause is None:
+            raise
+        raise ValueError(f"an engine replica could not start: {cause}") from e
+
+
+def _replica_start_failure(error: BaseException | None) -> str | None:
+    """The last line of the error an EngineReplica's constructor raised, if that is what this is."""
+    while error is not None:
+        if isinstance(error, ray.exceptions.ActorDiedError) and getattr(error, "_actor_init_failed", False):
+            return [line for line in error.error_msg.splitlines() if line.strip()][-1]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _collect(results: ray.data.Dataset, writer: DurableAppender, shard: Path, errors: Path,
+             summary: RayJobSummary) -> None:
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
         for i, kind in enumerate(batch["kind"].tolist()):
             writer.append_encoded(errors if kind == "error" else shard, batch["record"][i])
