@@ -22,6 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.models.decode_attention import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    DecodeAttentionKernel,
+    decode_attention_kernel,
+)
+
 
 @dataclass
 class AttentionGroup:
@@ -30,9 +37,10 @@ class AttentionGroup:
     query_index: torch.Tensor  # [B, max_q] rows of the flat batch (padding repeats a real row)
     query_valid: torch.Tensor  # [B, max_q] bool, False on padding
     context_slots: torch.Tensor  # [B, max_ctx] pool slots of each request's context
+    context_lens: torch.Tensor  # [B] how many of those slots are each request's (the rest is padding)
     mask: torch.Tensor  # [B, 1, max_q * group, max_ctx] bool, True where a query may attend
-    # Slots of a prefix all B requests share, [P], or None. When set, context_slots and mask
-    # cover only what follows the prefix.
+    # Slots of a prefix all B requests share, [P], or None. When set, context_slots, context_lens
+    # and mask cover only what follows the prefix.
     shared_prefix_slots: torch.Tensor | None = None
 
 
@@ -58,7 +66,7 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     # NOTE: queries are laid out [q, group] per KV head (see paged_attention), so each query's mask
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
-    group = AttentionGroup(query_index, query_valid, context_slots, mask)
+    group = AttentionGroup(query_index, query_valid, context_slots, context_len, mask)
     if max_q == 1 and len(query_start) > 1:
         # Leading block-table columns equal in every row: blocks shared through the prefix cache
         # (always full). Each request keeps at least its current token outside the prefix.
@@ -67,7 +75,8 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
         if shared_blocks > 0:
             prefix_len = shared_blocks * block_size
             group.shared_prefix_slots = context_slots[0, :prefix_len]
-            group.context_slots = context_slots[:, prefix_len:]
+            group.context_slots = context_slots[:, prefix_len:].contiguous()
+            group.context_lens = context_len - prefix_len
             group.mask = group.mask[..., prefix_len:]
     return group
 
@@ -83,34 +92,63 @@ def _attend_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.float(), lse
 
 
-def _shared_prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
-    """qg: [B, kv_heads, group, D] decode queries. Exact attention over prefix + own suffix."""
+def _prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor,
+                      prefix_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """qg: [B, kv_heads, group, D] decode queries against a prefix all B share. Returns fp32 outputs and lse."""
     batch, kv_heads, group, head_dim = qg.shape
     # All B*group queries of a KV head against the one copy of the prefix: a plain GEMM.
     q_all = qg.transpose(0, 1).reshape(kv_heads, batch * group, head_dim)
-    prefix_k = kv_pool[0][g.shared_prefix_slots].transpose(0, 1).to(qg.dtype)  # [kv_heads, P, D]
-    prefix_v = kv_pool[1][g.shared_prefix_slots].transpose(0, 1).to(qg.dtype)
-    out_p, lse_p = _attend_with_lse(q_all, prefix_k, prefix_v, None)
-    out_p = out_p.view(kv_heads, batch, group, head_dim).transpose(0, 1)
-    lse_p = lse_p.view(kv_heads, batch, group, 1).transpose(0, 1)
-    keys = kv_pool[0][g.context_slots].transpose(1, 2).to(qg.dtype)
-    values = kv_pool[1][g.context_slots].transpose(1, 2).to(qg.dtype)
+    prefix_k = kv_pool[0][prefix_slots].transpose(0, 1)  # [kv_heads, P, D]
+    prefix_v = kv_pool[1][prefix_slots].transpose(0, 1)
+    out, lse = _attend_with_lse(q_all, prefix_k, prefix_v, None)
+    out = out.view(kv_heads, batch, group, head_dim).transpose(0, 1)
+    return out, lse.view(kv_heads, batch, group, 1).transpose(0, 1)
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Exact attention over two disjoint parts of a context, from each part's outputs and log-sum-exp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - lse).exp() + out_b * (lse_b - lse).exp()
+
+
+def _shared_prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    """qg: [B, kv_heads, group, D] decode queries. Exact attention over prefix + own suffix."""
+    out_p, lse_p = _prefix_attention(qg, kv_pool, g.shared_prefix_slots)
+    keys = kv_pool[0][g.context_slots].transpose(1, 2)
+    values = kv_pool[1][g.context_slots].transpose(1, 2)
     out_s, lse_s = _attend_with_lse(qg, keys, values, g.mask)
-    lse = torch.logaddexp(lse_p, lse_s)
-    return (out_p * (lse_p - lse).exp() + out_s * (lse_s - lse).exp()).to(qg.dtype)
+    return _merge(out_p, lse_p, out_s, lse_s).to(qg.dtype)
+
+
+def _kernel_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, g: AttentionGroup,
+                             kernel: DecodeAttentionKernel) -> torch.Tensor:
+    """q: [B, heads, D], one query per request, read in place from the pool by the C++ kernel."""
+    out, lse = kernel(q, kv_pool[0], kv_pool[1], g.context_slots, g.context_lens)
+    if g.shared_prefix_slots is not None:
+        batch, kv_heads, head_dim = q.shape[0], kv_pool.shape[2], q.shape[2]
+        qg = q.view(batch, kv_heads, -1, head_dim)
+        out_p, lse_p = _prefix_attention(qg, kv_pool, g.shared_prefix_slots)
+        out = _merge(out_p, lse_p, out.view_as(qg), lse.view(*qg.shape[:3], 1))
+    return out.to(q.dtype).reshape(q.shape)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, heads, D]; k, v: [T, kv_heads, D]; kv_pool: [2, slots, kv_heads, D]. Returns [T, heads, D]."""
-    kv_pool[0].index_copy_(0, meta.slot_mapping, k.to(kv_pool.dtype))
-    kv_pool[1].index_copy_(0, meta.slot_mapping, v.to(kv_pool.dtype))
+    kv_pool[0].index_copy_(0, meta.slot_mapping, k)
+    kv_pool[1].index_copy_(0, meta.slot_mapping, v)
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
+    kernel = decode_attention_kernel() if q.device.type == "cpu" and head_dim in SUPPORTED_HEAD_DIMS and \
+        q.dtype in SUPPORTED_DTYPES else None
     out = torch.empty_like(q)
     for g in meta.groups:
         batch, max_q = g.query_index.shape
+        if max_q == 1 and kernel is not None:
+            rows = g.query_index[:, 0]
+            out[rows] = _kernel_decode_attention(q[rows], kv_pool, g, kernel)
+            continue
         # GQA without repeating K/V: the `group` query heads of one KV head become extra query rows.
         qg = q[g.query_index].view(batch, max_q, kv_heads, group, head_dim)
         qg = qg.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_q * group, head_dim)
@@ -119,7 +157,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: 
         else:
             keys = kv_pool[0][g.context_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, D]
             values = kv_pool[1][g.context_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask)
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask)
         o = o.view(batch, kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4)
         out[g.query_index[g.query_valid]] = o[g.query_valid].reshape(-1, heads, head_dim)
     return out

@@ -1,0 +1,65 @@
+"""Time (and optionally profile) the engine's decode step at a given batch size.
+
+    .venv/bin/python benchmarks/bench_decode_step.py [--batch 64] [--prompt 128] [--shared] [--steps 32]
+                                                     [--dtype bfloat16] [--profile]
+
+B requests with random prompts of PROMPT tokens (one prompt shared by all with --shared) are
+prefilled, then STEPS decode steps are timed one by one; the median step is printed. With
+--profile, torch.profiler's table over the last steps follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from tokenmill.engine.engine import Engine, EngineConfig
+from tokenmill.sampling_params import SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--shared", action="store_true", help="all requests share one prompt")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1), kv_cache_memory=2 << 30))
+    rng = random.Random(0)
+    vocab = engine.runner.model.config.vocab_size
+    shared = [rng.randrange(3, vocab) for _ in range(args.prompt)]
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = shared if args.shared else [rng.randrange(3, vocab) for _ in range(args.prompt)]
+        engine.add_request(f"r{i}", None, prompt, params)
+    while not all(r.seqs[0].num_output_tokens > 0 for r in engine.requests.values()):
+        engine.step()
+    for _ in range(2):  # warm-up decode steps
+        engine.step()
+
+    times = []
+    profiled = args.steps // 4 if args.profile else 0
+    for _ in range(args.steps - profiled):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    print(f"B={args.batch} prompt={args.prompt}{' shared' if args.shared else ''} {args.dtype}: "
+          f"decode step median {statistics.median(times) * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {len(times)} steps")
+    if profiled:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(profiled):
+                engine.step()
+        print(f"profile over {profiled} steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

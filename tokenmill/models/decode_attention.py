@@ -1,0 +1,344 @@
+"""Decode attention read straight from the paged KV pool: an AVX-512 CPU kernel, built on first use.
+
+One query token per request attends to its context, whose K/V rows lie scattered over the pool.
+The torch path copies every context row into a dense tensor (a gather) and then runs SDPA over the
+copy: each K/V byte crosses memory three times. This kernel reads each row once, in place.
+
+Per request (the unit of parallel work, `at::parallel_for`): pass 1 walks the context's slots 16
+tokens at a time and scores every query head against its KV head's key (the K row of all KV heads
+is contiguous, so a row is fetched from memory once for all heads); the exact softmax follows;
+pass 2 sums the value rows weighted by it. Storage may be bf16 or fp32; products and sums are
+fp32 (bf16 pairs through `_mm512_dpbf16_ps` where the CPU has AVX512-BF16). Rows are contiguous
+only within a block, so the hardware prefetcher loses the stream at every block boundary: pass 1
+prefetches the K and V rows 16 tokens ahead, and the next request's rows into L2 while it works.
+
+It returns fp32 outputs and each head's log-sum-exp, so a caller can merge it with attention over
+another part of the context (the shared prefix). Built with g++ through torch's extension loader
+(`-march=native`, cached under TORCH_EXTENSIONS_DIR, a few seconds the first time); where the CPU
+lacks AVX-512 or the build fails, `decode_attention_kernel()` is None and callers keep the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Pass 1 prefetches the K and V rows of the token this far ahead: rows are contiguous only within
+// a block, so the hardware prefetcher loses the stream at each block boundary.
+constexpr int64_t kPrefetchTokens = 16;
+
+// exp(x) to about 1 ulp (Cephes' expf polynomial), 16 lanes at a time.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Lane i of the result is the sum of v[i]'s 16 lanes: 16 dot products finished at once, in 15
+// adds and 30 shuffles instead of 16 separate horizontal reductions.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lane m: (t0, t1, t0, t1) partial sums of tokens 2i, 2i+1
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane m: tokens 4i..4i+3, each summed over lane m
+    __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One head's D-element query held in registers, its dot products with stored keys, and the
+// weighted sum of stored values, for each storage type.
+template <typename T, int D>
+struct Head;
+
+template <int D>
+struct Head<float, D> {
+  static constexpr int kAccumulators = D / 16;
+  __m512 q[D / 16];
+  explicit Head(const float* query) {
+    for (int c = 0; c < D / 16; ++c) q[c] = _mm512_loadu_ps(query + 16 * c);
+  }
+  __m512 dot(const float* key) const {  // 16 partial sums
+    __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+    for (int c = 1; c < D / 16; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + 16 * c), acc);
+    return acc;
+  }
+  static void accumulate(__m512 weight, const float* value, __m512* acc) {
+    for (int c = 0; c < D / 16; ++c) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + 16 * c), acc[c]);
+  }
+  static void store(const __m512* acc, __m512 scale, float* out) {
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], scale));
+  }
+};
+
+// A bf16 is the top half of an fp32: of 32 bf16 loaded as 16 32-bit lanes, a shift gives the even
+// elements as fp32 and a mask the odd ones. Values are accumulated in that even/odd order and
+// interleaved back once, at the end.
+inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))); }
+
+template <int D>
+struct Head<c10::BFloat16, D> {
+  static constexpr int kAccumulators = D / 16;
+#ifdef __AVX512BF16__
+  __m512bh q[D / 32];
+  explicit Head(const c10::BFloat16* query) {
+    for (int c = 0; c < D / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(query + 32 * c);
+  }
+  __m512 dot(const c10::BFloat16* key) const {  // bf16 pair products, summed in fp32
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < D / 32; ++c) acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+    return acc;
+  }
+#else
+  __m512 q_even[D / 32], q_odd[D / 32];
+  explicit Head(const c10::BFloat16* query) {
+    for (int c = 0; c < D / 32; ++c) {
+      __m512i x = _mm512_loadu_si512(query + 32 * c);
+      q_even[c] = even_bf16(x);
+      q_odd[c] = odd_bf16(x);
+    }
+  }
+  __m512 dot(const c10::BFloat16* key) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < D / 32; ++c) {
+      __m512i x = _mm512_loadu_si512(key + 32 * c);
+      acc = _mm512_fmadd_ps(q_odd[c], odd_bf16(x), _mm512_fmadd_ps(q_even[c], even_bf16(x), acc));
+    }
+    return acc;
+  }
+#endif
+  static void accumulate(__m512 weight, const c10::BFloat16* value, __m512* acc) {  // acc: even, odd, even, ...
+    for (int c = 0; c < D / 32; ++c) {
+      __m512i x = _mm512_loadu_si512(value + 32 * c);
+      acc[2 * c] = _mm512_fmadd_ps(weight, even_bf16(x), acc[2 * c]);
+      acc[2 * c + 1] = _mm512_fmadd_ps(weight, odd_bf16(x), acc[2 * c + 1]);
+    }
+  }
+  static void store(const __m512* acc, __m512 scale, float* out) {
+    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int c = 0; c < D / 32; ++c) {
+      __m512 even = _mm512_mul_ps(acc[2 * c], scale), odd = _mm512_mul_ps(acc[2 * c + 1], scale);
+      _mm512_storeu_ps(out + 32 * c, _mm512_permutex2var_ps(even, low, odd));
+      _mm512_storeu_ps(out + 32 * c + 16, _mm512_permutex2var_ps(even, high, odd));
+    }
+  }
+};
+
+template <int kHint>
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, static_cast<_mm_hint>(kHint));
+}
+
+// One request: query [heads, D] against its n context rows; writes out [heads, D] and lse [heads].
+// scores ([heads, n rounded up to 16]) is the caller's scratch.
+template <typename T, int D>
+void attend_request(const T* query, const T* key_cache, const T* value_cache, const int64_t* slots, int64_t n,
+                    const int64_t* next_slots, int64_t next_n, int64_t kv_heads, int64_t group, float* scores,
+                    float* out, float* lse) {
+  const int64_t heads = kv_heads * group;
+  const int64_t row = kv_heads * D;  // elements of one slot's K (or V) row, all KV heads
+  const int64_t stride = (n + 15) / 16 * 16;
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+  for (int64_t t = 0; t < std::min(n, kPrefetchTokens); ++t) {
+    prefetch_row<_MM_HINT_T0>(key_cache + slots[t] * row, row * sizeof(T));
+    prefetch_row<_MM_HINT_T0>(value_cache + slots[t] * row, row * sizeof(T));
+  }
+
+  // Pass 1: scores of 16 tokens at a time, every head; a token's K row is read from memory once.
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const T* keys[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t t = t0 + i;
+      keys[i] = key_cache + slots[std::min(t, n - 1)] * row;  // past the end: a real row, result unused
+      if (t + kPrefetchTokens < n) {
+        prefetch_row<_MM_HINT_T0>(key_cache + slots[t + kPrefetchTokens] * row, row * sizeof(T));
+        prefetch_row<_MM_HINT_T0>(value_cache + slots[t + kPrefetchTokens] * row, row * sizeof(T));
+      }
+    }
+    for (int64_t t = t0 * next_n / n; t < std::min(t0 + 16, n) * next_n / n; ++t) {
+      prefetch_row<_MM_HINT_T1>(key_cache + next_slots[t] * row, row * sizeof(T));
+      prefetch_row<_MM_HINT_T1>(value_cache + next_slots[t] * row, row * sizeof(T));
+    }
+    const __mmask16 valid = n - t0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t0)) - 1);
+    for (int64_t h = 0; h < heads; ++h) {
+      const Head<T, D> head(query + h * D);
+      const int64_t offset = (h / group) * D;
+      __m512 partial[16];
+      for (int i = 0; i < 16; ++i) partial[i] = head.dot(keys[i] + offset);
+      _mm512_mask_storeu_ps(scores + h * stride + t0, valid, _mm512_mul_ps(sum_lanes16(partial), scale));
+    }
+  }
+
+  // Softmax per head, then pass 2: the weighted sum of value rows (now in cache).
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * stride;
+    __m512 max16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
+    }
+    const float max_score = _mm512_reduce_max_ps(max16);
+    max16 = _mm512_set1_ps(max_score);
+    __m512 sum16 = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
+      _mm512_mask_storeu_ps(s + t, valid, p);
+      sum16 = _mm512_add_ps(sum16, p);
+    }
+    const float sum = _mm512_reduce_add_ps(sum16);
+    lse[h] = max_score + std::log(sum);
+
+    // Tokens in turn feed kUnroll sets of accumulators: independent FMA chains, summed at the end.
+    constexpr int kAccumulators = Head<T, D>::kAccumulators, kUnroll = 16 / kAccumulators;
+    __m512 acc[kUnroll][kAccumulators];
+    for (auto& set : acc) for (auto& a : set) a = _mm512_setzero_ps();
+    const T* values = value_cache + (h / group) * D;
+    int64_t t = 0;
+    for (; t + kUnroll <= n; t += kUnroll) {
+      for (int u = 0; u < kUnroll; ++u) {
+        Head<T, D>::accumulate(_mm512_set1_ps(s[t + u]), values + slots[t + u] * row, acc[u]);
+      }
+    }
+    for (; t < n; ++t) Head<T, D>::accumulate(_mm512_set1_ps(s[t]), values + slots[t] * row, acc[0]);
+    for (int u = 1; u < kUnroll; ++u) {
+      for (int c = 0; c < kAccumulators; ++c) acc[0][c] = _mm512_add_ps(acc[0][c], acc[u][c]);
+    }
+    Head<T, D>::store(acc[0], _mm512_set1_ps(1.0f / sum), out + h * D);
+  }
+}
+
+template <typename T, int D>
+void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                const at::Tensor& context_slots, const at::Tensor& context_lens, at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = query.size(0), heads = query.size(1);
+  const int64_t kv_heads = key_cache.size(1), group = heads / kv_heads;
+  const int64_t max_context = context_slots.size(1);
+  const T* q = query.data_ptr<T>();
+  const T* k = key_cache.data_ptr<T>();
+  const T* v = value_cache.data_ptr<T>();
+  const int64_t* slots = context_slots.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(heads * ((max_context + 15) / 16 * 16));
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t next_n = b + 1 < end ? lens[b + 1] : 0;
+      attend_request<T, D>(q + b * heads * D, k, v, slots + b * max_context, lens[b],
+                           slots + (b + 1) * max_context, next_n, kv_heads, group,
+                           scores.data(), o + b * heads * D, l + b * heads);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_head_dim(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                       const at::Tensor& context_slots, const at::Tensor& context_lens, at::Tensor& out,
+                       at::Tensor& lse) {
+  switch (query.size(2)) {
+    case 64: return attend_all<T, 64>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
+    case 128: return attend_all<T, 128>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
+    default: TORCH_CHECK(false, "head_dim 64 or 128 only");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                                    const at::Tensor& value_cache, const at::Tensor& context_slots,
+                                                    const at::Tensor& context_lens) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
+              "query [B, heads, D], key/value cache [slots, kv_heads, D]");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+              context_slots.is_contiguous() && context_lens.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
+              "query and cache dtypes differ");
+  TORCH_CHECK(context_slots.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 indices");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
+  TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= context_slots.size(1),
+              "every request needs 1..max_context context tokens");
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({query.size(0), query.size(1)}, query.options().dtype(at::kFloat));
+  switch (query.scalar_type()) {
+    case at::kBFloat16:
+      dispatch_head_dim<c10::BFloat16>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
+      break;
+    case at::kFloat:
+      dispatch_head_dim<float>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
+      break;
+    default: TORCH_CHECK(false, "bf16 or fp32 only");
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenmill, m) {
+  m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
+        "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
+}
+"""
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+# (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
+#  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
+DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def decode_attention_kernel() -> DecodeAttentionKernel | None:
+    """The kernel, or None where it cannot run (no AVX-512, no compiler)."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return None
+    from torch.utils.cpp_extension import load_inline
+
+    try:
+        # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
+        load_inline("tokenmill_decode_attention", cpp_sources=[_SOURCE],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    is_python_module=False, no_implicit_headers=True)
+    except Exception as exc:  # no compiler, an old torch: the torch path still works
+        logger.warning("decode attention kernel unavailable, using gather + SDPA: %s", exc)
+        return None
+    return torch.ops.tokenmill.decode_attention
