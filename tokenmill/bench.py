@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tokenmill.engine.engine import Engine
-from tokenmill.models.linear import OneDNNLinear
+from tokenmill.models.linear import PackedLinear
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -45,7 +45,7 @@ def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
     x = torch.randn(2048, 576, dtype=dtype)
     linear = torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
     best = 0.0
-    for product in ([linear, OneDNNLinear(linear)] if dtype == torch.float32 else [linear]):
+    for product in (linear, PackedLinear(linear)):
         for _ in range(3):
             product(x)
         iters, start = 0, time.perf_counter()
@@ -58,7 +58,7 @@ def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
 
 def flops_per_token(engine: Engine) -> float:
     """2 x the weights of every linear layer, the lm_head included (the embedding is a lookup)."""
-    linears = (torch.nn.Linear, OneDNNLinear)
+    linears = (torch.nn.Linear, PackedLinear)
     return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
 
 

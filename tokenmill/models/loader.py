@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from tokenmill.models.linear import use_onednn_linears
+from tokenmill.models.linear import use_packed_linears
 from tokenmill.models.llama import LlamaForCausalLM, load_llama_weights
 
 logger = logging.getLogger(__name__)
@@ -150,8 +150,7 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
         raise ModelLoadError(f"cannot read weights in {str(folder)!r}: {e}") from e
     load_llama_weights(model_, tensors)
     model_.eval()
-    if dtype == torch.float32:
-        use_onednn_linears(model_)
+    use_packed_linears(model_)
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     eos = set()
