@@ -15,6 +15,7 @@ import torch
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
 from tokenmill.models.attention import AttentionMetadata, build_group
+from tokenmill.models.decode_attention import decode_attention_kernel
 from tokenmill.models.llama import LlamaForCausalLM
 
 
@@ -52,6 +53,7 @@ class ModelRunner:
         # One pool for all layers: [layer, K|V, slot, kv_head, head_dim].
         shape = (cfg.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = lazily_committed_zeros(shape, dtype)
+        decode_attention_kernel()  # built (or loaded from its cache) now rather than in the first decode step
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
