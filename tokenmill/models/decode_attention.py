@@ -194,6 +194,7 @@ void attend_request(const T* query, const T* key_cache, const T* value_cache, co
         prefetch_row<_MM_HINT_T0>(value_cache + slots[t + kPrefetchTokens] * row, row * sizeof(T));
       }
     }
+    // The next request's rows, spread over this request's tiles, into L2: more misses in flight.
     for (int64_t t = t0 * next_n / n; t < std::min(t0 + 16, n) * next_n / n; ++t) {
       prefetch_row<_MM_HINT_T1>(key_cache + next_slots[t] * row, row * sizeof(T));
       prefetch_row<_MM_HINT_T1>(value_cache + next_slots[t] * row, row * sizeof(T));
