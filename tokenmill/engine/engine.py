@@ -179,6 +179,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @torch.inference_mode()  # sampling edits the runner's logits (inference tensors) in place
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns the outputs of the requests that finished in it, and of
         streaming requests that made progress."""
@@ -202,7 +203,8 @@ class Engine:
             self._record_prompt_logprobs(seq.request, target, logits)
 
         seqs, rows = self._expand_forks(result.sample_seqs)
-        logits = result.sample_logits[rows]
+        # NOTE: without forks the rows are all of them, in order: no copy of the [R, vocab] logits.
+        logits = result.sample_logits if len(rows) == len(result.sample_seqs) else result.sample_logits[rows]
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in want_logprobs) else None
         constrained = [(row, s.grammar) for row, s in enumerate(seqs) if s.grammar is not None]
