@@ -96,12 +96,13 @@ def _prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor,
                       prefix_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """qg: [B, kv_heads, group, D] decode queries against a prefix all B share. Returns fp32 outputs and lse."""
     batch, kv_heads, group, head_dim = qg.shape
-    # All B*group queries of a KV head against the one copy of the prefix: a plain GEMM.
+    # All B*group queries of a KV head against the one copy of the prefix: GEMMs, not B small products.
     q_all = qg.transpose(0, 1).reshape(1, kv_heads, batch * group, head_dim)
     prefix_k = kv_pool[0][prefix_slots].transpose(0, 1)[None]  # [1, kv_heads, P, D]
     prefix_v = kv_pool[1][prefix_slots].transpose(0, 1)[None]
-    # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp:
-    # 4x faster than a matmul / softmax / matmul sequence here (3 x 192 queries x 512 keys).
+    # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp.
+    # Against a matmul / fp32 softmax / matmul sequence it keeps fp32 scores in bf16 and skips the
+    # elementwise passes: ~15 vs ~17 ms per B=64 step with a 512-token prefix.
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_all, prefix_k, prefix_v)
     out = out.view(kv_heads, batch, group, head_dim).transpose(0, 1).float()
     return out, lse.view(kv_heads, batch, group, 1).transpose(0, 1)
