@@ -21,8 +21,10 @@ lacks AVX-512 or the build fails, `decode_attention_kernel()` is None and caller
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -327,6 +329,17 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
                                  tuple[torch.Tensor, torch.Tensor]]
 
 
+def _cpu_key() -> str:
+    """Names the build after this CPU's instruction sets: it is compiled with -march=native, and a
+    build cache shared between machines (a home folder on a cluster) must not hand it to another CPU."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        cpuinfo = ""
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
 @functools.cache
 def decode_attention_kernel() -> DecodeAttentionKernel | None:
     """The kernel, or None where it cannot run (no AVX-512, no compiler)."""
@@ -336,7 +349,7 @@ def decode_attention_kernel() -> DecodeAttentionKernel | None:
 
     try:
         # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
-        load_inline("tokenmill_decode_attention", cpp_sources=[_SOURCE],
+        load_inline(f"tokenmill_decode_attention_{_cpu_key()}", cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     is_python_module=False, no_implicit_headers=True)
     except Exception as exc:  # no compiler, an old torch: the torch path still works
