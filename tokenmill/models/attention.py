@@ -42,6 +42,8 @@ class AttentionGroup:
     # Slots of a prefix all B requests share, [P], or None. When set, context_slots, context_lens
     # and mask cover only what follows the prefix.
     shared_prefix_slots: torch.Tensor | None = None
+    # True when the group is rows 0..B-1 of the flat batch, one query each (a batch of decodes only).
+    is_leading_decode_rows: bool = False
 
 
 @dataclass
@@ -67,6 +69,7 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
     group = AttentionGroup(query_index, query_valid, context_slots, context_len, mask)
+    group.is_leading_decode_rows = max_q == 1 and bool((query_start == torch.arange(len(query_start))).all())
     if max_q == 1 and len(query_start) > 1:
         # Leading block-table columns equal in every row: blocks shared through the prefix cache
         # (always full). Each request keeps at least its current token outside the prefix.
@@ -145,6 +148,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: 
     group = heads // kv_heads
     kernel = decode_attention_kernel() if q.device.type == "cpu" and head_dim in SUPPORTED_HEAD_DIMS and \
         q.dtype in SUPPORTED_DTYPES else None
+    if kernel is not None and len(meta.groups) == 1 and meta.groups[0].is_leading_decode_rows and \
+            len(meta.groups[0].query_index) == tokens:
+        # All tokens are decodes, in order: no gathering of query rows and scattering of outputs.
+        return _kernel_decode_attention(q.contiguous(), kv_pool, meta.groups[0], kernel)
     out = torch.empty_like(q)
     for g in meta.groups:
         batch, max_q = g.query_index.shape

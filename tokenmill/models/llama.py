@@ -23,10 +23,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: computed in fp32 and cast back before the weight, exactly as transformers does,
         # so greedy outputs match it token for token.
+        # In-place steps where the operand is a fresh temporary: same values, fewer allocations.
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x = x * x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return x.to(dtype).mul_(self.weight)  # the weight has the model's dtype
 
 
 def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,11 +48,18 @@ def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Ten
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, for `apply_rope`: (-x) * s and x * (-s) are the same number."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin_signed (from `signed_sin`): [T, head_dim]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos[:, None, :]
+    return out.add_(rotated.mul_(sin_signed[:, None, :]))
 
 
 class Attention(nn.Module):
@@ -76,13 +84,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        # One rope call for the query and key heads together: half the small ops of two.
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         out = paged_attention(q, k, v, kv_cache[self.layer_index], meta)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
@@ -99,7 +108,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(nn.functional.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -141,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         """Returns the final hidden states, [T, hidden]; `compute_logits` turns chosen rows into logits."""
         h = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(h.dtype)
-        sin = self.rope_sin[positions].to(h.dtype)
+        sin = signed_sin(self.rope_sin[positions].to(h.dtype))
         for layer in self.layers:
             h = layer(h, cos, sin, kv_cache, meta)
         return self.norm(h)
