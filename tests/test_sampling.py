@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.engine.sampler import first_argmax
 
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
@@ -130,3 +131,16 @@ def test_too_many_logprobs_fail_the_request_alone(smol_llm: LLM) -> None:
                                 use_tqdm=False)
     assert "logprobs must be <= 20" in outputs[0].error
     assert outputs[1].error is None and len(outputs[1].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("vocab", [100, 49152, 50001])
+def test_first_argmax_matches_torch_argmax(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(0, 4, (6, vocab), generator=generator).float()  # many ties
+    logits[1, -1] = 9.0  # the maximum in a short last chunk
+    logits[2, 3] = logits[2, vocab // 2] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, vocab // 3] = float("inf")
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
+    random_logits = torch.randn(64, vocab, generator=generator)
+    assert torch.equal(first_argmax(random_logits), random_logits.argmax(dim=-1))

@@ -63,6 +63,29 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+# Vocabulary chunk of `first_argmax`: small enough for the second pass to be cheap, large enough
+# for few chunk maxima.
+_ARGMAX_CHUNK = 1024
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` for [R, V] logits, the same indices (the first maximum; NaN counts as
+    the maximum) at a fraction of the time: torch's CPU argmax is a scalar loop (~0.85 ms for
+    64 x 49152), amax is vectorized. The first chunk holding the row maximum is found from the
+    chunks' maxima, then the index within that one chunk."""
+    vocab = logits.shape[-1]
+    if vocab < 4 * _ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    full = vocab // _ARGMAX_CHUNK * _ARGMAX_CHUNK
+    chunk_max = logits[:, :full].unflatten(1, (-1, _ARGMAX_CHUNK)).amax(dim=-1)
+    if full < vocab:
+        chunk_max = torch.cat((chunk_max, logits[:, full:].amax(dim=-1, keepdim=True)), dim=1)
+    start = chunk_max.argmax(dim=-1, keepdim=True) * _ARGMAX_CHUNK
+    # A short last chunk repeats the final column: argmax's first occurrence ignores the repeats.
+    window = (start + torch.arange(_ARGMAX_CHUNK)).clamp_(max=vocab - 1)
+    return window.gather(1, logits.gather(1, window).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
     """logits: [R, V] fp32, one row per sequence in seqs. Returns the chosen token ids, [R]."""
     apply_penalties(logits, seqs)
@@ -71,7 +94,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) 
     for i, token_ids in blocked:
         logits[i, token_ids] = float("-inf")
 
-    tokens = logits.argmax(dim=-1)
+    tokens = first_argmax(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not random_rows:
         return tokens
