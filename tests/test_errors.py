@@ -10,17 +10,18 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.models.loader import ModelLoadError, default_model_path
+from tokenmill.sampling_params import StructuredOutputsParams
 
 
 def test_bad_prompts_fail_alone(tiny_models: dict[str, Path]) -> None:
     llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26)
     too_long = [5] * llm.engine.max_model_len
-    prompts = [[10, 11, 12], [], too_long, "hello there", [1, 2, 49152 + 7]]
+    prompts = [[10, 11, 12], [], too_long, "hello there", [1, 2, 49152 + 7], [-1], [2**40]]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    assert [o.error is None for o in outputs] == [True, False, False, True, False]
+    assert [o.error is None for o in outputs] == [True, False, False, True, False, False, False]
     assert "empty" in outputs[1].error
     assert f"{len(too_long)} tokens" in outputs[2].error and "context" in outputs[2].error
-    assert "token ids" in outputs[4].error
+    assert all("token ids" in o.error for o in outputs[4:])
     for ok in (outputs[0], outputs[3]):
         assert len(ok.outputs[0].token_ids) == 4 and ok.outputs[0].finish_reason == "length"
     assert outputs[2].outputs == [] and outputs[2].finished
@@ -52,6 +53,7 @@ def test_request_larger_than_the_kv_pool_fails_alone(tiny_models: dict[str, Path
     ({"max_tokens": 2.5}, "max_tokens"),
     ({"stop": 5}, "stop"),
     ({"seed": "x"}, "seed"),
+    ({"min_tokens": 2, "structured_outputs": StructuredOutputsParams(choice=["yes", "no"])}, "min_tokens"),
 ])
 def test_invalid_sampling_values_name_the_parameter(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):

@@ -1,10 +1,11 @@
 """`tokenmill run --ray`: a job on a local Ray (2 CPUs, 2 replicas, a tiny model), exactly once
 through a killed replica and a killed driver. Each test starts its own Ray in a `tokenmill`
-process, as a user would: ~20-40 s each, so those are marked slow (`pytest -m "not slow"` skips them).
+process, as a user would: ~15-40 s each, so those are marked slow (`pytest -m "not slow"` skips them).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 from test_batch import job_lines, read_jsonl, write_jsonl
 
-pytest.importorskip("ray")
+# Ray is an optional extra; the option checks below need no Ray.
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="tokenmill[ray] is not installed")
 
 
 def ray_command(input_path: Path, output_dir: Path, model: Path, *extra: str) -> list[str]:
@@ -60,6 +62,7 @@ def replica_pids() -> list[int]:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_two_replicas_match_the_local_runner(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     lines = job_lines(120)
     input_path = write_jsonl(tmp_path / "in.jsonl", [*lines[:60], "not json", lines[3], *lines[60:]])
@@ -90,6 +93,7 @@ def test_two_replicas_match_the_local_runner(tmp_path: Path, tiny_models: dict[s
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_killed_replica_is_restarted_and_the_job_completes_exactly_once(
         tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(320))
@@ -113,6 +117,7 @@ def test_a_killed_replica_is_restarted_and_the_job_completes_exactly_once(
 
 
 @pytest.mark.slow
+@needs_ray
 def test_driver_killed_then_rerun_completes_without_recomputing(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(320))
     output_dir = tmp_path / "out"
@@ -147,6 +152,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_replica_that_cannot_start_is_a_clear_error(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(4))
     result = subprocess.run(ray_command(input_path, tmp_path / "out", tiny_models["llama"], "--kv-cache-memory", "100"),

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tokenmill.batch.runner import BatchJob, default_errors_path, sort_output, write_summary
+from tokenmill.batch.runner import BatchJob, default_errors_path, write_summary
 
 
 def _fatal(message: str) -> int:
@@ -36,13 +36,11 @@ def run_command(args: argparse.Namespace) -> int:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
         job = BatchJob(llm.engine, input_path, output, errors, prefix_order=not args.input_order)
-        summary = job.run(overwrite=args.overwrite)
+        summary = job.run(overwrite=args.overwrite, sort=args.sorted)
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))
     except OSError as e:  # e.g. an output folder that cannot be written
         return _fatal(f"{e.strerror}: {e.filename}")
-    if args.sorted:
-        sort_output(output)
     path = write_summary(summary, output)
     print(json.dumps(asdict(summary), indent=2))
     print(f"summary written to {path}", file=sys.stderr)

@@ -92,7 +92,6 @@ class LLM:
         if self._running:
             raise RuntimeError("generate() and chat() cannot run inside another call on the same LLM "
                                "(e.g. from its prompt iterator): the engine has one step loop")
-        self._running = True
         engine = self.engine
         # Requests in flight: enough to keep the batch full, few enough to bound memory.
         window = 2 * engine.config.max_num_seqs
@@ -102,6 +101,7 @@ class LLM:
         start, in_tokens, out_tokens = time.perf_counter(), 0, 0
         pending = zip(itertools.count(), prompts, params_iter)
         exhausted = False
+        self._running = True
         try:
             while True:
                 while not exhausted and len(index_of) < window:

@@ -108,6 +108,10 @@ class SamplingParams:
             ("structured_outputs",
              lambda: self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
              "must be a StructuredOutputsParams"),
+            # NOTE: min_tokens blocks the stop tokens, and where a grammar then allows nothing else
+            # no token would be valid: the two are refused together.
+            ("min_tokens", lambda: self.structured_outputs is None or self.min_tokens == 0,
+             "cannot be combined with structured_outputs"),
         ]
         for name, ok, rule in checks:
             if not ok():

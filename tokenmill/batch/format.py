@@ -251,5 +251,5 @@ def error_record(record_id: str, error: LineError) -> dict[str, Any]:
     return {"id": record_id, "custom_id": error.custom_id,
             "response": {"status_code": 400, "request_id": None,
                          "body": {"error": {"message": error.message, "type": "invalid_request_error",
-                                            "param": None, "code": error.code}}},
+                                            "param": error.param, "code": error.code}}},
             "error": {"code": error.code, "message": error.message}}

@@ -62,8 +62,12 @@ def done_lines(path: Path, fingerprint: str) -> set[int]:
     if not path.exists():
         return done
     with path.open("rb") as f:
-        for raw in f:
-            rid = json.loads(raw)["id"]
+        for number, raw in enumerate(f, 1):
+            try:
+                rid = json.loads(raw)["id"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{number} is not a tokenmill result record: repair or remove the "
+                                 "file, or rerun with --overwrite") from None
             if not rid.startswith(f"batch_req_{fingerprint}_"):
                 raise ValueError(f"{path} holds results of a different input file (the input changed since "
                                  "the first run); rerun with --overwrite to start over")

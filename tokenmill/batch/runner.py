@@ -44,34 +44,46 @@ from tokenmill.engine.engine import Engine
 from tokenmill.engine.threaded import LocalClient, ThreadClient
 from tokenmill.outputs import RequestOutput
 
+# A finished line's prompt, cached prompt and completion tokens; None for a failed line.
+LineTokens = tuple[int, int, int] | None
+
+
+def line_tokens(output: RequestOutput) -> tuple[int, int, int]:
+    return len(output.prompt_token_ids), output.num_cached_tokens, sum(len(c.token_ids) for c in output.outputs)
+
 
 @dataclass
-class JobSummary:
+class LineCounts:
+    """What finished lines add up to: a job's, or (on Ray) one replica's share of it."""
+
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def count(self, tokens: LineTokens) -> None:
+        if tokens is None:
+            self.failed += 1
+            return
+        self.succeeded += 1
+        self.prompt_tokens += tokens[0]
+        self.cached_prompt_tokens += tokens[1]
+        self.completion_tokens += tokens[2]
+
+
+@dataclass(kw_only=True)
+class JobSummary(LineCounts):
     input: str
     output: str
     errors: str
     model: str
     total_lines: int = 0
-    succeeded: int = 0
-    failed: int = 0
     skipped_already_done: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
     wall_time_s: float = 0.0
     output_tokens_per_s: float = 0.0
     total_tokens_per_s: float = 0.0
     prefix_cache_hit_rate: float = 0.0
-
-    def count(self, output: RequestOutput | None) -> None:
-        """Counts one finished line: a result, or a failure (None)."""
-        if output is None:
-            self.failed += 1
-            return
-        self.succeeded += 1
-        self.prompt_tokens += len(output.prompt_token_ids)
-        self.cached_prompt_tokens += output.num_cached_tokens
-        self.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
 
     def hit_rate(self) -> float:
         return self.cached_prompt_tokens / max(1, self.prompt_tokens)
@@ -244,11 +256,14 @@ class BatchJob:
         self.window = window
         self.use_tqdm = use_tqdm
         self.fingerprint = input_fingerprint(input_path)
-        self.summary = JobSummary(str(input_path), str(output), str(self.errors), engine.model_name)
+        self.summary = JobSummary(input=str(input_path), output=str(output), errors=str(self.errors),
+                                  model=engine.model_name)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
 
-    def run(self, overwrite: bool = False) -> JobSummary:
-        """Runs the job to its end, resuming what earlier runs did unless `overwrite`."""
+    def run(self, overwrite: bool = False, sort: bool = False) -> JobSummary:
+        """Runs the job to its end, resuming what earlier runs did unless `overwrite`; with `sort`,
+        then rewrites OUTPUT in input order (still holding the lock, so no other run appends to
+        the file being replaced)."""
         start = time.perf_counter()
         for path in (self.output, self.errors):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +282,8 @@ class BatchJob:
                 self._run(done, writer)
             finally:
                 writer.close()
+            if sort:
+                sort_output(self.output)
         self.summary.finish(time.perf_counter() - start)
         return self.summary
 
@@ -278,7 +295,7 @@ class BatchJob:
 
         def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
             writer.append(self.errors if output is None else self.output, record)
-            summary.count(output)
+            summary.count(None if output is None else line_tokens(output))
             bar.update(1)
             if output is not None:
                 bar.set_postfix_str(f"out {summary.completion_tokens / (time.perf_counter() - start):.0f} tok/s, "

@@ -132,15 +132,16 @@ class Engine:
         if error is None and max_total > self.kv_capacity_tokens:
             error = (f"request needs up to {max_total} tokens of KV cache but the pool holds "
                      f"{self.kv_capacity_tokens}: raise kv_cache_memory or lower max_tokens")
+        # NOTE: checked before the Request is built: its detokenizer rejects out-of-range ids by raising.
+        if error is not None:
+            return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
         request = Request(request_id, prompt, token_ids, params, max_total, priority, stream)
-        if error is None and params.structured_outputs is not None:
+        if params.structured_outputs is not None:
             try:
                 for seq in request.seqs:
                     seq.grammar = self.structured.matcher(params.structured_outputs)
             except ValueError as e:
-                error = str(e)
-        if error is not None:
-            return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
+                return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=str(e))
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         return None

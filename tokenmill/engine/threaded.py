@@ -61,7 +61,7 @@ class EngineThread:
         try:
             failed = self.engine.add_request(command.request_id, command.prompt, command.token_ids,
                                              command.params, command.priority, command.stream)
-        except ValueError as e:  # e.g. an id already in use: that request fails, the loop goes on
+        except Exception as e:  # e.g. an id already in use: that request fails, the loop goes on
             failed = RequestOutput(command.request_id, command.prompt, command.token_ids, [], finished=True,
                                    error=str(e))
         if failed is not None:

@@ -33,8 +33,10 @@ def use_packed_linears(model: nn.Module) -> None:
     """Swaps every fp32 or bf16 nn.Linear of a CPU model for a PackedLinear (weights reordered once)."""
     if not torch.backends.mkldnn.is_available():
         return
+    # oneDNN refuses bf16 on CPUs without bf16 instructions; such weights stay plain nn.Linear.
+    dtypes = PACKED_DTYPES if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             weight = child.weight if isinstance(child, nn.Linear) else None
-            if weight is not None and weight.dtype in PACKED_DTYPES and weight.device.type == "cpu":
+            if weight is not None and weight.dtype in dtypes and weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child))

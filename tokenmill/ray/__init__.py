@@ -1,5 +1,5 @@
 """Scale-out on Ray (`pip install "tokenmill[ray]"`): one batch job across a cluster's replicas."""
 
-from tokenmill.ray.job import RayJobSummary, ReplicaStats, run_batch
+from tokenmill.ray.job import RayJobSummary, run_batch
 
-__all__ = ["RayJobSummary", "ReplicaStats", "run_batch"]
+__all__ = ["RayJobSummary", "run_batch"]

@@ -27,10 +27,10 @@ import ray.exceptions
 
 from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
-from tokenmill.batch.runner import JobSummary, count_lines, read_lines
+from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines
 from tokenmill.engine.engine import EngineConfig
 from tokenmill.models.loader import model_name, resolve_model_folder
-from tokenmill.ray.replica import EngineReplica
+from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
 
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -42,18 +42,9 @@ ORDER_KEY_CHARS = 4096
 DEFAULT_BATCH_LINES = 256
 
 
-@dataclass
-class ReplicaStats:
-    succeeded: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
+@dataclass(kw_only=True)
 class RayJobSummary(JobSummary):
-    replicas: dict[str, ReplicaStats] = field(default_factory=dict)  # by host:pid
+    replicas: dict[str, LineCounts] = field(default_factory=dict)  # by host:pid
     shards: list[str] = field(default_factory=list)
 
 
@@ -114,8 +105,8 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
             cut_torn_tail(path)
             done |= done_lines(path, fingerprint)
         shard = _new_shard(output_dir)
-        summary = RayJobSummary(str(input_path), str(output_dir), str(errors), model_name(engine_config.model),
-                                total_lines=count_lines(input_path))
+        summary = RayJobSummary(input=str(input_path), output=str(output_dir), errors=str(errors),
+                                model=model_name(engine_config.model), total_lines=count_lines(input_path))
         writer = DurableAppender(shard, errors)
         try:
             pending: list[tuple[str, int, str]] = []  # (order key, line number, line for the replica)
@@ -124,7 +115,7 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
                     summary.skipped_already_done += 1
                 elif isinstance(line, LineError):
                     writer.append(errors, error_record(record_id(fingerprint, line_no), line))
-                    summary.failed += 1
+                    summary.count(None)
                 else:
                     pending.append((_order_key(line) if prefix_order else "", line_no, _encode(line)))
             if pending:
@@ -185,16 +176,9 @@ def _replica_start_failure(error: BaseException | None) -> str | None:
 def _collect(results: ray.data.Dataset, writer: DurableAppender, shard: Path, errors: Path,
              summary: RayJobSummary) -> None:
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, kind in enumerate(batch["kind"].tolist()):
-            writer.append_encoded(errors if kind == "error" else shard, batch["record"][i])
-            stats = summary.replicas.setdefault(str(batch["replica"][i]), ReplicaStats())
-            tokens = (int(batch["prompt_tokens"][i]), int(batch["cached_prompt_tokens"][i]),
-                      int(batch["completion_tokens"][i]))
-            for counts in (summary, stats):
-                if kind == "error":
-                    counts.failed += 1
-                    continue
-                counts.succeeded += 1
-                counts.prompt_tokens += tokens[0]
-                counts.cached_prompt_tokens += tokens[1]
-                counts.completion_tokens += tokens[2]
+        token_counts = zip(*(batch[name].tolist() for name in TOKEN_COLUMNS))
+        for record, replica, failed, tokens in zip(batch["record"], batch["replica"], batch["failed"], token_counts):
+            writer.append_encoded(errors if failed else shard, str(record))
+            line: LineTokens = None if failed else tokens
+            summary.count(line)
+            summary.replicas.setdefault(str(replica), LineCounts()).count(line)

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from tokenmill.batch.format import BatchLine, LineError, parse_line
-from tokenmill.batch.runner import LineExecutor
+from tokenmill.batch.runner import LineExecutor, line_tokens
 from tokenmill.engine.engine import Engine, EngineConfig
 from tokenmill.engine.threaded import EngineThread, ThreadClient
 from tokenmill.outputs import RequestOutput
 
-RESULT_COLUMNS = ("line_no", "kind", "record", "replica", "prompt_tokens", "cached_prompt_tokens",
-                  "completion_tokens")
+# A finished line's LineTokens, as three result columns (zeros if it failed).
+TOKEN_COLUMNS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens")
+# One row per finished line: its encoded record, who ran it, whether it failed, its tokens.
+RESULT_COLUMNS = ("record", "replica", "failed", *TOKEN_COLUMNS)
 
 
 class EngineReplica:
@@ -42,13 +44,11 @@ class EngineReplica:
         results: dict[str, list[Any]] = {name: [] for name in RESULT_COLUMNS}
 
         def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
-            results["line_no"].append(line_no)
-            results["kind"].append("error" if output is None else "output")
             results["record"].append(json.dumps(record, ensure_ascii=False))
             results["replica"].append(self.name)
-            results["prompt_tokens"].append(0 if output is None else len(output.prompt_token_ids))
-            results["cached_prompt_tokens"].append(0 if output is None else output.num_cached_tokens)
-            results["completion_tokens"].append(0 if output is None else sum(len(c.token_ids) for c in output.outputs))
+            results["failed"].append(output is None)
+            for name, count in zip(TOKEN_COLUMNS, (0, 0, 0) if output is None else line_tokens(output)):
+                results[name].append(count)
 
         def lines() -> Iterator[tuple[int, BatchLine | LineError]]:
             for line_no, text in zip(batch["line_no"].tolist(), batch["line"].tolist()):
