@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.engine import Engine
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -147,6 +150,25 @@ def tokenize_body(tokenizer: PreTrainedTokenizerBase, url: str, body: dict[str, 
         return text, tokenizer.encode(text, add_special_tokens=False)
     prompt = body["prompt"]
     return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+
+
+def prepare_request(engine: Engine, url: str, body: dict[str, Any],
+                    params: SamplingParams) -> tuple[str | None, list[int]]:
+    """What a validated body needs before it goes to the engine, done outside its step loop: the
+    prompt's text and token ids, and its grammar compiled (the engine then finds it in xgrammar's
+    cache)."""
+    text, token_ids = tokenize_body(engine.tokenizer, url, body)
+    if params.structured_outputs is not None:
+        try:
+            engine.structured.compile(params.structured_outputs)
+        except ValueError as e:
+            raise LineError("invalid_value", str(e), param="response_format") from None
+    return text, token_ids
+
+
+def request_id_prefix(url: str) -> str:
+    """As OpenAI names its ids: chatcmpl-... for chat completions, cmpl-... for completions."""
+    return "chatcmpl" if url == CHAT_URL else "cmpl"
 
 
 def parse_line(text: str, line_no: int) -> BatchLine:

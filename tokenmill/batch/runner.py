@@ -23,13 +23,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.batch.format import (
-    CHAT_URL,
     BatchLine,
     LineError,
     error_record,
     output_record,
     parse_line,
-    tokenize_body,
+    prepare_request,
+    request_id_prefix,
 )
 from tokenmill.batch.journal import (
     DurableAppender,
@@ -179,18 +179,10 @@ class LineExecutor:
         self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
 
     def _prepare(self, line: BatchLine) -> tuple[str | None, list[int]]:
-        """Tokenizes the line and compiles its grammar here (then found in xgrammar's cache), not in
-        the engine's step loop."""
         try:
-            prompt, token_ids = tokenize_body(self.engine.tokenizer, line.url, line.body)
-            if line.params.structured_outputs is not None:
-                try:
-                    self.engine.structured.compile(line.params.structured_outputs)
-                except ValueError as e:
-                    raise LineError("invalid_value", str(e), line.custom_id, "response_format") from None
+            return prepare_request(self.engine, line.url, line.body, line.params)
         except LineError as e:
             raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
-        return prompt, token_ids
 
     def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
         client = self.client
@@ -217,8 +209,7 @@ class LineExecutor:
                     heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
                 while pending and len(in_flight) < capacity:
                     entry = heapq.heappop(pending)
-                    prefix = "chatcmpl" if entry.line.url == CHAT_URL else "cmpl"
-                    request_id = f"{prefix}-{self.run_id}-{entry.line_no}"
+                    request_id = f"{request_id_prefix(entry.line.url)}-{self.run_id}-{entry.line_no}"
                     client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
                     in_flight[request_id] = entry.line
                 if self.cancel.is_set() or (not in_flight and exhausted and not pending):

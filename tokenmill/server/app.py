@@ -26,8 +26,9 @@ from tokenmill.batch.format import (
     COMPLETIONS_URL,
     LineError,
     choice_logprobs,
+    prepare_request,
+    request_id_prefix,
     response_body,
-    tokenize_body,
     usage,
 )
 from tokenmill.batch.format import validate_body as validate_request
@@ -140,18 +141,12 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                            param="model", code="model_not_found")
         try:
             params = validate_request(url, body)
-            text, token_ids = tokenize_body(engine.tokenizer, url, body)
+            text, token_ids = await asyncio.to_thread(prepare_request, engine, url, body, params)
         except LineError as e:
             raise APIError(400, e.message, param=e.param, code=e.code) from None
-        if params.structured_outputs is not None:  # compiled here, off the engine thread (then cached)
-            try:
-                await asyncio.to_thread(engine.structured.compile, params.structured_outputs)
-            except ValueError as e:
-                raise APIError(400, str(e), param="response_format", code="invalid_request") from None
         stream = body.get("stream") is True
         options = body.get("stream_options") or {}
-        prefix = "chatcmpl" if url == CHAT_URL else "cmpl"
-        request_id = f"{prefix}-{secrets.token_hex(12)}"
+        request_id = f"{request_id_prefix(url)}-{secrets.token_hex(12)}"
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         engine_thread.add(request_id, text, token_ids, params,

@@ -66,8 +66,9 @@ class BatchManager:
                  "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None, "completed_at": None,
                  "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                  "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
-        self.store.save_batch(batch)
-        self._start(batch["id"])
+        with self._lock:  # a cancel that finds the batch also finds its cancel event
+            self.store.save_batch(batch)
+            self._start(batch["id"])
         return batch
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
