@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,11 +47,13 @@ def write_input(path: Path, lines: int) -> None:
 
 def peak_rss_mib(model: Path, input_path: Path, output: Path) -> tuple[float, float]:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-                    "--model", str(model), "--dtype", "float32", "--kv-cache-memory", str(1 << 24)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Children are waited for one at a time, so the maximum so far is the latest run's if it grows.
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - start
+    process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
+                                "--model", str(model), "--dtype", "float32", "--kv-cache-memory", str(1 << 24)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the maximum over all children
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"tokenmill run failed on {input_path}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
 def main() -> None:
