@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tokenmill.batch.runner import BatchJob, default_errors_path, write_summary
+from tokenmill.batch.runner import BatchJob, default_errors_path, summary_path, write_summary
 
 
 def _fatal(message: str) -> int:
@@ -41,7 +41,7 @@ def run_command(args: argparse.Namespace) -> int:
         return _fatal(str(e))
     except OSError as e:  # e.g. an output folder that cannot be written
         return _fatal(f"{e.strerror}: {e.filename}")
-    path = write_summary(summary, output)
+    path = write_summary(summary, summary_path(output))
     print(json.dumps(asdict(summary), indent=2))
     print(f"summary written to {path}", file=sys.stderr)
     return 0

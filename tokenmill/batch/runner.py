@@ -328,8 +328,8 @@ def sort_output(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(summary: JobSummary, output: Path) -> Path:
-    path = summary_path(output)
+def write_summary(summary: JobSummary, path: Path) -> Path:
+    """Writes the summary as JSON at path, atomically."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
     os.replace(tmp, path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -27,7 +27,7 @@ import ray.exceptions
 
 from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
-from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines
+from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines, write_summary
 from tokenmill.engine.engine import EngineConfig
 from tokenmill.models.loader import model_name, resolve_model_folder
 from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
@@ -132,9 +132,7 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
             shard.unlink()
         summary.shards = [str(p) for p in _shards(output_dir)]
     summary.finish(time.perf_counter() - start)
-    path = output_dir / SUMMARY_FILE
-    path.with_suffix(".tmp").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
+    write_summary(summary, output_dir / SUMMARY_FILE)
     return summary
 
 
