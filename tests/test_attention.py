@@ -7,7 +7,7 @@ import torch
 
 from tokenmill.models import attention
 from tokenmill.models.attention import AttentionMetadata, build_group, paged_attention
-from tokenmill.models.decode_attention import decode_attention_kernel
+from tokenmill.models.decode_attention import decode_attention_kernel, prefix_attention_kernel
 
 
 def dense_reference(q: torch.Tensor, pool: torch.Tensor,
@@ -70,6 +70,23 @@ def test_decode_kernel_scores_extreme_values_stably() -> None:
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("batch", "kv_heads", "group", "head_dim", "prefix_len"),
+                         [(64, 3, 3, 64, 512), (5, 2, 4, 128, 37), (3, 3, 3, 64, 1), (7, 4, 1, 64, 100)])
+def test_prefix_kernel_equals_dense_attention(batch: int, kv_heads: int, group: int, head_dim: int,
+                                              prefix_len: int) -> None:
+    """Every request's queries against one shared prefix: query counts and prefix lengths off the tile sizes."""
+    torch.manual_seed(0)
+    pool = torch.randn(2, 2000, kv_heads, head_dim).to(torch.bfloat16)
+    prefix_slots = torch.randperm(2000)[:prefix_len]
+    q = torch.randn(batch, kv_heads * group, head_dim).to(torch.bfloat16)
+    out, lse = prefix_attention_kernel()(q, pool[0], pool[1], prefix_slots)
+    expected_out, expected_lse = dense_reference(q, pool, [prefix_slots] * batch)
+    # The probabilities are rounded to bf16 for the second product, as torch's fused CPU attention does.
+    torch.testing.assert_close(out, expected_out, atol=5e-3, rtol=1e-2)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -27,6 +27,7 @@ from tokenmill.models.decode_attention import (
     SUPPORTED_HEAD_DIMS,
     DecodeAttentionKernel,
     decode_attention_kernel,
+    prefix_attention_kernel,
 )
 
 
@@ -130,7 +131,11 @@ def _kernel_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, g: Attentio
                              kernel: DecodeAttentionKernel) -> torch.Tensor:
     """q: [B, heads, D], one query per request, read in place from the pool by the C++ kernel."""
     out, lse = kernel(q, kv_pool[0], kv_pool[1], g.context_slots, g.context_lens)
-    if g.shared_prefix_slots is not None:
+    prefix_kernel = prefix_attention_kernel() if q.dtype == torch.bfloat16 else None
+    if g.shared_prefix_slots is not None and prefix_kernel is not None:
+        out_p, lse_p = prefix_kernel(q, kv_pool[0], kv_pool[1], g.shared_prefix_slots)
+        out = _merge(out_p, lse_p[..., None], out, lse[..., None])
+    elif g.shared_prefix_slots is not None:
         batch, kv_heads, head_dim = q.shape[0], kv_pool.shape[2], q.shape[2]
         qg = q.view(batch, kv_heads, -1, head_dim)
         out_p, lse_p = _prefix_attention(qg, kv_pool, g.shared_prefix_slots)

@@ -13,7 +13,10 @@ only within a block, so the hardware prefetcher loses the stream at every block 
 prefetches the K and V rows 16 tokens ahead, and the next request's rows into L2 while it works.
 
 It returns fp32 outputs and each head's log-sum-exp, so a caller can merge it with attention over
-another part of the context (the shared prefix). Built with g++ through torch's extension loader
+another part of the context: the shared prefix, which `prefix_attention` (bf16) attends to for all
+requests at once. There, per KV head, the B x group queries and the prefix's keys are two small
+GEMMs on bf16 pairs (register-blocked micro-kernels over K and V repacked once per call); the
+probabilities are rounded to bf16 for the second, as torch's fused CPU attention does. Built with g++ through torch's extension loader
 (`-march=native`, cached under TORCH_EXTENSIONS_DIR, a few seconds the first time); where the CPU
 lacks AVX-512 or the build fails, `decode_attention_kernel()` is None and callers keep the torch path.
 """
@@ -115,6 +118,30 @@ struct Head<float, D> {
 inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
 inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))); }
 
+// acc + a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in each fp32 lane i, of a and b holding 32 bf16 each.
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+#ifdef __AVX512BF16__
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+  return _mm512_fmadd_ps(odd_bf16(a), odd_bf16(b), _mm512_fmadd_ps(even_bf16(a), even_bf16(b), acc));
+#endif
+}
+
+// 32 fp32 (low: elements 0-15, high: 16-31) rounded to nearest-even bf16, in order.
+inline __m512i to_bf16(__m512 low, __m512 high) {
+#ifdef __AVX512BF16__
+  return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+#else
+  auto round = [](__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  };
+  return _mm512_inserti64x4(_mm512_castsi256_si512(round(low)), round(high), 1);
+#endif
+}
+
 template <int D>
 struct Head<c10::BFloat16, D> {
   static constexpr int kAccumulators = D / 16;
@@ -163,6 +190,28 @@ struct Head<c10::BFloat16, D> {
     }
   }
 };
+
+// Softmax numerators in place: s[t] = exp(s[t] - max) for t < n. Returns their sum; *lse gets the
+// log-sum-exp of the scores.
+inline float exponentiate(float* s, int64_t n, float* lse) {
+  __m512 max16 = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
+  }
+  const float max_score = _mm512_reduce_max_ps(max16);
+  max16 = _mm512_set1_ps(max_score);
+  __m512 sum16 = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
+    _mm512_mask_storeu_ps(s + t, valid, p);
+    sum16 = _mm512_add_ps(sum16, p);
+  }
+  const float sum = _mm512_reduce_add_ps(sum16);
+  *lse = max_score + std::log(sum);
+  return sum;
+}
 
 template <int kHint>
 inline void prefetch_row(const void* row, int64_t bytes) {
@@ -214,22 +263,7 @@ void attend_request(const T* query, const T* key_cache, const T* value_cache, co
   // Softmax per head, then pass 2: the weighted sum of value rows (now in cache).
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * stride;
-    __m512 max16 = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
-      max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
-    }
-    const float max_score = _mm512_reduce_max_ps(max16);
-    max16 = _mm512_set1_ps(max_score);
-    __m512 sum16 = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
-      __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
-      _mm512_mask_storeu_ps(s + t, valid, p);
-      sum16 = _mm512_add_ps(sum16, p);
-    }
-    const float sum = _mm512_reduce_add_ps(sum16);
-    lse[h] = max_score + std::log(sum);
+    const float sum = exponentiate(s, n, lse + h);
 
     // Tokens in turn feed kUnroll sets of accumulators: independent FMA chains, summed at the end.
     constexpr int kAccumulators = Head<T, D>::kAccumulators, kUnroll = 16 / kAccumulators;
@@ -272,6 +306,172 @@ void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
                            scores.data(), o + b * heads * D, l + b * heads);
     }
   });
+}
+
+// ---- Shared-prefix attention (Hydragen): every decode query of every request against one prefix.
+// Per KV head, B x group queries and the prefix's P keys make two small GEMMs, on bf16 pairs
+// (`dot_pairs`), with the prefix's K and V repacked once per call into the layout those want.
+
+constexpr int kKeyTiles = 4;            // keys per score micro-kernel: 4 tiles of 16
+constexpr int64_t kQueriesPerTask = 16;  // queries per unit of parallel work (one KV head)
+
+// Keys of one KV head, [P / 16][D / 2][16]: a register holds dims (2i, 2i + 1) of 16 tokens. Keys
+// past n are zero. `keys` points at the head's first pair in slot 0; `row` is a slot's pairs.
+template <int D>
+void pack_keys(const uint32_t* keys, int64_t row, const int64_t* slots, int64_t n, int64_t n_pad, uint32_t* packed) {
+  for (int64_t t = 0; t < n_pad; ++t) {
+    const uint32_t* k = keys + slots[std::min(t, n - 1)] * row;
+    for (int i = 0; i < D / 2; ++i) packed[((t / 16) * (D / 2) + i) * 16 + t % 16] = t < n ? k[i] : 0;
+  }
+}
+
+// Values of one KV head, [P / 2][D]: pair j of a dim d is (V[2j][d], V[2j + 1][d]), so a register
+// holds 16 dims of two tokens. `values` points at the head's first element in slot 0.
+template <int D>
+void pack_values(const uint16_t* values, int64_t row, const int64_t* slots, int64_t n, int64_t n_pad,
+                 uint32_t* packed) {
+  for (int64_t j = 0; j < n_pad / 2; ++j) {
+    const uint16_t* even = values + slots[std::min(2 * j, n - 1)] * row;
+    const uint16_t* odd = values + slots[std::min(2 * j + 1, n - 1)] * row;
+    for (int d = 0; d < D; ++d) {
+      const uint32_t low = 2 * j < n ? even[d] : 0, high = 2 * j + 1 < n ? odd[d] : 0;
+      packed[j * D + d] = low | high << 16;
+    }
+  }
+}
+
+// Scores of 4 queries (bf16 pairs) against 64 packed keys, scaled, into 4 score rows.
+template <int D>
+inline void score_tile(const uint32_t* const* q, const uint32_t* packed_keys, __m512 scale, float* const* out) {
+  __m512 acc[4][kKeyTiles];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int i = 0; i < D / 2; ++i) {
+    __m512i k[kKeyTiles];
+    for (int j = 0; j < kKeyTiles; ++j) k[j] = _mm512_loadu_si512(packed_keys + (j * (D / 2) + i) * 16);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i pair = _mm512_set1_epi32(static_cast<int>(q[r][i]));
+      for (int j = 0; j < kKeyTiles; ++j) acc[r][j] = dot_pairs(acc[r][j], pair, k[j]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < kKeyTiles; ++j) _mm512_storeu_ps(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], scale));
+  }
+}
+
+// Outputs of kRows queries: their bf16 probability pairs times the packed values, times 1 / sum.
+template <int D>
+inline void value_tile(const uint32_t* const* probs, int64_t pairs, const uint32_t* packed_values,
+                       const float* inv_sums, float* const* out) {
+  constexpr int kChunks = D / 16, kRows = 16 / kChunks;  // 16 accumulators
+  __m512 acc[kRows][kChunks];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512i v[kChunks];
+    for (int c = 0; c < kChunks; ++c) v[c] = _mm512_loadu_si512(packed_values + j * D + 16 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i pair = _mm512_set1_epi32(static_cast<int>(probs[r][j]));
+      for (int c = 0; c < kChunks; ++c) acc[r][c] = dot_pairs(acc[r][c], pair, v[c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv_sums[r]);
+    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out[r] + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+  }
+}
+
+template <int D>
+void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                   const at::Tensor& prefix_slots, at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = query.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
+  const int64_t group = heads / kv_heads, queries = batch * group, n = prefix_slots.size(0);
+  const int64_t n_pad = (n + 16 * kKeyTiles - 1) / (16 * kKeyTiles) * (16 * kKeyTiles);
+  const int64_t row = kv_heads * D;  // elements of one slot's K (or V) row
+  const auto* q = reinterpret_cast<const uint32_t*>(query.data_ptr<c10::BFloat16>());
+  const auto* k = reinterpret_cast<const uint32_t*>(key_cache.data_ptr<c10::BFloat16>());
+  const auto* v = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<c10::BFloat16>());
+  const int64_t* slots = prefix_slots.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  std::vector<uint32_t> packed_keys(kv_heads * n_pad * D / 2), packed_values(kv_heads * n_pad * D / 2);
+  at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      pack_keys<D>(k + g * D / 2, row / 2, slots, n, n_pad, packed_keys.data() + g * n_pad * D / 2);
+      pack_values<D>(v + g * D, row, slots, n, n_pad, packed_values.data() + g * n_pad * D / 2);
+    }
+  });
+
+  const int64_t tasks_per_head = (queries + kQueriesPerTask - 1) / kQueriesPerTask;
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+  at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    // Scores, then in place their bf16 probability pairs; one spare row for padding queries.
+    std::vector<float> scores((kQueriesPerTask + 1) * n_pad);
+    std::vector<float> inv_sums(kQueriesPerTask);
+    std::vector<float> spare_out(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kQueriesPerTask;
+      const int64_t count = std::min(kQueriesPerTask, queries - first);
+      // Query r of this head is head g * group + r % group of request r / group.
+      auto index = [&](int64_t r) { return (r / group) * heads + g * group + r % group; };
+      const uint32_t* head_keys = packed_keys.data() + g * n_pad * D / 2;
+      for (int64_t r0 = 0; r0 < count; r0 += 4) {
+        const uint32_t* rows[4];
+        float* score_rows[4];
+        for (int r = 0; r < 4; ++r) {
+          const bool real = r0 + r < count;
+          rows[r] = q + index(first + std::min(r0 + r, count - 1)) * D / 2;
+          score_rows[r] = scores.data() + (real ? r0 + r : kQueriesPerTask) * n_pad;
+        }
+        for (int64_t t0 = 0; t0 < n_pad; t0 += 16 * kKeyTiles) {
+          float* tile_rows[4] = {score_rows[0] + t0, score_rows[1] + t0, score_rows[2] + t0, score_rows[3] + t0};
+          score_tile<D>(rows, head_keys + t0 * D / 2, scale, tile_rows);
+        }
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        float* s = scores.data() + r * n_pad;
+        inv_sums[r] = 1.0f / exponentiate(s, n, l + index(first + r));
+        std::fill(s + n, s + n_pad, 0.0f);
+        auto* probs = reinterpret_cast<__m512i*>(s);  // bf16 pairs over the first half of the row
+        for (int64_t t = 0; t < n_pad; t += 32) {
+          _mm512_storeu_si512(probs + t / 32, to_bf16(_mm512_loadu_ps(s + t), _mm512_loadu_ps(s + t + 16)));
+        }
+      }
+      constexpr int kRows = 16 / (D / 16);
+      const uint32_t* head_values = packed_values.data() + g * n_pad * D / 2;
+      for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+        const uint32_t* probs[kRows];
+        float* outs[kRows];
+        float inv[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const bool real = r0 + r < count;
+          probs[r] = reinterpret_cast<const uint32_t*>(scores.data() + std::min(r0 + r, count - 1) * n_pad);
+          outs[r] = real ? o + index(first + r0 + r) * D : spare_out.data();
+          inv[r] = inv_sums[std::min(r0 + r, count - 1)];
+        }
+        value_tile<D>(probs, (n + 1) / 2, head_values, inv, outs);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                                    const at::Tensor& value_cache, const at::Tensor& prefix_slots) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
+              "query [B, heads, D], key/value cache [slots, kv_heads, D]");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+              prefix_slots.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
+              value_cache.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(prefix_slots.scalar_type() == at::kLong && prefix_slots.dim() == 1 && prefix_slots.size(0) >= 1,
+              "int64 prefix slots, at least one");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({query.size(0), query.size(1)}, query.options().dtype(at::kFloat));
+  switch (query.size(2)) {
+    case 64: attend_prefix<64>(query, key_cache, value_cache, prefix_slots, out, lse); break;
+    case 128: attend_prefix<128>(query, key_cache, value_cache, prefix_slots, out, lse); break;
+    default: TORCH_CHECK(false, "head_dim 64 or 128 only");
+  }
+  return {out, lse};
 }
 
 template <typename T>
@@ -317,6 +517,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
 TORCH_LIBRARY(tokenmill, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
         "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
+  m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots) -> "
+        "(Tensor, Tensor)", &prefix_attention);
 }
 """
 
@@ -326,6 +528,10 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
 #  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
 DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 tuple[torch.Tensor, torch.Tensor]]
+# (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64) -> (out [B, heads, D] fp32,
+#  lse [B, heads] fp32): attention of every query to the same P slots.
+PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -341,10 +547,10 @@ def _cpu_key() -> str:
 
 
 @functools.cache
-def decode_attention_kernel() -> DecodeAttentionKernel | None:
-    """The kernel, or None where it cannot run (no AVX-512, no compiler)."""
+def _build() -> bool:
+    """Compiles (or loads from its cache) the kernels; False where they cannot run (no AVX-512, no compiler)."""
     if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return None
+        return False
     from torch.utils.cpp_extension import load_inline
 
     try:
@@ -353,6 +559,16 @@ def decode_attention_kernel() -> DecodeAttentionKernel | None:
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     is_python_module=False, no_implicit_headers=True)
     except Exception as exc:  # no compiler, an old torch: the torch path still works
-        logger.warning("decode attention kernel unavailable, using gather + SDPA: %s", exc)
-        return None
-    return torch.ops.tokenmill.decode_attention
+        logger.warning("decode attention kernels unavailable, using gather + SDPA: %s", exc)
+        return False
+    return True
+
+
+def decode_attention_kernel() -> DecodeAttentionKernel | None:
+    """The decode kernel, or None where it cannot run."""
+    return torch.ops.tokenmill.decode_attention if _build() else None
+
+
+def prefix_attention_kernel() -> PrefixAttentionKernel | None:
+    """The shared-prefix kernel (bf16 only), or None where it cannot run."""
+    return torch.ops.tokenmill.prefix_attention if _build() else None
