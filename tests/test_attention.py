@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.kernels import decode_attention_kernel, prefix_attention_kernel
 from tokenmill.models import attention
-from tokenmill.models.attention import AttentionMetadata, build_group, paged_attention
-from tokenmill.models.decode_attention import decode_attention_kernel, prefix_attention_kernel
+from tokenmill.models.attention import AttentionMetadata, build_group, paged_attention, store_kv
 
 
 def dense_reference(q: torch.Tensor, pool: torch.Tensor,
@@ -120,7 +120,9 @@ def test_decode_group_kernel_and_torch_paths_agree(dtype: torch.dtype, shared_bl
     for path in ("kernel", "torch"):
         if path == "torch":
             monkeypatch.setattr(attention, "decode_attention_kernel", lambda: None)
-        outputs.append(paged_attention(q, new_k, new_v, pool.clone(), AttentionMetadata(slot_mapping, [g])))
+        step_pool = pool.clone()
+        store_kv(new_k, new_v, step_pool, slot_mapping)
+        outputs.append(paged_attention(q, step_pool, AttentionMetadata(slot_mapping, [g])))
     pool[0][slot_mapping], pool[1][slot_mapping] = new_k, new_v
     slots = [torch.tensor([b * block_size + j for b in t for j in range(block_size)])[:n] for t, n in
              zip(tables, context.tolist())]

@@ -14,8 +14,8 @@ import torch
 
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
+from tokenmill.kernels import decode_attention_kernel
 from tokenmill.models.attention import AttentionMetadata, build_group
-from tokenmill.models.decode_attention import decode_attention_kernel
 from tokenmill.models.llama import LlamaForCausalLM
 
 

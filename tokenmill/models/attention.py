@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.models.decode_attention import (
+from tokenmill.kernels import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     DecodeAttentionKernel,
@@ -143,13 +143,16 @@ def _kernel_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, g: Attentio
     return out.to(q.dtype).reshape(q.shape)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, heads, D]; k, v: [T, kv_heads, D]; kv_pool: [2, slots, kv_heads, D]. Returns [T, heads, D]."""
-    kv_pool[0].index_copy_(0, meta.slot_mapping, k)
-    kv_pool[1].index_copy_(0, meta.slot_mapping, v)
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, D], the step's new keys and values, written to the pool at their slots."""
+    kv_pool[0].index_copy_(0, slot_mapping, k)
+    kv_pool[1].index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, heads, D]; kv_pool: [2, slots, kv_heads, D], the step's new K/V already stored. Returns [T, heads, D]."""
     tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = kv_pool.shape[2]
     group = heads // kv_heads
     kernel = decode_attention_kernel() if q.device.type == "cpu" and head_dim in SUPPORTED_HEAD_DIMS and \
         q.dtype in SUPPORTED_DTYPES else None

@@ -11,7 +11,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from tokenmill.models.attention import AttentionMetadata, paged_attention
+from tokenmill.kernels import fused_elementwise
+from tokenmill.models.attention import AttentionMetadata, paged_attention, store_kv
 
 
 class RMSNorm(nn.Module):
@@ -20,14 +21,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of residual + x (of x alone without a residual): (normed, residual + x)."""
+        if x.dim() == 2 and fused_elementwise(x.dtype):
+            return torch.ops.tokenmill.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual + x
         # NOTE: computed in fp32 and cast back before the weight, exactly as transformers does,
         # so greedy outputs match it token for token.
         # In-place steps where the operand is a fresh temporary: same values, fewer allocations.
-        dtype = x.dtype
-        x = x.float()
-        x = x * x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-        return x.to(dtype).mul_(self.weight)  # the weight has the model's dtype
+        normed = x.float()
+        normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return normed.to(x.dtype).mul_(self.weight), x  # the weight has the model's dtype
 
 
 def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +93,16 @@ class Attention(nn.Module):
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        # One rope call for the query and key heads together: half the small ops of two.
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        out = paged_attention(q, k, v, kv_cache[self.layer_index], meta)
+            qk = torch.cat((self.q_norm(qk[:, :self.num_heads])[0], self.k_norm(qk[:, self.num_heads:])[0]), dim=1)
+        kv_pool = kv_cache[self.layer_index]
+        if fused_elementwise(x.dtype) and self.head_dim % 32 == 0:
+            q = torch.ops.tokenmill.rope_store(qk, v, cos, sin, kv_pool[0], kv_pool[1], meta.slot_mapping)
+        else:
+            # One rope call for the query and key heads together: half the small ops of two.
+            qk = apply_rope(qk, cos, sin)
+            q = qk[:, :self.num_heads]
+            store_kv(qk[:, self.num_heads:], v, kv_pool, meta.slot_mapping)
+        out = paged_attention(q, kv_pool, meta)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -107,7 +117,10 @@ class MLP(nn.Module):
             raise ValueError(f"activation {config.hidden_act!r} is not supported")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_elementwise(x.dtype):
+            return self.down_proj(torch.ops.tokenmill.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(nn.functional.silu(gate).mul_(up))
 
 
@@ -119,10 +132,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings in the first layer), not yet added to the residual
+        stream (None in the first layer): each add is fused with the norm after it. Returns (output, residual)."""
+        normed, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(normed, cos, sin, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -148,12 +165,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states, [T, hidden]; `compute_logits` turns chosen rows into logits."""
-        h = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(h.dtype)
-        sin = signed_sin(self.rope_sin[positions].to(h.dtype))
+        x, residual = self.embed_tokens(input_ids), None
+        cos = self.rope_cos[positions].to(x.dtype)
+        sin = signed_sin(self.rope_sin[positions].to(x.dtype))
         for layer in self.layers:
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.norm(h)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,44 +1,27 @@
-"""Decode attention read straight from the paged KV pool: an AVX-512 CPU kernel, built on first use.
+// Decode attention read straight from the paged KV pool.
+//
+// One query token per request attends to its context, whose K/V rows lie scattered over the pool.
+// The torch path copies every context row into a dense tensor (a gather) and then runs SDPA over the
+// copy: each K/V byte crosses memory three times. This kernel reads each row once, in place.
+//
+// Per request (the unit of parallel work, `at::parallel_for`): pass 1 walks the context's slots 16
+// tokens at a time and scores every query head against its KV head's key (the K row of all KV heads
+// is contiguous, so a row is fetched from memory once for all heads); the exact softmax follows;
+// pass 2 sums the value rows weighted by it. Storage may be bf16 or fp32; products and sums are
+// fp32 (bf16 pairs through `_mm512_dpbf16_ps` where the CPU has AVX512-BF16). Rows are contiguous
+// only within a block, so the hardware prefetcher loses the stream at every block boundary: pass 1
+// prefetches the K and V rows 16 tokens ahead, and the next request's rows into L2 while it works.
+//
+// It returns fp32 outputs and each head's log-sum-exp, so a caller can merge it with attention over
+// another part of the context: the shared prefix, which `prefix_attention` (bf16) attends to for all
+// requests at once. There, per KV head, the B x group queries and the prefix's keys are two small
+// GEMMs on bf16 pairs (register-blocked micro-kernels over K and V repacked once per call); the
+// probabilities are rounded to bf16 for the second, as torch's fused CPU attention does.
 
-One query token per request attends to its context, whose K/V rows lie scattered over the pool.
-The torch path copies every context row into a dense tensor (a gather) and then runs SDPA over the
-copy: each K/V byte crosses memory three times. This kernel reads each row once, in place.
-
-Per request (the unit of parallel work, `at::parallel_for`): pass 1 walks the context's slots 16
-tokens at a time and scores every query head against its KV head's key (the K row of all KV heads
-is contiguous, so a row is fetched from memory once for all heads); the exact softmax follows;
-pass 2 sums the value rows weighted by it. Storage may be bf16 or fp32; products and sums are
-fp32 (bf16 pairs through `_mm512_dpbf16_ps` where the CPU has AVX512-BF16). Rows are contiguous
-only within a block, so the hardware prefetcher loses the stream at every block boundary: pass 1
-prefetches the K and V rows 16 tokens ahead, and the next request's rows into L2 while it works.
-
-It returns fp32 outputs and each head's log-sum-exp, so a caller can merge it with attention over
-another part of the context: the shared prefix, which `prefix_attention` (bf16) attends to for all
-requests at once. There, per KV head, the B x group queries and the prefix's keys are two small
-GEMMs on bf16 pairs (register-blocked micro-kernels over K and V repacked once per call); the
-probabilities are rounded to bf16 for the second, as torch's fused CPU attention does. Built with g++ through torch's extension loader
-(`-march=native`, cached under TORCH_EXTENSIONS_DIR, a few seconds the first time); where the CPU
-lacks AVX-512 or the build fails, `decode_attention_kernel()` is None and callers keep the torch path.
-"""
-
-from __future__ import annotations
-
-import functools
-import hashlib
-import logging
-from collections.abc import Callable
-from pathlib import Path
-
-import torch
-
-logger = logging.getLogger(__name__)
-
-_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,27 +29,15 @@ _SOURCE = r"""
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 namespace {
+
+using namespace tokenmill;
 
 // Pass 1 prefetches the K and V rows of the token this far ahead: rows are contiguous only within
 // a block, so the hardware prefetcher loses the stream at each block boundary.
 constexpr int64_t kPrefetchTokens = 16;
-
-// exp(x) to about 1 ulp (Cephes' expf polynomial), 16 lanes at a time.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
-}
 
 // Lane i of the result is the sum of v[i]'s 16 lanes: 16 dot products finished at once, in 15
 // adds and 30 shuffles instead of 16 separate horizontal reductions.
@@ -111,36 +82,6 @@ struct Head<float, D> {
     for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], scale));
   }
 };
-
-// A bf16 is the top half of an fp32: of 32 bf16 loaded as 16 32-bit lanes, a shift gives the even
-// elements as fp32 and a mask the odd ones. Values are accumulated in that even/odd order and
-// interleaved back once, at the end.
-inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
-inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))); }
-
-// acc + a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in each fp32 lane i, of a and b holding 32 bf16 each.
-inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
-#ifdef __AVX512BF16__
-  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-  return _mm512_fmadd_ps(odd_bf16(a), odd_bf16(b), _mm512_fmadd_ps(even_bf16(a), even_bf16(b), acc));
-#endif
-}
-
-// 32 fp32 (low: elements 0-15, high: 16-31) rounded to nearest-even bf16, in order.
-inline __m512i to_bf16(__m512 low, __m512 high) {
-#ifdef __AVX512BF16__
-  return (__m512i)_mm512_cvtne2ps_pbh(high, low);
-#else
-  auto round = [](__m512 x) {
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  };
-  return _mm512_inserti64x4(_mm512_castsi256_si512(round(low)), round(high), 1);
-#endif
-}
 
 template <int D>
 struct Head<c10::BFloat16, D> {
@@ -196,14 +137,14 @@ struct Head<c10::BFloat16, D> {
 inline float exponentiate(float* s, int64_t n, float* lse) {
   __m512 max16 = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 valid = tail_mask(n - t);
     max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
   }
   const float max_score = _mm512_reduce_max_ps(max16);
   max16 = _mm512_set1_ps(max_score);
   __m512 sum16 = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 valid = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 valid = tail_mask(n - t);
     __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
     _mm512_mask_storeu_ps(s + t, valid, p);
     sum16 = _mm512_add_ps(sum16, p);
@@ -250,7 +191,7 @@ void attend_request(const T* query, const T* key_cache, const T* value_cache, co
       prefetch_row<_MM_HINT_T1>(key_cache + next_slots[t] * row, row * sizeof(T));
       prefetch_row<_MM_HINT_T1>(value_cache + next_slots[t] * row, row * sizeof(T));
     }
-    const __mmask16 valid = n - t0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t0)) - 1);
+    const __mmask16 valid = tail_mask(n - t0);
     for (int64_t h = 0; h < heads; ++h) {
       const Head<T, D> head(query + h * D);
       const int64_t offset = (h / group) * D;
@@ -514,61 +455,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
 
 }  // namespace
 
-TORCH_LIBRARY(tokenmill, m) {
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
         "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
   m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots) -> "
         "(Tensor, Tensor)", &prefix_attention);
 }
-"""
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
-
-# (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
-#  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
-DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                 tuple[torch.Tensor, torch.Tensor]]
-# (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64) -> (out [B, heads, D] fp32,
-#  lse [B, heads] fp32): attention of every query to the same P slots.
-PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                 tuple[torch.Tensor, torch.Tensor]]
-
-
-def _cpu_key() -> str:
-    """Names the build after this CPU's instruction sets: it is compiled with -march=native, and a
-    build cache shared between machines (a home folder on a cluster) must not hand it to another CPU."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        cpuinfo = ""
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
-
-
-@functools.cache
-def _build() -> bool:
-    """Compiles (or loads from its cache) the kernels; False where they cannot run (no AVX-512, no compiler)."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
-        load_inline(f"tokenmill_decode_attention_{_cpu_key()}", cpp_sources=[_SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    is_python_module=False, no_implicit_headers=True)
-    except Exception as exc:  # no compiler, an old torch: the torch path still works
-        logger.warning("decode attention kernels unavailable, using gather + SDPA: %s", exc)
-        return False
-    return True
-
-
-def decode_attention_kernel() -> DecodeAttentionKernel | None:
-    """The decode kernel, or None where it cannot run."""
-    return torch.ops.tokenmill.decode_attention if _build() else None
-
-
-def prefix_attention_kernel() -> PrefixAttentionKernel | None:
-    """The shared-prefix kernel (bf16 only), or None where it cannot run."""
-    return torch.ops.tokenmill.prefix_attention if _build() else None

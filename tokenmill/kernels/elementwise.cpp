@@ -1,0 +1,208 @@
+// The elementwise steps of a decoder layer, each fused into one pass over bf16 rows: the residual
+// add with the RMSNorm that follows it, rope with the K/V writes into the pool, SiLU(gate) * up.
+// In torch each is 3-9 ops of a few microseconds, dominated by dispatch at decode batch sizes.
+// Each rounds to bf16 exactly where the torch ops it replaces do, with the same fp32 arithmetic
+// in between, so outputs match those ops bit for bit except where the order of RMSNorm's fp32 sum
+// or a 1-ulp difference of exp moves a rounding.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "common.h"
+
+namespace {
+
+using namespace tokenmill;
+using bf16 = c10::BFloat16;
+
+// Rows per unit of parallel work, so each holds at least ~16k elements: at decode batch sizes the
+// whole op is a few microseconds, less than waking the second thread costs.
+int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements)); }
+
+void check_bf16_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, " must be bf16");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be [rows, n] with contiguous rows");
+}
+
+// The sum of the squares of a bf16 row, in fp32, added in exactly the order torch's CPU sum
+// kernel adds `x.float().pow(2)` along a contiguous row, so that RMSNorm's results are bit for bit
+// those of the torch ops. That kernel is dispatched at its AVX2 build even on AVX-512 CPUs (torch
+// 2.x), hence 8-lane vectors: 4 interleaved accumulators over groups of 4 vectors, cascaded every
+// 2^4 (or more) groups, the 4 summed in turn, then the elements past the last vector and the 8
+// lanes one by one into a scalar. tests/test_kernels.py checks the match.
+float sum_of_squares(const bf16* x, int64_t n) {
+  auto square = [&](int64_t v) {
+    const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * v))), 16));
+    return _mm256_mul_ps(a, a);
+  };
+  constexpr int kLevels = 4, kInterleave = 4;
+  const int64_t vectors = n / 8, groups = vectors / kInterleave;
+  int64_t ceil_log2 = 1;
+  while (groups > 2 && (int64_t{1} << ceil_log2) < groups) ++ceil_log2;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
+  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
+  __m256 acc[kLevels][kInterleave];
+  for (auto& level : acc) for (auto& a : level) a = _mm256_setzero_ps();
+  int64_t g = 0;
+  while (g + level_step <= groups) {
+    for (int64_t j = 0; j < level_step; ++j, ++g) {
+      for (int k = 0; k < kInterleave; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], square(g * kInterleave + k));
+    }
+    for (int level = 1; level < kLevels; ++level) {
+      for (int k = 0; k < kInterleave; ++k) {
+        acc[level][k] = _mm256_add_ps(acc[level][k], acc[level - 1][k]);
+        acc[level - 1][k] = _mm256_setzero_ps();
+      }
+      if ((g & (level_mask << (level * level_power))) != 0) break;
+    }
+  }
+  for (; g < groups; ++g) {
+    for (int k = 0; k < kInterleave; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], square(g * kInterleave + k));
+  }
+  for (int level = 1; level < kLevels; ++level) {
+    for (int k = 0; k < kInterleave; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[level][k]);
+  }
+  for (int64_t v = groups * kInterleave; v < vectors; ++v) acc[0][0] = _mm256_add_ps(acc[0][0], square(v));
+  for (int k = 1; k < kInterleave; ++k) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+  float total = 0.0f;
+  for (int64_t i = vectors * 8; i < n; ++i) {
+    const float a = static_cast<float>(x[i]);
+    total += a * a;
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc[0][0]);
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+// residual + x (when a residual is given; torch: one bf16 add), then RMSNorm as transformers
+// computes it: in fp32, x * rsqrt(mean(x^2) + eps), rounded to bf16, times the weight, rounded.
+// Returns (normed, residual + x).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_bf16_rows(x, "x");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == x.size(1),
+              "weight must be bf16 [n]");
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor summed = x;
+  if (residual.has_value()) {
+    check_bf16_rows(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual and x shapes differ");
+    summed = at::empty({rows, n}, x.options());
+  }
+  at::Tensor normed = at::empty({rows, n}, x.options());
+  const bf16* w = weight.data_ptr<bf16>();
+  at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* in = x.data_ptr<bf16>() + r * x.stride(0);
+      bf16* h = summed.data_ptr<bf16>() + r * summed.stride(0);
+      if (residual.has_value()) {
+        const bf16* res = residual->data_ptr<bf16>() + r * residual->stride(0);
+        for (int64_t i = 0; i < n; i += 16) {
+          const __mmask16 m = tail_mask(n - i);
+          store_bf16(h + i, _mm512_add_ps(load_bf16(res + i, m), load_bf16(in + i, m)), m);
+        }
+      }
+      const float mean = sum_of_squares(h, n) / static_cast<float>(n);
+      const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(mean + static_cast<float>(eps)));
+      bf16* out = normed.data_ptr<bf16>() + r * n;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 scaled = bf16_round_trip(_mm512_mul_ps(load_bf16(h + i, m), scale));
+        store_bf16(out + i, _mm512_mul_ps(scaled, load_bf16(w + i, m)), m);
+      }
+    }
+  });
+  return {normed, summed};
+}
+
+// Rope on the query and key heads of each token (transformers' rotate-half form, with the sin table's
+// first half negated: x * cos + rotate(x) * sin, each product and the sum rounded to bf16 as the
+// torch ops do); the roped keys and the values go into the pool at the token's slot, the roped
+// queries into the returned [T, heads, D].
+at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin_signed,
+                      at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slot_mapping) {
+  const int64_t tokens = qk.size(0), qk_heads = qk.size(1), head_dim = qk.size(2), kv_heads = v.size(1);
+  const int64_t heads = qk_heads - kv_heads, half = head_dim / 2;
+  TORCH_CHECK(qk.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+              key_cache.scalar_type() == at::kBFloat16 && value_cache.scalar_type() == at::kBFloat16 &&
+              cos.scalar_type() == at::kBFloat16 && sin_signed.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.stride(1) == head_dim && v.dim() == 3 && v.stride(2) == 1 &&
+              v.stride(1) == head_dim && v.size(0) == tokens && v.size(2) == head_dim && heads > 0,
+              "qk [T, heads + kv_heads, D] and v [T, kv_heads, D], heads contiguous");
+  TORCH_CHECK(head_dim % 32 == 0, "head_dim must be a multiple of 32");
+  TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.sizes() == sin_signed.sizes() &&
+              cos.size(0) == tokens && cos.size(1) == head_dim, "cos, sin [T, D]");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 3 &&
+              key_cache.size(1) == kv_heads && key_cache.size(2) == head_dim &&
+              value_cache.sizes() == key_cache.sizes(), "key/value cache [slots, kv_heads, D]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+              slot_mapping.numel() == tokens, "int64 slot per token");
+  at::Tensor q = at::empty({tokens, heads, head_dim}, qk.options());
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  bf16* keys = key_cache.data_ptr<bf16>();
+  bf16* values = value_cache.data_ptr<bf16>();
+  at::parallel_for(0, tokens, grain(qk_heads * head_dim), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const bf16* c = cos.data_ptr<bf16>() + t * head_dim;
+      const bf16* s = sin_signed.data_ptr<bf16>() + t * head_dim;
+      for (int64_t h = 0; h < qk_heads; ++h) {
+        const bf16* x = qk.data_ptr<bf16>() + t * qk.stride(0) + h * head_dim;
+        bf16* out = h < heads ? q.data_ptr<bf16>() + (t * heads + h) * head_dim
+                              : keys + (slots[t] * kv_heads + h - heads) * head_dim;
+        for (int64_t i = 0; i < head_dim; i += 16) {
+          const __m512 straight = bf16_round_trip(_mm512_mul_ps(load_bf16(x + i, 0xFFFF), load_bf16(c + i, 0xFFFF)));
+          const __m512 rotated = bf16_round_trip(
+              _mm512_mul_ps(load_bf16(x + (i + half) % head_dim, 0xFFFF), load_bf16(s + i, 0xFFFF)));
+          store_bf16(out + i, _mm512_add_ps(straight, rotated), 0xFFFF);
+        }
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const bf16* x = v.data_ptr<bf16>() + t * v.stride(0) + h * head_dim;
+        std::copy(x, x + head_dim, values + (slots[t] * kv_heads + h) * head_dim);
+      }
+    }
+  });
+  return q;
+}
+
+// gate_up [T, 2I] -> SiLU(gate) * up [T, I]: SiLU in fp32 rounded to bf16, then the bf16 product.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_bf16_rows(gate_up, "gate_up");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
+  at::Tensor out = at::empty({rows, n}, gate_up.options());
+  at::parallel_for(0, rows, grain(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* gate = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
+      const bf16* up = gate + n;
+      bf16* o = out.data_ptr<bf16>() + r * n;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 g = load_bf16(gate + i, m);
+        const __m512 silu = bf16_round_trip(
+            _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(up + i, m)), m);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);
+  m.def("rope_store(Tensor qk, Tensor v, Tensor cos, Tensor sin_signed, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> Tensor", &rope_store);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+}
