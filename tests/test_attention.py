@@ -77,16 +77,21 @@ def test_decode_kernel_scores_extreme_values_stably() -> None:
                          [(64, 3, 3, 64, 512), (5, 2, 4, 128, 37), (3, 3, 3, 64, 1), (7, 4, 1, 64, 100)])
 def test_prefix_kernel_equals_dense_attention(batch: int, kv_heads: int, group: int, head_dim: int,
                                               prefix_len: int) -> None:
-    """Every request's queries against one shared prefix: query counts and prefix lengths off the tile sizes."""
+    """Every request's queries against one shared prefix, merged with the attention to its own suffix:
+    query counts and prefix lengths off the tile sizes."""
     torch.manual_seed(0)
-    pool = torch.randn(2, 2000, kv_heads, head_dim).to(torch.bfloat16)
-    prefix_slots = torch.randperm(2000)[:prefix_len]
+    pool = torch.randn(2, 4000, kv_heads, head_dim).to(torch.bfloat16)
+    slots = torch.randperm(4000)
+    prefix_slots = slots[:prefix_len]
+    suffix_lens = torch.randint(1, 40, (batch,)).tolist()
+    suffixes = list(slots[prefix_len:prefix_len + sum(suffix_lens)].split(suffix_lens))
     q = torch.randn(batch, kv_heads * group, head_dim).to(torch.bfloat16)
-    out, lse = prefix_attention_kernel()(q, pool[0], pool[1], prefix_slots)
-    expected_out, expected_lse = dense_reference(q, pool, [prefix_slots] * batch)
-    # The probabilities are rounded to bf16 for the second product, as torch's fused CPU attention does.
-    torch.testing.assert_close(out, expected_out, atol=5e-3, rtol=1e-2)
-    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+    suffix_out, suffix_lse = dense_reference(q, pool, suffixes)
+    out = prefix_attention_kernel()(q, pool[0], pool[1], prefix_slots, suffix_out, suffix_lse)
+    expected, _ = dense_reference(q, pool, [torch.cat((prefix_slots, s)) for s in suffixes])
+    assert out.dtype == torch.bfloat16
+    # bf16 outputs; the prefix's probabilities are rounded to bf16 too, as torch's fused CPU attention does.
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

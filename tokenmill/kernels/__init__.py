@@ -30,10 +30,11 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 #  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
 DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]]
-# (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64) -> (out [B, heads, D] fp32,
-#  lse [B, heads] fp32): attention of every query to the same P slots.
-PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                 tuple[torch.Tensor, torch.Tensor]]
+# (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64, suffix_out [B, heads, D] fp32,
+#  suffix_lse [B, heads] fp32) -> out [B, heads, D] bf16: attention of every query to the same P slots,
+#  merged with its attention to the rest of its context (the decode kernel's outputs).
+PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 torch.Tensor]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("attention.cpp", "elementwise.cpp")]
 

@@ -299,10 +299,12 @@ inline void score_tile(const uint32_t* const* q, const uint32_t* packed_keys, __
   }
 }
 
-// Outputs of kRows queries: their bf16 probability pairs times the packed values, times 1 / sum.
+// Outputs of kRows queries, merged with their suffix attention: the bf16 probability pairs times the
+// packed values, times prefix_scale, plus suffix times suffix_scale, rounded to bf16.
 template <int D>
 inline void value_tile(const uint32_t* const* probs, int64_t pairs, const uint32_t* packed_values,
-                       const float* inv_sums, float* const* out) {
+                       const float* prefix_scale, const float* const* suffix, const float* suffix_scale,
+                       c10::BFloat16* const* out) {
   constexpr int kChunks = D / 16, kRows = 16 / kChunks;  // 16 accumulators
   __m512 acc[kRows][kChunks];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
@@ -315,14 +317,19 @@ inline void value_tile(const uint32_t* const* probs, int64_t pairs, const uint32
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    const __m512 scale = _mm512_set1_ps(inv_sums[r]);
-    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out[r] + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+    const __m512 scale = _mm512_set1_ps(prefix_scale[r]), weight = _mm512_set1_ps(suffix_scale[r]);
+    for (int c = 0; c < kChunks; ++c) {
+      const __m512 own = _mm512_loadu_ps(suffix[r] + 16 * c);
+      const __m512 merged = _mm512_fmadd_ps(own, weight, _mm512_mul_ps(acc[r][c], scale));
+      store_bf16(out[r] + 16 * c, merged, 0xFFFF);
+    }
   }
 }
 
 template <int D>
 void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                   const at::Tensor& prefix_slots, at::Tensor& out, at::Tensor& lse) {
+                   const at::Tensor& prefix_slots, const at::Tensor& suffix_out, const at::Tensor& suffix_lse,
+                   at::Tensor& out) {
   const int64_t batch = query.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
   const int64_t group = heads / kv_heads, queries = batch * group, n = prefix_slots.size(0);
   const int64_t n_pad = (n + 16 * kKeyTiles - 1) / (16 * kKeyTiles) * (16 * kKeyTiles);
@@ -331,8 +338,9 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
   const auto* k = reinterpret_cast<const uint32_t*>(key_cache.data_ptr<c10::BFloat16>());
   const auto* v = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<c10::BFloat16>());
   const int64_t* slots = prefix_slots.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  float* l = lse.data_ptr<float>();
+  const float* suffix = suffix_out.data_ptr<float>();
+  const float* suffix_l = suffix_lse.data_ptr<float>();
+  auto* o = out.data_ptr<c10::BFloat16>();
   std::vector<uint32_t> packed_keys(kv_heads * n_pad * D / 2), packed_values(kv_heads * n_pad * D / 2);
   at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -346,8 +354,10 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
   at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     // Scores, then in place their bf16 probability pairs; one spare row for padding queries.
     std::vector<float> scores((kQueriesPerTask + 1) * n_pad);
-    std::vector<float> inv_sums(kQueriesPerTask);
-    std::vector<float> spare_out(D);
+    // Per query, the weights of its prefix and suffix parts: exp(lse_part - lse_whole), with the
+    // prefix's 1 / sum folded in.
+    std::vector<float> prefix_scale(kQueriesPerTask), suffix_scale(kQueriesPerTask);
+    std::vector<c10::BFloat16> spare_out(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kQueriesPerTask;
       const int64_t count = std::min(kQueriesPerTask, queries - first);
@@ -369,7 +379,13 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
       }
       for (int64_t r = 0; r < count; ++r) {
         float* s = scores.data() + r * n_pad;
-        inv_sums[r] = 1.0f / exponentiate(s, n, l + index(first + r));
+        float prefix_lse;
+        const float sum = exponentiate(s, n, &prefix_lse);
+        const float suffix_lse_r = suffix_l[index(first + r)];
+        const float top = std::max(prefix_lse, suffix_lse_r);
+        const float whole = top + std::log(std::exp(prefix_lse - top) + std::exp(suffix_lse_r - top));
+        prefix_scale[r] = std::exp(prefix_lse - whole) / sum;
+        suffix_scale[r] = std::exp(suffix_lse_r - whole);
         std::fill(s + n, s + n_pad, 0.0f);
         auto* probs = reinterpret_cast<__m512i*>(s);  // bf16 pairs over the first half of the row
         for (int64_t t = 0; t < n_pad; t += 32) {
@@ -380,22 +396,28 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
       const uint32_t* head_values = packed_values.data() + g * n_pad * D / 2;
       for (int64_t r0 = 0; r0 < count; r0 += kRows) {
         const uint32_t* probs[kRows];
-        float* outs[kRows];
-        float inv[kRows];
+        const float* suffixes[kRows];
+        c10::BFloat16* outs[kRows];
+        float prefix_w[kRows], suffix_w[kRows];
         for (int r = 0; r < kRows; ++r) {
-          const bool real = r0 + r < count;
-          probs[r] = reinterpret_cast<const uint32_t*>(scores.data() + std::min(r0 + r, count - 1) * n_pad);
-          outs[r] = real ? o + index(first + r0 + r) * D : spare_out.data();
-          inv[r] = inv_sums[std::min(r0 + r, count - 1)];
+          const int64_t real = std::min(r0 + r, count - 1);  // padding rows repeat the last query
+          probs[r] = reinterpret_cast<const uint32_t*>(scores.data() + real * n_pad);
+          suffixes[r] = suffix + index(first + real) * D;
+          outs[r] = r0 + r < count ? o + index(first + real) * D : spare_out.data();
+          prefix_w[r] = prefix_scale[real];
+          suffix_w[r] = suffix_scale[real];
         }
-        value_tile<D>(probs, (n + 1) / 2, head_values, inv, outs);
+        value_tile<D>(probs, (n + 1) / 2, head_values, prefix_w, suffixes, suffix_w, outs);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                                    const at::Tensor& value_cache, const at::Tensor& prefix_slots) {
+// Attention over prefix + suffix from the prefix's part (computed here) and the suffix's (the decode
+// kernel's fp32 outputs and log-sum-exp), merged exactly by their log-sum-exp; bf16 out.
+at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& prefix_slots, const at::Tensor& suffix_out,
+                            const at::Tensor& suffix_lse) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
               "query [B, heads, D], key/value cache [slots, kv_heads, D]");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
@@ -405,14 +427,18 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& query, con
   TORCH_CHECK(prefix_slots.scalar_type() == at::kLong && prefix_slots.dim() == 1 && prefix_slots.size(0) >= 1,
               "int64 prefix slots, at least one");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
-  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({query.size(0), query.size(1)}, query.options().dtype(at::kFloat));
+  TORCH_CHECK(suffix_out.scalar_type() == at::kFloat && suffix_out.is_contiguous() &&
+              suffix_out.sizes() == query.sizes(), "suffix_out: fp32 [B, heads, D]");
+  TORCH_CHECK(suffix_lse.scalar_type() == at::kFloat && suffix_lse.is_contiguous() && suffix_lse.dim() == 2 &&
+              suffix_lse.size(0) == query.size(0) && suffix_lse.size(1) == query.size(1),
+              "suffix_lse: fp32 [B, heads]");
+  at::Tensor out = at::empty(query.sizes(), query.options());
   switch (query.size(2)) {
-    case 64: attend_prefix<64>(query, key_cache, value_cache, prefix_slots, out, lse); break;
-    case 128: attend_prefix<128>(query, key_cache, value_cache, prefix_slots, out, lse); break;
+    case 64: attend_prefix<64>(query, key_cache, value_cache, prefix_slots, suffix_out, suffix_lse, out); break;
+    case 128: attend_prefix<128>(query, key_cache, value_cache, prefix_slots, suffix_out, suffix_lse, out); break;
     default: TORCH_CHECK(false, "head_dim 64 or 128 only");
   }
-  return {out, lse};
+  return out;
 }
 
 template <typename T>
@@ -458,6 +484,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
         "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
-  m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots) -> "
-        "(Tensor, Tensor)", &prefix_attention);
+  m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots, "
+        "Tensor suffix_out, Tensor suffix_lse) -> Tensor", &prefix_attention);
 }

@@ -133,9 +133,8 @@ def _kernel_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, g: Attentio
     out, lse = kernel(q, kv_pool[0], kv_pool[1], g.context_slots, g.context_lens)
     prefix_kernel = prefix_attention_kernel() if q.dtype == torch.bfloat16 else None
     if g.shared_prefix_slots is not None and prefix_kernel is not None:
-        out_p, lse_p = prefix_kernel(q, kv_pool[0], kv_pool[1], g.shared_prefix_slots)
-        out = _merge(out_p, lse_p[..., None], out, lse[..., None])
-    elif g.shared_prefix_slots is not None:
+        return prefix_kernel(q, kv_pool[0], kv_pool[1], g.shared_prefix_slots, out, lse)
+    if g.shared_prefix_slots is not None:
         batch, kv_heads, head_dim = q.shape[0], kv_pool.shape[2], q.shape[2]
         qg = q.view(batch, kv_heads, -1, head_dim)
         out_p, lse_p = _prefix_attention(qg, kv_pool, g.shared_prefix_slots)
