@@ -132,9 +132,9 @@ struct Head<c10::BFloat16, D> {
   }
 };
 
-// Softmax numerators in place: s[t] = exp(s[t] - max) for t < n. Returns their sum; *lse gets the
-// log-sum-exp of the scores.
-inline float exponentiate(float* s, int64_t n, float* lse) {
+// Softmax numerators in place: s[t] = exp(s[t] - max) for t < n. Returns their sum; *max gets the
+// scores' maximum (the log-sum-exp is max + log(sum)).
+inline float exponentiate(float* s, int64_t n, float* max) {
   __m512 max16 = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 valid = tail_mask(n - t);
@@ -149,9 +149,8 @@ inline float exponentiate(float* s, int64_t n, float* lse) {
     _mm512_mask_storeu_ps(s + t, valid, p);
     sum16 = _mm512_add_ps(sum16, p);
   }
-  const float sum = _mm512_reduce_add_ps(sum16);
-  *lse = max_score + std::log(sum);
-  return sum;
+  *max = max_score;
+  return _mm512_reduce_add_ps(sum16);
 }
 
 template <int kHint>
@@ -204,7 +203,9 @@ void attend_request(const T* query, const T* key_cache, const T* value_cache, co
   // Softmax per head, then pass 2: the weighted sum of value rows (now in cache).
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * stride;
-    const float sum = exponentiate(s, n, lse + h);
+    float max_score;
+    const float sum = exponentiate(s, n, &max_score);
+    lse[h] = max_score + std::log(sum);
 
     // Tokens in turn feed kUnroll sets of accumulators: independent FMA chains, summed at the end.
     constexpr int kAccumulators = Head<T, D>::kAccumulators, kUnroll = 16 / kAccumulators;
@@ -356,7 +357,8 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
     std::vector<float> scores((kQueriesPerTask + 1) * n_pad);
     // Per query, the weights of its prefix and suffix parts: exp(lse_part - lse_whole), with the
     // prefix's 1 / sum folded in.
-    std::vector<float> prefix_scale(kQueriesPerTask), suffix_scale(kQueriesPerTask);
+    alignas(64) float prefix_scale[kQueriesPerTask], suffix_scale[kQueriesPerTask];
+    alignas(64) float row_max[kQueriesPerTask], row_sum[kQueriesPerTask], suffix_lse_rows[kQueriesPerTask];
     std::vector<c10::BFloat16> spare_out(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kQueriesPerTask;
@@ -379,18 +381,29 @@ void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const a
       }
       for (int64_t r = 0; r < count; ++r) {
         float* s = scores.data() + r * n_pad;
-        float prefix_lse;
-        const float sum = exponentiate(s, n, &prefix_lse);
-        const float suffix_lse_r = suffix_l[index(first + r)];
-        const float top = std::max(prefix_lse, suffix_lse_r);
-        const float whole = top + std::log(std::exp(prefix_lse - top) + std::exp(suffix_lse_r - top));
-        prefix_scale[r] = std::exp(prefix_lse - whole) / sum;
-        suffix_scale[r] = std::exp(suffix_lse_r - whole);
+        row_sum[r] = exponentiate(s, n, row_max + r);
+        suffix_lse_rows[r] = suffix_l[index(first + r)];
         std::fill(s + n, s + n_pad, 0.0f);
         auto* probs = reinterpret_cast<__m512i*>(s);  // bf16 pairs over the first half of the row
         for (int64_t t = 0; t < n_pad; t += 32) {
           _mm512_storeu_si512(probs + t / 32, to_bf16(_mm512_loadu_ps(s + t), _mm512_loadu_ps(s + t + 16)));
         }
+      }
+      {
+        // The parts' weights, exp(lse_part - lse_whole), without logs: with m the larger of the prefix's
+        // max score and the suffix's log-sum-exp, the prefix's is sum * e / (sum * e + e_s), where
+        // e = exp(max - m) and e_s = exp(lse_suffix - m), and it is divided by sum for the
+        // unnormalized prefix outputs; the suffix's is e_s / (sum * e + e_s).
+        static_assert(kQueriesPerTask == 16, "one vector of queries");
+        const __mmask16 valid = tail_mask(count);
+        const __m512 max = _mm512_maskz_loadu_ps(valid, row_max), sum = _mm512_maskz_loadu_ps(valid, row_sum);
+        const __m512 suffix_lse16 = _mm512_maskz_loadu_ps(valid, suffix_lse_rows);
+        const __m512 top = _mm512_max_ps(max, suffix_lse16);
+        const __m512 prefix_part = exp16(_mm512_sub_ps(max, top));
+        const __m512 suffix_part = exp16(_mm512_sub_ps(suffix_lse16, top));
+        const __m512 whole = _mm512_fmadd_ps(sum, prefix_part, suffix_part);
+        _mm512_store_ps(prefix_scale, _mm512_maskz_div_ps(valid, prefix_part, whole));
+        _mm512_store_ps(suffix_scale, _mm512_maskz_div_ps(valid, suffix_part, whole));
       }
       constexpr int kRows = 16 / (D / 16);
       const uint32_t* head_values = packed_values.data() + g * n_pad * D / 2;
