@@ -39,6 +39,9 @@ using namespace tokenmill;
 // a block, so the hardware prefetcher loses the stream at each block boundary.
 constexpr int64_t kPrefetchTokens = 16;
 
+// Query heads per request that the decode kernel supports (its per-head scratch is on the stack).
+constexpr int64_t kMaxHeads = 256;
+
 // Lane i of the result is the sum of v[i]'s 16 lanes: 16 dot products finished at once, in 15
 // adds and 30 shuffles instead of 16 separate horizontal reductions.
 inline __m512 sum_lanes16(const __m512* v) {
@@ -75,8 +78,8 @@ struct Head<float, D> {
     for (int c = 1; c < D / 16; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + 16 * c), acc);
     return acc;
   }
-  static void accumulate(__m512 weight, const float* value, __m512* acc) {
-    for (int c = 0; c < D / 16; ++c) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + 16 * c), acc[c]);
+  static void load_value(const float* value, __m512* v) {
+    for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_ps(value + 16 * c);
   }
   static void store(const __m512* acc, __m512 scale, float* out) {
     for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], scale));
@@ -114,11 +117,11 @@ struct Head<c10::BFloat16, D> {
     return acc;
   }
 #endif
-  static void accumulate(__m512 weight, const c10::BFloat16* value, __m512* acc) {  // acc: even, odd, even, ...
+  static void load_value(const c10::BFloat16* value, __m512* v) {  // v: even, odd, even, ... elements
     for (int c = 0; c < D / 32; ++c) {
       __m512i x = _mm512_loadu_si512(value + 32 * c);
-      acc[2 * c] = _mm512_fmadd_ps(weight, even_bf16(x), acc[2 * c]);
-      acc[2 * c + 1] = _mm512_fmadd_ps(weight, odd_bf16(x), acc[2 * c + 1]);
+      v[2 * c] = even_bf16(x);
+      v[2 * c + 1] = odd_bf16(x);
     }
   }
   static void store(const __m512* acc, __m512 scale, float* out) {
@@ -200,29 +203,33 @@ void attend_request(const T* query, const T* key_cache, const T* value_cache, co
     }
   }
 
-  // Softmax per head, then pass 2: the weighted sum of value rows (now in cache).
+  // Softmax per head, then pass 2: the weighted sums of value rows (now in cache), the query heads
+  // of a KV head together, so that each value row is loaded and widened once for all of them.
+  float inv_sums[kMaxHeads];
   for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores + h * stride;
     float max_score;
-    const float sum = exponentiate(s, n, &max_score);
+    const float sum = exponentiate(scores + h * stride, n, &max_score);
     lse[h] = max_score + std::log(sum);
-
-    // Tokens in turn feed kUnroll sets of accumulators: independent FMA chains, summed at the end.
-    constexpr int kAccumulators = Head<T, D>::kAccumulators, kUnroll = 16 / kAccumulators;
-    __m512 acc[kUnroll][kAccumulators];
-    for (auto& set : acc) for (auto& a : set) a = _mm512_setzero_ps();
-    const T* values = value_cache + (h / group) * D;
-    int64_t t = 0;
-    for (; t + kUnroll <= n; t += kUnroll) {
-      for (int u = 0; u < kUnroll; ++u) {
-        Head<T, D>::accumulate(_mm512_set1_ps(s[t + u]), values + slots[t + u] * row, acc[u]);
+    inv_sums[h] = 1.0f / sum;
+  }
+  constexpr int kAccumulators = Head<T, D>::kAccumulators, kHeadsPerWalk = 16 / kAccumulators;
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    const T* values = value_cache + g * D;
+    for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += kHeadsPerWalk) {
+      const int64_t count = std::min<int64_t>(kHeadsPerWalk, (g + 1) * group - h0);
+      __m512 acc[kHeadsPerWalk][kAccumulators];
+      for (auto& set : acc) for (auto& a : set) a = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        __m512 v[kAccumulators];
+        Head<T, D>::load_value(values + slots[t] * row, v);
+        for (int j = 0; j < kHeadsPerWalk; ++j) {
+          if (j == count) break;
+          const __m512 weight = _mm512_set1_ps(scores[(h0 + j) * stride + t]);
+          for (int c = 0; c < kAccumulators; ++c) acc[j][c] = _mm512_fmadd_ps(weight, v[c], acc[j][c]);
+        }
       }
+      for (int j = 0; j < count; ++j) Head<T, D>::store(acc[j], _mm512_set1_ps(inv_sums[h0 + j]), out + (h0 + j) * D);
     }
-    for (; t < n; ++t) Head<T, D>::accumulate(_mm512_set1_ps(s[t]), values + slots[t] * row, acc[0]);
-    for (int u = 1; u < kUnroll; ++u) {
-      for (int c = 0; c < kAccumulators; ++c) acc[0][c] = _mm512_add_ps(acc[0][c], acc[u][c]);
-    }
-    Head<T, D>::store(acc[0], _mm512_set1_ps(1.0f / sum), out + h * D);
   }
 }
 
@@ -478,6 +485,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
               "query and cache dtypes differ");
   TORCH_CHECK(context_slots.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 indices");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
+  TORCH_CHECK(query.size(1) <= kMaxHeads, "at most ", kMaxHeads, " query heads");
   TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= context_slots.size(1),
               "every request needs 1..max_context context tokens");
   at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
