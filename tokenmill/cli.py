@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run, serve, batched, job_parser):
         sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
         sub.add_argument("--max-num-seqs", type=int, default=128)
-        sub.add_argument("--max-num-batched-tokens", type=int, default=1024)
+        sub.add_argument("--max-num-batched-tokens", type=int, default=256)
         sub.add_argument("--kv-cache-memory", type=_memory, default=0.2, help="bytes, or a fraction of free RAM")
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,7 @@ Conversation = list[dict[str, Any]]
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", max_num_seqs: int = 128,
-                 max_num_batched_tokens: int = 1024, kv_cache_memory: int | float = 0.2,
+                 max_num_batched_tokens: int = 256, kv_cache_memory: int | float = 0.2,
                  enable_prefix_caching: bool = True, block_size: int = 16, max_model_len: int | None = None) -> None:
         self.engine = Engine(EngineConfig(model, dtype, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
                                           enable_prefix_caching, block_size, max_model_len))
