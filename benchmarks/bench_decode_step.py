@@ -4,8 +4,8 @@
                                                      [--dtype bfloat16] [--profile]
 
 B requests with random prompts of PROMPT tokens (one prompt shared by all with --shared) are
-prefilled, then STEPS decode steps are timed one by one; the median step is printed. With
---profile, torch.profiler's table over the last steps follows.
+prefilled, then STEPS decode steps of all B together are timed one by one; the median step is
+printed. With --profile, torch.profiler's table over the last steps follows.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from tokenmill.bench import run_to_completion
 from tokenmill.engine.engine import Engine, EngineConfig
 from tokenmill.sampling_params import SamplingParams
 
@@ -35,12 +36,14 @@ def main() -> None:
     rng = random.Random(0)
     vocab = engine.runner.model.config.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(args.prompt)]
+    prompts = {f"r{i}": shared if args.shared else [rng.randrange(3, vocab) for _ in range(args.prompt)]
+               for i in range(args.batch)}
+    # All prompts first, then all sequences decode in lockstep (as `tokenmill bench batched` does).
+    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
+                                       for i, p in prompts.items()])
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
-    for i in range(args.batch):
-        prompt = shared if args.shared else [rng.randrange(3, vocab) for _ in range(args.prompt)]
-        engine.add_request(f"r{i}", None, prompt, params)
-    while not all(r.seqs[0].num_output_tokens > 0 for r in engine.requests.values()):
-        engine.step()
+    for i, prompt in prompts.items():
+        engine.add_request(i, None, prompt + first[i + "-pp"], params)
     for _ in range(2):  # warm-up decode steps
         engine.step()
 

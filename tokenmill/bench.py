@@ -62,23 +62,36 @@ def flops_per_token(engine: Engine) -> float:
     return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
 
 
+def run_to_completion(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, list[int]]:
+    """Adds the requests, steps until all are done; returns each one's output token ids."""
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, None, prompt, params)
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = output.outputs[0].token_ids
+    return outputs
+
+
 def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
     vocab = engine.runner.model.config.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(pp)]
     prompts = [shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)] for _ in range(b)]
-    # TG decode steps per sequence after the prompt, as llama-batched-bench: the prompt's own
-    # step yields the first token, so each sequence generates TG + 1.
-    params = SamplingParams(temperature=0, max_tokens=tg + 1, ignore_eos=True)
+    ids = [f"bench-{pp}-{tg}-{b}-{i}" for i in range(b)]
+    # NOTE: as in llama-batched-bench, every prompt is processed before any sequence decodes, so the
+    # B sequences decode TG steps in lockstep. (Run as one job, continuous batching would start
+    # decoding the first prompts while later ones are still prefilling, and count those tokens as
+    # decode throughput at a smaller batch.) The prompt phase runs each request to its first token;
+    # the decode phase submits prompt + that token again, which the prefix cache serves but for
+    # the one new token per sequence.
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"bench-{pp}-{tg}-{b}-{i}", None, prompt, params)
-    t_pp = None
-    while engine.has_unfinished_requests():
-        engine.step()
-        if t_pp is None and all(r.seqs[0].num_output_tokens > 0 for r in engine.requests.values()):
-            t_pp = time.perf_counter() - start
+    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
+                                        for i, p in zip(ids, prompts)])
+    t_pp = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True)
+    run_to_completion(engine, [(i, p + first[i + "-pp"], params) for i, p in zip(ids, prompts)])
     total = time.perf_counter() - start
-    t_pp = t_pp if t_pp is not None else total
     t_tg = total - t_pp
     n_kv = b * (pp + tg)  # as llama-batched-bench reports it, shared prompt or not
     prompt_tokens = pp if shared_prompt else b * pp
