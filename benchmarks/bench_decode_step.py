@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tokenmill.bench import run_to_completion
+from tokenmill.bench import check_lockstep, submit_after_prompts
 from tokenmill.engine.engine import Engine, EngineConfig
 from tokenmill.sampling_params import SamplingParams
 
@@ -32,18 +32,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1), kv_cache_memory=2 << 30))
+    engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1),
+                                 max_num_batched_tokens=max(args.batch * (args.prompt % 16 + 1), 256),
+                                 kv_cache_memory=2 << 30))
     rng = random.Random(0)
     vocab = engine.runner.model.config.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(args.prompt)]
     prompts = {f"r{i}": shared if args.shared else [rng.randrange(3, vocab) for _ in range(args.prompt)]
                for i in range(args.batch)}
     # All prompts first, then all sequences decode in lockstep (as `tokenmill bench batched` does).
-    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
-                                       for i, p in prompts.items()])
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
-    for i, prompt in prompts.items():
-        engine.add_request(i, None, prompt + first[i + "-pp"], params)
+    preemptions = submit_after_prompts(engine, prompts, params)
     for _ in range(2):  # warm-up decode steps
         engine.step()
 
@@ -53,6 +52,7 @@ def main() -> None:
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
+    check_lockstep(engine, prompts, {i: engine.requests[i].num_cached_tokens for i in prompts}, preemptions)
     print(f"B={args.batch} prompt={args.prompt}{' shared' if args.shared else ''} {args.dtype}: "
           f"decode step median {statistics.median(times) * 1e3:.1f} ms "
           f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {len(times)} steps")

@@ -1,13 +1,14 @@
 """Throughput of one mixed batch workload over a grid of scheduler settings (max_num_seqs x token budget).
 
     .venv/bin/python benchmarks/bench_scheduler.py [--seqs 32 64 128 256] [--budgets 256 512 1024 2048]
-                                                   [--dtype bfloat16] [--json PATH]
+                                                   [--prompt-only] [--dtype bfloat16] [--json PATH]
 
 Workload (default model): 192 support-ticket chat requests sharing one ~150-token system prompt
 (user messages of 20-60 tokens) and 32 long "documents" of 300-900 random tokens with no shared
 prefix; greedy, EOS ignored, max_tokens drawn from 16-128 per request, so that requests finish at
-different steps and the scheduler keeps refilling the batch. Each setting gets a fresh engine (an
-empty prefix cache) and a small warm-up; the whole generate call is timed.
+different steps and the scheduler keeps refilling the batch. With --prompt-only: 48 prompts of 800
+random tokens, max_tokens 1, no prefix cache (prompt processing alone). Each setting gets a fresh
+engine (an empty prefix cache) and a small warm-up; the whole generate call is timed.
 """
 
 from __future__ import annotations
@@ -39,10 +40,18 @@ def workload(llm: LLM, seed: int = 0) -> tuple[list[list[int]], list[SamplingPar
     return prompts, params
 
 
-def run(dtype: str, max_num_seqs: int, budget: int) -> dict[str, Any]:
-    llm = LLM(None, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, kv_cache_memory=2 << 30)
+def prompt_only_workload(llm: LLM, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = random.Random(seed)
+    vocab = llm.engine.runner.model.config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(800)] for _ in range(48)]
+    return prompts, [SamplingParams(temperature=0, max_tokens=1)] * len(prompts)
+
+
+def run(dtype: str, max_num_seqs: int, budget: int, prompt_only: bool) -> dict[str, Any]:
+    llm = LLM(None, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, kv_cache_memory=2 << 30,
+              enable_prefix_caching=not prompt_only)
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    prompts, params = workload(llm)
+    prompts, params = prompt_only_workload(llm) if prompt_only else workload(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -58,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--prompt-only", action="store_true", help="the prompt-only job instead of the mixed one")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
@@ -67,7 +77,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     for seqs in args.seqs:
         for budget in args.budgets:
-            r = run(args.dtype, seqs, budget)
+            r = run(args.dtype, seqs, budget, args.prompt_only)
             rows.append(r)
             print(f"| {seqs} | {budget} | {r['seconds']:.1f} | {r['output_tok_s']:.0f} | {r['computed_tok_s']:.0f} |",
                   flush=True)

@@ -25,3 +25,16 @@ def test_batched_grid_rows_and_plot(pps: bool, tmp_path: Path, tiny_models: dict
         assert r["T"] == pytest.approx(r["T_PP"] + r["T_TG"])
     assert plot_path.read_bytes()[:4] == b"\x89PNG"
     assert "| tokenmill | 16 | 4 | 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-num-seqs", "2"], "do not fit one step"),  # 3 sequences cannot decode together
+    (["--kv-cache-memory", str(14 * 4096)], "did not decode in lockstep"),  # 14 4-KiB blocks: prompts evicted
+])
+def test_batched_refuses_points_it_cannot_measure_in_lockstep(extra: list[str], message: str,
+                                                              tiny_models: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "batched", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--npp", "64",
+            "--ntg", "4", "--npl", "3", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

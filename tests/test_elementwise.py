@@ -34,10 +34,31 @@ def test_add_rms_norm_is_bit_exact(width: int, with_residual: bool) -> None:
     x = (torch.randn(33, width) * torch.rand(33, 1) * 20).to(torch.bfloat16)
     residual = torch.randn(33, width).to(torch.bfloat16) if with_residual else None
     weight = torch.randn(width).to(torch.bfloat16)
-    normed, summed = ops.add_rms_norm(x, residual, weight, 1e-5)
     expected_normed, expected_summed = torch_rms_norm(x, residual, weight, 1e-5)
-    assert torch.equal(summed, expected_summed)
+    if residual is None:
+        normed = ops.rms_norm(x, weight, 1e-5)
+    else:
+        normed, summed = ops.add_rms_norm(x, residual, weight, 1e-5)
+        assert torch.equal(summed, expected_summed)
     assert torch.equal(normed, expected_normed)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as bf16 bit patterns: NaN included, and denormals not confused with zero."""
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_denormals_and_nans_come_out_as_torch_rounds_them() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    x[0, 3] = float("nan")
+    tiny = torch.full((64,), 1e-38).to(torch.bfloat16)  # normed values * 1e-38: denormal products
+    assert same_bits(ops.rms_norm(x[1:], tiny, 1e-5), torch_rms_norm(x[1:], None, tiny, 1e-5)[0])
+    assert same_bits(ops.rms_norm(x, tiny, 1e-5), torch_rms_norm(x, None, tiny, 1e-5)[0])  # a NaN row
+    gate_up = torch.cat((torch.randn(4, 32), torch.full((4, 32), 1e-39)), dim=1).to(torch.bfloat16)
+    gate_up[1, 5] = float("nan")
+    gate, up = gate_up.split(32, dim=-1)
+    assert same_bits(ops.silu_mul(gate_up), torch.nn.functional.silu(gate).mul_(up))
 
 
 def test_rms_norm_module_uses_the_kernel_for_bf16_rows_only() -> None:

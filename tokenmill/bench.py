@@ -22,6 +22,7 @@ import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.models.linear import PackedLinear
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -62,36 +63,69 @@ def flops_per_token(engine: Engine) -> float:
     return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
 
 
-def run_to_completion(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, list[int]]:
-    """Adds the requests, steps until all are done; returns each one's output token ids."""
+def run_to_completion(engine: Engine,
+                      requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, RequestOutput]:
+    """Adds the requests, steps until all are done; returns each one's final output."""
     for request_id, prompt, params in requests:
         engine.add_request(request_id, None, prompt, params)
-    outputs: dict[str, list[int]] = {}
+    outputs: dict[str, RequestOutput] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
-                outputs[output.request_id] = output.outputs[0].token_ids
+                outputs[output.request_id] = output
     return outputs
 
 
+def submit_after_prompts(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> int:
+    """The prompt phase of a decode measurement in lockstep, as llama-batched-bench runs it.
+
+    Runs every prompt to its first token, then submits prompt + that token under `params`: the
+    prefix cache serves the prompt's full blocks, so the first step of the new requests is one
+    step for all of them and they decode together from there. Returns the preemption count to give
+    `check_lockstep` afterwards.
+    """
+    config, block = engine.config, engine.config.block_size
+    first_step = sum(len(p) % block + 1 for p in prompts.values())
+    if len(prompts) > config.max_num_seqs or first_step > config.max_num_batched_tokens:
+        raise ValueError(f"{len(prompts)} sequences, whose first decode step takes {first_step} tokens, do not fit "
+                         f"one step: raise max_num_seqs ({config.max_num_seqs}) or max_num_batched_tokens "
+                         f"({config.max_num_batched_tokens})")
+    if not config.enable_prefix_caching:
+        raise ValueError("a lockstep decode measurement needs the prefix cache")
+    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
+                                       for i, p in prompts.items()])
+    for i, prompt in prompts.items():
+        engine.add_request(i, None, prompt + first[i + "-pp"].outputs[0].token_ids, params)
+    return engine.scheduler.num_preemptions
+
+
+def check_lockstep(engine: Engine, prompts: dict[str, list[int]], cached: dict[str, int | None],
+                   preemptions: int) -> None:
+    """Raises unless every sequence found its prompt's full blocks cached and none was preempted."""
+    block = engine.config.block_size
+    if engine.scheduler.num_preemptions != preemptions or \
+            any((cached[i] or 0) < len(p) // block * block for i, p in prompts.items()):
+        raise RuntimeError("the sequences did not decode in lockstep (prompt blocks evicted from the prefix cache "
+                           "or sequences preempted): raise kv_cache_memory")
+
+
 def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
+    if tg < 1:
+        raise ValueError("TG must be at least 1")
     vocab = engine.runner.model.config.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(pp)]
-    prompts = [shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)] for _ in range(b)]
-    ids = [f"bench-{pp}-{tg}-{b}-{i}" for i in range(b)]
+    prompts = {f"bench-{pp}-{tg}-{b}-{i}": shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)]
+               for i in range(b)}
     # NOTE: as in llama-batched-bench, every prompt is processed before any sequence decodes, so the
     # B sequences decode TG steps in lockstep. (Run as one job, continuous batching would start
     # decoding the first prompts while later ones are still prefilling, and count those tokens as
-    # decode throughput at a smaller batch.) The prompt phase runs each request to its first token;
-    # the decode phase submits prompt + that token again, which the prefix cache serves but for
-    # the one new token per sequence.
+    # decode throughput at a smaller batch.)
     start = time.perf_counter()
-    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
-                                        for i, p in zip(ids, prompts)])
+    preemptions = submit_after_prompts(engine, prompts, SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True))
     t_pp = time.perf_counter() - start
-    params = SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True)
-    run_to_completion(engine, [(i, p + first[i + "-pp"], params) for i, p in zip(ids, prompts)])
+    outputs = run_to_completion(engine, [])
     total = time.perf_counter() - start
+    check_lockstep(engine, prompts, {i: o.num_cached_tokens for i, o in outputs.items()}, preemptions)
     t_tg = total - t_pp
     n_kv = b * (pp + tg)  # as llama-batched-bench reports it, shared prompt or not
     prompt_tokens = pp if shared_prompt else b * pp

@@ -118,9 +118,12 @@ def bench_command(args: argparse.Namespace) -> int:
         print(json.dumps(bench.job(engine, Path(args.input), Path(args.output)), indent=2))
         return 0
     gguf = Path(args.gguf) if args.gguf else (default_model_path() if args.model is None else None)
-    print(bench.batched(engine, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, args.llama_batched_bench,
-                        gguf, torch.get_num_threads(), Path(args.jsonl) if args.jsonl else None,
-                        Path(args.plot) if args.plot else None))
+    try:
+        print(bench.batched(engine, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, args.llama_batched_bench,
+                            gguf, torch.get_num_threads(), Path(args.jsonl) if args.jsonl else None,
+                            Path(args.plot) if args.plot else None))
+    except (ValueError, RuntimeError) as e:  # a point that cannot be measured in lockstep
+        return _fatal(str(e))
     return 0
 
 

@@ -6,7 +6,7 @@
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
-TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; about a minute the first time).
+TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here).
 Where the CPU lacks AVX-512 or the build fails, the accessors return None / False and callers keep
 their torch path.
 """
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_QUERY_HEADS = 256  # the decode kernel's per-request scratch (kMaxHeads in attention.cpp)
 
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
 #  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
@@ -36,18 +37,21 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
 PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  torch.Tensor]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("attention.cpp", "elementwise.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp")]
+# -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
+# -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 
-def _cpu_key() -> str:
-    """Names the build after this CPU's instruction sets: it is compiled with -march=native, and a
+def cpu_specific_name(name: str) -> str:
+    """Names a build after this CPU's instruction sets: it is compiled with -march=native, and a
     build cache shared between machines (a home folder on a cluster) must not hand it to another CPU."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux
         cpuinfo = ""
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{name}_{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
 @functools.cache
@@ -58,11 +62,8 @@ def _build() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
-        # -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
-        load(f"tokenmill_kernels_{_cpu_key()}", sources=[str(p) for p in _SOURCES],
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-             is_python_module=False)
+        load(cpu_specific_name("tokenmill_kernels"), sources=SOURCES, extra_cflags=CFLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # no compiler, an old torch: the torch paths still work
         logger.warning("tokenmill's CPU kernels are unavailable, using torch ops: %s", exc)
         return False
@@ -80,5 +81,5 @@ def prefix_attention_kernel() -> PrefixAttentionKernel | None:
 
 
 def fused_elementwise(dtype: torch.dtype) -> bool:
-    """Whether `torch.ops.tokenmill.{add_rms_norm, rope_store, silu_mul}` serve this dtype here (bf16 only)."""
+    """Whether the fused ops (`rms_norm`, `add_rms_norm`, `rope_store`, `silu_mul`) serve this dtype (bf16 only)."""
     return dtype == torch.bfloat16 and _build()

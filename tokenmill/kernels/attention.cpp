@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -113,7 +114,7 @@ struct Head<c10::BFloat16, D> {
     __m512 acc = _mm512_setzero_ps();
     for (int c = 0; c < D / 32; ++c) {
       __m512i x = _mm512_loadu_si512(key + 32 * c);
-      acc = _mm512_fmadd_ps(q_odd[c], odd_bf16(x), _mm512_fmadd_ps(q_even[c], even_bf16(x), acc));
+      acc = _mm512_fmadd_ps(q_even[c], even_bf16(x), _mm512_fmadd_ps(q_odd[c], odd_bf16(x), acc));  // as vdpbf16ps
     }
     return acc;
   }
@@ -454,7 +455,9 @@ at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key_cache
               value_cache.scalar_type() == at::kBFloat16, "bf16 only");
   TORCH_CHECK(prefix_slots.scalar_type() == at::kLong && prefix_slots.dim() == 1 && prefix_slots.size(0) >= 1,
               "int64 prefix slots, at least one");
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
+  TORCH_CHECK(query.size(0) >= 1 && key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 &&
+              query.size(2) == key_cache.size(2), "head shapes");
+  check_slots(prefix_slots, key_cache.size(0), "prefix_slots");
   TORCH_CHECK(suffix_out.scalar_type() == at::kFloat && suffix_out.is_contiguous() &&
               suffix_out.sizes() == query.sizes(), "suffix_out: fp32 [B, heads, D]");
   TORCH_CHECK(suffix_lse.scalar_type() == at::kFloat && suffix_lse.is_contiguous() && suffix_lse.dim() == 2 &&
@@ -490,10 +493,15 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
               "query and cache dtypes differ");
   TORCH_CHECK(context_slots.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 indices");
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2), "head shapes");
+  TORCH_CHECK(query.size(0) >= 1 && key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 &&
+              query.size(2) == key_cache.size(2), "head shapes");
   TORCH_CHECK(query.size(1) <= kMaxHeads, "at most ", kMaxHeads, " query heads");
-  TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && context_lens.max().item<int64_t>() <= context_slots.size(1),
+  TORCH_CHECK(context_slots.dim() == 2 && context_slots.size(0) == query.size(0) && context_lens.dim() == 1 &&
+              context_lens.size(0) == query.size(0), "context_slots [B, L] and context_lens [B]");
+  const auto [min_len, max_len] = at::aminmax(context_lens);
+  TORCH_CHECK(min_len.item<int64_t>() >= 1 && max_len.item<int64_t>() <= context_slots.size(1),
               "every request needs 1..max_context context tokens");
+  check_slots(context_slots, key_cache.size(0), "context_slots");
   at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({query.size(0), query.size(1)}, query.options().dtype(at::kFloat));
   switch (query.scalar_type()) {
@@ -510,7 +518,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+// The op namespace; a test builds a second copy (without AVX512-BF16) under another name.
+#ifndef TOKENMILL_OPS
+#define TOKENMILL_OPS tokenmill
+#endif
+
+TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
         "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
   m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots, "

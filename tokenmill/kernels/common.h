@@ -1,15 +1,17 @@
-// Vector helpers shared by the kernels: AVX-512, bf16 through AVX512-BF16 where the CPU has it.
+// Vector helpers shared by the kernels: AVX-512, bf16 dot products through AVX512-BF16 where the CPU has it.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <immintrin.h>
 
 #include <cstdint>
 
 namespace tokenmill {
 
-// exp(x) to about 1 ulp (Cephes' expf polynomial), 16 lanes at a time.
+// exp(x) to about 1 ulp (Cephes' expf polynomial), 16 lanes at a time; NaN stays NaN.
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-103.0f), x);  // max_ps returns its second operand when one is NaN
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -29,25 +31,24 @@ inline __m512 exp16(__m512 x) {
 inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
 inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))); }
 
-// acc + a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in each fp32 lane i, of a and b holding 32 bf16 each.
+// acc + a[2i + 1] * b[2i + 1] + a[2i] * b[2i] in each fp32 lane i, of a and b holding 32 bf16 each:
+// vdpbf16ps where the CPU has it, else two FMAs in the order it adds them (odd pair first).
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 #ifdef __AVX512BF16__
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 #else
-  return _mm512_fmadd_ps(odd_bf16(a), odd_bf16(b), _mm512_fmadd_ps(even_bf16(a), even_bf16(b), acc));
+  return _mm512_fmadd_ps(even_bf16(a), even_bf16(b), _mm512_fmadd_ps(odd_bf16(a), odd_bf16(b), acc));
 #endif
 }
 
-// 16 fp32 rounded to nearest-even bf16.
+// 16 fp32 rounded to nearest-even bf16 exactly as torch's vectorized conversion rounds them:
+// denormals kept (vcvtneps2bf16 would flush them to zero), every NaN made 0xFFFF.
 inline __m256i round_bf16(__m512 x) {
-#ifdef __AVX512BF16__
-  return (__m256i)_mm512_cvtneps_pbh(x);
-#else
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-#endif
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(rounded);
 }
 
 // 32 fp32 (low: elements 0-15, high: 16-31) rounded to bf16, in order.
@@ -63,5 +64,15 @@ inline __m512 load_bf16(const void* p, __mmask16 mask) { return widen_bf16(_mm25
 inline void store_bf16(void* p, __m512 x, __mmask16 mask) { _mm256_mask_storeu_epi16(p, mask, round_bf16(x)); }
 // x rounded to bf16, kept in fp32: a torch op's bf16 result, fed to the next op.
 inline __m512 bf16_round_trip(__m512 x) { return widen_bf16(round_bf16(x)); }
+
+// Slot indices a kernel will read or write through: all within the pool, as index_copy_ or
+// indexing would check (one reduction, cheap next to the kernels).
+inline void check_slots(const at::Tensor& slots, int64_t num_slots, const char* name) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), name, " must be contiguous int64");
+  if (slots.numel() == 0) return;
+  const auto [low, high] = at::aminmax(slots);
+  TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < num_slots, name, " outside the pool's ", num_slots,
+              " slots");
+}
 
 }  // namespace tokenmill

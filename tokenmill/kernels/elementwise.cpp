@@ -37,7 +37,7 @@ void check_bf16_rows(const at::Tensor& x, const char* name) {
 // those of the torch ops. That kernel is dispatched at its AVX2 build even on AVX-512 CPUs (torch
 // 2.x), hence 8-lane vectors: 4 interleaved accumulators over groups of 4 vectors, cascaded every
 // 2^4 (or more) groups, the 4 summed in turn, then the elements past the last vector and the 8
-// lanes one by one into a scalar. tests/test_kernels.py checks the match.
+// lanes one by one into a scalar. tests/test_elementwise.py checks the match.
 float sum_of_squares(const bf16* x, int64_t n) {
   auto square = [&](int64_t v) {
     const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -86,9 +86,9 @@ float sum_of_squares(const bf16* x, int64_t n) {
 
 // residual + x (when a residual is given; torch: one bf16 add), then RMSNorm as transformers
 // computes it: in fp32, x * rsqrt(mean(x^2) + eps), rounded to bf16, times the weight, rounded.
-// Returns (normed, residual + x).
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                                                const at::Tensor& weight, double eps) {
+// Returns (normed, residual + x), the second undefined without a residual.
+std::tuple<at::Tensor, at::Tensor> normalize(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                             const at::Tensor& weight, double eps) {
   check_bf16_rows(x, "x");
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == x.size(1),
               "weight must be bf16 [n]");
@@ -122,7 +122,16 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
       }
     }
   });
-  return {normed, summed};
+  return {normed, residual.has_value() ? summed : at::Tensor()};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(normalize(x, c10::nullopt, weight, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  return normalize(x, residual, weight, eps);
 }
 
 // Rope on the query and key heads of each token (transformers' rotate-half form, with the sin table's
@@ -145,8 +154,8 @@ at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 3 &&
               key_cache.size(1) == kv_heads && key_cache.size(2) == head_dim &&
               value_cache.sizes() == key_cache.sizes(), "key/value cache [slots, kv_heads, D]");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
-              slot_mapping.numel() == tokens, "int64 slot per token");
+  TORCH_CHECK(slot_mapping.numel() == tokens, "one slot per token");
+  check_slots(slot_mapping, key_cache.size(0), "slot_mapping");
   at::Tensor q = at::empty({tokens, heads, head_dim}, qk.options());
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   bf16* keys = key_cache.data_ptr<bf16>();
@@ -200,8 +209,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);
+// The op namespace; a test builds a second copy (without AVX512-BF16) under another name.
+#ifndef TOKENMILL_OPS
+#define TOKENMILL_OPS tokenmill
+#endif
+
+TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);
   m.def("rope_store(Tensor qk, Tensor v, Tensor cos, Tensor sin_signed, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> Tensor", &rope_store);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);

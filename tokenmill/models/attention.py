@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels import (
+    MAX_QUERY_HEADS,
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     DecodeAttentionKernel,
@@ -154,7 +155,7 @@ def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetad
     kv_heads = kv_pool.shape[2]
     group = heads // kv_heads
     kernel = decode_attention_kernel() if q.device.type == "cpu" and head_dim in SUPPORTED_HEAD_DIMS and \
-        q.dtype in SUPPORTED_DTYPES else None
+        q.dtype in SUPPORTED_DTYPES and heads <= MAX_QUERY_HEADS else None
     if kernel is not None and len(meta.groups) == 1 and meta.groups[0].is_leading_decode_rows and \
             len(meta.groups[0].query_index) == tokens:
         # All tokens are decodes, in order: no gathering of query rows and scattering of outputs.

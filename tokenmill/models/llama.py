@@ -24,6 +24,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm of residual + x (of x alone without a residual): (normed, residual + x)."""
         if x.dim() == 2 and fused_elementwise(x.dtype):
+            if residual is None:
+                return torch.ops.tokenmill.rms_norm(x, self.weight, self.eps), x
             return torch.ops.tokenmill.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = residual + x

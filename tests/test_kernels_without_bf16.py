@@ -1,0 +1,48 @@
+"""The kernels' code for AVX-512 CPUs without AVX512-BF16 (bf16 pairs widened to fp32 for FMAs)
+gives the same results as the AVX512-BF16 build this machine runs: it is built here a second time
+with -mno-avx512bf16, under its own op namespace, since no CPU in CI would otherwise compile it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention import random_paged_requests
+
+from tokenmill.kernels import CFLAGS, SOURCES, cpu_specific_name, decode_attention_kernel
+
+pytestmark = pytest.mark.skipif(decode_attention_kernel() is None,
+                                reason="no AVX-512 (or no compiler): the torch path is used")
+
+
+@pytest.fixture(scope="module")
+def without_bf16() -> object:
+    from torch.utils.cpp_extension import load
+
+    load(cpu_specific_name("tokenmill_kernels_without_bf16"), sources=SOURCES,
+         extra_cflags=[*CFLAGS, "-mno-avx512bf16", "-DTOKENMILL_OPS=tokenmill_without_bf16"],
+         extra_ldflags=["-fopenmp"], is_python_module=False)
+    return torch.ops.tokenmill_without_bf16
+
+
+def test_attention_kernels_equal_the_bf16_build(without_bf16: object) -> None:
+    torch.manual_seed(0)
+    pool, slots, lens = random_paged_requests([1, 17, 40, 300, 33], 16, 3, 64, torch.bfloat16)
+    q = torch.randn(5, 9, 64).to(torch.bfloat16)
+    out, lse = torch.ops.tokenmill.decode_attention(q, pool[0], pool[1], slots, lens)
+    out_2, lse_2 = without_bf16.decode_attention(q, pool[0], pool[1], slots, lens)
+    # Bit for bit: the two FMAs add the pair products in the order vdpbf16ps does.
+    assert torch.equal(out_2, out) and torch.equal(lse_2, lse)
+    prefix = slots[3, :100].contiguous()
+    merged = torch.ops.tokenmill.prefix_attention(q, pool[0], pool[1], prefix, out, lse)
+    assert torch.equal(without_bf16.prefix_attention(q, pool[0], pool[1], prefix, out, lse), merged)
+
+
+def test_elementwise_kernels_equal_the_bf16_build(without_bf16: object) -> None:
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 33, 576).to(torch.bfloat16)
+    weight = torch.randn(576).to(torch.bfloat16)
+    for a, b in zip(torch.ops.tokenmill.add_rms_norm(x, residual, weight, 1e-5),
+                    without_bf16.add_rms_norm(x, residual, weight, 1e-5)):
+        assert torch.equal(a, b)
+    gate_up = (torch.randn(33, 2 * 1536) * 4).to(torch.bfloat16)
+    assert torch.equal(torch.ops.tokenmill.silu_mul(gate_up), without_bf16.silu_mul(gate_up))
