@@ -27,6 +27,16 @@ def test_batched_grid_rows_and_plot(pps: bool, tmp_path: Path, tiny_models: dict
     assert "| tokenmill | 16 | 4 | 3 |" in capsys.readouterr().out
 
 
+def test_batched_runs_transformers_on_the_same_grid(tiny_models: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "batched", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--npp", "16",
+            "--ntg", "4", "--npl", "1,2", "--transformers"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| transformers | 16 | 4 | 2 |" in out
+    assert "tokenmill / transformers:" in out and "| 16 | 4 | 2 |" in out.split("tokenmill / transformers:")[1]
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-num-seqs", "2"], "do not fit one step"),  # 3 sequences cannot decode together
     (["--kv-cache-memory", str(14 * 4096)], "did not decode in lockstep"),  # 14 4-KiB blocks: prompts evicted

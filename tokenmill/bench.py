@@ -148,6 +148,40 @@ def run_llamacpp(binary: str, gguf: Path, npp: list[int], ntg: list[int], npl: l
     return rows
 
 
+def run_transformers(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
+                     rng: random.Random) -> list[Row]:
+    """The same grid through `transformers` generate (greedy, same weights and dtype, same threads):
+    T_PP is a generate call of one new token, T_TG what one of TG + 1 new tokens takes beyond it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=engine.dtype).eval()
+    vocab = model.config.vocab_size
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def generate(ids: torch.Tensor, new_tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        return time.perf_counter() - start
+
+    rows = []
+    with torch.inference_mode():
+        generate(torch.tensor([[1, 2, 3, 4]]), 2)  # warm-up
+        for pp in npp:
+            for tg in ntg:
+                for b in npl:
+                    shared = [rng.randrange(3, vocab) for _ in range(pp)]
+                    ids = torch.tensor([shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)]
+                                        for _ in range(b)])
+                    t_pp = generate(ids, 1)
+                    t_tg = generate(ids, tg + 1) - t_pp
+                    prompt_tokens = pp if shared_prompt else b * pp
+                    n_kv = b * (pp + tg)
+                    rows.append(Row("transformers", pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg,
+                                    t_pp + t_tg, n_kv / (t_pp + t_tg)))
+    return rows
+
+
 def markdown(rows: list[Row], share: dict[tuple[int, int, int], float]) -> str:
     lines = ["| engine | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s | TG % of peak |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -159,9 +193,9 @@ def markdown(rows: list[Row], share: dict[tuple[int, int, int], float]) -> str:
     return "\n".join(lines)
 
 
-def ratios(rows: list[Row]) -> str:
+def ratios(rows: list[Row], peer: str) -> str:
     ours = {(r.PP, r.TG, r.B): r for r in rows if r.engine == "tokenmill"}
-    theirs = {(r.PP, r.TG, r.B): r for r in rows if r.engine == "llama.cpp"}
+    theirs = {(r.PP, r.TG, r.B): r for r in rows if r.engine == peer}
     lines = ["| PP | TG | B | S_PP ratio | S_TG ratio | S ratio |", "|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(ours.keys() & theirs.keys()):
         a, b = ours[key], theirs[key]
@@ -195,7 +229,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
             llama_bin: str | None, gguf: Path | None, threads: int, jsonl: Path | None,
-            plot_path: Path | None) -> str:
+            plot_path: Path | None, with_transformers: bool = False) -> str:
     rng = random.Random(0)
     run_point(engine, 16, 4, 2, shared_prompt, rng)  # warm-up
     rows = [run_point(engine, pp, tg, b, shared_prompt, rng) for pp in npp for tg in ntg for b in npl]
@@ -204,11 +238,14 @@ def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shar
     share = {(r.PP, r.TG, r.B): r.S_TG * per_token / peak for r in rows}
     if llama_bin is not None and gguf is not None:
         rows += run_llamacpp(llama_bin, gguf, npp, ntg, npl, shared_prompt, threads)
+    if with_transformers:
+        rows += run_transformers(engine, npp, ntg, npl, shared_prompt, rng)
     out = [f"model {engine.model_name}, dtype {str(engine.dtype).removeprefix('torch.')}, {threads} threads, "
            f"{'shared prompt (pps), ' if shared_prompt else ''}GEMM peak {peak / 1e9:.0f} GFLOP/s, "
            f"{per_token / 1e6:.0f} MFLOP/token", "", markdown(rows, share)]
-    if any(r.engine == "llama.cpp" for r in rows):
-        out += ["", "tokenmill / llama.cpp:", "", ratios(rows)]
+    for peer in ("llama.cpp", "transformers"):
+        if any(r.engine == peer for r in rows):
+            out += ["", f"tokenmill / {peer}:", "", ratios(rows, peer)]
     if jsonl is not None:
         jsonl.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
     if plot_path is not None:

@@ -121,7 +121,7 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         print(bench.batched(engine, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, args.llama_batched_bench,
                             gguf, torch.get_num_threads(), Path(args.jsonl) if args.jsonl else None,
-                            Path(args.plot) if args.plot else None))
+                            Path(args.plot) if args.plot else None, args.transformers))
     except (ValueError, RuntimeError) as e:  # a point that cannot be measured in lockstep
         return _fatal(str(e))
     return 0
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     batched.add_argument("--pps", action="store_true", help="the parallel sequences share one prompt")
     batched.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench, to run it too")
     batched.add_argument("--gguf", help="GGUF file for llama.cpp (default: the default model's)")
+    batched.add_argument("--transformers", action="store_true",
+                         help="run transformers' generate on the same grid too (same weights, dtype, threads)")
     batched.add_argument("--jsonl", help="also write the rows as JSON lines here")
     batched.add_argument("--plot", help="write S_TG against B as a PNG here")
     job_parser = kinds.add_parser("job", help="time a whole batch file")
