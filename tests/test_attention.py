@@ -135,3 +135,27 @@ def test_decode_group_kernel_and_torch_paths_agree(dtype: torch.dtype, shared_bl
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for out in outputs:
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(("chunk", "context"), [(5, 5), (7, 40), (16, 17), (33, 100), (256, 1000)])
+def test_prompt_chunk_of_one_request_equals_dense_causal_attention(chunk: int, context: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request's prompt chunk (its newest tokens) over its paged context: in bf16 through the prefix
+    kernel + torch's causal fused op where the CPU has the kernels, else the masked SDPA path; both
+    equal dense causal attention."""
+    torch.manual_seed(0)
+    block_size, kv_heads, group, head_dim = 16, 3, 3, 64
+    blocks = (context + block_size - 1) // block_size
+    table = torch.randperm(blocks + 10)[:blocks][None]
+    pool = torch.randn(2, (blocks + 10) * block_size, kv_heads, head_dim).to(torch.bfloat16)
+    q = torch.randn(chunk, kv_heads * group, head_dim).to(torch.bfloat16)
+    g = build_group(torch.tensor([0]), torch.tensor([chunk]), torch.tensor([context]), table, block_size, group)
+    positions = torch.arange(context)
+    slots = table[0, positions // block_size] * block_size + positions % block_size
+    expected = torch.stack([dense_reference(q[i:i + 1], pool, [slots[:context - chunk + i + 1]])[0][0]
+                            for i in range(chunk)])
+    outputs = [paged_attention(q, pool, AttentionMetadata(slots[-chunk:], [g]))]
+    monkeypatch.setattr(attention, "decode_attention_kernel", lambda: None)
+    outputs.append(paged_attention(q, pool, AttentionMetadata(slots[-chunk:], [g])))
+    for out in outputs:
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

@@ -149,6 +149,27 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor, slot_mappi
     kv_pool[1].index_copy_(0, slot_mapping, v)
 
 
+def _prompt_chunk_attention(q: torch.Tensor, kv_pool: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    """q: [n, heads, D] bf16, one request's prompt chunk (its n newest tokens), attending causally to its
+    whole context. Every query sees all of the context before the chunk: that part is the prefix
+    kernel's GEMMs (a query token per "request"), the chunk itself torch's causal fused attention,
+    and the kernel merges the two by their log-sum-exp. No mask is built or read."""
+    n, heads, head_dim = q.shape
+    context = int(g.context_lens[0])
+    slots = g.context_slots[0, :context]
+    group = heads // kv_pool.shape[2]
+    # The chunk's own K/V, each KV head repeated for its query heads: torch's causal mask is per head.
+    own_k = kv_pool[0][slots[context - n:]].transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    own_v = kv_pool[1][slots[context - n:]].transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(0, 1)[None], own_k, own_v,
+                                                                          is_causal=True)
+    out = out[0].transpose(0, 1)  # [n, heads, D]
+    if context == n:
+        return out
+    return prefix_attention_kernel()(q.contiguous(), kv_pool[0], kv_pool[1], slots[:context - n].contiguous(),
+                                     out.float().contiguous(), lse[0].transpose(0, 1).contiguous())
+
+
 def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, heads, D]; kv_pool: [2, slots, kv_heads, D], the step's new K/V already stored. Returns [T, heads, D]."""
     tokens, heads, head_dim = q.shape
@@ -166,6 +187,12 @@ def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetad
         if max_q == 1 and kernel is not None:
             rows = g.query_index[:, 0]
             out[rows] = _kernel_decode_attention(q[rows], kv_pool, g, kernel)
+            continue
+        if batch == 1 and kernel is not None and q.dtype == torch.bfloat16:
+            # NOTE: one request's chunk (the usual prompt group with a small token budget), where a
+            # long context made the masked SDPA below the slowest op of prompt processing.
+            rows = g.query_index[0]
+            out[rows] = _prompt_chunk_attention(q[rows], kv_pool, g)
             continue
         # GQA without repeating K/V: the `group` query heads of one KV head become extra query rows.
         qg = q[g.query_index].view(batch, max_q, kv_heads, group, head_dim)
