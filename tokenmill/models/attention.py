@@ -13,6 +13,10 @@ Decodes that share leading KV blocks (a common system prompt, found by the prefi
 that shared prefix in one GEMM for all their queries, reading its K/V once, and to their own
 suffixes separately; the two parts are merged exactly by their log-sum-exp (Hydragen,
 RelayAttention).
+
+On CPUs with AVX-512 the decode group reads the pool in place through a C++ kernel, and in bf16
+the shared prefix and a lone request's prompt chunk go through the prefix kernel
+(`tokenmill/kernels/`); the torch code here serves every other case and the CPUs without them.
 """
 
 from __future__ import annotations
@@ -105,9 +109,10 @@ def _prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor,
     q_all = qg.transpose(0, 1).reshape(1, kv_heads, batch * group, head_dim)
     prefix_k = kv_pool[0][prefix_slots].transpose(0, 1)[None]  # [1, kv_heads, P, D]
     prefix_v = kv_pool[1][prefix_slots].transpose(0, 1)[None]
-    # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp.
-    # Against a matmul / fp32 softmax / matmul sequence it keeps fp32 scores in bf16 and skips the
-    # elementwise passes: ~15 vs ~17 ms per B=64 step with a 512-token prefix.
+    # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp
+    # (the path of fp32 models and of CPUs without the prefix kernel). Against a matmul / fp32
+    # softmax / matmul sequence it keeps fp32 scores in bf16 and skips the elementwise passes:
+    # ~15 vs ~17 ms per B=64 step with a 512-token prefix.
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_all, prefix_k, prefix_v)
     out = out.view(kv_heads, batch, group, head_dim).transpose(0, 1).float()
     return out, lse.view(kv_heads, batch, group, 1).transpose(0, 1)
