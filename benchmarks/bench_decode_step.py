@@ -32,9 +32,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
+    first_step = args.batch * (args.prompt % EngineConfig.block_size + 1)  # all B in one step
     engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1),
-                                 max_num_batched_tokens=max(args.batch * (args.prompt % 16 + 1), 256),
-                                 kv_cache_memory=2 << 30))
+                                 max_num_batched_tokens=max(first_step, 256), kv_cache_memory=2 << 30))
     rng = random.Random(0)
     vocab = engine.runner.model.config.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(args.prompt)]

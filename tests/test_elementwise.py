@@ -61,11 +61,17 @@ def test_denormals_and_nans_come_out_as_torch_rounds_them() -> None:
     assert same_bits(ops.silu_mul(gate_up), torch.nn.functional.silu(gate).mul_(up))
 
 
-def test_rms_norm_module_uses_the_kernel_for_bf16_rows_only() -> None:
+def test_rms_norm_module_gives_the_same_bits_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module as the layers call it: rows through the kernel, qk-norm's [T, heads, D] through torch ops."""
+    torch.manual_seed(0)
     norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
-    x = torch.randn(4, 3, 64).to(torch.bfloat16)  # qk-norm shape: the torch path
-    normed, summed = norm(x)
-    assert summed is x and torch.equal(normed, torch_rms_norm(x.view(12, 64), None, norm.weight, 1e-6)[0].view_as(x))
+    norm.weight.data = torch.randn(64).to(torch.bfloat16)
+    x, residual = torch.randn(2, 12, 64).to(torch.bfloat16)
+    results = [norm(x, residual), norm(x), norm(x.view(4, 3, 64))]
+    monkeypatch.setattr(llama, "fused_elementwise", lambda dtype: False)
+    for fused, (normed, summed) in zip(results, [norm(x, residual), norm(x), norm(x.view(4, 3, 64))]):
+        assert torch.equal(fused[0], normed) and torch.equal(fused[1], summed)
+    assert results[1][1] is x
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 4, 32)])

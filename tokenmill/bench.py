@@ -63,6 +63,19 @@ def flops_per_token(engine: Engine) -> float:
     return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
 
 
+def _random_prompts(rng: random.Random, vocab: int, pp: int, b: int, shared_prompt: bool) -> list[list[int]]:
+    shared = [rng.randrange(3, vocab) for _ in range(pp)]
+    return [shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)] for _ in range(b)]
+
+
+def _row(engine: str, pp: int, tg: int, b: int, shared_prompt: bool, t_pp: float, t_tg: float) -> Row:
+    """llama-batched-bench's columns from the two phases' times: N_KV counts every sequence's prompt,
+    shared or not, and S_PP a shared prompt once."""
+    n_kv, prompt_tokens = b * (pp + tg), pp if shared_prompt else b * pp
+    return Row(engine, pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg, t_pp + t_tg,
+               n_kv / (t_pp + t_tg))
+
+
 def run_to_completion(engine: Engine,
                       requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, RequestOutput]:
     """Adds the requests, steps until all are done; returns each one's final output."""
@@ -113,9 +126,7 @@ def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng
     if tg < 1:
         raise ValueError("TG must be at least 1")
     vocab = engine.runner.model.config.vocab_size
-    shared = [rng.randrange(3, vocab) for _ in range(pp)]
-    prompts = {f"bench-{pp}-{tg}-{b}-{i}": shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)]
-               for i in range(b)}
+    prompts = {f"bench-{pp}-{tg}-{b}-{i}": p for i, p in enumerate(_random_prompts(rng, vocab, pp, b, shared_prompt))}
     # NOTE: as in llama-batched-bench, every prompt is processed before any sequence decodes, so the
     # B sequences decode TG steps in lockstep. (Run as one job, continuous batching would start
     # decoding the first prompts while later ones are still prefilling, and count those tokens as
@@ -123,13 +134,10 @@ def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng
     start = time.perf_counter()
     preemptions = submit_after_prompts(engine, prompts, SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True))
     t_pp = time.perf_counter() - start
-    outputs = run_to_completion(engine, [])
-    total = time.perf_counter() - start
+    outputs = run_to_completion(engine, [])  # the decode phase: the requests submitted above
+    t_tg = time.perf_counter() - start - t_pp
     check_lockstep(engine, prompts, {i: o.num_cached_tokens for i, o in outputs.items()}, preemptions)
-    t_tg = total - t_pp
-    n_kv = b * (pp + tg)  # as llama-batched-bench reports it, shared prompt or not
-    prompt_tokens = pp if shared_prompt else b * pp
-    return Row("tokenmill", pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg, total, n_kv / total)
+    return _row("tokenmill", pp, tg, b, shared_prompt, t_pp, t_tg)
 
 
 def run_llamacpp(binary: str, gguf: Path, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
@@ -170,15 +178,9 @@ def run_transformers(engine: Engine, npp: list[int], ntg: list[int], npl: list[i
         for pp in npp:
             for tg in ntg:
                 for b in npl:
-                    shared = [rng.randrange(3, vocab) for _ in range(pp)]
-                    ids = torch.tensor([shared if shared_prompt else [rng.randrange(3, vocab) for _ in range(pp)]
-                                        for _ in range(b)])
+                    ids = torch.tensor(_random_prompts(rng, vocab, pp, b, shared_prompt))
                     t_pp = generate(ids, 1)
-                    t_tg = generate(ids, tg + 1) - t_pp
-                    prompt_tokens = pp if shared_prompt else b * pp
-                    n_kv = b * (pp + tg)
-                    rows.append(Row("transformers", pp, tg, b, n_kv, t_pp, prompt_tokens / t_pp, t_tg, b * tg / t_tg,
-                                    t_pp + t_tg, n_kv / (t_pp + t_tg)))
+                    rows.append(_row("transformers", pp, tg, b, shared_prompt, t_pp, generate(ids, tg + 1) - t_pp))
     return rows
 
 

@@ -33,7 +33,7 @@ class EngineConfig:
     dtype: str = "auto"
     max_num_seqs: int = 128
     # Measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md): 256 runs a mixed job 1-4% and a
-    # prompt-only job 5-10% faster than 1024 or 2048 on this class of CPU.
+    # prompt-only job 5-14% faster than 1024 on this class of CPU.
     max_num_batched_tokens: int = 256
     kv_cache_memory: int | float = 0.2  # bytes, or a fraction of the RAM available at start
     enable_prefix_caching: bool = True
