@@ -18,7 +18,8 @@ import time
 import torch
 
 from tokenmill.bench import check_lockstep, submit_after_prompts
-from tokenmill.engine.engine import Engine, EngineConfig
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.engine import Engine
 from tokenmill.sampling_params import SamplingParams
 
 

@@ -19,9 +19,12 @@ def test_bad_prompts_fail_alone(tiny_models: dict[str, Path]) -> None:
     prompts = [[10, 11, 12], [], too_long, "hello there", [1, 2, 49152 + 7], [-1], [2**40]]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert [o.error is None for o in outputs] == [True, False, False, True, False, False, False]
-    assert "empty" in outputs[1].error
-    assert f"{len(too_long)} tokens" in outputs[2].error and "context" in outputs[2].error
-    assert all("token ids" in o.error for o in outputs[4:])
+    assert (outputs[1].error.code, outputs[1].error.param) == ("invalid_value", "prompt")
+    assert "empty" in outputs[1].error.message
+    assert outputs[2].error.code == "context_length_exceeded"
+    assert f"{len(too_long)} tokens" in outputs[2].error.message and "context" in outputs[2].error.message
+    assert all("token ids" in o.error.message and o.error.param == "prompt" for o in outputs[4:])
+    assert not any(o.error.internal for o in outputs if o.error is not None)
     for ok in (outputs[0], outputs[3]):
         assert len(ok.outputs[0].token_ids) == 4 and ok.outputs[0].finish_reason == "length"
     assert outputs[2].outputs == [] and outputs[2].finished
@@ -32,7 +35,7 @@ def test_request_larger_than_the_kv_pool_fails_alone(tiny_models: dict[str, Path
     llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=4 * block_bytes)
     outputs = llm.generate([[7] * 10, [8] * 10], [SamplingParams(max_tokens=100), SamplingParams(max_tokens=8)],
                            use_tqdm=False)
-    assert "kv_cache_memory" in outputs[0].error
+    assert outputs[0].error.code == "kv_cache_too_small" and "kv_cache_memory" in outputs[0].error.message
     assert outputs[1].error is None and len(outputs[1].outputs[0].token_ids) == 8
 
 

@@ -1,5 +1,5 @@
-"""Engine parts on their own: the KV cache manager (prefix hits, reference counts, LRU eviction,
-forks) and sequence detokenization."""
+"""Engine parts on their own: the KV cache manager (prefix hits, reference counts, LRU eviction)
+and sequence detokenization."""
 
 from __future__ import annotations
 
@@ -66,19 +66,6 @@ def test_allocation_fails_cleanly_when_full() -> None:
     before = (list(a.block_table), kv.pool.num_free)
     assert not kv.allocate_slots(a, 4)  # would need a third block
     assert (a.block_table, kv.pool.num_free) == before
-
-
-def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
-    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
-    parent, child = Request("r", None, list(range(10)), SamplingParams(n=2), 100).seqs
-    admit(kv, parent)
-    parent.num_computed_tokens = 10  # the prompt ran
-    assert kv.can_fork(parent)
-    copy = kv.fork(parent, child)
-    assert child.block_table[:2] == parent.block_table[:2]
-    assert copy == (parent.block_table[2], child.block_table[2])
-    assert child.num_computed_tokens == 10
-    assert kv.pool.ref_counts[parent.block_table[0]] == 2
 
 
 def test_output_text_keeps_its_leading_space_on_metaspace_tokenizers() -> None:

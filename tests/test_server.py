@@ -288,7 +288,8 @@ def test_structured_output_over_http(client: openai.OpenAI, model: str) -> None:
 
 def test_a_batch_past_its_window_expires_with_partial_results(tmp_path: Path, tiny_models: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.engine.config import EngineConfig
+    from tokenmill.engine.engine import Engine
     from tokenmill.engine.threaded import EngineThread
     from tokenmill.server import batches as batches_module
     from tokenmill.server.store import Store

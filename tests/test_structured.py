@@ -90,7 +90,8 @@ def test_bad_schema_fails_alone_and_length_cut_is_reported(smol_llm: LLM) -> Non
         [SamplingParams(structured_outputs=StructuredOutputsParams(json="{not json")),
          SamplingParams(temperature=0, max_tokens=3, structured_outputs=StructuredOutputsParams(json=ORDER_SCHEMA)),
          SamplingParams(temperature=0, max_tokens=3)], use_tqdm=False)
-    assert outputs[0].error.startswith("structured output: cannot compile json")
+    assert outputs[0].error.message.startswith("structured output: cannot compile json")
+    assert outputs[0].error.param == "response_format"
     assert outputs[1].outputs[0].finish_reason == "length" and outputs[1].outputs[0].text.startswith("{")
     assert outputs[2].error is None
     with pytest.raises(ValueError, match="exactly one"):

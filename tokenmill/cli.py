@@ -52,11 +52,12 @@ def _run_on_ray(args: argparse.Namespace, input_path: Path, output_dir: Path) ->
         return _fatal("with --ray, OUTPUT is a folder of result shards with errors.jsonl in it: "
                       "--errors and --sorted do not apply")
     try:
-        from tokenmill.engine.engine import EngineConfig
+        from tokenmill.engine.config import EngineConfig
         from tokenmill.ray import run_batch
     except ImportError as e:
         return _fatal(f"--ray needs Ray: pip install \"tokenmill[ray]\" ({e})")
-    config = EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+    config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
     try:
         summary = run_batch(input_path, output_dir, config, replicas=args.replicas,
                             cpus_per_replica=args.cpus_per_replica, address=args.ray_address,
@@ -74,7 +75,8 @@ def _run_on_ray(args: argparse.Namespace, input_path: Path, output_dir: Path) ->
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.engine.config import EngineConfig
+    from tokenmill.engine.engine import Engine
     from tokenmill.engine.threaded import EngineThread
     from tokenmill.server.app import create_app
     from tokenmill.server.batches import BatchManager
@@ -83,8 +85,9 @@ def serve_command(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY")
     data_dir = Path(args.data_dir).expanduser()
     try:
-        engine = Engine(EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
-                                     args.kv_cache_memory))
+        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     kv_cache_memory=args.kv_cache_memory))
         store = Store(data_dir)
     except (ValueError, OSError) as e:
         return _fatal(str(e))
@@ -101,7 +104,8 @@ def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from tokenmill import bench
-    from tokenmill.engine.engine import Engine, EngineConfig
+    from tokenmill.engine.config import EngineConfig
+    from tokenmill.engine.engine import Engine
     from tokenmill.models.loader import default_model_path
 
     def ints(text: str) -> list[int]:
@@ -110,8 +114,9 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = Engine(EngineConfig(args.model, args.dtype, args.max_num_seqs, args.max_num_batched_tokens,
-                                     args.kv_cache_memory))
+        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     kv_cache_memory=args.kv_cache_memory))
     except ValueError as e:
         return _fatal(str(e))
     if args.bench == "job":
@@ -125,11 +130,6 @@ def bench_command(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:  # a point that cannot be measured in lockstep
         return _fatal(str(e))
     return 0
-
-
-def _memory(value: str) -> int | float:
-    number = float(value)
-    return number if number <= 1 else int(number)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
         sub.add_argument("--max-num-seqs", type=int, default=128)
         sub.add_argument("--max-num-batched-tokens", type=int, default=256)
-        sub.add_argument("--kv-cache-memory", type=_memory, default=0.2, help="bytes, or a fraction of free RAM")
+        sub.add_argument("--kv-cache-memory", default="0.2",
+                         help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
+                              "(0.2, 20%%)")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

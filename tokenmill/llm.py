@@ -9,7 +9,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tokenmill.engine.engine import Engine, EngineConfig
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.engine import Engine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -21,8 +22,10 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", max_num_seqs: int = 128,
                  max_num_batched_tokens: int = 256, kv_cache_memory: int | float = 0.2,
                  enable_prefix_caching: bool = True, block_size: int = 16, max_model_len: int | None = None) -> None:
-        self.engine = Engine(EngineConfig(model, dtype, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
-                                          enable_prefix_caching, block_size, max_model_len))
+        self.engine = Engine(EngineConfig(
+            model=model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching, block_size=block_size,
+            max_model_len=max_model_len))
         self._request_ids = itertools.count()
         self._running = False  # one generate/chat at a time: each drives the engine's step loop
 

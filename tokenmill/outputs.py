@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.errors import RequestError
+
 
 @dataclass
 class Logprob:
@@ -39,5 +41,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    # Set when this request failed on its own (empty or over-long prompt); the others go on.
-    error: str | None = None
+    # Set when this request failed (on its own, e.g. an over-long prompt, or inside the engine: see
+    # `RequestError.internal`); the others go on.
+    error: RequestError | None = None

@@ -7,6 +7,12 @@ run out, the newest running sequence of the lowest priority is preempted: its bl
 and it is recomputed later (cheaply, since its full blocks usually stay in the prefix cache).
 Waiting sequences are admitted by priority (interactive requests before batch jobs), then in
 arrival order.
+
+The scheduler alone changes a sequence's status: it queues a request's sequences, admits them,
+preempts, requeues after a failed step, finishes and aborts them, and gives their KV blocks back.
+The n samples of a request are n sequences queued together; the later ones find the prompt in the
+prefix cache (computed by the first in the same or an earlier step) and compute only its last
+partial block, so the prompt is computed once without any fork or block copy.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from tokenmill.engine.sequence import Sequence, Status
+from tokenmill.engine.sequence import Request, Sequence, Status
 from tokenmill.kv.manager import KVCacheManager
 
 
@@ -71,15 +77,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add_request(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _num_seqs(self) -> int:
-        # Samples still to be forked will join the running set: count them against max_num_seqs.
-        return sum(len(s.request.seqs) if s.num_output_tokens == 0 else 1 for s in self.running)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -91,7 +94,7 @@ class Scheduler:
             budget = min(budget, max(budget // 4, 2 * len(self.running)))
 
         # A waiting request never waits for a sequence slot behind lower-priority work.
-        while self.waiting and self.running and self._num_seqs() >= self.max_num_seqs:
+        while self.waiting and self.running and len(self.running) >= self.max_num_seqs:
             victim = self._lowest_priority()
             if self.running[victim].request.priority <= self.waiting.peek().request.priority:
                 break
@@ -112,12 +115,8 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        num_seqs = self._num_seqs()
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
-            joining = len(seq.request.seqs) if seq.num_output_tokens == 0 else 1
-            if num_seqs + joining > self.max_num_seqs and num_seqs > 0:
-                break
             computed = self.kv.get_computed_blocks(seq)
             num_cached = len(computed) * self.kv.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -128,7 +127,6 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            num_seqs += joining
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
@@ -141,6 +139,26 @@ class Scheduler:
     def _lowest_priority(self, first: int = 0) -> int:
         return max(range(first, len(self.running)), key=lambda i: (self.running[i].request.priority, i))
 
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch's step ran: its tokens' K/V are in the pool."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Ends a running sequence; its blocks go back to the pool (full ones stay in the prefix cache)."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.finish(reason, stop_reason)
+
+    def abort(self, request: Request) -> None:
+        for seq in request.seqs:
+            if seq.status is Status.RUNNING:
+                self.running.remove(seq)
+                self.kv.free(seq)
+            elif seq.status is Status.WAITING:
+                self.waiting.remove(seq)
+            seq.finish("abort")
+
     def requeue(self, seqs: list[Sequence]) -> None:
         """Puts sequences back to be recomputed from scratch (their step failed)."""
         self.running = [s for s in self.running if s not in seqs]
@@ -149,12 +167,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sample that already holds its blocks."""
-        seq.status = Status.RUNNING
-        self.running.append(seq)
-

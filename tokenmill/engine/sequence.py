@@ -1,8 +1,8 @@
 """A request and its sequences: the state the scheduler, the KV manager and the runner share.
 
-A `Request` is what a user asked for; it owns `n` `Sequence`s, one per sample. Only the first is
-scheduled for the prompt; the others are forked from it when the prompt has been computed, so the
-prompt's K/V are computed once and shared (see `Engine._fork`).
+A `Request` is what a user asked for; it owns `n` `Sequence`s, one per sample, all queued at once:
+the later ones find the prompt's K/V in the prefix cache (see `Scheduler`). Only the scheduler
+changes a sequence's `status`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from tokenmill.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for its first sibling's prompt
     FINISHED = "finished"
 
 
@@ -36,7 +35,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # of the full blocks of token_ids, in order
         self.num_registered_blocks = 0  # leading blocks of block_table that are in the prefix cache
-        self.status = Status.WAITING if index == 0 else Status.FORK_PENDING
+        self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""

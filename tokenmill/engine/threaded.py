@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engine.engine import Engine
+from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -63,7 +64,7 @@ class EngineThread:
                                              command.params, command.priority, command.stream)
         except Exception as e:  # e.g. an id already in use: that request fails, the loop goes on
             failed = RequestOutput(command.request_id, command.prompt, command.token_ids, [], finished=True,
-                                   error=str(e))
+                                   error=RequestError("invalid_request", str(e)))
         if failed is not None:
             command.sink(failed)
         else:
@@ -89,7 +90,8 @@ class EngineThread:
                 logger.exception("engine step failed; failing the requests in flight")
                 for request_id, sink in list(self._sinks.items()):
                     self.engine.abort_request(request_id)
-                    sink(RequestOutput(request_id, None, [], [], finished=True, error="internal engine error"))
+                    sink(RequestOutput(request_id, None, [], [], finished=True,
+                                       error=RequestError(INTERNAL_ERROR, "internal engine error")))
                 self._sinks.clear()
                 continue
             for output in outputs:

@@ -41,7 +41,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """The cached blocks that hold a prefix of seq's tokens. They are not yet acquired."""
-        if not self.enable_prefix_caching or seq.request.prompt_logprobs is not None:
+        # NOTE: the sequence that records prompt logprobs computes its whole prompt, for the logits;
+        # the request's other samples still find it in the cache.
+        if not self.enable_prefix_caching or (seq.request.prompt_logprobs is not None and seq.index == 0):
             return []
         # NOTE: the last token is always computed, so that there are logits to sample from.
         self._hash_full_blocks(seq, seq.num_tokens - 1)
@@ -97,27 +99,3 @@ class KVCacheManager:
             self.pool.release(block)
         seq.block_table = []
         seq.num_registered_blocks = 0
-        seq.num_computed_tokens = 0
-
-    def can_fork(self, parent: Sequence) -> bool:
-        return parent.num_computed_tokens % self.block_size == 0 or self.pool.num_free > 0
-
-    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
-        """Shares parent's computed blocks with child (check `can_fork` first).
-
-        Full blocks are shared by reference; a partly filled last block is copied, since the two
-        sequences will append different tokens to it. Returns the (source, destination) blocks
-        whose K/V the caller must copy, or None.
-        """
-        full = parent.num_computed_tokens // self.block_size
-        for block in parent.block_table[:full]:
-            self.pool.acquire(block)
-        child.block_table = parent.block_table[:full]
-        child.block_hashes = parent.block_hashes[:full]
-        child.num_registered_blocks = min(parent.num_registered_blocks, full)
-        child.num_computed_tokens = parent.num_computed_tokens
-        if parent.num_computed_tokens % self.block_size == 0:
-            return None
-        copy = self.pool.allocate()
-        child.block_table.append(copy)
-        return parent.block_table[full], copy

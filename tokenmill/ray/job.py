@@ -28,7 +28,7 @@ import ray.exceptions
 from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
 from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines, write_summary
-from tokenmill.engine.engine import EngineConfig
+from tokenmill.engine.config import EngineConfig
 from tokenmill.models.loader import model_name, resolve_model_folder
 from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
 

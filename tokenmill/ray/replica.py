@@ -20,7 +20,8 @@ import torch
 
 from tokenmill.batch.format import BatchLine, LineError, parse_line
 from tokenmill.batch.runner import LineExecutor, line_tokens
-from tokenmill.engine.engine import Engine, EngineConfig
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.engine import Engine
 from tokenmill.engine.threaded import EngineThread, ThreadClient
 from tokenmill.outputs import RequestOutput
 

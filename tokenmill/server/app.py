@@ -162,9 +162,10 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
             if output is None or not output.finished:  # the client went away
                 engine_thread.abort(request_id)
         if output.error is not None:
-            param = "response_format" if output.error.startswith("structured output") else \
-                "messages" if url == CHAT_URL else "prompt"
-            raise APIError(400, output.error, param=param, code="invalid_request")
+            param = "messages" if output.error.param == "prompt" and url == CHAT_URL else output.error.param
+            raise APIError(500 if output.error.internal else 400, output.error.message,
+                           "server_error" if output.error.internal else "invalid_request_error", param,
+                           output.error.code)
         return JSONResponse(response_body(url, params, output, model_name))
 
     async def stream_events(url: str, request_id: str, params: SamplingParams,
@@ -191,7 +192,7 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                 output = await outputs.get()
                 finished = output.finished
                 if output.error is not None:
-                    yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_request'}})}\n\n"  # noqa: E501
+                    yield f"data: {json.dumps({'error': {'message': output.error.message, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_request'}})}\n\n"  # noqa: E501
                     break
                 choices = []
                 for c in output.outputs:

@@ -1,0 +1,109 @@
+"""The engine's settings: one keyword-only `EngineConfig`, checked where it is defined.
+
+Every face (the Python API, `tokenmill run`, `tokenmill serve`, `tokenmill bench`, Ray replicas)
+builds its engine from an `EngineConfig` and takes its defaults from here. A bad value raises
+`ValueError` naming the field, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: str | int | float) -> int | float:
+    """A memory size as bytes (an int) or as a fraction of the RAM available at start (a float in (0, 1]).
+
+    Accepted: an int of bytes; a float fraction; a string with a unit ("4GiB", "512MB", "65536B"),
+    a percentage ("20%") or a decimal fraction ("0.2"). A bare integer string ("1") is refused: from
+    the command line it could mean one byte or all the RAM.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"kv_cache_memory must be a size or a fraction, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text.endswith("%"):
+            value = float(text[:-1]) / 100 if _is_number(text[:-1]) else text
+        elif (match := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)", text)) is not None:
+            value = int(float(match.group(1)) * _UNITS[match.group(2)])
+        elif re.fullmatch(r"\d*\.\d+", text):
+            value = float(text)
+        else:
+            raise ValueError(f"kv_cache_memory must be bytes with a unit (e.g. '4GiB', '512MB') or a fraction of "
+                             f"the available RAM (e.g. '0.2' or '20%'), got {value!r}")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {value}")
+        return value
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"kv_cache_memory in bytes must be a positive integer, got {value!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # NOTE: bf16 matmuls are only fast where the CPU has native bf16 instructions.
+        capability = torch.backends.cpu.get_cpu_capability()
+        has_bf16 = torch.cuda.is_available() or _cpu_has_bf16() or capability == "AVX512_BF16"
+        return torch.bfloat16 if has_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    model: str | None = None  # a Hugging Face folder or a .gguf file; None: SmolLM2-135M-Instruct
+    dtype: str = "auto"
+    max_num_seqs: int = 128
+    # Measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md): 256 runs a mixed job 1-4% and a
+    # prompt-only job 5-14% faster than 1024 on this class of CPU.
+    max_num_batched_tokens: int = 256
+    # Bytes (an int, or a string with a unit: "4GiB") or a fraction of the RAM available at start
+    # (a float, "0.2" or "20%"); normalised by `parse_memory` to an int or a float.
+    kv_cache_memory: str | int | float = 0.2
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.model = str(self.model)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            logger.warning("max_num_batched_tokens=%d < max_num_seqs=%d: a step decodes at most %d sequences, "
+                           "the others wait", self.max_num_batched_tokens, self.max_num_seqs,
+                           self.max_num_batched_tokens)
