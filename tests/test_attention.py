@@ -1,13 +1,24 @@
-"""Paged attention: the decode kernel, the shared-prefix split and the torch path all equal dense attention."""
+"""Paged attention: the kernels, both backends' paths (decodes, shared prefixes, prompt chunks) and dense
+attention all agree, and each machine and model gets the backend it should."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tokenmill.kernels import decode_attention_kernel, prefix_attention_kernel
-from tokenmill.models import attention
-from tokenmill.models.attention import AttentionMetadata, build_group, paged_attention, store_kv
+from tokenmill import kernels
+from tokenmill.attention import (
+    AttentionBackend,
+    AttentionSpec,
+    BatchLayout,
+    CpuKernelAttentionBackend,
+    TorchAttentionBackend,
+    select_attention_backend,
+)
 
 
 def dense_reference(q: torch.Tensor, pool: torch.Tensor,
@@ -39,8 +50,8 @@ def random_paged_requests(lengths: list[int], block_size: int, kv_heads: int, he
     return pool, context_slots, torch.tensor(lengths)
 
 
-kernel = decode_attention_kernel()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no AVX-512 (or no compiler): the torch path is used")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no AVX-512 (or no compiler): the torch path is used")
+kernel = torch.ops.tokenmill.decode_attention if kernels.available() else None
 
 
 @needs_kernel
@@ -87,75 +98,158 @@ def test_prefix_kernel_equals_dense_attention(batch: int, kv_heads: int, group: 
     suffixes = list(slots[prefix_len:prefix_len + sum(suffix_lens)].split(suffix_lens))
     q = torch.randn(batch, kv_heads * group, head_dim).to(torch.bfloat16)
     suffix_out, suffix_lse = dense_reference(q, pool, suffixes)
-    out = prefix_attention_kernel()(q, pool[0], pool[1], prefix_slots, suffix_out, suffix_lse)
+    out = torch.ops.tokenmill.prefix_attention(q, pool[0], pool[1], prefix_slots, suffix_out, suffix_lse)
     expected, _ = dense_reference(q, pool, [torch.cat((prefix_slots, s)) for s in suffixes])
     assert out.dtype == torch.bfloat16
     # bf16 outputs; the prefix's probabilities are rounded to bf16 too, as torch's fused CPU attention does.
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shared_blocks", [0, 2])
-def test_decode_group_kernel_and_torch_paths_agree(dtype: torch.dtype, shared_blocks: int,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """paged_attention's decode group, with or without a shared prefix, through the kernel where the CPU
-    has one and through gather + SDPA (the path of CPUs without AVX-512): both equal dense attention."""
-    torch.manual_seed(0)
-    block_size, kv_heads, group, head_dim = 16, 3, 3, 64
-    context = torch.tensor([70, 33, 49, 64])
-    shared = list(range(10, 10 + shared_blocks))
+def backends(spec: AttentionSpec) -> list[AttentionBackend]:
+    """The torch backend, and the kernel backend where it runs."""
+    return [TorchAttentionBackend(spec)] + ([CpuKernelAttentionBackend(spec)] if kernels.available() else [])
+
+
+def step(backend: AttentionBackend, q: torch.Tensor, pool: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+         batch: BatchLayout) -> torch.Tensor:
+    """One layer's attention for the step: its new K/V stored in (a copy of) the pool first."""
+    pool = pool.clone()
+    pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = new_k, new_v
+    return backend.forward(q, pool, backend.build_metadata(batch))
+
+
+def paged_batch(context: list[int], new: list[int], block_size: int, shared_blocks: int) -> tuple[BatchLayout, list]:
+    """Requests with the given context lengths, the last `new` tokens of each being this step's; the first
+    `shared_blocks` blocks of every request are the same ones (a prefix-cache hit). Returns the layout and
+    each request's block list."""
     tables, next_block = [], 20
-    for n in context.tolist():
+    shared = list(range(10, 10 + shared_blocks))
+    for n in context:
         own = (n + block_size - 1) // block_size - shared_blocks
-        tables.append(shared + list(range(next_block, next_block + own)))
+        tables.append(shared + torch.randperm(own).add(next_block).tolist())
         next_block += own
     max_blocks = max(map(len, tables))
     block_table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-    pool = torch.randn(2, next_block * block_size, kv_heads, head_dim).to(dtype)
-    q = torch.randn(4, kv_heads * group, head_dim).to(dtype)
-    new_k = torch.randn(4, kv_heads, head_dim).to(dtype)
-    new_v = torch.randn(4, kv_heads, head_dim).to(dtype)
-    pos = context - 1
-    slot_mapping = block_table[torch.arange(4), pos // block_size] * block_size + pos % block_size
-    g = build_group(torch.arange(4), torch.ones(4, dtype=torch.long), context, block_table, block_size, group)
-    prefix_len = 0 if g.shared_prefix_slots is None else len(g.shared_prefix_slots)
-    assert prefix_len == shared_blocks * block_size
+    num_new, context_lens = torch.tensor(new), torch.tensor(context)
+    query_start = num_new.cumsum(0) - num_new
+    request = torch.repeat_interleave(torch.arange(len(new)), num_new)
+    pos = context_lens[request] - num_new[request] + torch.arange(int(num_new.sum())) - query_start[request]
+    slot_mapping = block_table[request, pos // block_size] * block_size + pos % block_size
+    return BatchLayout(query_start, num_new, context_lens, block_table, slot_mapping), tables
 
-    outputs = []
-    for path in ("kernel", "torch"):
-        if path == "torch":
-            monkeypatch.setattr(attention, "decode_attention_kernel", lambda: None)
-        step_pool = pool.clone()
-        store_kv(new_k, new_v, step_pool, slot_mapping)
-        outputs.append(paged_attention(q, step_pool, AttentionMetadata(slot_mapping, [g])))
-    pool[0][slot_mapping], pool[1][slot_mapping] = new_k, new_v
-    slots = [torch.tensor([b * block_size + j for b in t for j in range(block_size)])[:n] for t, n in
-             zip(tables, context.tolist())]
-    expected, _ = dense_reference(q, pool, slots)
+
+def dense_causal(q: torch.Tensor, pool: torch.Tensor, batch: BatchLayout, tables: list,
+                 block_size: int) -> torch.Tensor:
+    """fp32 softmax attention of each query token of the batch over its request's context up to itself."""
+    group = q.shape[1] // pool.shape[2]
+    outs = []
+    for i, table in enumerate(tables):
+        n, start, context = int(batch.num_queries[i]), int(batch.query_start[i]), int(batch.context_lens[i])
+        slots = torch.tensor([b * block_size + j for b in table for j in range(block_size)])[:context]
+        keys = pool[0][slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, context, D]
+        values = pool[1][slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = q[start:start + n].float().transpose(0, 1) @ keys.transpose(1, 2) * q.shape[-1] ** -0.5
+        causal = torch.arange(context)[None, :] <= torch.arange(context - n, context)[:, None]  # [n, context]
+        outs.append((scores.masked_fill(~causal, float("-inf")).softmax(-1) @ values).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared_blocks", [0, 2])
+def test_decode_group_kernel_and_torch_paths_agree(dtype: torch.dtype, shared_blocks: int) -> None:
+    """A step of decodes, with or without a shared prefix, through the kernel backend where the CPU has it
+    and through the torch backend (gather + SDPA): both equal dense attention."""
+    torch.manual_seed(0)
+    block_size, kv_heads, group, head_dim = 16, 3, 3, 64
+    batch, tables = paged_batch([70, 33, 49, 64], [1, 1, 1, 1], block_size, shared_blocks)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"))
+    pool = torch.randn(2, 40 * block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(4, kv_heads * group, head_dim).to(dtype)
+    new_k, new_v = torch.randn(2, 4, kv_heads, head_dim).to(dtype)
+    torch_backend, *kernel_backend = backends(spec)
+    meta = torch_backend.build_metadata(batch)
+    prefix = meta.groups[0].shared_prefix_slots
+    assert (0 if prefix is None else len(prefix)) == shared_blocks * block_size
+    outputs = [step(b, q, pool, new_k, new_v, batch) for b in (torch_backend, *kernel_backend)]
+    pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = new_k, new_v
+    expected = dense_causal(q, pool, batch, tables, block_size)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for out in outputs:
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize(("chunk", "context"), [(5, 5), (7, 40), (16, 17), (33, 100), (256, 1000)])
-def test_prompt_chunk_of_one_request_equals_dense_causal_attention(chunk: int, context: int,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prompt_chunk_of_one_request_equals_dense_causal_attention(chunk: int, context: int) -> None:
     """One request's prompt chunk (its newest tokens) over its paged context: in bf16 through the prefix
-    kernel + torch's causal fused op where the CPU has the kernels, else the masked SDPA path; both
-    equal dense causal attention."""
+    kernel + torch's causal fused attention in the kernel backend, through the masked SDPA in the torch
+    backend; both equal dense causal attention."""
     torch.manual_seed(0)
     block_size, kv_heads, group, head_dim = 16, 3, 3, 64
-    blocks = (context + block_size - 1) // block_size
-    table = torch.randperm(blocks + 10)[:blocks][None]
-    pool = torch.randn(2, (blocks + 10) * block_size, kv_heads, head_dim).to(torch.bfloat16)
+    batch, tables = paged_batch([context], [chunk], block_size, 0)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, torch.bfloat16, torch.device("cpu"))
+    pool = torch.randn(2, (len(tables[0]) + 30) * block_size, kv_heads, head_dim).to(torch.bfloat16)
     q = torch.randn(chunk, kv_heads * group, head_dim).to(torch.bfloat16)
-    g = build_group(torch.tensor([0]), torch.tensor([chunk]), torch.tensor([context]), table, block_size, group)
-    positions = torch.arange(context)
-    slots = table[0, positions // block_size] * block_size + positions % block_size
-    expected = torch.stack([dense_reference(q[i:i + 1], pool, [slots[:context - chunk + i + 1]])[0][0]
-                            for i in range(chunk)])
-    outputs = [paged_attention(q, pool, AttentionMetadata(slots[-chunk:], [g]))]
-    monkeypatch.setattr(attention, "decode_attention_kernel", lambda: None)
-    outputs.append(paged_attention(q, pool, AttentionMetadata(slots[-chunk:], [g])))
-    for out in outputs:
+    expected = dense_causal(q, pool, batch, tables, block_size)
+    for backend in backends(spec):
+        out = backend.forward(q, pool, backend.build_metadata(batch))
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_backends_agree_on_random_mixed_steps(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int,
+                                              seed: int) -> None:
+    """Random steps mixing decodes (sharing a prefix or not), one request's prompt chunk and groups of
+    several chunks: every path of both backends, against dense causal attention."""
+    torch.manual_seed(seed)
+    block_size = 16
+    decodes = int(torch.randint(2, 9, ()))
+    shared_blocks = seed % 2 * int(torch.randint(1, 4, ()))
+    # Two chunks of one length class (a group of several), maybe short ones, and a long one alone in its group.
+    chunks = torch.randint(17, 33, (2,)).tolist() + torch.randint(2, 17, (int(torch.randint(0, 3, ())),)).tolist()
+    chunks.append(int(torch.randint(100, 200, ())))
+    new = [1] * decodes + chunks
+    context = [shared_blocks * block_size + int(torch.randint(1, 90, ())) for _ in range(decodes)]
+    # The chunks' requests share the prefix too; their new tokens come after it.
+    context += [shared_blocks * block_size + n + int(torch.randint(0, 150, ())) for n in chunks]
+    batch, tables = paged_batch(context, new, block_size, shared_blocks)
+    blocks = max(b for t in tables for b in t) + 1
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"))
+    pool = torch.randn(2, blocks * block_size, kv_heads, head_dim).to(dtype)
+    tokens = sum(new)
+    q = torch.randn(tokens, kv_heads * group, head_dim).to(dtype)
+    new_k, new_v = torch.randn(2, tokens, kv_heads, head_dim).to(dtype)
+    outputs = [step(b, q, pool, new_k, new_v, batch) for b in backends(spec)]
+    pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = new_k, new_v
+    expected = dense_causal(q, pool, batch, tables, block_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for out in outputs:
+        torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim", "device", "kernel_fits"), [
+    (torch.bfloat16, 9, 3, 64, "cpu", True),
+    (torch.float32, 32, 8, 128, "cpu", True),
+    (torch.float16, 9, 3, 64, "cpu", False),  # a dtype the kernels do not take
+    (torch.bfloat16, 16, 4, 80, "cpu", False),  # a head size they do not take
+    (torch.bfloat16, 512, 8, 64, "cpu", False),  # more query heads than the decode kernel's scratch
+    (torch.bfloat16, 9, 3, 64, "meta", False),  # not a CPU tensor
+])
+def test_the_kernel_backend_is_chosen_where_its_kernels_fit(dtype: torch.dtype, heads: int, kv_heads: int,
+                                                            head_dim: int, device: str, kernel_fits: bool) -> None:
+    backend = select_attention_backend(AttentionSpec(heads, kv_heads, head_dim, 16, dtype, torch.device(device)))
+    expected = CpuKernelAttentionBackend if kernel_fits and kernels.available() else TorchAttentionBackend
+    assert type(backend) is expected
+
+
+def test_a_cpu_without_avx512_gets_the_torch_backend() -> None:
+    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so tokenmill) see a CPU without AVX-512."""
+    code = ("import torch\n"
+            "from tokenmill.attention import AttentionSpec, select_attention_backend\n"
+            "for dtype in (torch.bfloat16, torch.float32):\n"
+            "    spec = AttentionSpec(9, 3, 64, 16, dtype, torch.device('cpu'))\n"
+            "    print(type(select_attention_backend(spec)).__name__)\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["TorchAttentionBackend"] * 2

@@ -1,21 +1,24 @@
-"""The fused bf16 elementwise kernels give bit for bit what the torch ops they replace give."""
+"""The fused bf16 elementwise kernels give bit for bit what the torch ops they replace give, and each model
+gets them where they serve."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_exactness import QUESTIONS
 
-from tokenmill import LLM, SamplingParams
-from tokenmill.kernels import fused_elementwise
+from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.models import llama
-from tokenmill.models.llama import RMSNorm, apply_rope, signed_sin
+from tokenmill.models.elementwise import TORCH_OPS, apply_rope, rope_store, select_elementwise_ops, signed_sin
+from tokenmill.models.llama import RMSNorm
 
-pytestmark = pytest.mark.skipif(not fused_elementwise(torch.bfloat16),
-                                reason="no AVX-512 (or no compiler): the torch ops are used")
-ops = torch.ops.tokenmill
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no AVX-512 (or no compiler): torch ops are used")
+ops = torch.ops.tokenmill if kernels.available() else None
 
 
 def torch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -27,6 +30,7 @@ def torch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
 
 
 # Widths below one 8-lane vector, with leftover vectors and elements, and past the sum's first cascade level.
+@needs_kernels
 @pytest.mark.parametrize("width", [5, 64, 100, 576, 960, 2048, 5120, 70000])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm_is_bit_exact(width: int, with_residual: bool) -> None:
@@ -48,6 +52,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+@needs_kernels
 def test_denormals_and_nans_come_out_as_torch_rounds_them() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 64).to(torch.bfloat16)
@@ -61,19 +66,22 @@ def test_denormals_and_nans_come_out_as_torch_rounds_them() -> None:
     assert same_bits(ops.silu_mul(gate_up), torch.nn.functional.silu(gate).mul_(up))
 
 
-def test_rms_norm_module_gives_the_same_bits_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module as the layers call it: rows through the kernel, qk-norm's [T, heads, D] through torch ops."""
+@needs_kernels
+def test_rms_norm_module_gives_the_same_bits_on_both_paths() -> None:
+    """The module as the layers call it, with the fused ops and with the torch ops."""
     torch.manual_seed(0)
-    norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
-    norm.weight.data = torch.randn(64).to(torch.bfloat16)
+    weight = torch.randn(64).to(torch.bfloat16)
+    fused, reference = (RMSNorm(64, 1e-6, o).to(torch.bfloat16) for o in (select_elementwise_ops(
+        torch.device("cpu"), torch.bfloat16, 64), TORCH_OPS))
+    fused.weight.data, reference.weight.data = weight, weight
     x, residual = torch.randn(2, 12, 64).to(torch.bfloat16)
-    results = [norm(x, residual), norm(x), norm(x.view(4, 3, 64))]
-    monkeypatch.setattr(llama, "fused_elementwise", lambda dtype: False)
-    for fused, (normed, summed) in zip(results, [norm(x, residual), norm(x), norm(x.view(4, 3, 64))]):
-        assert torch.equal(fused[0], normed) and torch.equal(fused[1], summed)
-    assert results[1][1] is x
+    for (normed, summed), (expected_normed, expected_summed) in zip([fused(x, residual), fused(x)],
+                                                                    [reference(x, residual), reference(x)]):
+        assert torch.equal(normed, expected_normed) and torch.equal(summed, expected_summed)
+    assert fused(x)[1] is x
 
 
+@needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
 def test_rope_store_is_bit_exact_and_writes_the_pool(heads: int, kv_heads: int, head_dim: int) -> None:
     torch.manual_seed(0)
@@ -94,6 +102,7 @@ def test_rope_store_is_bit_exact_and_writes_the_pool(heads: int, kv_heads: int, 
     assert not pool[:, untouched].any()
 
 
+@needs_kernels
 def test_silu_mul_is_bit_exact() -> None:
     torch.manual_seed(0)
     gate_up = (torch.randn(17, 2 * 1000) * 8).to(torch.bfloat16)
@@ -102,6 +111,7 @@ def test_silu_mul_is_bit_exact() -> None:
     assert torch.equal(ops.silu_mul(gate_up), torch.nn.functional.silu(gate).mul_(up))
 
 
+@needs_kernels
 def test_bf16_model_gives_the_same_tokens_with_and_without_the_kernels(smol_dir: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:8]]
@@ -109,7 +119,34 @@ def test_bf16_model_gives_the_same_tokens_with_and_without_the_kernels(smol_dir:
     outputs = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(llama, "fused_elementwise", lambda dtype: False)
+            monkeypatch.setattr(llama, "select_elementwise_ops", lambda device, dtype, head_dim: TORCH_OPS)
         llm = LLM(str(smol_dir), dtype="bfloat16", kv_cache_memory=1 << 27)
         outputs.append([o.outputs[0].token_ids for o in llm.chat(conversations, params, use_tqdm=False)])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(("device", "dtype", "head_dim", "fused", "fused_rope"), [
+    ("cpu", torch.bfloat16, 64, True, True),
+    ("cpu", torch.bfloat16, 80, True, False),  # rope_store takes heads of a multiple of 32
+    ("cpu", torch.float32, 64, False, False),  # the kernels are bf16 only
+    ("cpu", torch.float16, 128, False, False),
+    ("meta", torch.bfloat16, 64, False, False),  # not a CPU tensor
+])
+def test_each_fused_op_is_chosen_where_it_serves(device: str, dtype: torch.dtype, head_dim: int, fused: bool,
+                                                 fused_rope: bool) -> None:
+    chosen = select_elementwise_ops(torch.device(device), dtype, head_dim)
+    fused, fused_rope = fused and kernels.available(), fused_rope and kernels.available()
+    assert (chosen.rms_norm, chosen.add_rms_norm, chosen.silu_mul) == \
+        ((ops.rms_norm, ops.add_rms_norm, ops.silu_mul) if fused else
+         (TORCH_OPS.rms_norm, TORCH_OPS.add_rms_norm, TORCH_OPS.silu_mul))
+    assert chosen.rope_store == (ops.rope_store if fused_rope else rope_store)
+
+
+def test_a_cpu_without_avx512_gets_the_torch_ops() -> None:
+    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so tokenmill) see a CPU without AVX-512."""
+    code = ("import torch\n"
+            "from tokenmill.models.elementwise import TORCH_OPS, select_elementwise_ops\n"
+            "print(select_elementwise_ops(torch.device('cpu'), torch.bfloat16, 64) is TORCH_OPS)\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True"]

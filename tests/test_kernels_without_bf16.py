@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_attention import random_paged_requests
 
-from tokenmill.kernels import CFLAGS, SOURCES, cpu_specific_name, decode_attention_kernel
+from tokenmill.kernels import CFLAGS, SOURCES, available, cpu_specific_name
 
-pytestmark = pytest.mark.skipif(decode_attention_kernel() is None,
+pytestmark = pytest.mark.skipif(not available(),
                                 reason="no AVX-512 (or no compiler): the torch path is used")
 
 

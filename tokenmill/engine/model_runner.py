@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.attention import AttentionSpec, BatchLayout, select_attention_backend
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
-from tokenmill.kernels import decode_attention_kernel
-from tokenmill.models.attention import AttentionMetadata, build_group
 from tokenmill.models.llama import LlamaForCausalLM
 
 
@@ -49,11 +48,11 @@ class ModelRunner:
         self.block_size = block_size
         cfg = model.config
         attn = model.layers[0].self_attn
-        self.queries_per_kv_head = attn.num_heads // attn.num_kv_heads
         # One pool for all layers: [layer, K|V, slot, kv_head, head_dim].
         shape = (cfg.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_cache = lazily_committed_zeros(shape, dtype)
-        decode_attention_kernel()  # built (or loaded from its cache) now rather than in the first decode step
+        self.attention = select_attention_backend(AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                                 block_size, dtype, self.kv_cache.device))
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -81,17 +80,8 @@ class ModelRunner:
         block_table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
         bs = self.block_size
         slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
-
-        # NOTE: one group for the decodes, and the prompt chunks grouped by length (powers of two),
-        # so that padding each group to its longest chunk wastes at most half of its work.
-        length_class = torch.where(num_new == 1, 0, torch.ceil(torch.log2(num_new.float())).long() + 1)
-        groups = []
-        for cls in length_class.unique().tolist():
-            selected = length_class == cls
-            groups.append(build_group(query_start[selected], num_new[selected], context_len[selected],
-                                      block_table[selected], bs, self.queries_per_kv_head))
-        meta = AttentionMetadata(slot_mapping, groups)
-        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, meta)
+        meta = self.attention.build_metadata(BatchLayout(query_start, num_new, context_len, block_table, slot_mapping))
+        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, self.attention, meta)
 
         # Logits only where they are used: each finished prompt's or decode's last token, and
         # the prompt rows of requests that asked for prompt logprobs.

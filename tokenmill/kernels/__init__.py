@@ -6,9 +6,11 @@
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
-TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here).
-Where the CPU lacks AVX-512 or the build fails, the accessors return None / False and callers keep
-their torch path.
+TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
+registered as `torch.ops.tokenmill.*`. `available()` says whether they run here (AVX-512 and a
+working build); the constants below state what the kernels accept, as their TORCH_CHECKs do.
+Callers decide once, from these, where a kernel serves (`tokenmill/attention/`,
+`tokenmill/models/elementwise.py`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's; prefix_attention is bf16 only
+ATTENTION_HEAD_DIMS = (64, 128)
 MAX_QUERY_HEADS = 256  # the decode kernel's per-request scratch (kMaxHeads in attention.cpp)
+ELEMENTWISE_DTYPES = (torch.bfloat16,)
+ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane vectors
 
+# torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
 #  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
 DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  tuple[torch.Tensor, torch.Tensor]]
+# torch.ops.tokenmill.prefix_attention:
 # (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64, suffix_out [B, heads, D] fp32,
 #  suffix_lse [B, heads] fp32) -> out [B, heads, D] bf16: attention of every query to the same P slots,
 #  merged with its attention to the rest of its context (the decode kernel's outputs).
@@ -54,11 +60,13 @@ def cpu_specific_name(name: str) -> str:
     return f"{name}_{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
+def cpu_has_avx512() -> bool:
+    """Whether torch runs this CPU's AVX-512 code (ATEN_CPU_CAPABILITY=avx2 says no, as a CPU without it would)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 @functools.cache
 def _build() -> bool:
-    """Compiles (or loads from its cache) the kernels; False where they cannot run (no AVX-512, no compiler)."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
     from torch.utils.cpp_extension import load
 
     try:
@@ -70,16 +78,6 @@ def _build() -> bool:
     return True
 
 
-def decode_attention_kernel() -> DecodeAttentionKernel | None:
-    """The decode kernel, or None where it cannot run."""
-    return torch.ops.tokenmill.decode_attention if _build() else None
-
-
-def prefix_attention_kernel() -> PrefixAttentionKernel | None:
-    """The shared-prefix kernel (bf16 only), or None where it cannot run."""
-    return torch.ops.tokenmill.prefix_attention if _build() else None
-
-
-def fused_elementwise(dtype: torch.dtype) -> bool:
-    """Whether the fused ops (`rms_norm`, `add_rms_norm`, `rope_store`, `silu_mul`) serve this dtype (bf16 only)."""
-    return dtype == torch.bfloat16 and _build()
+def available() -> bool:
+    """Whether the kernels run here: compiles them (or loads them from the cache) on the first call."""
+    return cpu_has_avx512() and _build()

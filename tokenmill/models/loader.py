@@ -21,7 +21,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from tokenmill.models.linear import use_packed_linears
 from tokenmill.models.llama import LlamaForCausalLM, load_llama_weights
 
 logger = logging.getLogger(__name__)
@@ -135,9 +134,10 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
         limit = window
     max_model_len = min(max_model_len or limit, limit)
 
+    device = torch.device("cpu")
     with torch.device("meta"):
-        model_ = LlamaForCausalLM(config, max_model_len)
-    model_ = model_.to_empty(device="cpu").to(dtype)
+        model_ = LlamaForCausalLM(config, max_model_len, dtype, device)
+    model_ = model_.to_empty(device=device).to(dtype)
     model_.reset_buffers()
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -148,9 +148,8 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
             tensors.update(load_file(f))
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"cannot read weights in {str(folder)!r}: {e}") from e
-    load_llama_weights(model_, tensors)
+    load_llama_weights(model_, tensors)  # each linear layer's method is chosen there, for its weight
     model_.eval()
-    use_packed_linears(model_)
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     eos = set()

@@ -1,0 +1,86 @@
+"""A decoder layer's elementwise steps, chosen once per model: tokenmill's fused kernels or torch ops.
+
+`select_elementwise_ops` is the one place that says where each fused op serves; the model calls
+the `ElementwiseOps` it returns without checks. The fused ops (`tokenmill/kernels/elementwise.cpp`,
+one pass each) round to bf16 where and as the torch ops below do, so they give the same results bit
+for bit (tests/test_elementwise.py): the choice changes speed, never tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill import kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # NOTE: computed in fp32 and cast back before the weight, exactly as transformers does,
+    # so greedy outputs match it token for token.
+    # In-place steps where the operand is a fresh temporary: same values, fewer allocations.
+    normed = x.float()
+    normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return normed.to(x.dtype).mul_(weight)  # the weight has the model's dtype
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm of residual + x, residual + x)."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, for `apply_rope`: (-x) * s and x * (-s) are the same number."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin_signed (from `signed_sin`): [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos[:, None, :]
+    return out.add_(rotated.mul_(sin_signed[:, None, :]))
+
+
+def rope_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+               key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """qk: [T, heads + kv_heads, D], v: [T, kv_heads, D]. Rotates the query and key heads, writes the keys
+    and values to the pool at `slot_mapping`; returns the queries, [T, heads, D]."""
+    qk = apply_rope(qk, cos, sin_signed)  # one call for the query and key heads: half the small ops of two
+    num_heads = qk.shape[1] - v.shape[1]
+    key_cache.index_copy_(0, slot_mapping, qk[:, num_heads:])
+    value_cache.index_copy_(0, slot_mapping, v)
+    return qk[:, :num_heads]
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, gate_up being [..., gate | up]."""
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # x [rows, n] (contiguous rows)
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+    rope_store: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          torch.Tensor], torch.Tensor]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+TORCH_OPS = ElementwiseOps(rms_norm, add_rms_norm, rope_store, silu_mul)
+
+
+def select_elementwise_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> ElementwiseOps:
+    """The fused ops where the kernels run (AVX-512 CPUs) and take the dtype (bf16), the torch ops elsewhere."""
+    if device.type != "cpu" or dtype not in kernels.ELEMENTWISE_DTYPES or not kernels.available():
+        return TORCH_OPS
+    fused = torch.ops.tokenmill
+    return ElementwiseOps(fused.rms_norm, fused.add_rms_norm,
+                          fused.rope_store if head_dim % kernels.ROPE_HEAD_DIM_MULTIPLE == 0 else rope_store,
+                          fused.silu_mul)
