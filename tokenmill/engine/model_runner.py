@@ -60,10 +60,6 @@ class ModelRunner:
         per_token = model.config.num_hidden_layers * 2 * attn.num_kv_heads * attn.head_dim
         return per_token * block_size * dtype.itemsize
 
-    def copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
-        self.kv_cache[:, :, dst * bs:(dst + 1) * bs] = self.kv_cache[:, :, src * bs:(src + 1) * bs]
-
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepLogits:
         seqs = batch.seqs
