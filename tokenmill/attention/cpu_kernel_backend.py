@@ -5,8 +5,7 @@ Chosen where the decode kernel runs (an AVX-512 CPU where the kernels build; bf1
 group's path from its shape when the metadata is built:
 - decodes: the decode kernel reads each request's K/V in place from the pool (no gather). When
   they share a prefix, it covers each one's suffix and returns the log-sum-exp; the prefix is the
-  prefix kernel's (bf16) or torch's fused attention's (fp32), merged by log-sum-exp. A step of
-  decodes only skips even the gathering of query rows and scattering of outputs.
+  prefix kernel's (bf16) or torch's fused attention's (fp32), merged by log-sum-exp.
 - one request's prompt chunk, in bf16 (the usual prompt group under a small token budget): the
   context before the chunk through the prefix kernel, each query token a "request" of its own,
   the chunk itself through torch's causal fused attention, merged by the kernel. No mask is read.
@@ -39,9 +38,9 @@ RowsAttention = Callable[[torch.Tensor, torch.Tensor, AttentionGroup], torch.Ten
 
 @dataclass
 class KernelMetadata(GroupedMetadata):
-    # Set when every token of the step is a decode (one group, rows 0..T-1): that group's attention,
-    # called on the layer's q itself.
-    decodes_only: RowsAttention | None
+    # When every token of the step is a decode (one group, rows 0..T-1 in order): that group's
+    # attention, called on the layer's q itself (no gathering of query rows, no scattering of outputs).
+    all_decodes: RowsAttention | None
 
 
 class CpuKernelAttentionBackend(TorchAttentionBackend):
@@ -62,9 +61,9 @@ class CpuKernelAttentionBackend(TorchAttentionBackend):
 
     def build_metadata(self, batch: BatchLayout) -> KernelMetadata:
         groups = group_requests(batch, self.spec)
-        decodes_only = len(groups) == 1 and groups[0].query_index.shape[1] == 1
+        all_decodes = len(groups) == 1 and groups[0].query_index.shape[1] == 1
         return KernelMetadata(batch.slot_mapping, groups, [self.choose(g) for g in groups],
-                              self.decode_path(groups[0]) if decodes_only else None)
+                              self.decode_path(groups[0]) if all_decodes else None)
 
     def decode_path(self, g: AttentionGroup) -> RowsAttention:
         return self.decode if g.shared_prefix_slots is None else self.decode_with_prefix
@@ -76,8 +75,8 @@ class CpuKernelAttentionBackend(TorchAttentionBackend):
         return self.one_request_chunk if batch == 1 else masked_attention
 
     def forward(self, q: torch.Tensor, kv_pool: torch.Tensor, meta: KernelMetadata) -> torch.Tensor:
-        if meta.decodes_only is not None:
-            return meta.decodes_only(q.contiguous(), kv_pool, meta.groups[0])
+        if meta.all_decodes is not None:
+            return meta.all_decodes(q.contiguous(), kv_pool, meta.groups[0])
         return super().forward(q, kv_pool, meta)
 
     @staticmethod
