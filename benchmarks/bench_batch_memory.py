@@ -48,7 +48,7 @@ def write_input(path: Path, lines: int) -> None:
 def peak_rss_mib(model: Path, input_path: Path, output: Path) -> tuple[float, float]:
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-                                "--model", str(model), "--dtype", "float32", "--kv-cache-memory", str(1 << 24)],
+                                "--model", str(model), "--dtype", "float32", "--kv-cache-memory", "16MiB"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the maximum over all children
     if os.waitstatus_to_exitcode(status) != 0:

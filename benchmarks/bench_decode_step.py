@@ -17,9 +17,11 @@ import time
 
 import torch
 
-from tokenmill.bench import check_lockstep, submit_after_prompts
+from tokenmill.bench import check_lockstep, lockstep_requests
+from tokenmill.engine.client import LocalClient, drive
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -34,33 +36,44 @@ def main() -> None:
     args = parser.parse_args()
 
     first_step = args.batch * (args.prompt % EngineConfig.block_size + 1)  # all B in one step
-    engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1),
-                                 max_num_batched_tokens=max(first_step, 256), kv_cache_memory=2 << 30))
+    client = LocalClient(Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1),
+                                             max_num_batched_tokens=max(first_step, 256), kv_cache_memory="2GiB")))
     rng = random.Random(0)
-    vocab = engine.runner.model.config.vocab_size
+    vocab = client.frontend.vocab_size
     shared = [rng.randrange(3, vocab) for _ in range(args.prompt)]
     prompts = {f"r{i}": shared if args.shared else [rng.randrange(3, vocab) for _ in range(args.prompt)]
                for i in range(args.batch)}
     # All prompts first, then all sequences decode in lockstep (as `tokenmill bench batched` does).
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
-    preemptions = submit_after_prompts(engine, prompts, params)
-    for _ in range(2):  # warm-up decode steps
-        engine.step()
+    decode = lockstep_requests(client, prompts, params)
+    preemptions = client.metrics().num_preemptions
+    steps = drive(client, iter(decode), window=len(decode))  # one engine step per next()
+    finished: dict[str, RequestOutput] = {}
+
+    def step() -> None:
+        finished.update((o.request_id, o) for o in next(steps) if o.finished)
+
+    for _ in range(2):  # warm-up decode steps (the first also submits the requests)
+        step()
 
     times = []
     profiled = args.steps // 4 if args.profile else 0
     for _ in range(args.steps - profiled):
         start = time.perf_counter()
-        engine.step()
+        step()
         times.append(time.perf_counter() - start)
-    check_lockstep(engine, prompts, {i: engine.requests[i].num_cached_tokens for i in prompts}, preemptions)
-    print(f"B={args.batch} prompt={args.prompt}{' shared' if args.shared else ''} {args.dtype}: "
-          f"decode step median {statistics.median(times) * 1e3:.1f} ms "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {len(times)} steps")
+    prof = None
     if profiled:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(profiled):
-                engine.step()
+                step()
+    for outputs in steps:  # the last few steps, for the outputs' cached-token counts
+        finished.update((o.request_id, o) for o in outputs if o.finished)
+    check_lockstep(client, prompts, {i: finished[i].num_cached_tokens for i in prompts}, preemptions)
+    print(f"B={args.batch} prompt={args.prompt}{' shared' if args.shared else ''} {args.dtype}: "
+          f"decode step median {statistics.median(times) * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {len(times)} steps")
+    if prof is not None:
         print(f"profile over {profiled} steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 

@@ -33,7 +33,7 @@ def workload(llm: LLM, seed: int = 0) -> tuple[list[list[int]], list[SamplingPar
         conversation = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         prompts.append(tokenizer.encode(text, add_special_tokens=False))
-    vocab = llm.engine.runner.model.config.vocab_size
+    vocab = llm.frontend.vocab_size
     prompts += [[rng.randrange(3, vocab) for _ in range(rng.randint(300, 900))] for _ in range(32)]
     rng.shuffle(prompts)
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(16, 128), ignore_eos=True) for _ in prompts]
@@ -42,7 +42,7 @@ def workload(llm: LLM, seed: int = 0) -> tuple[list[list[int]], list[SamplingPar
 
 def prompt_only_workload(llm: LLM, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = random.Random(seed)
-    vocab = llm.engine.runner.model.config.vocab_size
+    vocab = llm.frontend.vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(800)] for _ in range(48)]
     return prompts, [SamplingParams(temperature=0, max_tokens=1)] * len(prompts)
 

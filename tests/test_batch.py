@@ -63,7 +63,7 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
     ]
     expected_codes = ["invalid_json", "missing_custom_id", "duplicate_custom_id", "invalid_method", "invalid_url",
                       "invalid_body", "invalid_value", "invalid_type", "invalid_type", "invalid_value",
-                      "invalid_request", "missing_custom_id"]
+                      "context_length_exceeded", "missing_custom_id"]
     lines = good[:3] + bad[:6] + [""] + good[3:] + bad[6:]
     input_path = write_jsonl(tmp_path / "in.jsonl", lines)
     output = tmp_path / "out.jsonl"
@@ -171,18 +171,20 @@ def test_prefix_order_groups_shared_prompts(prefix_order: bool, tmp_path: Path,
                                             tiny_models: dict[str, Path]) -> None:
     from tokenmill import LLM
     from tokenmill.batch.runner import BatchJob
+    from tokenmill.engine.client import LocalClient
 
     input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(64))
     llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26, max_num_seqs=4)
     admitted: list[int] = []
     add_request = llm.engine.add_request
 
-    def recording_add(request_id: str, *args: object) -> object:
+    def recording_add(request_id: str, *args: object, **kwargs: object) -> object:
         admitted.append(int(request_id.rsplit("-", 1)[1]))
-        return add_request(request_id, *args)
+        return add_request(request_id, *args, **kwargs)
 
     llm.engine.add_request = recording_add  # observe the admission order of the real engine
-    summary = BatchJob(llm.engine, input_path, tmp_path / "out.jsonl", prefix_order=prefix_order, use_tqdm=False).run()
+    summary = BatchJob(LocalClient(llm.engine), input_path, tmp_path / "out.jsonl", prefix_order=prefix_order,
+                       use_tqdm=False).run()
     assert summary.succeeded == 64
     groups = [(line - 1) % 4 for line in admitted]
     switches = sum(a != b for a, b in zip(groups, groups[1:]))
@@ -231,3 +233,68 @@ def test_resume_with_another_errors_file_is_refused(tmp_path: Path, tiny_models:
     assert moved.returncode == 2 and "first.errors.jsonl" in moved.stderr
     run_cli(input_path, "-o", output, "--errors", tmp_path / "first.errors.jsonl", *common)
     assert len(read_jsonl(tmp_path / "first.errors.jsonl")) == 1 and len(read_jsonl(output)) == 2
+
+
+def test_a_same_size_edit_deep_in_a_resumed_input_is_refused(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(6000))
+    original = input_path.read_bytes()
+    assert len(original) > 2 << 20  # the edit below lies far past the first MiB
+    output = tmp_path / "out.jsonl"
+    args = [sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
+            "--model", str(tiny_models["llama"]), "--dtype", "float32", "--max-num-seqs", "8"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.exists() and output.read_bytes().count(b"\n") >= 8:  # some lines done, most not
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the job ended before it could be killed: make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = output.read_bytes()
+    done = done[:done.rfind(b"\n") + 1]  # the rerun may cut a torn last record, nothing else
+
+    # One character of a late line's prompt, the size unchanged.
+    edited = original.replace(b"message number 5990 about", b"message number 5999 about")
+    assert len(edited) == len(original) and original.index(b"message number 5990 about") > 2 << 20
+    input_path.write_bytes(edited)
+    refused = run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--dtype", "float32", check=False)
+    assert refused.returncode == 2 and "input changed" in refused.stderr and str(input_path) in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert output.read_bytes() == done and not (tmp_path / "out.summary.json").exists()
+
+
+def test_duplicate_custom_ids_are_judged_exactly(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    # Distinct ids that differ by case, a space, normalization, a NUL, a lone surrogate (a JSON
+    # escape can make one) or only their last character: none is another's duplicate.
+    distinct = ["a", "A", "a ", "\u00e9", "e\u0301", "x", "x\u0000y", "\ud800", "\udc00", "k" * 5000 + "1",
+                "k" * 5000 + "2"]
+    repeated = {"a": 1, "e\u0301": 5, "\ud800": 8, "k" * 5000 + "2": 11}  # id: the line that claims it first
+    ids = distinct + list(repeated)
+    input_path = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": f"line {n}", "max_tokens": 2, "temperature": 0}} for n, cid in enumerate(ids, 1)])
+    output, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    common = ["--model", tiny_models["llama"], "--dtype", "float32"]
+
+    def check_results() -> None:
+        assert sorted(r["custom_id"] for r in read_jsonl(output)) == sorted(distinct)
+        failed = sorted(((int(e["id"].rsplit("_", 1)[1]), e["custom_id"], e["error"]) for e in read_jsonl(errors)),
+                        key=lambda f: f[0])
+        assert [(line, cid) for line, cid, _ in failed] == [(n, cid) for n, cid in enumerate(ids, 1) if n > 11]
+        for line, cid, error in failed:
+            assert error["code"] == "duplicate_custom_id"
+            assert error["message"] == f"line {line}: custom_id {cid!r} was used by line {repeated[cid]}"
+
+    run_cli(input_path, "-o", output, *common)
+    check_results()
+    assert not (tmp_path / "out.custom_ids.sqlite3").exists()  # the scratch table is gone with the run
+    # A crash lost the records of a first claimant and of a duplicate: the rerun judges them again.
+    kept_output = [r for r in read_jsonl(output) if r["custom_id"] != "\ud800"]
+    kept_errors = [e for e in read_jsonl(errors) if e["custom_id"] != "a"]
+    output.write_text("".join(json.dumps(r) + "\n" for r in kept_output))
+    errors.write_text("".join(json.dumps(e) + "\n" for e in kept_errors))
+    run_cli(input_path, "-o", output, *common)
+    check_results()
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert (summary["succeeded"], summary["failed"], summary["skipped_already_done"]) == (1, 1, len(ids) - 2)

@@ -39,7 +39,7 @@ def test_batched_runs_transformers_on_the_same_grid(tiny_models: dict[str, Path]
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-num-seqs", "2"], "do not fit one step"),  # 3 sequences cannot decode together
-    (["--kv-cache-memory", str(14 * 4096)], "did not decode in lockstep"),  # 14 4-KiB blocks: prompts evicted
+    (["--kv-cache-memory", f"{14 * 4096}B"], "did not decode in lockstep"),  # 14 4-KiB blocks: prompts evicted
 ])
 def test_batched_refuses_points_it_cannot_measure_in_lockstep(extra: list[str], message: str,
                                                               tiny_models: dict[str, Path],

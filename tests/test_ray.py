@@ -155,8 +155,8 @@ def test_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:
 @needs_ray
 def test_a_replica_that_cannot_start_is_a_clear_error(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(4))
-    result = subprocess.run(ray_command(input_path, tmp_path / "out", tiny_models["llama"], "--kv-cache-memory", "100"),
-                            capture_output=True, text=True, timeout=300)
+    command = ray_command(input_path, tmp_path / "out", tiny_models["llama"], "--kv-cache-memory", "100B")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == ("tokenmill: error: an engine replica could not start: "
                                               "ValueError: kv_cache_memory=100 holds no KV block (8192 bytes each)")

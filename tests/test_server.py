@@ -39,7 +39,7 @@ class Server:
 
     def start(self) -> Server:
         args = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(self.model), "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", str(KV_CACHE_BYTES),
+                "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", f"{KV_CACHE_BYTES}B",
                 "--api-key", API_KEY]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -295,11 +295,12 @@ def test_a_batch_past_its_window_expires_with_partial_results(tmp_path: Path, ti
     from tokenmill.server.store import Store
 
     monkeypatch.setattr(batches_module, "COMPLETION_WINDOW_S", 2)  # instead of 24 hours
-    engine = Engine(EngineConfig(str(tiny_models["llama"]), "float32", kv_cache_memory=1 << 26, max_num_seqs=4))
+    engine = Engine(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26,
+                                 max_num_seqs=4))
     engine_thread = EngineThread(engine)
     try:
-        manager = batches_module.BatchManager(Store(tmp_path / "data"), engine, engine_thread)
-        path = batch_file(tmp_path / "in.jsonl", engine.model_name, 2000, 40)
+        manager = batches_module.BatchManager(Store(tmp_path / "data"), engine_thread)
+        path = batch_file(tmp_path / "in.jsonl", engine_thread.frontend.model_name, 2000, 40)
         uploaded = manager.store.register_file(path, "in.jsonl", "batch")
         batch = manager.create(uploaded["id"], "/v1/chat/completions", "24h", None)
         deadline = time.monotonic() + 60
@@ -329,3 +330,37 @@ def test_two_batches_on_one_file_both_complete(tmp_path: Path, client: openai.Op
         done = wait_for(client, batch.id, ("completed", "failed"), timeout=120)
         assert done.status == "completed" and done.request_counts.completed == 10
     assert client.chat.completions.create(model=model, messages=CHAT, max_tokens=2).choices  # engine still alive
+
+
+def test_batches_page_with_limit_and_after(tmp_path: Path, server: Server, client: openai.OpenAI) -> None:
+    (tmp_path / "in.jsonl").write_text("not json\n")  # a batch that finishes at once
+    uploaded = client.files.create(file=(tmp_path / "in.jsonl").open("rb"), purpose="batch")
+    created = {client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id for _ in range(5)}
+
+    def page(**params: object) -> dict:
+        return client.batches.with_raw_response.list(**params).http_response.json()
+
+    everything = page(limit=100)
+    ids = [b["id"] for b in everything["data"]]
+    assert created <= set(ids) and not everything["has_more"] and len(ids) == len(set(ids))
+    # Newest first; batches created within the same second are ordered by id.
+    assert [(b["created_at"], b["id"]) for b in everything["data"]] == sorted(
+        ((b["created_at"], b["id"]) for b in everything["data"]), reverse=True)
+    paged: list[str] = []
+    after: str | None = None
+    while True:
+        current = page(limit=2, **({"after": after} if after else {}))
+        data = [b["id"] for b in current["data"]]
+        assert 1 <= len(data) <= 2 and (current["first_id"], current["last_id"]) == (data[0], data[-1])
+        paged += data
+        assert current["has_more"] == (len(paged) < len(ids))
+        if not current["has_more"]:
+            break
+        after = current["last_id"]
+    assert paged == ids
+    assert [b.id for b in client.batches.list(limit=2)] == ids  # the client's own paging, through `after`
+    last = page(limit=2, after=ids[-1])
+    assert (last["data"], last["first_id"], last["last_id"], last["has_more"]) == ([], None, None, False)
+    with pytest.raises(openai.NotFoundError, match="batch_unknown"):  # not a silent restart from the top
+        client.batches.list(limit=2, after="batch_unknown")

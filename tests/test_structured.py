@@ -11,6 +11,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 from tokenmill.batch.runner import BatchJob
+from tokenmill.engine.client import LocalClient
 
 ORDER_SCHEMA = {
     "type": "object",
@@ -55,7 +56,7 @@ def test_extraction_job_always_parses_and_validates(tmp_path: Path, smol_llm: LL
     lines = extraction_lines(50)
     input_path = tmp_path / "orders.jsonl"
     input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    summary = BatchJob(smol_llm.engine, input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
+    summary = BatchJob(LocalClient(smol_llm.engine), input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
     assert summary.succeeded == 50 and summary.failed == 0
     for record in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()):
         choice = record["response"]["body"]["choices"][0]
@@ -103,7 +104,7 @@ def test_bad_schema_in_a_batch_file_is_an_error_line(tmp_path: Path, smol_llm: L
     bad["body"]["response_format"]["json_schema"]["schema"] = {"type": "object", "properties": {"a": {"type": "x"}}}
     input_path = tmp_path / "in.jsonl"
     input_path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    summary = BatchJob(smol_llm.engine, input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
+    summary = BatchJob(LocalClient(smol_llm.engine), input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
     assert (summary.succeeded, summary.failed) == (1, 1)
     error = json.loads((tmp_path / "out.errors.jsonl").read_text())["error"]
     assert error["code"] == "invalid_value" and error["message"].startswith("line 2: structured output: cannot")

@@ -10,6 +10,7 @@ file. The share of the machine is achieved FLOP/s over a GEMM peak measured in t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -20,8 +21,9 @@ from typing import Any
 
 import torch
 
+from tokenmill.engine.client import EngineClient, LocalClient, Submission, drive
 from tokenmill.engine.engine import Engine
-from tokenmill.models.linear import PackedLinear
+from tokenmill.models.linear import LINEAR_METHODS, Linear
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -42,16 +44,16 @@ class Row:
 
 
 def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of the best GEMM this process has for dtype, on a batched MLP shape (2048x576x1536)."""
+    """FLOP/s of the best linear method this process has for dtype, on a batched MLP shape (2048x576x1536)."""
     x = torch.randn(2048, 576, dtype=dtype)
-    linear = torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
+    weight = torch.randn(1536, 576, dtype=dtype)
     best = 0.0
-    for product in (linear, PackedLinear(linear)):
+    for method in (m(weight, None) for m in LINEAR_METHODS if m.supports(weight)):
         for _ in range(3):
-            product(x)
+            method.apply(x)
         iters, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
-            product(x)
+            method.apply(x)
             iters += 1
         best = max(best, 2 * 2048 * 576 * 1536 * iters / elapsed)
     return best
@@ -59,8 +61,7 @@ def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
 
 def flops_per_token(engine: Engine) -> float:
     """2 x the weights of every linear layer, the lm_head included (the embedding is a lookup)."""
-    linears = (torch.nn.Linear, PackedLinear)
-    return 2.0 * sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, linears))
+    return 2.0 * sum(m.in_features * m.out_features for m in engine.runner.model.modules() if isinstance(m, Linear))
 
 
 def _random_prompts(rng: random.Random, vocab: int, pp: int, b: int, shared_prompt: bool) -> list[list[int]]:
@@ -76,28 +77,21 @@ def _row(engine: str, pp: int, tg: int, b: int, shared_prompt: bool, t_pp: float
                n_kv / (t_pp + t_tg))
 
 
-def run_to_completion(engine: Engine,
-                      requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, RequestOutput]:
-    """Adds the requests, steps until all are done; returns each one's final output."""
-    for request_id, prompt, params in requests:
-        engine.add_request(request_id, None, prompt, params)
-    outputs: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                outputs[output.request_id] = output
-    return outputs
+def run_to_completion(client: EngineClient, requests: list[Submission]) -> dict[str, RequestOutput]:
+    """Submits the requests together (so that they are scheduled together) and runs them to their
+    end; returns each one's final output."""
+    with contextlib.closing(drive(client, iter(requests), window=max(1, len(requests)))) as steps:
+        return {o.request_id: o for outputs in steps for o in outputs if o.finished}
 
 
-def submit_after_prompts(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> int:
+def lockstep_requests(client: EngineClient, prompts: dict[str, list[int]], params: SamplingParams) -> list[Submission]:
     """The prompt phase of a decode measurement in lockstep, as llama-batched-bench runs it.
 
-    Runs every prompt to its first token, then submits prompt + that token under `params`: the
-    prefix cache serves the prompt's full blocks, so the first step of the new requests is one
-    step for all of them and they decode together from there. Returns the preemption count to give
-    `check_lockstep` afterwards.
+    Runs every prompt to its first token, then returns the decode phase's requests: prompt + that
+    token under `params`. Submitted together, they find the prompt's full blocks in the prefix
+    cache, so their first step is one step for all of them and they decode together from there.
     """
-    config, block = engine.config, engine.config.block_size
+    config, block = client.frontend.config, client.frontend.config.block_size
     first_step = sum(len(p) % block + 1 for p in prompts.values())
     if len(prompts) > config.max_num_seqs or first_step > config.max_num_batched_tokens:
         raise ValueError(f"{len(prompts)} sequences, whose first decode step takes {first_step} tokens, do not fit "
@@ -105,38 +99,38 @@ def submit_after_prompts(engine: Engine, prompts: dict[str, list[int]], params: 
                          f"({config.max_num_batched_tokens})")
     if not config.enable_prefix_caching:
         raise ValueError("a lockstep decode measurement needs the prefix cache")
-    first = run_to_completion(engine, [(i + "-pp", p, SamplingParams(temperature=0, max_tokens=1))
+    first = run_to_completion(client, [Submission(i + "-pp", None, p, SamplingParams(temperature=0, max_tokens=1))
                                        for i, p in prompts.items()])
-    for i, prompt in prompts.items():
-        engine.add_request(i, None, prompt + first[i + "-pp"].outputs[0].token_ids, params)
-    return engine.scheduler.num_preemptions
+    return [Submission(i, None, p + first[i + "-pp"].outputs[0].token_ids, params) for i, p in prompts.items()]
 
 
-def check_lockstep(engine: Engine, prompts: dict[str, list[int]], cached: dict[str, int | None],
+def check_lockstep(client: EngineClient, prompts: dict[str, list[int]], cached: dict[str, int | None],
                    preemptions: int) -> None:
-    """Raises unless every sequence found its prompt's full blocks cached and none was preempted."""
-    block = engine.config.block_size
-    if engine.scheduler.num_preemptions != preemptions or \
+    """Raises unless every sequence found its prompt's full blocks cached and there was no
+    preemption since the count `preemptions` was taken (before the decode phase)."""
+    block = client.frontend.config.block_size
+    if client.metrics().num_preemptions != preemptions or \
             any((cached[i] or 0) < len(p) // block * block for i, p in prompts.items()):
         raise RuntimeError("the sequences did not decode in lockstep (prompt blocks evicted from the prefix cache "
                            "or sequences preempted): raise kv_cache_memory")
 
 
-def run_point(engine: Engine, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
+def run_point(client: EngineClient, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
     if tg < 1:
         raise ValueError("TG must be at least 1")
-    vocab = engine.runner.model.config.vocab_size
+    vocab = client.frontend.vocab_size
     prompts = {f"bench-{pp}-{tg}-{b}-{i}": p for i, p in enumerate(_random_prompts(rng, vocab, pp, b, shared_prompt))}
     # NOTE: as in llama-batched-bench, every prompt is processed before any sequence decodes, so the
     # B sequences decode TG steps in lockstep. (Run as one job, continuous batching would start
     # decoding the first prompts while later ones are still prefilling, and count those tokens as
     # decode throughput at a smaller batch.)
     start = time.perf_counter()
-    preemptions = submit_after_prompts(engine, prompts, SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True))
+    decode = lockstep_requests(client, prompts, SamplingParams(temperature=0, max_tokens=tg, ignore_eos=True))
     t_pp = time.perf_counter() - start
-    outputs = run_to_completion(engine, [])  # the decode phase: the requests submitted above
+    preemptions = client.metrics().num_preemptions
+    outputs = run_to_completion(client, decode)
     t_tg = time.perf_counter() - start - t_pp
-    check_lockstep(engine, prompts, {i: o.num_cached_tokens for i, o in outputs.items()}, preemptions)
+    check_lockstep(client, prompts, {i: o.num_cached_tokens for i, o in outputs.items()}, preemptions)
     return _row("tokenmill", pp, tg, b, shared_prompt, t_pp, t_tg)
 
 
@@ -233,8 +227,9 @@ def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shar
             llama_bin: str | None, gguf: Path | None, threads: int, jsonl: Path | None,
             plot_path: Path | None, with_transformers: bool = False) -> str:
     rng = random.Random(0)
-    run_point(engine, 16, 4, 2, shared_prompt, rng)  # warm-up
-    rows = [run_point(engine, pp, tg, b, shared_prompt, rng) for pp in npp for tg in ntg for b in npl]
+    client = LocalClient(engine)
+    run_point(client, 16, 4, 2, shared_prompt, rng)  # warm-up
+    rows = [run_point(client, pp, tg, b, shared_prompt, rng) for pp in npp for tg in ntg for b in npl]
     peak = gemm_peak(engine.dtype)
     per_token = flops_per_token(engine)
     share = {(r.PP, r.TG, r.B): r.S_TG * per_token / peak for r in rows}
@@ -242,7 +237,7 @@ def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shar
         rows += run_llamacpp(llama_bin, gguf, npp, ntg, npl, shared_prompt, threads)
     if with_transformers:
         rows += run_transformers(engine, npp, ntg, npl, shared_prompt, rng)
-    out = [f"model {engine.model_name}, dtype {str(engine.dtype).removeprefix('torch.')}, {threads} threads, "
+    out = [f"model {client.frontend.model_name}, dtype {str(engine.dtype).removeprefix('torch.')}, {threads} threads, "
            f"{'shared prompt (pps), ' if shared_prompt else ''}GEMM peak {peak / 1e9:.0f} GFLOP/s, "
            f"{per_token / 1e6:.0f} MFLOP/token", "", markdown(rows, share)]
     for peer in ("llama.cpp", "transformers"):
@@ -258,5 +253,5 @@ def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shar
 def job(engine: Engine, input_path: Path, output: Path) -> dict[str, Any]:
     from tokenmill.batch.runner import BatchJob
 
-    summary = BatchJob(engine, input_path, output, use_tqdm=False).run(overwrite=True)
+    summary = BatchJob(LocalClient(engine), input_path, output, use_tqdm=False).run(overwrite=True)
     return asdict(summary)

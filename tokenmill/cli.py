@@ -9,12 +9,30 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tokenmill.batch.runner import BatchJob, default_errors_path, summary_path, write_summary
+from tokenmill.batch.runner import BatchJob, JobSummary, default_errors_path, summary_path, write_summary
+from tokenmill.engine.config import DTYPES, EngineConfig
 
 
 def _fatal(message: str) -> int:
     print(f"tokenmill: error: {message}", file=sys.stderr)
     return 2
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings given on the command line; raises ValueError for a bad one."""
+    return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
+
+
+def _report(summary: JobSummary, summary_file: Path) -> int:
+    """Prints the summary; exit status 1 if lines failed inside the engine (they have no record yet)."""
+    print(json.dumps(asdict(summary), indent=2))
+    print(f"summary written to {summary_file}", file=sys.stderr)
+    if summary.failed_internally:
+        print(f"tokenmill: {summary.failed_internally} lines failed inside the engine (the log above says why) and "
+              "have no record: run the same command again to run them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -26,38 +44,35 @@ def run_command(args: argparse.Namespace) -> int:
         input_path.open("rb").close()
     except OSError as e:
         return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
+    try:
+        config = _engine_config(args)
+    except ValueError as e:
+        return _fatal(str(e))
     if args.ray:
-        return _run_on_ray(args, input_path, output)
+        return _run_on_ray(args, config, input_path, output)
     if args.ray_address or args.replicas or args.cpus_per_replica or args.batch_lines:
         return _fatal("--ray-address, --replicas, --cpus-per-replica and --batch-lines go with --ray")
-    from tokenmill.llm import LLM  # after the cheap checks: importing torch takes a while
+    from tokenmill.engine.client import LocalClient
+    from tokenmill.engine.engine import Engine
 
     try:
-        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
-        job = BatchJob(llm.engine, input_path, output, errors, prefix_order=not args.input_order)
+        job = BatchJob(LocalClient(Engine(config)), input_path, output, errors, prefix_order=not args.input_order)
         summary = job.run(overwrite=args.overwrite, sort=args.sorted)
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))
     except OSError as e:  # e.g. an output folder that cannot be written
         return _fatal(f"{e.strerror}: {e.filename}")
-    path = write_summary(summary, summary_path(output))
-    print(json.dumps(asdict(summary), indent=2))
-    print(f"summary written to {path}", file=sys.stderr)
-    return 0
+    return _report(summary, write_summary(summary, summary_path(output)))
 
 
-def _run_on_ray(args: argparse.Namespace, input_path: Path, output_dir: Path) -> int:
+def _run_on_ray(args: argparse.Namespace, config: EngineConfig, input_path: Path, output_dir: Path) -> int:
     if args.errors or args.sorted:
         return _fatal("with --ray, OUTPUT is a folder of result shards with errors.jsonl in it: "
                       "--errors and --sorted do not apply")
     try:
-        from tokenmill.engine.config import EngineConfig
         from tokenmill.ray import run_batch
     except ImportError as e:
         return _fatal(f"--ray needs Ray: pip install \"tokenmill[ray]\" ({e})")
-    config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
     try:
         summary = run_batch(input_path, output_dir, config, replicas=args.replicas,
                             cpus_per_replica=args.cpus_per_replica, address=args.ray_address,
@@ -67,15 +82,12 @@ def _run_on_ray(args: argparse.Namespace, input_path: Path, output_dir: Path) ->
         return _fatal(str(e))
     except OSError as e:
         return _fatal(f"{e.strerror}: {e.filename}")
-    print(json.dumps(asdict(summary), indent=2))
-    print(f"summary written to {output_dir / 'summary.json'}", file=sys.stderr)
-    return 0
+    return _report(summary, output_dir / "summary.json")
 
 
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tokenmill.engine.config import EngineConfig
     from tokenmill.engine.engine import Engine
     from tokenmill.engine.threaded import EngineThread
     from tokenmill.server.app import create_app
@@ -85,17 +97,16 @@ def serve_command(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY")
     data_dir = Path(args.data_dir).expanduser()
     try:
-        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                     kv_cache_memory=args.kv_cache_memory))
+        engine = Engine(_engine_config(args))
         store = Store(data_dir)
     except (ValueError, OSError) as e:
         return _fatal(str(e))
     engine_thread = EngineThread(engine)
-    batches = BatchManager(store, engine, engine_thread)
+    batches = BatchManager(store, engine_thread)
     batches.resume()
-    app = create_app(engine, engine_thread, store, batches, api_key)
-    print(f"tokenmill: serving {engine.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    app = create_app(engine_thread, store, batches, api_key)
+    print(f"tokenmill: serving {engine_thread.frontend.model_name} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -104,7 +115,6 @@ def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from tokenmill import bench
-    from tokenmill.engine.config import EngineConfig
     from tokenmill.engine.engine import Engine
     from tokenmill.models.loader import default_model_path
 
@@ -114,9 +124,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                     kv_cache_memory=args.kv_cache_memory))
+        engine = Engine(_engine_config(args))
     except ValueError as e:
         return _fatal(str(e))
     if args.bench == "job":
@@ -181,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bench_parser.set_defaults(handler=bench_command)
     for sub in (run, serve, batched, job_parser):
-        sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-        sub.add_argument("--max-num-seqs", type=int, default=128)
-        sub.add_argument("--max-num-batched-tokens", type=int, default=256)
-        sub.add_argument("--kv-cache-memory", default="0.2",
+        # The defaults are EngineConfig's, which checks the values.
+        sub.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", *DTYPES],
+                         help="auto: bfloat16 where the CPU has native bf16 instructions, else float32")
+        sub.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                         help="sequences in flight (default: %(default)s)")
+        sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                         help="tokens of one step (default: %(default)s)")
+        sub.add_argument("--kv-cache-memory", default=EngineConfig.kv_cache_memory,
                          help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
-                              "(0.2, 20%%)")
+                              "(0.2, 20%%; default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

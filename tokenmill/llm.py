@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import fields
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from tokenmill.engine.client import LocalClient, Submission, drive
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.outputs import RequestOutput
@@ -16,21 +19,26 @@ from tokenmill.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
+ENGINE_ARGS = tuple(f.name for f in fields(EngineConfig) if f.name != "model")
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str = "auto", max_num_seqs: int = 128,
-                 max_num_batched_tokens: int = 256, kv_cache_memory: int | float = 0.2,
-                 enable_prefix_caching: bool = True, block_size: int = 16, max_model_len: int | None = None) -> None:
-        self.engine = Engine(EngineConfig(
-            model=model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching, block_size=block_size,
-            max_model_len=max_model_len))
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        """`model`: a Hugging Face folder or a .gguf file (None: SmolLM2-135M-Instruct). `engine_args`:
+        any other `EngineConfig` field by keyword (dtype, max_num_seqs, kv_cache_memory, ...); the
+        defaults are EngineConfig's."""
+        unknown = [name for name in engine_args if name not in ENGINE_ARGS]
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; "
+                            f"engine arguments are {', '.join(ENGINE_ARGS)}")
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        self._client = LocalClient(self.engine)
+        self.frontend = self._client.frontend  # tokenizer, chat template, model name, context length
         self._request_ids = itertools.count()
         self._running = False  # one generate/chat at a time: each drives the engine's step loop
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.frontend.tokenizer
 
     def generate(self, prompts: PromptType | Iterable[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -44,7 +52,7 @@ class LLM:
         """
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        tokenizer = self.engine.tokenizer
+        frontend = self.frontend
 
         def tokenized() -> Iterator[tuple[str | None, list[int]]]:
             for p in prompts:
@@ -53,10 +61,7 @@ class LLM:
                         yield p.get("prompt"), list(p["prompt_token_ids"])
                         continue
                     p = p["prompt"]
-                if isinstance(p, str):
-                    yield p, tokenizer.encode(p)
-                else:
-                    yield None, list(p)
+                yield frontend.tokenize(p)
 
         return self._run(tokenized(), sampling_params, use_tqdm, getattr(prompts, "__len__", None))
 
@@ -64,19 +69,13 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Applies the model's chat template to each conversation, then generates as `generate`."""
+        """Applies the model's chat template to each conversation, then generates as `generate`.
+        A conversation the template rejects raises `RequestError`."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
-        tokenizer = self.engine.tokenizer
-
-        def templated() -> Iterator[tuple[str, list[int]]]:
-            for conversation in messages:
-                text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt,
-                                                     **(chat_template_kwargs or {}))
-                yield text, tokenizer.encode(text, add_special_tokens=False)
-
-        return self._run(templated(), sampling_params, use_tqdm, getattr(messages, "__len__", None))
+        frontend = self.frontend
+        templated = (frontend.tokenize_chat(c, add_generation_prompt, chat_template_kwargs) for c in messages)
+        return self._run(templated, sampling_params, use_tqdm, getattr(messages, "__len__", None))
 
     def _run(self, prompts: Iterator[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
@@ -95,49 +94,37 @@ class LLM:
         if self._running:
             raise RuntimeError("generate() and chat() cannot run inside another call on the same LLM "
                                "(e.g. from its prompt iterator): the engine has one step loop")
-        engine = self.engine
-        # Requests in flight: enough to keep the batch full, few enough to bound memory.
-        window = 2 * engine.config.max_num_seqs
-        results: dict[int, RequestOutput] = {}
         index_of: dict[str, int] = {}
+
+        def requests() -> Iterator[Submission]:
+            for index, (text, token_ids) in enumerate(prompts):
+                params = next(params_iter)
+                if params is None:
+                    raise ValueError(f"more prompts than sampling_params ({index} given)")
+                request_id = str(next(self._request_ids))
+                index_of[request_id] = index
+                yield Submission(request_id, text, token_ids, params)
+            if one_each and next(params_iter) is not None:
+                raise ValueError("more sampling_params than prompts")
+
+        results: dict[int, RequestOutput] = {}
         bar = tqdm(total=length() if length else None, desc="requests", disable=not use_tqdm, dynamic_ncols=True)
         start, in_tokens, out_tokens = time.perf_counter(), 0, 0
-        pending = zip(itertools.count(), prompts, params_iter)
-        exhausted = False
         self._running = True
         try:
-            while True:
-                while not exhausted and len(index_of) < window:
-                    item = next(pending, None)
-                    if item is None:
-                        exhausted = True
-                        if one_each and next(params_iter) is not None:
-                            raise ValueError("more sampling_params than prompts")
-                        break
-                    index, (text, token_ids), params = item
-                    if params is None:
-                        raise ValueError(f"more prompts than sampling_params ({index} given)")
-                    request_id = str(next(self._request_ids))
-                    failed = engine.add_request(request_id, text, token_ids, params)
-                    if failed is not None:
-                        results[index] = failed
+            # NOTE: closed (so its requests in flight are aborted) when interrupted, leaving the
+            # engine clean for the next call.
+            with contextlib.closing(drive(self._client, requests())) as steps:
+                for outputs in steps:
+                    for output in outputs:
+                        results[index_of.pop(output.request_id)] = output
+                        in_tokens += len(output.prompt_token_ids)
+                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(f"in {in_tokens / elapsed:.0f} tok/s, out {out_tokens / elapsed:.0f} tok/s",
+                                            refresh=False)
                         bar.update(1)
-                    else:
-                        index_of[request_id] = index
-                if not index_of and exhausted:
-                    break
-                for output in engine.step():
-                    results[index_of.pop(output.request_id)] = output
-                    in_tokens += len(output.prompt_token_ids)
-                    out_tokens += sum(len(c.token_ids) for c in output.outputs)
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"in {in_tokens / elapsed:.0f} tok/s, out {out_tokens / elapsed:.0f} tok/s",
-                                        refresh=False)
-                    bar.update(1)
         finally:
-            for request_id in index_of:  # interrupted: leave the engine clean for the next call
-                engine.abort_request(request_id)
             bar.close()
             self._running = False
         return [results[i] for i in range(len(results))]
-

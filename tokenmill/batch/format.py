@@ -11,26 +11,23 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
-
+from tokenmill.errors import RequestError
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
-    from tokenmill.engine.engine import Engine
+    from tokenmill.frontend import Frontend
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 
 
-@dataclass
-class LineError(Exception):
-    """What is wrong with one request; `param` names the field, when one is to blame."""
+class LineError(RequestError):
+    """A `RequestError` of one input line, with the line's custom_id (None when it has no usable one)."""
 
-    code: str
-    message: str
-    custom_id: str | None = None
-    param: str | None = None
+    def __init__(self, code: str, message: str, custom_id: str | None = None, param: str | None = None) -> None:
+        super().__init__(code, message, param)
+        self.custom_id = custom_id
 
 
 @dataclass
@@ -139,31 +136,21 @@ def validate_body(url: str, body: Any) -> SamplingParams:
     return sampling_params_from_body(body, url)
 
 
-def tokenize_body(tokenizer: PreTrainedTokenizerBase, url: str, body: dict[str, Any]) -> tuple[str | None, list[int]]:
-    """The prompt text (if any) and token ids of a validated request body."""
-    if url == CHAT_URL:
-        try:
-            text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # the template itself rejects the conversation (jinja raises anything)
-            raise LineError("invalid_messages", f"the chat template rejects the messages: {e}",
-                            param="messages") from None
-        return text, tokenizer.encode(text, add_special_tokens=False)
-    prompt = body["prompt"]
-    return (prompt, tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-
-
-def prepare_request(engine: Engine, url: str, body: dict[str, Any],
+def prepare_request(frontend: Frontend, url: str, body: dict[str, Any],
                     params: SamplingParams) -> tuple[str | None, list[int]]:
     """What a validated body needs before it goes to the engine, done outside its step loop: the
-    prompt's text and token ids, and its grammar compiled (the engine then finds it in xgrammar's
-    cache)."""
-    text, token_ids = tokenize_body(engine.tokenizer, url, body)
+    prompt's text (if any) and token ids, and its grammar compiled (the engine then finds it in
+    xgrammar's cache). Raises RequestError."""
+    prompt = body["messages"] if url == CHAT_URL else body["prompt"]
+    text, token_ids = frontend.tokenize_chat(prompt) if url == CHAT_URL else frontend.tokenize(prompt)
     if params.structured_outputs is not None:
-        try:
-            engine.structured.compile(params.structured_outputs)
-        except ValueError as e:
-            raise LineError("invalid_value", str(e), param="response_format") from None
+        frontend.compile(params.structured_outputs)
     return text, token_ids
+
+
+def blamed_param(url: str, param: str | None) -> str | None:
+    """The request field an error names: a chat request's prompt is its messages."""
+    return "messages" if param == "prompt" and url == CHAT_URL else param
 
 
 def request_id_prefix(url: str) -> str:

@@ -9,6 +9,7 @@ is exactly once across crashes).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -22,9 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tokenmill.batch.dedup import CustomIds
 from tokenmill.batch.format import (
     BatchLine,
     LineError,
+    blamed_param,
     error_record,
     output_record,
     parse_line,
@@ -40,8 +43,8 @@ from tokenmill.batch.journal import (
     line_of,
     record_id,
 )
-from tokenmill.engine.engine import Engine
-from tokenmill.engine.threaded import LocalClient, ThreadClient
+from tokenmill.engine.client import EngineClient, Submission, drive
+from tokenmill.errors import RequestError
 from tokenmill.outputs import RequestOutput
 
 # A finished line's prompt, cached prompt and completion tokens; None for a failed line.
@@ -57,7 +60,10 @@ class LineCounts:
     """What finished lines add up to: a job's, or (on Ray) one replica's share of it."""
 
     succeeded: int = 0
-    failed: int = 0
+    failed: int = 0  # with an error record: the request's own fault
+    # Failed inside the engine (a bug, an out-of-memory; logged): no record is written, so these
+    # lines run again on the next run of the job.
+    failed_internally: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -122,11 +128,12 @@ class _Pending:
     token_ids: list[int] = field(compare=False)
 
 
-def read_lines(path: Path, endpoint: str | None = None) -> Iterator[tuple[int, BatchLine | LineError]]:
-    """Every non-blank line of path, validated, in file order. Duplicate custom_ids fail after the
-    first; with `endpoint`, every line's url must be it (the server's batches)."""
-    seen: set[int] = set()  # hashes of custom_ids: ~50 bytes a line, not the lines themselves
-    with path.open("rb") as f:
+def read_lines(path: Path, custom_ids: Path,
+               endpoint: str | None = None) -> Iterator[tuple[int, BatchLine | LineError]]:
+    """Every non-blank line of path, validated, in file order. A custom_id that an earlier valid
+    line claimed fails (judged exactly, in the scratch file custom_ids: see dedup.py); with
+    `endpoint`, every line's url must be it (the server's batches)."""
+    with path.open("rb") as f, CustomIds(custom_ids) as claimed:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -135,12 +142,11 @@ def read_lines(path: Path, endpoint: str | None = None) -> Iterator[tuple[int, B
                 if endpoint is not None and line.url != endpoint:
                     raise LineError("invalid_url", f"line {line_no}: url {line.url} is not the batch's endpoint "
                                                    f"{endpoint}", line.custom_id)
-                key = hash(line.custom_id)
-                if key in seen:
+                first = claimed.claim(line.custom_id, line_no)
+                if first is not None:
                     raise LineError("duplicate_custom_id",
-                                    f"line {line_no}: custom_id {line.custom_id!r} was used by an earlier line",
+                                    f"line {line_no}: custom_id {line.custom_id!r} was used by line {first}",
                                     line.custom_id)
-                seen.add(key)
                 item: BatchLine | LineError = line
             except LineError as e:
                 item = e
@@ -153,23 +159,24 @@ RecordSink = Callable[[int, dict[str, Any], RequestOutput | None], None]
 
 
 class LineExecutor:
-    """Runs validated lines through the engine and hands each one's record to `sink`.
+    """Runs validated lines through an engine client and hands each one's record to `sink`.
 
     Tokenizes as it reads, keeps up to `window` requests waiting in a heap ordered by prompt token
-    ids (so requests sharing a prefix are admitted together), and keeps twice max_num_seqs in the
-    engine. `client` is how it reaches the engine: in this thread, or through a shared engine
-    thread (the server; a Ray replica). Setting `cancel` stops it after the requests in flight are
-    aborted. Used by BatchJob here and by each Ray replica.
+    ids (so requests sharing a prefix are admitted together), and `drive`s them through `client`:
+    in this thread, or through a shared engine thread (the server; a Ray replica). A line whose
+    request failed inside the engine gets no record: it goes to `undone`, and runs again on the
+    next run of the job. Setting `cancel` stops it after the requests in flight are aborted. Used
+    by BatchJob here and by each Ray replica.
     """
 
-    def __init__(self, engine: Engine, client: LocalClient | ThreadClient, fingerprint: str, sink: RecordSink,
+    def __init__(self, client: EngineClient, fingerprint: str, sink: RecordSink, undone: Callable[[int], None], *,
                  prefix_order: bool = True, window: int | None = None, cancel: threading.Event | None = None) -> None:
-        self.engine = engine
         self.client = client
         self.fingerprint = fingerprint
         self.sink = sink
+        self.undone = undone
         self.prefix_order = prefix_order
-        self.window = window or max(1024, 8 * engine.config.max_num_seqs)
+        self.window = window or max(1024, 8 * client.frontend.config.max_num_seqs)
         self.cancel = cancel or threading.Event()
         # Engine request ids must be unique among everything the engine runs (the server runs many
         # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
@@ -180,65 +187,71 @@ class LineExecutor:
 
     def _prepare(self, line: BatchLine) -> tuple[str | None, list[int]]:
         try:
-            return prepare_request(self.engine, line.url, line.body, line.params)
-        except LineError as e:
+            return prepare_request(self.client.frontend, line.url, line.body, line.params)
+        except RequestError as e:
             raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
 
-    def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
-        client = self.client
+    def _requests(self, lines: Iterator[tuple[int, BatchLine | LineError]],
+                  in_flight: dict[str, BatchLine]) -> Iterator[Submission]:
+        """The lines' requests, each the first in prompt order among up to `window` read ahead."""
         pending: list[_Pending] = []
-        in_flight: dict[str, BatchLine] = {}
-        capacity = 2 * self.engine.config.max_num_seqs
         exhausted = False
-        try:
-            while not self.cancel.is_set():
-                while not exhausted and len(pending) < self.window:
-                    item = next(lines, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    line_no, line = item
-                    try:
-                        if isinstance(line, LineError):
-                            raise line
-                        prompt, token_ids = self._prepare(line)
-                    except LineError as e:
-                        self._fail(line_no, e)
-                        continue
-                    order_key = token_ids if self.prefix_order else []
-                    heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
-                while pending and len(in_flight) < capacity:
-                    entry = heapq.heappop(pending)
-                    request_id = f"{request_id_prefix(entry.line.url)}-{self.run_id}-{entry.line_no}"
-                    client.add(request_id, entry.prompt, entry.token_ids, entry.line.params)
-                    in_flight[request_id] = entry.line
-                if self.cancel.is_set() or (not in_flight and exhausted and not pending):
+        while not self.cancel.is_set():
+            while not exhausted and len(pending) < self.window:
+                item = next(lines, None)
+                if item is None:
+                    exhausted = True
                     break
-                for output in client.next_outputs():
-                    line = in_flight.pop(output.request_id)
-                    if output.error is not None:
-                        self._fail(line.line_no,
-                                   LineError("invalid_request", f"line {line.line_no}: {output.error}", line.custom_id))
-                        continue
-                    record = output_record(record_id(self.fingerprint, line.line_no), line, output,
-                                           self.engine.model_name)
-                    self.sink(line.line_no, record, output)
-        finally:
-            for request_id in in_flight:
-                client.abort(request_id)
+                line_no, line = item
+                try:
+                    if isinstance(line, LineError):
+                        raise line
+                    prompt, token_ids = self._prepare(line)
+                except LineError as e:
+                    self._fail(line_no, e)
+                    continue
+                order_key = token_ids if self.prefix_order else []
+                heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
+            if not pending:
+                return
+            entry = heapq.heappop(pending)
+            request_id = f"{request_id_prefix(entry.line.url)}-{self.run_id}-{entry.line_no}"
+            in_flight[request_id] = entry.line
+            yield Submission(request_id, entry.prompt, entry.token_ids, entry.line.params)
+
+    def _finish(self, line: BatchLine, output: RequestOutput) -> None:
+        error = output.error
+        if error is None:
+            record = output_record(record_id(self.fingerprint, line.line_no), line, output,
+                                   self.client.frontend.model_name)
+            self.sink(line.line_no, record, output)
+        elif error.internal:
+            self.undone(line.line_no)
+        else:
+            self._fail(line.line_no, LineError(error.code, f"line {line.line_no}: {error.message}", line.custom_id,
+                                               blamed_param(line.url, error.param)))
+
+    def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
+        if self.cancel.is_set():
+            return
+        in_flight: dict[str, BatchLine] = {}
+        with contextlib.closing(drive(self.client, self._requests(lines, in_flight))) as steps:
+            for outputs in steps:
+                for output in outputs:
+                    self._finish(in_flight.pop(output.request_id), output)
+                if self.cancel.is_set():
+                    break  # closing `steps` aborts the requests in flight
 
 
 class BatchJob:
     """One batch file through the engine, its results appended to OUTPUT and ERRORS (the journal).
     `client` and `cancel` are passed to the LineExecutor; what is done stays done."""
 
-    def __init__(self, engine: Engine, input_path: Path, output: Path, errors: Path | None = None,
-                 client: LocalClient | ThreadClient | None = None, prefix_order: bool = True,
-                 window: int | None = None, use_tqdm: bool = True, cancel: threading.Event | None = None,
-                 endpoint: str | None = None) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineClient, input_path: Path, output: Path, errors: Path | None = None, *,
+                 prefix_order: bool = True, window: int | None = None, use_tqdm: bool = True,
+                 cancel: threading.Event | None = None, endpoint: str | None = None) -> None:
         self.endpoint = endpoint
-        self.client = client or LocalClient(engine)
+        self.client = client
         self.cancel = cancel or threading.Event()
         self.input = input_path
         self.output = output
@@ -247,8 +260,9 @@ class BatchJob:
         self.window = window
         self.use_tqdm = use_tqdm
         self.fingerprint = input_fingerprint(input_path)
+        self.custom_ids = _beside(output, ".custom_ids.sqlite3")  # scratch, for the duplicate check
         self.summary = JobSummary(input=str(input_path), output=str(output), errors=str(self.errors),
-                                  model=engine.model_name)
+                                  model=client.frontend.model_name)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
 
     def run(self, overwrite: bool = False, sort: bool = False) -> JobSummary:
@@ -264,7 +278,7 @@ class BatchJob:
                 if overwrite:
                     path.unlink(missing_ok=True)
                 cut_torn_tail(path)
-            done_ok, done_failed = done_lines(self.output, self.fingerprint), done_lines(self.errors, self.fingerprint)
+            done_ok, done_failed = (done_lines(p, self.fingerprint, self.input) for p in (self.output, self.errors))
             self.previously_succeeded, self.previously_failed = len(done_ok), len(done_failed)
             done = done_ok | done_failed
             self.summary.total_lines = count_lines(self.input)
@@ -295,14 +309,17 @@ class BatchJob:
         def not_done() -> Iterator[tuple[int, BatchLine | LineError]]:
             # NOTE: lines done in an earlier run are read again, only so that duplicates are judged
             # exactly as they were then.
-            for line_no, line in read_lines(self.input, self.endpoint):
+            for line_no, line in read_lines(self.input, self.custom_ids, self.endpoint):
                 if line_no in done:
                     summary.skipped_already_done += 1
                 else:
                     yield line_no, line
 
-        executor = LineExecutor(self.engine, self.client, self.fingerprint, sink, self.prefix_order, self.window,
-                                self.cancel)
+        def undone(line_no: int) -> None:
+            summary.failed_internally += 1
+
+        executor = LineExecutor(self.client, self.fingerprint, sink, undone, prefix_order=self.prefix_order,
+                                window=self.window, cancel=self.cancel)
         try:
             executor.run(not_done())
         finally:

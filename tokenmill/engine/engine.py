@@ -62,7 +62,7 @@ class Engine:
 
     NOTE: other threads may call `metrics()` (plain counters copied at once; a snapshot taken
     mid-step may mix two steps) and read the attributes set in `__init__` that never change after it:
-    config, dtype, model_name, model_path, tokenizer, eos_token_ids, max_model_len, structured
+    config, dtype, model_name, model_path, tokenizer, eos_token_ids, max_model_len, vocab_size, structured
     (whose grammar compiler is itself thread-safe). Nothing else.
     """
 
@@ -75,6 +75,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len
+        self.vocab_size: int = loaded.config.vocab_size
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
 
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
@@ -89,7 +90,7 @@ class Engine:
                              f"({block_bytes} bytes each)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
-        self.structured = StructuredOutputs(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
@@ -140,7 +141,7 @@ class Engine:
             return RequestError("context_length_exceeded",
                                 f"the prompt has {len(token_ids)} tokens; the model's context is "
                                 f"{self.max_model_len} tokens, including at least one generated", "prompt")
-        vocab = self.runner.model.config.vocab_size
+        vocab = self.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             return RequestError("invalid_value", f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(t >= vocab for t in params.stop_token_ids):

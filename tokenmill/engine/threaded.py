@@ -1,8 +1,9 @@
-"""Clients of the engine: in the caller's thread, or through a background step-loop thread.
+"""The engine's own thread: a step loop that many clients share.
 
-The server runs one `EngineThread`: every HTTP request and every batch job hands it requests and
-gets outputs back through a callback, so all of them share one continuous batch. The step loop
-is the only code that touches the engine.
+The server runs one `EngineThread` (and each Ray replica one): every HTTP request and every batch
+job hands it requests through a `ThreadClient` (engine/client.py) and gets outputs back through a
+callback, so all of them share one continuous batch. The step loop is the only code that touches
+the engine; other threads read only its `frontend` and `metrics()` (see `Engine`'s docstring).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.engine.engine import Engine
+from tokenmill.engine.engine import Engine, EngineMetrics
 from tokenmill.errors import INTERNAL_ERROR, RequestError
+from tokenmill.frontend import Frontend
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -37,6 +39,7 @@ class _Add:
 class EngineThread:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.frontend = Frontend.from_engine(engine)  # built here, before the loop owns the engine
         self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
@@ -49,6 +52,9 @@ class EngineThread:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
+
+    def metrics(self) -> EngineMetrics:
+        return self.engine.metrics()  # NOTE: safe from any thread, by Engine's contract
 
     def stop(self) -> None:
         self._commands.put(None)
@@ -102,50 +108,3 @@ class EngineThread:
                     sink(output)
                 except Exception:  # a consumer gone wrong must not stop everyone else's requests
                     logger.exception("delivering the output of %s failed", output.request_id)
-
-
-class LocalClient:
-    """Drives the engine in the caller's thread (the `tokenmill run` command)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._failed: list[RequestOutput] = []
-
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
-        failed = self.engine.add_request(request_id, prompt, token_ids, params)
-        if failed is not None:
-            self._failed.append(failed)
-
-    def next_outputs(self) -> list[RequestOutput]:
-        failed, self._failed = self._failed, []
-        return failed + self.engine.step()
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
-
-
-class ThreadClient:
-    """Hands requests to a shared EngineThread at a given priority (the server's batch jobs)."""
-
-    def __init__(self, engine_thread: EngineThread, priority: int) -> None:
-        self.engine_thread = engine_thread
-        self.priority = priority
-        self._outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
-        self.engine_thread.add(request_id, prompt, token_ids, params, self._outputs.put, self.priority)
-
-    def next_outputs(self, timeout: float = 0.5) -> list[RequestOutput]:
-        """What has finished; waits up to timeout for the first one, so callers can check for cancels."""
-        try:
-            outputs = [self._outputs.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                outputs.append(self._outputs.get_nowait())
-            except queue.Empty:
-                return outputs
-
-    def abort(self, request_id: str) -> None:
-        self.engine_thread.abort(request_id)

@@ -33,6 +33,7 @@ from tokenmill.models.loader import model_name, resolve_model_folder
 from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
 
 ERRORS_FILE = "errors.jsonl"
+CUSTOM_IDS_FILE = "custom_ids.sqlite3"  # scratch, for the duplicate check
 SUMMARY_FILE = "summary.json"
 # Lines are ordered by this much of their conversation or prompt: enough to cover a long shared
 # system prompt, so that lines sharing one are consecutive.
@@ -103,14 +104,14 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
         done: set[int] = set()
         for path in [*_shards(output_dir), errors]:
             cut_torn_tail(path)
-            done |= done_lines(path, fingerprint)
+            done |= done_lines(path, fingerprint, input_path)
         shard = _new_shard(output_dir)
         summary = RayJobSummary(input=str(input_path), output=str(output_dir), errors=str(errors),
                                 model=model_name(engine_config.model), total_lines=count_lines(input_path))
         writer = DurableAppender(shard, errors)
         try:
             pending: list[tuple[str, int, str]] = []  # (order key, line number, line for the replica)
-            for line_no, line in read_lines(input_path):
+            for line_no, line in read_lines(input_path, output_dir / CUSTOM_IDS_FILE):
                 if line_no in done:
                     summary.skipped_already_done += 1
                 elif isinstance(line, LineError):
@@ -175,8 +176,14 @@ def _collect(results: ray.data.Dataset, writer: DurableAppender, shard: Path, er
              summary: RayJobSummary) -> None:
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
         token_counts = zip(*(batch[name].tolist() for name in TOKEN_COLUMNS))
-        for record, replica, failed, tokens in zip(batch["record"], batch["replica"], batch["failed"], token_counts):
+        for record, replica, failed, internal_error, tokens in zip(batch["record"], batch["replica"], batch["failed"],
+                                                                   batch["internal_error"], token_counts):
+            counts = summary.replicas.setdefault(str(replica), LineCounts())
+            if internal_error:  # no record: the line runs again on the next run of the job
+                summary.failed_internally += 1
+                counts.failed_internally += 1
+                continue
             writer.append_encoded(errors if failed else shard, str(record))
             line: LineTokens = None if failed else tokens
             summary.count(line)
-            summary.replicas.setdefault(str(replica), LineCounts()).count(line)
+            counts.count(line)

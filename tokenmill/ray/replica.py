@@ -3,8 +3,10 @@
 Ray Data constructs it once per actor (the model loads once) and calls it with batches of rows
 `{"line_no", "line"}`. Each call runs its lines through the same LineExecutor as `tokenmill run`,
 and returns one row per line with its encoded record, so the driver, the only writer of the
-result files, can journal it. Two calls may run at once (ActorPoolStrategy's concurrent calls):
-both feed one engine thread, so the engine stays busy while the next batch arrives.
+result files, can journal it; a line failed inside the engine has no record (`internal_error`),
+so the driver writes nothing for it and it runs again on the next run of the job. Two calls may
+run at once (ActorPoolStrategy's concurrent calls): both feed one engine thread, so the engine
+stays busy while the next batch arrives.
 """
 
 from __future__ import annotations
@@ -20,22 +22,23 @@ import torch
 
 from tokenmill.batch.format import BatchLine, LineError, parse_line
 from tokenmill.batch.runner import LineExecutor, line_tokens
+from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine
-from tokenmill.engine.threaded import EngineThread, ThreadClient
+from tokenmill.engine.threaded import EngineThread
 from tokenmill.outputs import RequestOutput
 
 # A finished line's LineTokens, as three result columns (zeros if it failed).
 TOKEN_COLUMNS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens")
-# One row per finished line: its encoded record, who ran it, whether it failed, its tokens.
-RESULT_COLUMNS = ("record", "replica", "failed", *TOKEN_COLUMNS)
+# One row per finished line: its encoded record ("" if it failed inside the engine), who ran it,
+# whether it failed (with an error record, or inside the engine), its tokens.
+RESULT_COLUMNS = ("record", "replica", "failed", "internal_error", *TOKEN_COLUMNS)
 
 
 class EngineReplica:
     def __init__(self, engine_config: EngineConfig, fingerprint: str, threads: int, prefix_order: bool) -> None:
         torch.set_num_threads(threads)
-        self.engine = Engine(engine_config)
-        self.engine_thread = EngineThread(self.engine)
+        self.engine_thread = EngineThread(Engine(engine_config))
         self.fingerprint = fingerprint
         self.prefix_order = prefix_order
         # NOTE: a restarted actor is a new process, so it shows as another replica in the summary.
@@ -44,12 +47,16 @@ class EngineReplica:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         results: dict[str, list[Any]] = {name: [] for name in RESULT_COLUMNS}
 
+        def add_row(record: str, failed: bool, internal_error: bool, tokens: tuple[int, int, int]) -> None:
+            for name, value in zip(RESULT_COLUMNS, (record, self.name, failed, internal_error, *tokens)):
+                results[name].append(value)
+
         def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
-            results["record"].append(json.dumps(record, ensure_ascii=False))
-            results["replica"].append(self.name)
-            results["failed"].append(output is None)
-            for name, count in zip(TOKEN_COLUMNS, (0, 0, 0) if output is None else line_tokens(output)):
-                results[name].append(count)
+            add_row(json.dumps(record, ensure_ascii=False), output is None, False,
+                    (0, 0, 0) if output is None else line_tokens(output))
+
+        def undone(line_no: int) -> None:
+            add_row("", False, True, (0, 0, 0))
 
         def lines() -> Iterator[tuple[int, BatchLine | LineError]]:
             for line_no, text in zip(batch["line_no"].tolist(), batch["line"].tolist()):
@@ -60,6 +67,6 @@ class EngineReplica:
                 yield line_no, line
 
         client = ThreadClient(self.engine_thread, priority=0)
-        LineExecutor(self.engine, client, self.fingerprint, sink, self.prefix_order, window=len(batch["line_no"])
-                     ).run(lines())
+        LineExecutor(client, self.fingerprint, sink, undone, prefix_order=self.prefix_order,
+                     window=len(batch["line_no"])).run(lines())
         return results

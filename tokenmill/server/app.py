@@ -1,8 +1,10 @@
 """`tokenmill serve`: an OpenAI-compatible HTTP API over the shared engine thread.
 
-Every completion request becomes an engine request at interactive priority; streamed ones are
-sent as server-sent events as the engine produces tokens, and a client that disconnects has its
-request aborted at once (its KV blocks freed). Errors have OpenAI's shape and status codes.
+Every completion request becomes an engine request at interactive priority, through a
+`ThreadClient` of the shared engine thread; streamed ones are sent as server-sent events as the
+engine produces tokens, and a client that disconnects has its request aborted at once (its KV
+blocks freed). Errors have OpenAI's shape and status codes: a request's own fault is a 400 naming
+its code and field, a failure inside the engine a 500 `server_error`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.batch.format import (
     CHAT_URL,
     COMPLETIONS_URL,
-    LineError,
+    blamed_param,
     choice_logprobs,
     prepare_request,
     request_id_prefix,
@@ -32,8 +34,10 @@ from tokenmill.batch.format import (
     usage,
 )
 from tokenmill.batch.format import validate_body as validate_request
-from tokenmill.engine.engine import Engine
+from tokenmill.engine.client import ThreadClient
+from tokenmill.engine.engine import EngineMetrics
 from tokenmill.engine.threaded import EngineThread
+from tokenmill.errors import RequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.batches import BatchError, BatchManager
@@ -41,6 +45,7 @@ from tokenmill.server.store import Store
 
 MAX_JSON_BYTES = 16 << 20
 MAX_FILE_BYTES = 200 << 20  # as OpenAI's batch input limit
+INTERACTIVE_PRIORITY = 0  # batches run at BATCH_PRIORITY (1): admitted after, preempted first
 
 
 class APIError(Exception):
@@ -49,39 +54,52 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    @classmethod
+    def of_request(cls, error: RequestError, url: str) -> APIError:
+        """A failed request's error: 500 for a failure inside the engine, else 400 naming the field."""
+        if error.internal:
+            return cls(500, error.message, "server_error", None, error.code)
+        return cls(400, error.message, "invalid_request_error", blamed_param(url, error.param), error.code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status)
 
 
-class EngineMetrics:
-    """Prometheus collector over the engine's live state."""
+class MetricsCollector:
+    """Prometheus collector over the engine's metrics snapshot."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, metrics: Callable[[], EngineMetrics]) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Any:
-        engine, stats = self.engine, self.engine.stats
+        metrics = self.metrics()
+        stats = metrics.stats
         yield CounterMetricFamily("tokenmill_requests_finished", "Requests finished", value=stats.requests_finished)
+        yield CounterMetricFamily("tokenmill_requests_failed_internally", "Requests failed inside the engine",
+                                  value=stats.requests_failed_internally)
         yield CounterMetricFamily("tokenmill_prompt_tokens", "Prompt tokens of finished requests",
                                   value=stats.prompt_tokens)
         yield CounterMetricFamily("tokenmill_cached_prompt_tokens", "Of which found in the prefix cache",
                                   value=stats.cached_prompt_tokens)
         yield CounterMetricFamily("tokenmill_generation_tokens", "Tokens generated", value=stats.generated_tokens)
-        yield GaugeMetricFamily("tokenmill_requests_running", "Sequences running", value=len(engine.scheduler.running))
-        yield GaugeMetricFamily("tokenmill_requests_waiting", "Sequences waiting", value=len(engine.scheduler.waiting))
-        yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Share of KV blocks in use", value=engine.kv.usage)
+        yield GaugeMetricFamily("tokenmill_requests_running", "Sequences running", value=metrics.sequences_running)
+        yield GaugeMetricFamily("tokenmill_requests_waiting", "Sequences waiting", value=metrics.sequences_waiting)
+        yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Share of KV blocks in use",
+                                value=metrics.kv_cache_usage)
         yield GaugeMetricFamily("tokenmill_prefix_cache_hit_rate", "Cached / all prompt tokens",
                                 value=stats.prefix_cache_hit_rate)
 
 
-def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batches: BatchManager,
-               api_key: str | None) -> FastAPI:
+def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager, api_key: str | None) -> FastAPI:
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
-    model_name = engine.model_name
+    frontend = engine_thread.frontend
+    model_name = frontend.model_name
     registry = CollectorRegistry()
-    registry.register(EngineMetrics(engine))
+    registry.register(MetricsCollector(engine_thread.metrics))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -141,35 +159,42 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
                            param="model", code="model_not_found")
         try:
             params = validate_request(url, body)
-            text, token_ids = await asyncio.to_thread(prepare_request, engine, url, body, params)
-        except LineError as e:
-            raise APIError(400, e.message, param=e.param, code=e.code) from None
+            text, token_ids = await asyncio.to_thread(prepare_request, frontend, url, body, params)
+        except RequestError as e:
+            raise APIError.of_request(e, url) from None
         stream = body.get("stream") is True
         options = body.get("stream_options") or {}
         request_id = f"{request_id_prefix(url)}-{secrets.token_hex(12)}"
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        engine_thread.add(request_id, text, token_ids, params,
-                          lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), stream=stream)
-        if stream:
-            events = stream_events(url, request_id, params, outputs, bool(options.get("include_usage")))
-            return StreamingResponse(events, media_type="text/event-stream")
+        client = ThreadClient(engine_thread, INTERACTIVE_PRIORITY,
+                              sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        client.add(request_id, text, token_ids, params, stream=stream)
         output: RequestOutput | None = None
+        streaming = False
         try:
-            while output is None or not output.finished:
+            # NOTE: a stream starts with the request's first output, so that a request that cannot
+            # run gets its status code (400 or 500) as a non-streamed one does.
+            output = await outputs.get()
+            if output.error is not None:
+                raise APIError.of_request(output.error, url)
+            if stream:
+                streaming = True  # the stream aborts the request if its client leaves
+                events = stream_events(url, client, request_id, params, output, outputs,
+                                       bool(options.get("include_usage")))
+                return StreamingResponse(events, media_type="text/event-stream")
+            while not output.finished:
                 output = await outputs.get()
         finally:
-            if output is None or not output.finished:  # the client went away
-                engine_thread.abort(request_id)
+            if not streaming and (output is None or not output.finished):  # the client went away
+                client.abort(request_id)
         if output.error is not None:
-            param = "messages" if output.error.param == "prompt" and url == CHAT_URL else output.error.param
-            raise APIError(500 if output.error.internal else 400, output.error.message,
-                           "server_error" if output.error.internal else "invalid_request_error", param,
-                           output.error.code)
+            raise APIError.of_request(output.error, url)
         return JSONResponse(response_body(url, params, output, model_name))
 
-    async def stream_events(url: str, request_id: str, params: SamplingParams,
-                            outputs: asyncio.Queue[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
+    async def stream_events(url: str, client: ThreadClient, request_id: str, params: SamplingParams,
+                            first: RequestOutput, outputs: asyncio.Queue[RequestOutput],
+                            include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         kind = "chat.completion.chunk" if url == CHAT_URL else "text_completion"
         # NOTE: text that could be the start of a stop string is held back until it is not.
@@ -188,11 +213,12 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
             if url == CHAT_URL:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                               "logprobs": None} for i in range(params.n)])
+            output: RequestOutput | None = None
             while not finished:
-                output = await outputs.get()
+                output = first if output is None else await outputs.get()
                 finished = output.finished
-                if output.error is not None:
-                    yield f"data: {json.dumps({'error': {'message': output.error.message, 'type': 'invalid_request_error', 'param': None, 'code': 'invalid_request'}})}\n\n"  # noqa: E501
+                if output.error is not None:  # failed mid-stream, inside the engine
+                    yield f"data: {json.dumps(APIError.of_request(output.error, url).body())}\n\n"
                     break
                 choices = []
                 for c in output.outputs:
@@ -215,7 +241,7 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client disconnected mid-stream: free its KV and compute now
-                engine_thread.abort(request_id)
+                client.abort(request_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -295,8 +321,11 @@ def create_app(engine: Engine, engine_thread: EngineThread, store: Store, batche
     async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise APIError(400, "limit must be between 1 and 100", param="limit")
-        everything = batches.list()
-        start = next((i + 1 for i, b in enumerate(everything) if b["id"] == after), 0) if after else 0
+        everything = batches.list()  # newest first
+        ids = [b["id"] for b in everything]
+        if after is not None and after not in ids:  # not a silent restart from the first page
+            raise APIError(404, f"no batch with id {after!r}", param="after", code="batch_not_found")
+        start = 0 if after is None else ids.index(after) + 1
         page = everything[start:start + limit]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(everything)}

@@ -2,7 +2,9 @@
 priority than interactive requests, on the shared engine thread.
 
 A batch's state lives in the store; its results are appended to files in its own folder, so a
-server killed mid-batch resumes it at start-up and finishes it exactly once.
+server killed mid-batch resumes it at start-up and finishes it exactly once. Lines that failed
+inside the engine have no record: the job runs again at once for them (the journal skips what is
+done), a few times at most, after which the batch fails.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL
 from tokenmill.batch.runner import BatchJob, count_lines
-from tokenmill.engine.engine import Engine
-from tokenmill.engine.threaded import EngineThread, ThreadClient
+from tokenmill.engine.client import ThreadClient
+from tokenmill.engine.threaded import EngineThread
 from tokenmill.server.store import Store, new_id
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ BATCH_PRIORITY = 1  # interactive requests are 0: admitted first, preempted last
 ENDPOINTS = (CHAT_URL, COMPLETIONS_URL)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = 24 * 3600  # the only window OpenAI offers, "24h"
+MAX_RUNS = 3  # of a batch's job, while lines fail inside the engine
 
 
 class BatchError(ValueError):
@@ -34,9 +37,8 @@ class BatchError(ValueError):
 
 
 class BatchManager:
-    def __init__(self, store: Store, engine: Engine, engine_thread: EngineThread) -> None:
+    def __init__(self, store: Store, engine_thread: EngineThread) -> None:
         self.store = store
-        self.engine = engine
         self.engine_thread = engine_thread
         self.jobs: dict[str, BatchJob] = {}
         self.cancels: dict[str, threading.Event] = {}
@@ -152,9 +154,6 @@ class BatchManager:
                                                              "param": "input_file_id", "line": None}]},
                          **self._register_results(batch_id, output, errors))  # what an earlier run did
             return
-        job = BatchJob(self.engine, found[1], output, errors, client=ThreadClient(self.engine_thread, BATCH_PRIORITY),
-                       use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
-        self.jobs[batch_id] = job
         self._update(batch_id, status="in_progress", in_progress_at=batch["in_progress_at"] or int(time.time()),
                      request_counts={"total": total, "completed": 0, "failed": 0})
         # Past its completion window a batch stops, keeping what is done, as "expired".
@@ -163,7 +162,15 @@ class BatchManager:
         deadline.daemon = True
         deadline.start()
         try:
-            job.run()
+            for _ in range(MAX_RUNS):
+                job = BatchJob(ThreadClient(self.engine_thread, BATCH_PRIORITY), found[1], output, errors,
+                               use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
+                self.jobs[batch_id] = job
+                job.run()
+                if cancel.is_set() or not job.summary.failed_internally:
+                    break
+                logger.warning("batch %s: %d requests failed inside the engine; running them again", batch_id,
+                               job.summary.failed_internally)
         finally:
             deadline.cancel()
         cancelled = cancel.is_set() and not expired.is_set()
@@ -174,4 +181,10 @@ class BatchManager:
         now = int(time.time())
         final = {"status": "expired", "expired_at": now} if expired.is_set() else \
             {"status": "cancelled", "cancelled_at": now} if cancelled else {"status": "completed", "completed_at": now}
+        if final["status"] == "completed" and job.summary.failed_internally:
+            message = (f"{job.summary.failed_internally} requests failed inside the engine in {MAX_RUNS} runs of the "
+                       "batch (see the server's log); the output file holds the others")
+            final = {"status": "failed", "failed_at": now,
+                     "errors": {"object": "list", "data": [{"code": "internal_error", "message": message,
+                                                            "param": None, "line": None}]}}
         self._update(batch_id, request_counts=counts, **files, **final)

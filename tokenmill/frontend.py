@@ -1,0 +1,65 @@
+"""What the faces need of a model besides the engine's step loop: its tokenizer and chat template,
+its name, context length and vocabulary, the engine's settings, and its grammar compiler.
+
+One `Frontend` is built per engine (`Frontend.from_engine`, in the thread that built the engine)
+and handed out by its clients (`EngineClient.frontend`). Everything in it is safe to use from any
+thread: the tokenizer is only read, and the grammar compiler is thread-safe. Faces tokenize and
+compile grammars here, outside the engine's step loop, so that a long prompt or a slow grammar
+never stalls the running batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.structured import StructuredOutputs
+from tokenmill.errors import RequestError
+from tokenmill.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.engine import Engine
+
+
+@dataclass(frozen=True)
+class Frontend:
+    tokenizer: PreTrainedTokenizerBase
+    model_name: str  # what responses report as the model
+    max_model_len: int  # the context, prompt and generated tokens together
+    vocab_size: int
+    config: EngineConfig
+    structured: StructuredOutputs
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> Frontend:
+        return cls(engine.tokenizer, engine.model_name, engine.max_model_len,
+                   engine.vocab_size, engine.config, engine.structured)
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """A prompt's text (None for token ids) and token ids."""
+        return (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+
+    def tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                      chat_template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
+        """A conversation through the model's chat template: its text and token ids. A conversation
+        the template rejects raises RequestError (param "messages")."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **(chat_template_kwargs or {}))
+        except Exception as e:  # the template itself rejects the conversation (jinja raises anything)
+            raise RequestError("invalid_messages", f"the chat template rejects the messages: {e}",
+                               "messages") from e
+        # NOTE: the template writes the special tokens itself (BOS included, where it has one).
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def compile(self, spec: StructuredOutputsParams) -> None:
+        """Compiles a structured-output constraint into the grammar compiler's cache, where the
+        engine then finds it. One that cannot compile raises RequestError (param "response_format")."""
+        try:
+            self.structured.compile(spec)
+        except ValueError as e:
+            raise RequestError("invalid_value", str(e), "response_format") from None
