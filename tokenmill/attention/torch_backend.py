@@ -131,7 +131,8 @@ def prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor,
     # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp
     # (the path of fp32 models and of CPUs without the prefix kernel). Against a matmul / fp32
     # softmax / matmul sequence it keeps fp32 scores in bf16 and skips the elementwise passes:
-    # ~15 vs ~17 ms per B=64 step with a 512-token prefix.
+    # ~15 vs ~17 ms per B=64 step with a 512-token prefix. It is CPU-only: on CUDA tensors this is
+    # the one op of the backend to swap (for the CUDA flash-attention op, which returns the lse too).
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_all, prefix_k, prefix_v)
     out = out.view(kv_heads, batch, group, head_dim).transpose(0, 1).float()
     return out, lse.view(kv_heads, batch, group, 1).transpose(0, 1)
