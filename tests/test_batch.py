@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,20 +119,26 @@ def job_lines(count: int) -> list[dict]:
                       max_tokens=24, temperature=0, ignore_eos=True) for i in range(count)]
 
 
-def test_sigkill_mid_job_then_rerun_completes_exactly_once(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(400))
-    output = tmp_path / "out.jsonl"
+def kill_job_when(input_path: Path, output: Path, model: Path, ready: Callable[[], bool]) -> None:
+    """Starts `tokenmill run` on input_path and SIGKILLs it once OUTPUT exists and `ready()` holds."""
     args = [sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-            "--model", str(tiny_models["llama"]), "--dtype", "float32", "--max-num-seqs", "8"]
+            "--model", str(model), "--dtype", "float32", "--max-num-seqs", "8"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if output.exists() and output.stat().st_size > 100_000:  # well past the first fsync
+        if output.exists() and ready():
             break
         time.sleep(0.05)
     assert process.poll() is None, "the job ended before it could be killed: make it longer"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_sigkill_mid_job_then_rerun_completes_exactly_once(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    input_path = write_jsonl(tmp_path / "in.jsonl", job_lines(400))
+    output = tmp_path / "out.jsonl"
+    kill_job_when(input_path, output, tiny_models["llama"],
+                  lambda: output.stat().st_size > 100_000)  # well past the first fsync
     with output.open("ab") as f:  # what a crash mid-write leaves: half a record
         f.write(b'{"id": "batch_req_torn", "custom_')
 
@@ -240,17 +247,8 @@ def test_a_same_size_edit_deep_in_a_resumed_input_is_refused(tmp_path: Path, tin
     original = input_path.read_bytes()
     assert len(original) > 2 << 20  # the edit below lies far past the first MiB
     output = tmp_path / "out.jsonl"
-    args = [sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-            "--model", str(tiny_models["llama"]), "--dtype", "float32", "--max-num-seqs", "8"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if output.exists() and output.read_bytes().count(b"\n") >= 8:  # some lines done, most not
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the job ended before it could be killed: make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_job_when(input_path, output, tiny_models["llama"],
+                  lambda: output.read_bytes().count(b"\n") >= 8)  # some lines done, most not
     done = output.read_bytes()
     done = done[:done.rfind(b"\n") + 1]  # the rerun may cut a torn last record, nothing else
 
