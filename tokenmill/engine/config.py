@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -32,8 +32,8 @@ def parse_memory(value: str | int | float) -> int | float:
         raise ValueError(f"kv_cache_memory must be a size or a fraction, got {value!r}")
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
-        if text.endswith("%"):
-            value = float(text[:-1]) / 100 if _is_number(text[:-1]) else text
+        if (match := re.fullmatch(r"(\d+(?:\.\d+)?)%", text)) is not None:
+            value = float(match.group(1)) / 100
         elif (match := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)", text)) is not None:
             value = int(float(match.group(1)) * _UNITS[match.group(2)])
         elif re.fullmatch(r"\d*\.\d+", text):
@@ -48,10 +48,6 @@ def parse_memory(value: str | int | float) -> int | float:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"kv_cache_memory in bytes must be a positive integer, got {value!r}")
     return value
-
-
-def _is_number(text: str) -> bool:
-    return re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
