@@ -4,6 +4,8 @@
   decode queries to one shared prefix (Hydragen) as two small bf16 GEMMs.
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
+- `quant.cpp`: weights kept in GGUF's quantized blocks: x W^T straight on the blocks (batch-invariant),
+  their dequantization to bf16 (bit for bit gguf's), and quantization of bf16/fp32 weights to Q8_0.
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
 TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
@@ -30,6 +32,9 @@ ATTENTION_HEAD_DIMS = (64, 128)
 MAX_QUERY_HEADS = 256  # the decode kernel's per-request scratch (kMaxHeads in attention.cpp)
 ELEMENTWISE_DTYPES = (torch.bfloat16,)
 ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane vectors
+# gguf.GGMLQuantizationType values that quant_linear and dequantize take:
+# Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+QUANT_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 
 # torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
@@ -42,8 +47,11 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
 #  merged with its attention to the rest of its context (the decode kernel's outputs).
 PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  torch.Tensor]
+# torch.ops.tokenmill.quant_linear: (x [M, K] bf16, blocks [N, row_bytes] uint8, qtype) -> [M, N] bf16
+# torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K) -> [N, K] bf16
+# torch.ops.tokenmill.quantize_q8_0: (weight [N, K] fp32 or bf16) -> [N, K / 32 * 34] uint8 (Q8_0 blocks)
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp", "quant.cpp")]
 # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
 # -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

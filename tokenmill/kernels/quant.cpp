@@ -1,0 +1,447 @@
+// Matrix products with weights kept in GGUF's own quantized block formats (ggml's blocks, bytes
+// exactly as in the file), and the dequantization they are checked against.
+//
+// A weight [N, K] of type T is a uint8 tensor [N, K / block * type_size]: each row is K / block
+// consecutive ggml blocks (gguf.GGML_QUANT_SIZES[T] = (block, type_size)). Types: Q8_0, Q4_0, Q4_1,
+// Q5_0, Q5_1 (blocks of 32), Q4_K, Q5_K, Q6_K (blocks of 256 in sub-blocks of 32 or 16).
+//
+// - dequantize(blocks [N, row_bytes] uint8, qtype, in_features K) -> [N, K] bf16: each value is the
+//   fp32 value gguf's numpy dequantization computes (the same fp32 operations in the same order),
+//   rounded to nearest-even bf16 as torch rounds (every NaN 0xFFFF). Bit for bit.
+// - quant_linear(x [M, K] bf16 rows contiguous, blocks [N, row_bytes] uint8, qtype) -> [M, N] bf16:
+//   x W^T with W the bf16 values dequantize gives. Batch-invariant: out[m, n] depends on x[m] and
+//   W[n] only, never on M or the other rows, bit for bit.
+// - quantize_q8_0(weight [N, K] bf16 or fp32) -> [N, K / 32 * 34] uint8: the Q8_0 blocks of
+//   gguf.quants.quantize byte for byte (finite weights).
+//
+// Every 32 consecutive weights of a row are decoded into one zmm of 32 bf16 (one "chunk"): for the
+// 4- and 5-bit types through a table of the block's (or sub-block's) 16 or 32 possible values,
+// computed in fp32 and rounded once, indexed by the quants (vpermw); for Q8_0 and Q6_K by widening
+// the quants to fp32. Each (m, n) is one chain of `dot_pairs` (vdpbf16ps) over its row, a chunk at
+// a time in order, its 16 lanes summed by one fixed tree at the end, then rounded to bf16: every
+// path below (registers or scratch, any M) computes exactly that sequence, hence batch invariance.
+// Work is split over tiles of 4 weight rows. Up to kMaxFusedRows rows of x, chunks are decoded
+// straight into registers and used at once (M=1 decode reads the weights at memory speed); beyond,
+// a tile is decoded once into a per-thread bf16 scratch that a 6 x 4 register-tiled kernel reads
+// for every 6 rows of x.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace tokenmill;
+using bf16 = c10::BFloat16;
+
+// gguf.GGMLQuantizationType values.
+enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+constexpr int kTileRows = 4;       // weight rows per unit of work
+constexpr int kMaxFusedRows = 4;   // rows of x up to which chunks are decoded into registers
+constexpr int kMicroRows = 6;      // rows of x per pass of the scratch kernel (6 x 4 accumulators)
+
+inline float fp16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// 32 fp32 (low: elements 0-15) rounded to nearest-even bf16. Weights never are fp32 denormals
+// (multiples of an fp16's 2^-24, or 0), the one input where vcvtne2ps2bf16 differs from round_bf16.
+inline __m512i pack_bf16(__m512 low, __m512 high) {
+#ifdef __AVX512BF16__
+  return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+#else
+  return to_bf16(low, high);
+#endif
+}
+
+inline __m512 iota(float first) {
+  return _mm512_add_ps(_mm512_set1_ps(first),
+                       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// The 16 bytes at p widened to 32 words: words 0-15 the bytes, words 16-31 their high nibbles.
+// vpermw reads 5 bits of an index, so a 16-entry table is looked up by the low words as a
+// 32-entry one with its entries repeated.
+inline __m512i nibble_words(const uint8_t* p) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p)));
+  return _mm512_srlv_epi16(bytes, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1));
+}
+
+// Each format: kBlock weights in kBytes; chunk(block, c) = weights 32c..32c+31 of the block as bf16.
+struct Q8_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 34;
+  static __m512i chunk(const uint8_t* b, int) {
+    const __m512 d = _mm512_set1_ps(fp16_at(b));
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
+    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
+    return pack_bf16(_mm512_mul_ps(low, d), _mm512_mul_ps(high, d));
+  }
+};
+
+struct Q4_0 {  // d * (q - 8)
+  static constexpr int64_t kBlock = 32, kBytes = 18;
+  static __m512i chunk(const uint8_t* b, int) {
+    const __m512 values = _mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(-8));
+    return _mm512_permutexvar_epi16(nibble_words(b + 2), pack_bf16(values, values));
+  }
+};
+
+struct Q4_1 {  // d * q + m
+  static constexpr int64_t kBlock = 32, kBytes = 20;
+  static __m512i chunk(const uint8_t* b, int) {
+    const __m512 values = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(0)),
+                                        _mm512_set1_ps(fp16_at(b + 2)));
+    return _mm512_permutexvar_epi16(nibble_words(b + 4), pack_bf16(values, values));
+  }
+};
+
+// Adds 16 to the index words whose bit is set in the 32-bit mask at p (the quants' fifth bits).
+inline __m512i with_fifth_bits(__m512i nibbles, const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  nibbles = _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0F));
+  return _mm512_mask_add_epi16(nibbles, bits, nibbles, _mm512_set1_epi16(16));
+}
+
+struct Q5_0 {  // d * (q - 16)
+  static constexpr int64_t kBlock = 32, kBytes = 22;
+  static __m512i chunk(const uint8_t* b, int) {
+    const __m512 d = _mm512_set1_ps(fp16_at(b));
+    const __m512i table = pack_bf16(_mm512_mul_ps(d, iota(-16)), _mm512_mul_ps(d, iota(0)));
+    return _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
+  }
+};
+
+struct Q5_1 {  // d * q + m
+  static constexpr int64_t kBlock = 32, kBytes = 24;
+  static __m512i chunk(const uint8_t* b, int) {
+    const __m512 d = _mm512_set1_ps(fp16_at(b)), m = _mm512_set1_ps(fp16_at(b + 2));
+    const __m512i table = pack_bf16(_mm512_add_ps(_mm512_mul_ps(d, iota(0)), m),
+                                    _mm512_add_ps(_mm512_mul_ps(d, iota(16)), m));
+    return _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
+  }
+};
+
+// Q4_K and Q5_K: sub-block c's 6-bit scale and min, packed in 12 bytes (ggml's get_scale_min_k4),
+// and its weights d * scale * q - dmin * min.
+inline void k_scale_min(const uint8_t* s, int c, float d, float dmin, float* scale, float* min) {
+  const int sc = c < 4 ? s[c] & 63 : (s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4);
+  const int m = c < 4 ? s[c + 4] & 63 : (s[c + 4] >> 4) | ((s[c] >> 6) << 4);
+  *scale = d * static_cast<float>(sc);
+  *min = dmin * static_cast<float>(m);
+}
+
+// The 32 quants of sub-block c: low nibbles of the 32 bytes for even c, high for odd (as words).
+inline __m512i k_nibble_words(const uint8_t* qs, int c) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qs + 32 * (c / 2))));
+  return c % 2 ? _mm512_srli_epi16(bytes, 4) : bytes;
+}
+
+struct Q4_K {  // d, dmin, scales[12], qs[128]
+  static constexpr int64_t kBlock = 256, kBytes = 144;
+  static __m512i chunk(const uint8_t* b, int c) {
+    float scale, min;
+    k_scale_min(b + 4, c, fp16_at(b), fp16_at(b + 2), &scale, &min);
+    const __m512 values = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(scale), iota(0)), _mm512_set1_ps(min));
+    return _mm512_permutexvar_epi16(k_nibble_words(b + 16, c), pack_bf16(values, values));
+  }
+};
+
+struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fifth bit of weight l of sub-block c
+  static constexpr int64_t kBlock = 256, kBytes = 176;
+  static __m512i chunk(const uint8_t* b, int c) {
+    float scale, min;
+    k_scale_min(b + 4, c, fp16_at(b), fp16_at(b + 2), &scale, &min);
+    const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
+    const __m512i table = pack_bf16(_mm512_sub_ps(_mm512_mul_ps(s, iota(0)), m),
+                                    _mm512_sub_ps(_mm512_mul_ps(s, iota(16)), m));
+    const __mmask32 fifth = _mm256_test_epi8_mask(_mm256_loadu_si256((const __m256i*)(b + 16)),
+                                                  _mm256_set1_epi8(static_cast<char>(1 << c)));
+    const __m512i low = _mm512_and_si512(k_nibble_words(b + 48, c), _mm512_set1_epi16(0x0F));
+    return _mm512_permutexvar_epi16(_mm512_mask_add_epi16(low, fifth, low, _mm512_set1_epi16(16)), table);
+  }
+};
+
+// ql[128], qh[64], scales[16] (int8, one per 16 weights), d. Weight 32c + l (c = 4h + s) is
+// d * scale[2c + l / 16] * (q - 32), q = 4 bits of ql[64h + 32(s % 2) + l] (high ones for s >= 2)
+// with bits 2s, 2s+1 of qh[32h + l] above them.
+struct Q6_K {
+  static constexpr int64_t kBlock = 256, kBytes = 210;
+  static __m512i chunk(const uint8_t* b, int c) {
+    const int h = c / 4, s = c % 4;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i low = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * (s % 2)));
+    low = _mm256_and_si256(s >= 2 ? _mm256_srli_epi16(low, 4) : low, nibble);
+    const __m256i high = _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)), 2 * s), 4),
+        _mm256_set1_epi8(0x30));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+    const float d = fp16_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const __m512 first = _mm512_set1_ps(d * static_cast<float>(scales[2 * c]));
+    const __m512 second = _mm512_set1_ps(d * static_cast<float>(scales[2 * c + 1]));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    return pack_bf16(_mm512_mul_ps(first, lo), _mm512_mul_ps(second, hi));
+  }
+};
+
+// The sums of the 16 lanes of a, b, c, d, each by the same tree whatever its position.
+inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+}
+
+// Row m's 4 sums rounded to bf16 into out[m, 0..rows-1].
+template <int MR>
+inline void store_sums(const __m512 (&acc)[MR][kTileRows], bf16* out, int64_t out_stride, int rows) {
+  for (int m = 0; m < MR; ++m) {
+    const __m128 sums = sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+    _mm_mask_storeu_epi16(out + m * out_stride, static_cast<__mmask8>((1u << rows) - 1),
+                          _mm256_castsi256_si128(round_bf16(_mm512_castps128_ps512(sums))));
+  }
+}
+
+// MR rows of x times a tile's weight rows, decoded chunk by chunk into registers.
+template <class F, int MR>
+void fused_tile(const bf16* x, int64_t x_stride, const uint8_t* const (&rows)[kTileRows], int64_t K, bf16* out,
+                int64_t out_stride, int live_rows) {
+  __m512 acc[MR][kTileRows];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t block = 0; block < K / F::kBlock; ++block) {
+    for (int c = 0; c < F::kBlock / 32; ++c) {
+      __m512i w[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) w[r] = F::chunk(rows[r] + block * F::kBytes, c);
+      const int64_t k = block * F::kBlock + 32 * c;
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k);
+        for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, w[r]);
+      }
+    }
+  }
+  store_sums<MR>(acc, out, out_stride, live_rows);
+}
+
+// MR rows of x times a tile's weight rows decoded in scratch ([kTileRows][K] bf16).
+template <int MR>
+void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, bf16* out, int64_t out_stride,
+                  int live_rows) {
+  __m512 acc[MR][kTileRows];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i wv[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) wv[r] = _mm512_loadu_si512(w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k);
+      for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, wv[r]);
+    }
+  }
+  store_sums<MR>(acc, out, out_stride, live_rows);
+}
+
+template <class F>
+void decode_row(const uint8_t* row, int64_t K, bf16* out) {
+  for (int64_t block = 0; block < K / F::kBlock; ++block) {
+    for (int c = 0; c < F::kBlock / 32; ++c) {
+      _mm512_storeu_si512(out + block * F::kBlock + 32 * c, F::chunk(row + block * F::kBytes, c));
+    }
+  }
+}
+
+template <class F>
+void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_t w_stride, int64_t N, int64_t K,
+            bf16* out) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  // At least ~64k weights per unit of work: waking the second thread costs more below.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kTileRows * K));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t * kTileRows;
+      const int live = static_cast<int>(std::min<int64_t>(kTileRows, N - n));
+      const uint8_t* rows[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) rows[r] = w + (n + std::min(r, live - 1)) * w_stride;  // repeats past N
+      if (M <= kMaxFusedRows) {
+        switch (M) {
+          case 1: fused_tile<F, 1>(x, x_stride, rows, K, out + n, N, live); break;
+          case 2: fused_tile<F, 2>(x, x_stride, rows, K, out + n, N, live); break;
+          case 3: fused_tile<F, 3>(x, x_stride, rows, K, out + n, N, live); break;
+          default: fused_tile<F, 4>(x, x_stride, rows, K, out + n, N, live); break;
+        }
+        continue;
+      }
+      for (int r = 0; r < kTileRows; ++r) decode_row<F>(rows[r], K, scratch.data() + r * K);
+      // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
+      const int64_t passes = (M + kMicroRows - 1) / kMicroRows;
+      for (int64_t p = 0, m = 0; p < passes; ++p) {
+        const int64_t rows_here = (M - m) / (passes - p) + ((M - m) % (passes - p) != 0);
+        const bf16* xm = x + m * x_stride;
+        bf16* om = out + m * N + n;
+        switch (rows_here) {
+          case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          default: scratch_tile<6>(xm, x_stride, scratch.data(), K, om, N, live); break;
+        }
+        m += rows_here;
+      }
+    }
+  });
+}
+
+// Each bf16 NaN made 0xFFFF, as torch's fp32 -> bf16 conversion makes it.
+inline __m512i torch_nans(__m512i w) {
+  const __mmask32 nan = _mm512_cmpgt_epu16_mask(_mm512_and_si512(w, _mm512_set1_epi16(0x7FFF)),
+                                                _mm512_set1_epi16(0x7F80));
+  return _mm512_mask_mov_epi16(w, nan, _mm512_set1_epi16(-1));
+}
+
+template <class F>
+void dequantize_rows(const uint8_t* w, int64_t w_stride, int64_t N, int64_t K, bf16* out) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = w + n * w_stride;
+      for (int64_t block = 0; block < K / F::kBlock; ++block) {
+        for (int c = 0; c < F::kBlock / 32; ++c) {
+          _mm512_storeu_si512(out + n * K + block * F::kBlock + 32 * c,
+                              torch_nans(F::chunk(row + block * F::kBytes, c)));
+        }
+      }
+    }
+  });
+}
+
+// Calls fn with a value-initialized format struct of the type, or fails naming it.
+template <class Fn>
+void with_format(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case kQ8_0: return fn(Q8_0{});
+    case kQ4_0: return fn(Q4_0{});
+    case kQ4_1: return fn(Q4_1{});
+    case kQ5_0: return fn(Q5_0{});
+    case kQ5_1: return fn(Q5_1{});
+    case kQ4_K: return fn(Q4_K{});
+    case kQ5_K: return fn(Q5_K{});
+    case kQ6_K: return fn(Q6_K{});
+    default: TORCH_CHECK(false, "quantized type ", qtype, " has no kernel (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, "
+                         "Q6_K are 8, 2, 3, 6, 7, 12, 13, 14)");
+  }
+}
+
+// The blocks of an [N, K] weight: uint8 rows of K / block * type_size bytes.
+template <class F>
+void check_blocks(const at::Tensor& blocks, int64_t K) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.stride(1) == 1,
+              "blocks must be uint8 [N, row_bytes] with contiguous rows");
+  TORCH_CHECK(K > 0 && K % F::kBlock == 0, "in_features ", K, " is not a multiple of the type's block of ", F::kBlock);
+  TORCH_CHECK(blocks.size(1) == K / F::kBlock * F::kBytes, "blocks have ", blocks.size(1), " bytes a row, ",
+              K / F::kBlock * F::kBytes, " expected for ", K, " weights");
+}
+
+at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  at::Tensor out;
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    check_blocks<F>(blocks, in_features);
+    out = at::empty({blocks.size(0), in_features}, blocks.options().dtype(at::kBFloat16));
+    dequantize_rows<F>(blocks.data_ptr<uint8_t>(), blocks.stride(0), blocks.size(0), in_features,
+                       out.data_ptr<bf16>());
+  });
+  return out;
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be bf16 [M, K] with contiguous rows");
+  at::Tensor out;
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    check_blocks<F>(blocks, x.size(1));
+    out = at::empty({x.size(0), blocks.size(0)}, x.options());
+    if (out.numel() == 0) return;
+    linear<F>(x.data_ptr<bf16>(), x.stride(0), x.size(0), blocks.data_ptr<uint8_t>(), blocks.stride(0),
+              blocks.size(0), x.size(1), out.data_ptr<bf16>());
+  });
+  return out;
+}
+
+// One Q8_0 block of 32 fp32: d = max|w| / 127, q = w * (1 / d) rounded half away from zero, as
+// gguf's numpy code computes them (bit for bit, the same fp32 operations).
+inline void quantize_block_q8_0(const float* w, uint8_t* out) {
+  const __m512 low = _mm512_loadu_ps(w), high = _mm512_loadu_ps(w + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+  const float d = amax / 127.0f;
+  const __m512 inverse = _mm512_set1_ps(d == 0.0f ? 0.0f : 1.0f / d);
+  const uint16_t d16 = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(out, &d16, 2);
+  for (int half = 0; half < 2; ++half) {
+    const __m512 scaled = _mm512_mul_ps(half ? high : low, inverse);
+    const __m512 a = _mm512_abs_ps(scaled);
+    const __m512 floored = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 frac2 = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sub_ps(a, floored));
+    const __m512 rounded = _mm512_add_ps(floored, _mm512_roundscale_ps(frac2, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __m512i q = _mm512_cvttps_epi32(rounded);
+    const __m512i signed_q = _mm512_mask_sub_epi32(q, _mm512_cmplt_ps_mask(scaled, _mm512_setzero_ps()),
+                                                   _mm512_setzero_si512(), q);
+    _mm_storeu_si128((__m128i*)(out + 2 + 16 * half), _mm512_cvtepi32_epi8(signed_q));
+  }
+}
+
+at::Tensor quantize_q8_0(const at::Tensor& weight) {
+  TORCH_CHECK((weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) && weight.dim() == 2,
+              "weight must be fp32 or bf16 [N, K]");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(K % 32 == 0, "in_features ", K, " is not a multiple of Q8_0's block of 32");
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty({N, K / 32 * 34}, weight.options().dtype(at::kByte));
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    float block[32];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const float* values;
+        if (w.scalar_type() == at::kFloat) {
+          values = w.data_ptr<float>() + n * K + 32 * b;
+        } else {
+          const bf16* p = w.data_ptr<bf16>() + n * K + 32 * b;
+          _mm512_storeu_ps(block, load_bf16(p, 0xFFFF));
+          _mm512_storeu_ps(block + 16, load_bf16(p + 16, 0xFFFF));
+          values = block;
+        }
+        quantize_block_q8_0(values, out.data_ptr<uint8_t>() + n * (K / 32 * 34) + 34 * b);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+#ifndef TOKENMILL_OPS
+#define TOKENMILL_OPS tokenmill
+#endif
+
+TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
+  m.def("dequantize(Tensor blocks, int qtype, int in_features) -> Tensor", &dequantize);
+  m.def("quant_linear(Tensor x, Tensor blocks, int qtype) -> Tensor", &quant_linear);
+  m.def("quantize_q8_0(Tensor weight) -> Tensor", &quantize_q8_0);
+}
