@@ -23,7 +23,8 @@
 // Work is split over tiles of 4 weight rows. Up to kMaxFusedRows rows of x, chunks are decoded
 // straight into registers and used at once (M=1 decode reads the weights at memory speed); beyond,
 // a tile is decoded once into a per-thread bf16 scratch that a 6 x 4 register-tiled kernel reads
-// for every 6 rows of x.
+// for every 6 rows of x. Decoding costs more than the products up to M of about 8 (on Zen 4: ~6
+// vector instructions per chunk for Q4_K, ~9 for Q8_0, against one vdpbf16ps per chunk and row).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -78,32 +79,65 @@ inline __m512i nibble_words(const uint8_t* p) {
   return _mm512_srlv_epi16(bytes, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1));
 }
 
-// Each format: kBlock weights in kBytes; chunk(block, c) = weights 32c..32c+31 of the block as bf16.
+// Each format: kBlock weights in kBytes. Its Decoder, once it has loaded a block (its scales), gives
+// the block's weights as bf16 kStep chunks of 32 at a time: decode(step, w) sets w[j] to weights
+// 32c..32c+31, c = kStep * step + j (a K-quant's pairs of sub-blocks share their quants' bytes).
+//
+// NOTE: a multiply-add is fused below only where gguf's product is exact in fp32 (an fp16 scale,
+// or an fp16 times a 6-bit scale, times a quant of at most 5 bits: at most 22 significant bits),
+// so that the one rounding of the sum is the rounding numpy makes.
+// The decoders below keep a block's scales in memory, for the table computations to read them as
+// broadcasts folded into their loads ({1to16}). Callers reach a decoder through this pointer, which
+// the compiler cannot see through: it would otherwise keep the scales in a register and broadcast
+// each with a separate shuffle.
+template <class T>
+inline T* opaque(T* p) {
+  __asm__("" : "+r"(p));
+  return p;
+}
+
 struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
-  static __m512i chunk(const uint8_t* b, int) {
-    const __m512 d = _mm512_set1_ps(fp16_at(b));
-    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
-    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
-    return pack_bf16(_mm512_mul_ps(low, d), _mm512_mul_ps(high, d));
-  }
+  static constexpr int kStep = 1;
+  struct Decoder {
+    float d;
+    const uint8_t* b;
+    void load(const uint8_t* block) {
+      b = block;
+      d = fp16_at(b);
+    }
+    void decode(int, __m512i* w) const {
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
+      w[0] = pack_bf16(_mm512_mul_ps(low, _mm512_set1_ps(d)), _mm512_mul_ps(high, _mm512_set1_ps(d)));
+    }
+  };
 };
 
 struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kBytes = 18;
-  static __m512i chunk(const uint8_t* b, int) {
-    const __m512 values = _mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(-8));
-    return _mm512_permutexvar_epi16(nibble_words(b + 2), pack_bf16(values, values));
-  }
+  static constexpr int kStep = 1;
+  struct Decoder {
+    const uint8_t* b;
+    void load(const uint8_t* block) { b = block; }
+    void decode(int, __m512i* w) const {
+      const __m512 values = _mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(-8));
+      w[0] = _mm512_permutexvar_epi16(nibble_words(b + 2), pack_bf16(values, values));
+    }
+  };
 };
 
 struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 20;
-  static __m512i chunk(const uint8_t* b, int) {
-    const __m512 values = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(0)),
-                                        _mm512_set1_ps(fp16_at(b + 2)));
-    return _mm512_permutexvar_epi16(nibble_words(b + 4), pack_bf16(values, values));
-  }
+  static constexpr int kStep = 1;
+  struct Decoder {
+    const uint8_t* b;
+    void load(const uint8_t* block) { b = block; }
+    void decode(int, __m512i* w) const {
+      const __m512 values = _mm512_fmadd_ps(_mm512_set1_ps(fp16_at(b)), iota(0), _mm512_set1_ps(fp16_at(b + 2)));
+      w[0] = _mm512_permutexvar_epi16(nibble_words(b + 4), pack_bf16(values, values));
+    }
+  };
 };
 
 // Adds 16 to the index words whose bit is set in the 32-bit mask at p (the quants' fifth bits).
@@ -116,61 +150,97 @@ inline __m512i with_fifth_bits(__m512i nibbles, const uint8_t* p) {
 
 struct Q5_0 {  // d * (q - 16)
   static constexpr int64_t kBlock = 32, kBytes = 22;
-  static __m512i chunk(const uint8_t* b, int) {
-    const __m512 d = _mm512_set1_ps(fp16_at(b));
-    const __m512i table = pack_bf16(_mm512_mul_ps(d, iota(-16)), _mm512_mul_ps(d, iota(0)));
-    return _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
-  }
+  static constexpr int kStep = 1;
+  struct Decoder {
+    const uint8_t* b;
+    void load(const uint8_t* block) { b = block; }
+    void decode(int, __m512i* w) const {
+      const __m512 d = _mm512_set1_ps(fp16_at(b));
+      const __m512i table = pack_bf16(_mm512_mul_ps(d, iota(-16)), _mm512_mul_ps(d, iota(0)));
+      w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
+    }
+  };
 };
 
 struct Q5_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 24;
-  static __m512i chunk(const uint8_t* b, int) {
-    const __m512 d = _mm512_set1_ps(fp16_at(b)), m = _mm512_set1_ps(fp16_at(b + 2));
-    const __m512i table = pack_bf16(_mm512_add_ps(_mm512_mul_ps(d, iota(0)), m),
-                                    _mm512_add_ps(_mm512_mul_ps(d, iota(16)), m));
-    return _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
+  static constexpr int kStep = 1;
+  struct Decoder {
+    const uint8_t* b;
+    void load(const uint8_t* block) { b = block; }
+    void decode(int, __m512i* w) const {
+      const __m512 d = _mm512_set1_ps(fp16_at(b)), m = _mm512_set1_ps(fp16_at(b + 2));
+      const __m512i table = pack_bf16(_mm512_fmadd_ps(d, iota(0), m), _mm512_fmadd_ps(d, iota(16), m));
+      w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
+    }
+  };
+};
+
+// Q4_K and Q5_K: d * scale and dmin * min of the 8 sub-blocks (6-bit scales and mins packed in the
+// 12 bytes at b + 4, ggml's get_scale_min_k4), computed for all at once and kept in memory, where
+// the table computations read them as broadcasts. Sub-blocks 2i and 2i + 1 take the low and the
+// high nibbles of the same 32 bytes.
+struct KScales {
+  alignas(64) float scale_min[16];  // d * scale[c] at c, dmin * min[c] at 8 + c
+  void load_scales(const uint8_t* b) {
+    // As 32-bit lanes: (d, dmin), scales' bytes 0-3, 4-7, 8-11; unpacked into 8 scales and 8 mins.
+    const __m128i packed = _mm_loadu_si128((const __m128i*)b);
+    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(packed, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i high = _mm_srli_epi32(_mm_shuffle_epi32(packed, _MM_SHUFFLE(2, 2, 1, 1)), 2);
+    const __m128i unpacked = _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                                          _mm_and_si128(high, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+    const __m512 ints = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(unpacked));
+    const __m512 factors = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                 _mm512_castps128_ps512(_mm_cvtph_ps(packed)));
+    _mm512_store_ps(scale_min, _mm512_mul_ps(factors, ints));
+  }
+  __m512 values(int c, __m512 quants) const {  // d * scale * q - dmin * min
+    return _mm512_sub_ps(_mm512_mul_ps(quants, _mm512_set1_ps(scale_min[c])), _mm512_set1_ps(scale_min[8 + c]));
   }
 };
 
-// Q4_K and Q5_K: sub-block c's 6-bit scale and min, packed in 12 bytes (ggml's get_scale_min_k4),
-// and its weights d * scale * q - dmin * min.
-inline void k_scale_min(const uint8_t* s, int c, float d, float dmin, float* scale, float* min) {
-  const int sc = c < 4 ? s[c] & 63 : (s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4);
-  const int m = c < 4 ? s[c + 4] & 63 : (s[c + 4] >> 4) | ((s[c] >> 6) << 4);
-  *scale = d * static_cast<float>(sc);
-  *min = dmin * static_cast<float>(m);
-}
-
-// The 32 quants of sub-block c: low nibbles of the 32 bytes for even c, high for odd (as words).
-inline __m512i k_nibble_words(const uint8_t* qs, int c) {
-  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qs + 32 * (c / 2))));
-  return c % 2 ? _mm512_srli_epi16(bytes, 4) : bytes;
-}
-
 struct Q4_K {  // d, dmin, scales[12], qs[128]
   static constexpr int64_t kBlock = 256, kBytes = 144;
-  static __m512i chunk(const uint8_t* b, int c) {
-    float scale, min;
-    k_scale_min(b + 4, c, fp16_at(b), fp16_at(b + 2), &scale, &min);
-    const __m512 values = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(scale), iota(0)), _mm512_set1_ps(min));
-    return _mm512_permutexvar_epi16(k_nibble_words(b + 16, c), pack_bf16(values, values));
-  }
+  static constexpr int kStep = 2;
+  struct Decoder : KScales {
+    const uint8_t* qs;
+    void load(const uint8_t* b) {
+      load_scales(b);
+      qs = b + 16;
+    }
+    void decode(int step, __m512i* w) const {
+      // One table of both sub-blocks' 16 values: the odd one's in words 0-15, the even one's in 16-31.
+      const __m512i table = pack_bf16(values(2 * step + 1, iota(0)), values(2 * step, iota(0)));
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qs + 32 * step)));
+      w[0] = _mm512_permutexvar_epi16(_mm512_or_si512(bytes, _mm512_set1_epi16(16)), table);  // vpermw reads 5 bits
+      w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+    }
+  };
 };
 
 struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fifth bit of weight l of sub-block c
   static constexpr int64_t kBlock = 256, kBytes = 176;
-  static __m512i chunk(const uint8_t* b, int c) {
-    float scale, min;
-    k_scale_min(b + 4, c, fp16_at(b), fp16_at(b + 2), &scale, &min);
-    const __m512 s = _mm512_set1_ps(scale), m = _mm512_set1_ps(min);
-    const __m512i table = pack_bf16(_mm512_sub_ps(_mm512_mul_ps(s, iota(0)), m),
-                                    _mm512_sub_ps(_mm512_mul_ps(s, iota(16)), m));
-    const __mmask32 fifth = _mm256_test_epi8_mask(_mm256_loadu_si256((const __m256i*)(b + 16)),
-                                                  _mm256_set1_epi8(static_cast<char>(1 << c)));
-    const __m512i low = _mm512_and_si512(k_nibble_words(b + 48, c), _mm512_set1_epi16(0x0F));
-    return _mm512_permutexvar_epi16(_mm512_mask_add_epi16(low, fifth, low, _mm512_set1_epi16(16)), table);
-  }
+  static constexpr int kStep = 2;
+  struct Decoder : KScales {
+    const uint8_t* qh;
+    void load(const uint8_t* b) {
+      load_scales(b);
+      qh = b + 16;
+    }
+    void decode(int step, __m512i* w) const {
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qh + 32 + 32 * step)));
+      const __m256i fifth_bits = _mm256_loadu_si256((const __m256i*)qh);
+      const __m512i sixteen = _mm512_set1_epi16(16);
+      for (int j = 0; j < 2; ++j) {
+        const int c = 2 * step + j;
+        const __m512 scale = _mm512_set1_ps(scale_min[c]), min = _mm512_set1_ps(scale_min[8 + c]);
+        const __m512i table = pack_bf16(_mm512_fmsub_ps(scale, iota(0), min), _mm512_fmsub_ps(scale, iota(16), min));
+        const __m512i low = j ? _mm512_srli_epi16(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
+        const __mmask32 fifth = _mm256_test_epi8_mask(fifth_bits, _mm256_set1_epi8(static_cast<char>(1 << c)));
+        w[j] = _mm512_permutexvar_epi16(_mm512_mask_add_epi16(low, fifth, low, sixteen), table);
+      }
+    }
+  };
 };
 
 // ql[128], qh[64], scales[16] (int8, one per 16 weights), d. Weight 32c + l (c = 4h + s) is
@@ -178,23 +248,32 @@ struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fi
 // with bits 2s, 2s+1 of qh[32h + l] above them.
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kBytes = 210;
-  static __m512i chunk(const uint8_t* b, int c) {
-    const int h = c / 4, s = c % 4;
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256i low = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * (s % 2)));
-    low = _mm256_and_si256(s >= 2 ? _mm256_srli_epi16(low, 4) : low, nibble);
-    const __m256i high = _mm256_and_si256(
-        _mm256_slli_epi16(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)), 2 * s), 4),
-        _mm256_set1_epi8(0x30));
-    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
-    const float d = fp16_at(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const __m512 first = _mm512_set1_ps(d * static_cast<float>(scales[2 * c]));
-    const __m512 second = _mm512_set1_ps(d * static_cast<float>(scales[2 * c + 1]));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-    return pack_bf16(_mm512_mul_ps(first, lo), _mm512_mul_ps(second, hi));
-  }
+  static constexpr int kStep = 2;
+  struct Decoder {
+    alignas(64) float scale[16];  // d * scales[i], read as broadcasts
+    const uint8_t* b;
+    void load(const uint8_t* block) {
+      b = block;
+      const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
+      _mm512_store_ps(scale, _mm512_mul_ps(_mm512_set1_ps(fp16_at(b + 208)), scales));
+    }
+    void decode(int step, __m512i* w) const {
+      const int h = step / 2;
+      const __m256i high_bits = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+      for (int j = 0; j < 2; ++j) {
+        const int c = 2 * step + j, s = c % 4;
+        __m256i low = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32 * j));
+        low = _mm256_and_si256(s >= 2 ? _mm256_srli_epi16(low, 4) : low, _mm256_set1_epi8(0x0F));
+        const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(high_bits, 2 * s), 4),
+                                              _mm256_set1_epi8(0x30));
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+        const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        w[j] = pack_bf16(_mm512_mul_ps(first, _mm512_set1_ps(scale[2 * c])),
+                         _mm512_mul_ps(second, _mm512_set1_ps(scale[2 * c + 1])));
+      }
+    }
+  };
 };
 
 // The sums of the 16 lanes of a, b, c, d, each by the same tree whatever its position.
@@ -220,23 +299,41 @@ inline void store_sums(const __m512 (&acc)[MR][kTileRows], bf16* out, int64_t ou
   }
 }
 
+// Decodes R rows of K weights in step, calling step(k, w) with w[r][j] = weights k + 32j..k + 32j + 31
+// of row r, for k = 0, 32 kStep, ... K - 32 kStep in order. A block's scales go through memory (see
+// opaque): they are loaded a block ahead, off the path from the loads to the products.
+template <class F, int R, class Step>
+inline void decode_rows(const uint8_t* const (&rows)[R], int64_t K, Step&& step) {
+  typename F::Decoder decoders[2][R];
+  for (int r = 0; r < R; ++r) decoders[0][r].load(rows[r]);
+  const int64_t blocks = K / F::kBlock;
+  for (int64_t block = 0; block < blocks; ++block) {
+    const auto* current = opaque(decoders[block % 2]);
+    if (block + 1 < blocks) {
+      for (int r = 0; r < R; ++r) decoders[(block + 1) % 2][r].load(rows[r] + (block + 1) * F::kBytes);
+    }
+    for (int s = 0; s < F::kBlock / 32 / F::kStep; ++s) {
+      __m512i w[R][F::kStep];
+      for (int r = 0; r < R; ++r) current[r].decode(s, w[r]);
+      step(block * F::kBlock + 32 * F::kStep * s, w);
+    }
+  }
+}
+
 // MR rows of x times a tile's weight rows, decoded chunk by chunk into registers.
 template <class F, int MR>
 void fused_tile(const bf16* x, int64_t x_stride, const uint8_t* const (&rows)[kTileRows], int64_t K, bf16* out,
                 int64_t out_stride, int live_rows) {
   __m512 acc[MR][kTileRows];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t block = 0; block < K / F::kBlock; ++block) {
-    for (int c = 0; c < F::kBlock / 32; ++c) {
-      __m512i w[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) w[r] = F::chunk(rows[r] + block * F::kBytes, c);
-      const int64_t k = block * F::kBlock + 32 * c;
+  decode_rows<F>(rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+    for (int j = 0; j < F::kStep; ++j) {
       for (int m = 0; m < MR; ++m) {
-        const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k);
-        for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, w[r]);
+        const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k + 32 * j);
+        for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, w[r][j]);
       }
     }
-  }
+  });
   store_sums<MR>(acc, out, out_stride, live_rows);
 }
 
@@ -255,15 +352,6 @@ void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, bf1
     }
   }
   store_sums<MR>(acc, out, out_stride, live_rows);
-}
-
-template <class F>
-void decode_row(const uint8_t* row, int64_t K, bf16* out) {
-  for (int64_t block = 0; block < K / F::kBlock; ++block) {
-    for (int c = 0; c < F::kBlock / 32; ++c) {
-      _mm512_storeu_si512(out + block * F::kBlock + 32 * c, F::chunk(row + block * F::kBytes, c));
-    }
-  }
 }
 
 template <class F>
@@ -288,7 +376,11 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
         }
         continue;
       }
-      for (int r = 0; r < kTileRows; ++r) decode_row<F>(rows[r], K, scratch.data() + r * K);
+      decode_rows<F>(rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+        for (int r = 0; r < kTileRows; ++r) {
+          for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j, w[r][j]);
+        }
+      });
       // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
       const int64_t passes = (M + kMicroRows - 1) / kMicroRows;
       for (int64_t p = 0, m = 0; p < passes; ++p) {
@@ -320,13 +412,10 @@ template <class F>
 void dequantize_rows(const uint8_t* w, int64_t w_stride, int64_t N, int64_t K, bf16* out) {
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = w + n * w_stride;
-      for (int64_t block = 0; block < K / F::kBlock; ++block) {
-        for (int c = 0; c < F::kBlock / 32; ++c) {
-          _mm512_storeu_si512(out + n * K + block * F::kBlock + 32 * c,
-                              torch_nans(F::chunk(row + block * F::kBytes, c)));
-        }
-      }
+      const uint8_t* const row[1] = {w + n * w_stride};
+      decode_rows<F>(row, K, [&](int64_t k, const __m512i (&chunks)[1][F::kStep]) {
+        for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(out + n * K + k + 32 * j, torch_nans(chunks[0][j]));
+      });
     }
   });
 }
