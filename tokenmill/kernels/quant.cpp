@@ -312,6 +312,7 @@ inline void decode_rows(const uint8_t* const (&rows)[R], int64_t K, Step&& step)
     if (block + 1 < blocks) {
       for (int r = 0; r < R; ++r) decoders[(block + 1) % 2][r].load(rows[r] + (block + 1) * F::kBytes);
     }
+#pragma GCC unroll 8  // a K-quant's steps read at offsets known at compile time
     for (int s = 0; s < F::kBlock / 32 / F::kStep; ++s) {
       __m512i w[R][F::kStep];
       for (int r = 0; r < R; ++r) current[r].decode(s, w[r]);
