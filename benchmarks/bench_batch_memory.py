@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tokenmill.models.loader import resolve_model_folder
+from tokenmill.models.gguf_file import GGUFFile
+from tokenmill.models.loader import default_model_path
 
 
 def tiny_model(folder: Path) -> Path:
@@ -29,9 +30,7 @@ def tiny_model(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer_dir = resolve_model_folder(None)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tokenizer_dir / name).read_bytes())
+    GGUFFile(default_model_path()).tokenizer().save_pretrained(folder)
     return folder
 
 

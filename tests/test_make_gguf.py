@@ -24,7 +24,7 @@ def test_the_random_gguf_loads_and_generates_as_in_transformers(tmp_path: Path) 
     assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert kinds["blk.1.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
-    llm = LLM(str(path), dtype="float32", kv_cache_memory="64MiB")
+    llm = LLM(str(path), dtype="float32", quantization="none", kv_cache_memory="64MiB")
     outputs = llm.generate(["Hello there, how are", [1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=8),
                            use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()

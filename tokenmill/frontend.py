@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 class Frontend:
     tokenizer: PreTrainedTokenizerBase
     model_name: str  # what responses report as the model
+    quantization: str  # what the weights run as: "none", or the ggml block types kept ("Q4_K, Q6_K")
     max_model_len: int  # the context, prompt and generated tokens together
     vocab_size: int
     config: EngineConfig
@@ -35,7 +36,7 @@ class Frontend:
 
     @classmethod
     def from_engine(cls, engine: Engine) -> Frontend:
-        return cls(engine.tokenizer, engine.model_name, engine.max_model_len,
+        return cls(engine.tokenizer, engine.model_name, engine.quantization, engine.max_model_len,
                    engine.vocab_size, engine.config, engine.structured)
 
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -84,6 +84,7 @@ class JobSummary(LineCounts):
     output: str
     errors: str
     model: str
+    quantization: str  # what the weights ran as (frontend.py); a Ray job's: the setting replicas were given
     total_lines: int = 0
     skipped_already_done: int = 0
     wall_time_s: float = 0.0
@@ -262,7 +263,7 @@ class BatchJob:
         self.fingerprint = input_fingerprint(input_path)
         self.custom_ids = _beside(output, ".custom_ids.sqlite3")  # scratch, for the duplicate check
         self.summary = JobSummary(input=str(input_path), output=str(output), errors=str(self.errors),
-                                  model=client.frontend.model_name)
+                                  model=client.frontend.model_name, quantization=client.frontend.quantization)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
 
     def run(self, overwrite: bool = False, sort: bool = False) -> JobSummary:

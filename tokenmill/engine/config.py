@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+QUANTIZATIONS = ("auto", "none", "int8")  # what each means: tokenmill/models/loader.py
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -76,6 +77,9 @@ def _cpu_has_bf16() -> bool:
 class EngineConfig:
     model: str | None = None  # a Hugging Face folder or a .gguf file; None: SmolLM2-135M-Instruct
     dtype: str = "auto"
+    # "auto": a GGUF's quantized blocks kept, a folder's weights as they are; "none": all in dtype;
+    # "int8": linear weights and the embedding as Q8_0 blocks.
+    quantization: str = "auto"
     max_num_seqs: int = 128
     # Measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md): 256 runs a mixed job 1-4% and a
     # prompt-only job 5-14% faster than 1024 on this class of CPU.
@@ -92,6 +96,8 @@ class EngineConfig:
             self.model = str(self.model)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -62,16 +62,18 @@ class Engine:
 
     NOTE: other threads may call `metrics()` (plain counters copied at once; a snapshot taken
     mid-step may mix two steps) and read the attributes set in `__init__` that never change after it:
-    config, dtype, model_name, model_path, tokenizer, eos_token_ids, max_model_len, vocab_size, structured
+    config, dtype, model_name, model_path, quantization, tokenizer, eos_token_ids, max_model_len, vocab_size, structured
     (whose grammar compiler is itself thread-safe). Nothing else.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
-        loaded = load_model(config.model, self.dtype, config.max_model_len)
+        loaded = load_model(config.model, self.dtype, config.max_model_len, config.quantization)
         self.model_path = loaded.path
         self.model_name = loaded.name
+        self.quantization = loaded.quantization
+        logger.info("%s: weights %s, activations %s", self.model_name, self.quantization, self.dtype)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len

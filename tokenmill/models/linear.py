@@ -13,32 +13,17 @@ into its blocked layout on every call. Reordering once at load (the weight packi
 freezing does) saves that, with bf16 results the same bit for bit: 1.2-1.3x on the decode shapes
 (M=64) and 1.8x for a single sequence (M=1), in bf16 and fp32 alike (fp32 also against the earlier
 oneDNN path). `TorchLinear` (F.linear on the plain weight) is the reference, and serves the rest.
+`QuantizedLinear` (models/quantized.py) serves weights kept in ggml's block formats.
 """
 
 from __future__ import annotations
-
-from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LinearMethod(ABC):
-    """One layer's weight in one format: prepared once by the constructor, multiplied by `apply`."""
-
-    @classmethod
-    @abstractmethod
-    def supports(cls, weight: torch.Tensor) -> bool:
-        """Whether this method serves the weight (its format, dtype, device) here."""
-
-    @abstractmethod
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """weight: [out_features, in_features] as loaded; bias: [out_features] or None."""
-
-    @abstractmethod
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features]."""
+from tokenmill.models.linear_method import LinearMethod
+from tokenmill.models.quantized import QuantizedLinear, Weight
 
 
 class TorchLinear(LinearMethod):
@@ -74,10 +59,10 @@ class OneDnnPackedLinear(LinearMethod):
 
 
 # In order of preference; the torch method serves every plain weight.
-LINEAR_METHODS: tuple[type[LinearMethod], ...] = (OneDnnPackedLinear, TorchLinear)
+LINEAR_METHODS: tuple[type[LinearMethod], ...] = (QuantizedLinear, OneDnnPackedLinear, TorchLinear)
 
 
-def select_linear_method(weight: torch.Tensor) -> type[LinearMethod]:
+def select_linear_method(weight: Weight) -> type[LinearMethod]:
     return next(method for method in LINEAR_METHODS if method.supports(weight))
 
 
@@ -92,13 +77,13 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.has_bias = bias
 
-    def load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Takes the layer's weight (and bias) as loaded, in the model's dtype, and prepares it once."""
-        if weight.shape != (self.out_features, self.in_features) or \
+    def load(self, weight: Weight, bias: torch.Tensor | None) -> None:
+        """Takes the layer's weight (and bias) as loaded, in the model's dtype or quantized, and prepares it once."""
+        if tuple(weight.shape) != (self.out_features, self.in_features) or \
                 (bias is not None and bias.shape != (self.out_features,)):
             raise ValueError(f"weight {tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)} "
                              f"for a linear layer of {self.in_features} -> {self.out_features}")
-        self.method = select_linear_method(weight)(weight.detach(), None if bias is None else bias.detach())
+        self.method = select_linear_method(weight)(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(x)

@@ -13,7 +13,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.elementwise import TORCH_OPS, ElementwiseOps, select_elementwise_ops, signed_sin
+from tokenmill.models.embedding import TokenEmbedding
 from tokenmill.models.linear import Linear
+from tokenmill.models.quantized import QuantizedWeight, Weight, stack_rows
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         ops = select_elementwise_ops(device, dtype, head_dim_of(config))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, ops) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -157,26 +159,43 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> None:
+def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, Weight]) -> None:
     """Loads a transformers state dict into the model, fusing q/k/v and gate/up; each linear layer
-    prepares its weight for its method there."""
-    def take(name: str) -> torch.Tensor:
+    prepares its weight for its method there. Plain tensors are cast to the model's dtype;
+    quantized ones are kept as they are."""
+    def take(name: str) -> Weight:
         try:
             return tensors.pop(name)
         except KeyError:
             raise ValueError(f"weight {name!r} is missing from the checkpoint") from None
 
+    def plain(name: str) -> torch.Tensor:
+        tensor = take(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"weight {name!r} is quantized, which only linear layers and the embedding take")
+        return tensor
+
+    def cast(weight: Weight) -> Weight:
+        return weight.to(model.dtype) if isinstance(weight, torch.Tensor) else weight
+
     def load_linear(linear: Linear, names: list[str]) -> None:
         """names: the checkpoint's layers whose weights are stacked, in order, into this one."""
-        def stacked(kind: str) -> torch.Tensor:
-            parts = [take(f"{name}.{kind}") for name in names]
-            return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(model.dtype)
-        linear.load(stacked("weight"), stacked("bias") if linear.has_bias else None)
+        weights = [take(f"{name}.weight") for name in names]
+        if len(weights) == 1:
+            weight = cast(weights[0])
+        elif all(isinstance(w, QuantizedWeight) for w in weights):
+            weight = stack_rows(weights)
+        elif all(isinstance(w, torch.Tensor) for w in weights):
+            weight = torch.cat(weights).to(model.dtype)
+        else:
+            raise ValueError(f"weights {names} mix quantized and plain tensors")
+        bias = torch.cat([plain(f"{name}.bias") for name in names]).to(model.dtype) if linear.has_bias else None
+        linear.load(weight, bias)
 
     params = dict(model.named_parameters())
     with torch.no_grad():
-        params["embed_tokens.weight"].copy_(take("model.embed_tokens.weight"))
-        params["norm.weight"].copy_(take("model.norm.weight"))
+        model.embed_tokens.load(cast(take("model.embed_tokens.weight")))
+        params["norm.weight"].copy_(plain("model.norm.weight"))
         if model.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
             model.lm_head.load(model.embed_tokens.weight, None)
@@ -190,10 +209,10 @@ def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]
             load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
             load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
             if attn.qk_norm:
-                attn.q_norm.weight.copy_(take(f"{p}self_attn.q_norm.weight"))
-                attn.k_norm.weight.copy_(take(f"{p}self_attn.k_norm.weight"))
-            layer.input_layernorm.weight.copy_(take(f"{p}input_layernorm.weight"))
-            layer.post_attention_layernorm.weight.copy_(take(f"{p}post_attention_layernorm.weight"))
+                attn.q_norm.weight.copy_(plain(f"{p}self_attn.q_norm.weight"))
+                attn.k_norm.weight.copy_(plain(f"{p}self_attn.k_norm.weight"))
+            layer.input_layernorm.weight.copy_(plain(f"{p}input_layernorm.weight"))
+            layer.post_attention_layernorm.weight.copy_(plain(f"{p}post_attention_layernorm.weight"))
     unused = [n for n in tensors if "rotary_emb" not in n]
     if unused:
         raise ValueError(f"checkpoint has weights this model does not use: {unused[:5]}")

@@ -1,32 +1,45 @@
-"""Finds, converts and loads model weights: a Hugging Face folder or a GGUF file.
+"""Finds and loads model weights: a GGUF file read in place, or a Hugging Face folder.
 
-A GGUF file is dequantised once through `transformers` (which reads it with `gguf`) and cached as
-a safetensors folder under TOKENMILL_CACHE (default ~/.cache/tokenmill), so the next load of the
-same file takes about a second.
+A GGUF file's tensors are copied out of its memory map as they are (models/gguf_file.py), its
+quantized ones kept in their blocks; a folder's come from safetensors or `pytorch_model*.bin`.
+`quantization` says what the linear layers and the embedding run on:
+- "auto": a GGUF's blocks as the file has them; a folder's weights in the model's dtype.
+- "none": every weight in the model's dtype, quantized ones dequantized by gguf's own code first
+  (the values transformers reads from the same file).
+- "int8": every linear weight and the embedding as Q8_0 blocks (32 values, one fp16 scale),
+  quantized at load when they are not Q8_0 already.
+Quantized types the kernels do not take (or all of them, where the kernels cannot run) are
+dequantized at load, with one log line naming them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
+import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from tokenmill import kernels
+from tokenmill.engine.config import QUANTIZATIONS
+from tokenmill.models.gguf_file import GGUFFile
 from tokenmill.models.llama import LlamaForCausalLM, load_llama_weights
+from tokenmill.models.quantized import QuantizedWeight, Weight, quantize_q8_0
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The weights "int8" quantizes: every linear layer's and the embedding (norms and biases stay).
+_INT8_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
 
 
 class ModelLoadError(ValueError):
@@ -42,10 +55,7 @@ class LoadedModel:
     max_model_len: int
     path: Path
     name: str  # what responses report as the model
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TOKENMILL_CACHE", "~/.cache/tokenmill")).expanduser()
+    quantization: str  # what the weights run as: "none", or the block types kept, e.g. "Q4_1, Q8_0"
 
 
 def default_model_path() -> Path:
@@ -56,8 +66,8 @@ def default_model_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
 
 
-def resolve_model_folder(model: str | os.PathLike | None) -> Path:
-    """A Hugging Face style folder for `model`, converting a GGUF file on first use."""
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """The .gguf file or Hugging Face folder `model` names; a clear error for anything else."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {str(path)!r} (tokenmill loads a local Hugging Face "
@@ -65,49 +75,10 @@ def resolve_model_folder(model: str | os.PathLike | None) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{str(path)!r} is a file but not a .gguf file")
-        return _gguf_folder(path)
+        return path
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face model folder")
     return path
-
-
-def _file_key(path: Path) -> str:
-    """Names a file by its size and the hash of its head and tail (a full hash would be slow)."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        digest.update(f.read())
-    return f"{path.stem}-{digest.hexdigest()[:16]}"
-
-
-def _gguf_folder(path: Path) -> Path:
-    folder = cache_root() / "gguf" / _file_key(path)
-    if (folder / "config.json").is_file():
-        return folder
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    logger.info("converting %s to safetensors in %s (once)", path, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
-        hf_model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        del hf_model
-        try:
-            os.replace(tmp, folder)  # atomic: a half-written conversion is never found
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp)  # another process converted the same file meanwhile
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {e}") from e
-    return folder
 
 
 def model_name(model: str | os.PathLike | None) -> str:
@@ -115,17 +86,66 @@ def model_name(model: str | os.PathLike | None) -> str:
     return Path(model).name.removesuffix(".gguf") if model is not None else DEFAULT_MODEL_FILE.split(".")[0]
 
 
-def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None) -> LoadedModel:
-    folder = resolve_model_folder(model)
-    name = model_name(model)
+def _read_gguf(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
+    try:
+        gguf = GGUFFile(path)
+        return gguf.config, gguf.tokenizer(), gguf.tensors()
+    except (ValueError, KeyError, IndexError, OSError, struct.error) as e:  # struct: a file cut short
+        raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+
+
+def _read_folder(folder: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of {str(folder)!r}: {e}") from e
     architectures = getattr(config, "architectures", None) or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):  # a GGUF's is checked by GGUFFile
         raise ModelLoadError(f"unsupported architecture {architectures} in {str(folder)!r}; "
                              f"tokenmill runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors: dict[str, Weight] = {}
+    try:
+        if files := sorted(folder.glob("*.safetensors")):
+            for f in files:
+                tensors.update(load_file(f))
+        elif files := sorted(folder.glob("pytorch_model*.bin")):
+            for f in files:
+                tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        else:
+            raise ModelLoadError(f"no *.safetensors or pytorch_model*.bin weights in {str(folder)!r}")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot read weights in {str(folder)!r}: {e}") from e
+    return config, AutoTokenizer.from_pretrained(folder), tensors
+
+
+def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
+    """Puts each weight in the form `quantization` asks for, in place; returns what runs (LoadedModel's)."""
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    runnable = kernels.QUANT_TYPES if kernels.available() else frozenset()
+    if quantization == "int8" and not runnable:
+        raise ModelLoadError("quantization='int8' needs tokenmill's CPU kernels, which do not run here (AVX-512)")
+    widened: set[str] = set()
+    for name, weight in tensors.items():
+        if isinstance(weight, QuantizedWeight) and (quantization == "none" or weight.qtype not in runnable):
+            widened.add(weight.qtype.name)
+            weight = tensors[name] = weight.dequantize()
+        if quantization == "int8" and name.endswith(_INT8_WEIGHTS):
+            if isinstance(weight, QuantizedWeight) and weight.qtype != GGMLQuantizationType.Q8_0:
+                weight = weight.dequantize()
+            if isinstance(weight, torch.Tensor) and weight.shape[-1] % 32 == 0:
+                tensors[name] = quantize_q8_0(weight)
+    if widened and quantization != "none":
+        why = "no kernel for them" if runnable else "tokenmill's CPU kernels do not run here"
+        logger.warning("weights of type %s dequantized at load (%s)", ", ".join(sorted(widened)), why)
+    kept = Counter(w.qtype.name for w in tensors.values() if isinstance(w, QuantizedWeight))
+    return ", ".join(name for name, _ in kept.most_common()) or "none"
+
+
+def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
+               quantization: str = "auto") -> LoadedModel:
+    path = resolve_model_path(model)
+    config, tokenizer, tensors = _read_gguf(path) if path.is_file() else _read_folder(path)
     limit = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)) and window < limit:
@@ -134,28 +154,22 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
         limit = window
     max_model_len = min(max_model_len or limit, limit)
 
+    running = prepare_weights(tensors, quantization)
     device = torch.device("cpu")
     with torch.device("meta"):
         model_ = LlamaForCausalLM(config, max_model_len, dtype, device)
     model_ = model_.to_empty(device=device).to(dtype)
     model_.reset_buffers()
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {str(folder)!r}")
-    tensors: dict[str, torch.Tensor] = {}
     try:
-        for f in files:
-            tensors.update(load_file(f))
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"cannot read weights in {str(folder)!r}: {e}") from e
-    load_llama_weights(model_, tensors)  # each linear layer's method is chosen there, for its weight
+        load_llama_weights(model_, tensors)  # each linear layer's method is chosen there, for its weight
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {e}") from e
     model_.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     eos = set()
-    if (folder / "generation_config.json").is_file():
-        gen_eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    if path.is_dir() and (path / "generation_config.json").is_file():
+        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return LoadedModel(model_, config, tokenizer, eos, max_model_len, folder, name)
+    return LoadedModel(model_, config, tokenizer, eos, max_model_len, path, model_name(model), running)

@@ -29,7 +29,7 @@ from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
 from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines, write_summary
 from tokenmill.engine.config import EngineConfig
-from tokenmill.models.loader import model_name, resolve_model_folder
+from tokenmill.models.loader import model_name, resolve_model_path
 from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
 
 ERRORS_FILE = "errors.jsonl"
@@ -91,7 +91,7 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
     input_path, output_dir = Path(input_path), Path(output_dir)
     batch_lines = batch_lines or DEFAULT_BATCH_LINES
     engine_config = engine_config or EngineConfig()
-    resolve_model_folder(engine_config.model)  # a clear error now, and a GGUF converted once per node
+    resolve_model_path(engine_config.model)  # a clear error now, not in every replica
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     errors = output_dir / ERRORS_FILE
@@ -107,7 +107,8 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
             done |= done_lines(path, fingerprint, input_path)
         shard = _new_shard(output_dir)
         summary = RayJobSummary(input=str(input_path), output=str(output_dir), errors=str(errors),
-                                model=model_name(engine_config.model), total_lines=count_lines(input_path))
+                                model=model_name(engine_config.model),
+                                quantization=engine_config.quantization, total_lines=count_lines(input_path))
         writer = DurableAppender(shard, errors)
         try:
             pending: list[tuple[str, int, str]] = []  # (order key, line number, line for the replica)

@@ -150,7 +150,7 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "tokenmill"}]}
+                                            "owned_by": "tokenmill", "quantization": frontend.quantization}]}
 
     async def complete(request: Request, url: str) -> Response:
         body = await json_body(request)

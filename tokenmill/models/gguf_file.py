@@ -1,0 +1,131 @@
+"""A GGUF file read in place: its config, its tokenizer and its tensors, with no conversion pass.
+
+The header (metadata and tensor table) is parsed by transformers' GGUF reader, which walks the
+vocabulary without building a numpy view per string (`gguf.GGUFReader` takes ~7 s on SmolLM2's
+header alone); the config is rebuilt with transformers' key table and the tokenizer with its GGUF
+converter. Tensors are read from a memory map: a plain one (the norms, or a whole F32/F16/BF16
+file) becomes a torch tensor, a quantized one a `QuantizedWeight` holding the file's blocks
+unchanged, both keyed by transformers' names. Each is copied out of the map as it is read, so the
+map is dropped once the model is loaded and the process holds the weights once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+
+from tokenmill.models.quantized import QuantizedWeight
+
+# GGUF architectures of the Llama family, and the transformers model type each is.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PLAIN_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+               GGMLQuantizationType.BF16: torch.bfloat16}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp's rope frequency factors (Llama 3.1+): read from the config's rope scaling instead.
+_IGNORED = {"rope_freqs.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """transformers' name for a tensor of the file; None for one the model does not use."""
+    if gguf_name in _IGNORED:
+        return None
+    if (match := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)) and match[2] in _LAYER_NAMES:
+        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    raise ValueError(f"tensor {gguf_name!r} has no place in a Llama-family model")
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undoes the row order llama.cpp's converter gives Llama's q and k projections (each head's two
+    rope halves interleaved), as transformers does. Rows are whole output features, so this works
+    on a quantized weight's block rows as on plain ones."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+class GGUFFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header = GgufHeader.from_file(str(path))
+        self.metadata, names = read_gguf_metadata(str(path))
+        self.architecture = self.metadata["general.architecture"]
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"GGUF architecture {self.architecture!r} is not supported; tokenmill runs "
+                             f"{', '.join(ARCHITECTURES)}")
+        self.tensor_names = set(names)
+        self.config = self._config()
+
+    def _config(self) -> PretrainedConfig:
+        """transformers' config for the file, from its metadata through transformers' key table."""
+        model_type = ARCHITECTURES[self.architecture]
+        name = str(self.metadata.get("general.name", ""))
+        if model_type == "llama" and "mistral" in name.lower():
+            model_type = "mistral"  # llama.cpp writes Mistral models as llama
+        values = {}
+        for section, keys in (("general", GGUF_CONFIG_MAPPING["general"]),
+                              (self.architecture, GGUF_CONFIG_MAPPING[self.architecture])):
+            for key, hf_key in keys.items():
+                if hf_key is not None and f"{section}.{key}" in self.metadata:
+                    values[hf_key] = self.metadata[f"{section}.{key}"]
+        values.pop("model_type", None)
+        values.pop("_model_name_or_path", None)
+        values.setdefault("vocab_size", self.metadata.get("tokenizer.ggml.tokens"))  # the reader's count
+        for gguf_key, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                              ("padding_token_id", "pad_token_id"), ("unknown_token_id", "unk_token_id")):
+            if f"tokenizer.ggml.{gguf_key}" in self.metadata:
+                values[key] = self.metadata[f"tokenizer.ggml.{gguf_key}"]
+        values["tie_word_embeddings"] = "output.weight" not in self.tensor_names
+        values["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]]
+        return AutoConfig.for_model(model_type, **values)
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(self.path))
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+    def tensors(self) -> dict[str, torch.Tensor | QuantizedWeight]:
+        """Every tensor the model uses, by transformers' name, copied out of the file's map."""
+        blob = np.memmap(self.path, mode="r", dtype=np.uint8)
+        heads = {"q_proj": self.config.num_attention_heads, "k_proj": self.config.num_key_value_heads}
+        tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
+        try:
+            for info in self.header.tensors:
+                name = hf_name(info.name)
+                if name is None:
+                    continue
+                start = self.header.data_start + info.offset
+                raw = torch.from_numpy(np.array(blob[start:start + info.nbytes]))
+                qtype = GGMLQuantizationType(info.ggml_type)
+                if qtype in PLAIN_TYPES:
+                    tensor = raw.view(PLAIN_TYPES[qtype]).reshape(info.shape)
+                else:
+                    block, block_bytes = GGML_QUANT_SIZES[qtype]
+                    rows, width = int(np.prod(info.shape[:-1])), info.shape[-1]
+                    tensor = raw.view(rows, width // block * block_bytes)
+                projection = name.split(".")[-2]
+                if self.architecture == "llama" and projection in heads:
+                    tensor = unpermute_rows(tensor, heads[projection])
+                if qtype not in PLAIN_TYPES:
+                    tensor = QuantizedWeight(tensor, qtype, width)
+                tensors[name] = tensor
+        finally:
+            del blob
+        return tensors

@@ -1,0 +1,94 @@
+"""Weights kept in ggml's block formats, and the linear method that multiplies by them.
+
+A `QuantizedWeight` is a weight [out_features, in_features] as a GGUF file stores it: one row of
+bytes per output feature, each row in_features / block_size blocks (`gguf.GGML_QUANT_SIZES`).
+`QuantizedLinear` multiplies by it through the C++ kernels (kernels/quant.cpp): bf16 activations,
+each block widened to the bf16 values `dequantize` gives, fp32 sums in an order that depends on
+the row alone. A fused projection whose parts have different types (a Q4_K_M file's Q6_K value
+projection beside Q4_K query and key) keeps one run of blocks per type and concatenates outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from tokenmill.models.linear_method import LinearMethod
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    blocks: torch.Tensor  # uint8 [out_features, row_bytes]
+    qtype: GGMLQuantizationType
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.shape[0], self.in_features
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [out_features, in_features]: gguf's own dequantization, as transformers reads a GGUF."""
+        return torch.from_numpy(gguf_dequantize(self.blocks.numpy(), self.qtype)).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class StackedQuantizedWeight:
+    """Row blocks of different types stacked: the output features of `parts` in order."""
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].in_features
+
+
+Weight = torch.Tensor | QuantizedWeight | StackedQuantizedWeight  # a linear layer's weight, as loaded
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | StackedQuantizedWeight:
+    """One weight of the parts' output features in order; runs of one type share one block tensor."""
+    runs: list[list[QuantizedWeight]] = []
+    for part in parts:
+        if part.in_features != parts[0].in_features:
+            raise ValueError(f"cannot stack weights of {part.in_features} and {parts[0].in_features} inputs")
+        if runs and runs[-1][0].qtype == part.qtype:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    merged = tuple(run[0] if len(run) == 1 else
+                   QuantizedWeight(torch.cat([p.blocks for p in run]), run[0].qtype, run[0].in_features)
+                   for run in runs)
+    return merged[0] if len(merged) == 1 else StackedQuantizedWeight(merged)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> QuantizedWeight:
+    """A float weight as Q8_0 blocks (32 values, one fp16 scale), byte for byte gguf's quantization."""
+    return QuantizedWeight(torch.ops.tokenmill.quantize_q8_0(weight.contiguous()), GGMLQuantizationType.Q8_0,
+                           weight.shape[1])
+
+
+class QuantizedLinear(LinearMethod):
+    @classmethod
+    def supports(cls, weight: object) -> bool:
+        return isinstance(weight, (QuantizedWeight, StackedQuantizedWeight))
+
+    def __init__(self, weight: QuantizedWeight | StackedQuantizedWeight, bias: torch.Tensor | None) -> None:
+        self.parts = weight.parts if isinstance(weight, StackedQuantizedWeight) else (weight,)
+        self.in_features = weight.shape[1]
+        self.bias = bias
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        outputs = [torch.ops.tokenmill.quant_linear(rows, part.blocks, int(part.qtype)) for part in self.parts]
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).to(x.dtype)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+def dequantize_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """bf16 [len(ids), in_features]: the rows `ids` of the weight, as the kernels widen them."""
+    return torch.ops.tokenmill.dequantize(weight.blocks[ids], int(weight.qtype), weight.in_features)
