@@ -3,8 +3,12 @@
 `batched` runs a grid of (prompt length PP, generated length TG, parallel sequences B) on
 synthetic prompts with greedy sampling, and prints llama-batched-bench's columns: N_KV, T_PP and
 S_PP (prompt processing), T_TG and S_TG (generation), T and S (all). With `--pps` the B sequences
-share one prompt. Given `--llama-batched-bench BIN`, the same grid runs through llama.cpp on the
-same GGUF file with the same thread count, and the ratios are printed. `job` times a whole batch
+share one prompt. Peers run the same grid with the same thread count in the same run, and the ratios
+are printed: llama.cpp's `llama-batched-bench` on a GGUF file (with prompts of its own), OpenVINO GenAI
+on a folder that `optimum-cli export openvino` wrote (the very token ids tokenmill ran, through
+tokenmill/openvino_peer.py in an interpreter of the user's choice, since OpenVINO's packages are not
+tokenmill's), and `transformers` (the same token ids). `--load` adds a table of each engine's cold and
+warm start, peak RSS and time to first token (tokenmill/bench_load.py). `job` times a whole batch
 file. The share of the machine is achieved FLOP/s over a GEMM peak measured in the same run.
 """
 
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +27,12 @@ from typing import Any
 
 import torch
 
+from tokenmill import bench_load
 from tokenmill.engine.client import EngineClient, LocalClient, Submission, drive
+from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.models.linear import LINEAR_METHODS, Linear
+from tokenmill.models.loader import resolve_model_path
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -41,6 +50,20 @@ class Row:
     S_TG: float
     T: float
     S: float
+
+
+Grid = dict[tuple[int, int, int], list[list[int]]]  # (PP, TG, B) -> the B prompts' token ids
+
+
+@dataclass
+class Peers:
+    """The engines run beside tokenmill, on the same grid and threads."""
+
+    llama_batched_bench: str | None = None  # the binary
+    gguf: Path | None = None  # the file llama.cpp runs
+    openvino: Path | None = None  # a folder `optimum-cli export openvino` wrote
+    openvino_python: str = sys.executable  # an interpreter with openvino-genai
+    transformers: bool = False
 
 
 def gemm_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -115,11 +138,11 @@ def check_lockstep(client: EngineClient, prompts: dict[str, list[int]], cached: 
                            "or sequences preempted): raise kv_cache_memory")
 
 
-def run_point(client: EngineClient, pp: int, tg: int, b: int, shared_prompt: bool, rng: random.Random) -> Row:
+def run_point(client: EngineClient, tg: int, prompt_ids: list[list[int]], shared_prompt: bool) -> Row:
     if tg < 1:
         raise ValueError("TG must be at least 1")
-    vocab = client.frontend.vocab_size
-    prompts = {f"bench-{pp}-{tg}-{b}-{i}": p for i, p in enumerate(_random_prompts(rng, vocab, pp, b, shared_prompt))}
+    pp, b = len(prompt_ids[0]), len(prompt_ids)
+    prompts = {f"bench-{pp}-{tg}-{b}-{i}": p for i, p in enumerate(prompt_ids)}
     # NOTE: as in llama-batched-bench, every prompt is processed before any sequence decodes, so the
     # B sequences decode TG steps in lockstep. (Run as one job, continuous batching would start
     # decoding the first prompts while later ones are still prefilling, and count those tokens as
@@ -132,6 +155,14 @@ def run_point(client: EngineClient, pp: int, tg: int, b: int, shared_prompt: boo
     t_tg = time.perf_counter() - start - t_pp
     check_lockstep(client, prompts, {i: o.num_cached_tokens for i, o in outputs.items()}, preemptions)
     return _row("tokenmill", pp, tg, b, shared_prompt, t_pp, t_tg)
+
+
+def ttft(client: EngineClient, prompt: list[int]) -> float:
+    """Seconds from one request's submission to its first token."""
+    start = time.perf_counter()
+    run_to_completion(client, [Submission(f"ttft-{len(prompt)}", None, prompt,
+                                          SamplingParams(temperature=0, max_tokens=1))])
+    return time.perf_counter() - start
 
 
 def run_llamacpp(binary: str, gguf: Path, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
@@ -150,14 +181,54 @@ def run_llamacpp(binary: str, gguf: Path, npp: list[int], ntg: list[int], npl: l
     return rows
 
 
-def run_transformers(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
-                     rng: random.Random) -> list[Row]:
-    """The same grid through `transformers` generate (greedy, same weights and dtype, same threads):
-    T_PP is a generate call of one new token, T_TG what one of TG + 1 new tokens takes beyond it."""
+def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' own model of a Hugging Face folder or a GGUF file (dequantized), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=engine.dtype).eval()
-    vocab = model.config.vocab_size
+    if path.is_file():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def openvino_spec(folder: Path, threads: int, points: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """The peer script's settings (tokenmill/openvino_peer.py says what each is): a KV cache that holds the
+    largest point's B * (PP + TG + 1) tokens with a quarter to spare at 2 bytes a value (OpenVINO's CPU
+    cache may take fewer), and every prompt phase in one step."""
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
+    tokens = max(b * (pp + tg + 1) for pp, tg, b in points)
+    return {"model": str(folder), "threads": threads, "cache_gb": max(1, math.ceil(1.25 * tokens * per_token / 1e9)),
+            "max_num_seqs": max(b for _, _, b in points), "max_num_batched_tokens": max(b * pp for pp, _, b in points)}
+
+
+def check_openvino(python: str, folder: Path) -> None:
+    """Raises ValueError, before anything is measured, unless the peer can run."""
+    if not (folder / "openvino_model.xml").is_file():
+        raise ValueError(f"{folder} is not an OpenVINO model folder (no openvino_model.xml): export one with "
+                         "benchmarks/export_openvino.py or `optimum-cli export openvino --weight-format int8`")
+    found = subprocess.run([python, "-c", "import openvino_genai"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise ValueError(f"{python} cannot import openvino_genai: install it in a venv of its own (python3 -m venv "
+                         "OVENV && OVENV/bin/pip install openvino-genai) and pass --openvino-python OVENV/bin/python")
+
+
+def run_openvino(python: str, spec: dict[str, Any], grid: Grid, ttft_prompts: list[list[int]], warmup: list[int],
+                 shared_prompt: bool) -> tuple[list[Row], dict[int, float]]:
+    """The grid through OpenVINO GenAI on the same token ids: its rows and its TTFT by PP."""
+    points = [{"pp": pp, "tg": tg, "b": b, "prompts": prompts} for (pp, tg, b), prompts in grid.items()]
+    measured = bench_load.run_measured([python, str(Path(__file__).with_name("openvino_peer.py"))], json.dumps(
+        {**spec, "warmup": warmup, "ttft": ttft_prompts, "grid": points}))
+    result = json.loads(measured.stdout)
+    rows = [_row("openvino", r["pp"], r["tg"], r["b"], shared_prompt, r["t_pp"], r["t_tg"]) for r in result["rows"]]
+    return rows, {len(p): t for p, t in zip(ttft_prompts, result["ttft_s"])}
+
+
+def run_transformers(engine: Engine, grid: Grid, shared_prompt: bool) -> list[Row]:
+    """The same grid through `transformers` generate (greedy, same weights and dtype, same threads):
+    T_PP is a generate call of one new token, T_TG what one of TG + 1 new tokens takes beyond it."""
+    model = transformers_model(engine.model_path, engine.dtype)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def generate(ids: torch.Tensor, new_tokens: int) -> float:
@@ -169,12 +240,10 @@ def run_transformers(engine: Engine, npp: list[int], ntg: list[int], npl: list[i
     rows = []
     with torch.inference_mode():
         generate(torch.tensor([[1, 2, 3, 4]]), 2)  # warm-up
-        for pp in npp:
-            for tg in ntg:
-                for b in npl:
-                    ids = torch.tensor(_random_prompts(rng, vocab, pp, b, shared_prompt))
-                    t_pp = generate(ids, 1)
-                    rows.append(_row("transformers", pp, tg, b, shared_prompt, t_pp, generate(ids, tg + 1) - t_pp))
+        for (pp, tg, b), prompts in grid.items():
+            ids = torch.tensor(prompts)
+            t_pp = generate(ids, 1)
+            rows.append(_row("transformers", pp, tg, b, shared_prompt, t_pp, generate(ids, tg + 1) - t_pp))
     return rows
 
 
@@ -223,26 +292,65 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def batched(engine: Engine, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool,
-            llama_bin: str | None, gguf: Path | None, threads: int, jsonl: Path | None,
-            plot_path: Path | None, with_transformers: bool = False) -> str:
-    rng = random.Random(0)
+def measure_loads(config: EngineConfig, npp: list[int], threads: int, peers: Peers,
+                  ov_spec: dict[str, Any]) -> list[bench_load.Load]:
+    """Every engine's start, in fresh processes, before this process maps any model file (see bench_load).
+    The probe's prompt takes ids below 259, which every vocabulary has: the grid's need the model's size."""
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 259) for _ in range(npp[0])]
+    loads = [bench_load.tokenmill_load(config, resolve_model_path(config.model), threads, prompt)]
+    if peers.llama_batched_bench is not None and peers.gguf is not None:
+        loads.append(bench_load.llamacpp_load(peers.llama_batched_bench, peers.gguf, threads, npp[0]))
+    if peers.openvino is not None:
+        loads.append(bench_load.openvino_load(peers.openvino_python, peers.openvino, ov_spec, prompt))
+    return loads
+
+
+def batched(config: EngineConfig, npp: list[int], ntg: list[int], npl: list[int], shared_prompt: bool, threads: int,
+            peers: Peers, load: bool, jsonl: Path | None, plot_path: Path | None) -> str:
+    """Builds the engine and runs the grid through it and the peers; with `load`, the load table too."""
+    if peers.llama_batched_bench is not None and peers.gguf is None:
+        raise ValueError("llama.cpp runs a GGUF file: pass --gguf, or a .gguf --model")
+    if peers.openvino is not None:
+        check_openvino(peers.openvino_python, peers.openvino)
+    points = [(pp, tg, b) for pp in npp for tg in ntg for b in npl]
+    ov_spec = openvino_spec(peers.openvino, threads, points) if peers.openvino is not None else {}
+    loads = measure_loads(config, npp, threads, peers, ov_spec) if load else []
+    engine = Engine(config)
     client = LocalClient(engine)
-    run_point(client, 16, 4, 2, shared_prompt, rng)  # warm-up
-    rows = [run_point(client, pp, tg, b, shared_prompt, rng) for pp in npp for tg in ntg for b in npl]
+    rng, vocab = random.Random(0), client.frontend.vocab_size
+    warmup = _random_prompts(rng, vocab, 16, 2, shared_prompt)
+    grid = {(pp, tg, b): _random_prompts(rng, vocab, pp, b, shared_prompt) for pp, tg, b in points}
+    ttft_prompts = [[rng.randrange(3, vocab) for _ in range(pp)] for pp in npp]
+    run_point(client, 4, warmup, shared_prompt)
+    rows = [run_point(client, tg, prompts, shared_prompt) for (_, tg, _), prompts in grid.items()]
+    by_engine = {load.engine: load for load in loads}
+    if loads:
+        by_engine["tokenmill"].ttft = {len(p): ttft(client, p) for p in ttft_prompts}
     peak = gemm_peak(engine.dtype)
     per_token = flops_per_token(engine)
     share = {(r.PP, r.TG, r.B): r.S_TG * per_token / peak for r in rows}
-    if llama_bin is not None and gguf is not None:
-        rows += run_llamacpp(llama_bin, gguf, npp, ntg, npl, shared_prompt, threads)
-    if with_transformers:
-        rows += run_transformers(engine, npp, ntg, npl, shared_prompt, rng)
+    if peers.llama_batched_bench is not None and peers.gguf is not None:
+        rows += run_llamacpp(peers.llama_batched_bench, peers.gguf, npp, ntg, npl, shared_prompt, threads)
+        if loads:  # one request of PP tokens: T_PP at B = 1
+            by_engine["llama.cpp"].ttft = {r.PP: r.T_PP for r in run_llamacpp(
+                peers.llama_batched_bench, peers.gguf, npp, [1], [1], False, threads)}
+    if peers.openvino is not None:
+        ov_rows, ov_ttft = run_openvino(peers.openvino_python, ov_spec, grid, ttft_prompts, warmup[0], shared_prompt)
+        rows += ov_rows
+        if loads:
+            by_engine["openvino"].ttft = ov_ttft
+    if peers.transformers:
+        rows += run_transformers(engine, grid, shared_prompt)
     out = [f"model {client.frontend.model_name}, dtype {str(engine.dtype).removeprefix('torch.')}, {threads} threads, "
            f"{'shared prompt (pps), ' if shared_prompt else ''}GEMM peak {peak / 1e9:.0f} GFLOP/s, "
            f"{per_token / 1e6:.0f} MFLOP/token", "", markdown(rows, share)]
-    for peer in ("llama.cpp", "transformers"):
+    for peer in ("llama.cpp", "openvino", "transformers"):
         if any(r.engine == peer for r in rows):
             out += ["", f"tokenmill / {peer}:", "", ratios(rows, peer)]
+    if loads:
+        out += ["", "load (tokenmill/bench_load.py says how each figure is measured):", "",
+                bench_load.markdown(loads, npp[0])]
     if jsonl is not None:
         jsonl.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
     if plot_path is not None:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.batch.runner import BatchJob, JobSummary, default_errors_path, summary_path, write_summary
-from tokenmill.engine.config import DTYPES, EngineConfig
+from tokenmill.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
 
 
 def _fatal(message: str) -> int:
@@ -20,7 +20,8 @@ def _fatal(message: str) -> int:
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings given on the command line; raises ValueError for a bad one."""
-    return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                        max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
 
 
@@ -124,18 +125,18 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = Engine(_engine_config(args))
-    except ValueError as e:
-        return _fatal(str(e))
-    if args.bench == "job":
-        print(json.dumps(bench.job(engine, Path(args.input), Path(args.output)), indent=2))
-        return 0
-    gguf = Path(args.gguf) if args.gguf else (default_model_path() if args.model is None else None)
-    try:
-        print(bench.batched(engine, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, args.llama_batched_bench,
-                            gguf, torch.get_num_threads(), Path(args.jsonl) if args.jsonl else None,
-                            Path(args.plot) if args.plot else None, args.transformers))
-    except (ValueError, RuntimeError) as e:  # a point that cannot be measured in lockstep
+        config = _engine_config(args)
+        if args.bench == "job":
+            print(json.dumps(bench.job(Engine(config), Path(args.input), Path(args.output)), indent=2))
+            return 0
+        model = Path(args.model) if args.model else default_model_path()
+        gguf = Path(args.gguf) if args.gguf else (model if model.suffix == ".gguf" else None)
+        peers = bench.Peers(args.llama_batched_bench, gguf, Path(args.openvino) if args.openvino else None,
+                            args.openvino_python, args.transformers)
+        print(bench.batched(config, ints(args.npp), ints(args.ntg), ints(args.npl), args.pps, torch.get_num_threads(),
+                            peers, args.load, Path(args.jsonl) if args.jsonl else None,
+                            Path(args.plot) if args.plot else None))
+    except (ValueError, RuntimeError) as e:  # a model that cannot load, a point not measurable in lockstep
         return _fatal(str(e))
     return 0
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", help="require this key as a bearer token (or set TOKENMILL_API_KEY)")
     serve.add_argument("--data-dir", default="~/.cache/tokenmill/server", help="where files and batches are kept")
     serve.set_defaults(handler=serve_command)
-    bench_parser = commands.add_parser("bench", help="throughput benchmarks, side by side with llama.cpp")
+    bench_parser = commands.add_parser("bench", help="throughput benchmarks, side by side with llama.cpp and OpenVINO")
     kinds = bench_parser.add_subparsers(dest="bench", required=True)
     batched = kinds.add_parser("batched", help="llama-batched-bench's grid: PP, TG, B")
     batched.add_argument("--npp", default="128,512", help="prompt lengths")
@@ -176,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     batched.add_argument("--npl", default="1,8,32,64", help="parallel sequences")
     batched.add_argument("--pps", action="store_true", help="the parallel sequences share one prompt")
     batched.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench, to run it too")
-    batched.add_argument("--gguf", help="GGUF file for llama.cpp (default: the default model's)")
+    batched.add_argument("--gguf", help="GGUF file for llama.cpp (default: --model's, if a .gguf file)")
+    batched.add_argument("--openvino", help="a folder that `optimum-cli export openvino` wrote, to run OpenVINO "
+                                            "GenAI on the same prompts too (benchmarks/export_openvino.py)")
+    batched.add_argument("--openvino-python", default=sys.executable,
+                         help="an interpreter with openvino-genai, for --openvino (default: this one)")
+    batched.add_argument("--load", action="store_true",
+                         help="also measure each engine's cold and warm start, peak RSS and time to first token")
     batched.add_argument("--transformers", action="store_true",
                          help="run transformers' generate on the same grid too (same weights, dtype, threads)")
     batched.add_argument("--jsonl", help="also write the rows as JSON lines here")
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         # The defaults are EngineConfig's, which checks the values.
         sub.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", *DTYPES],
                          help="auto: bfloat16 where the CPU has native bf16 instructions, else float32")
+        sub.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
+                         help="auto: keep a GGUF's quantized weights (a folder's as they are); none: every weight "
+                              "in --dtype; int8: linear weights as Q8_0 blocks (default: %(default)s)")
         sub.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                          help="sequences in flight (default: %(default)s)")
         sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
