@@ -96,16 +96,22 @@ inline T* opaque(T* p) {
   return p;
 }
 
+// A 32-weight block's fp16 scale d (and its min m, for the types with one), converted on loading.
+template <bool kHasMin>
+struct SmallBlock {
+  float d, m;
+  const uint8_t* b;
+  void load(const uint8_t* block) {
+    b = block;
+    d = fp16_at(b);
+    if (kHasMin) m = fp16_at(b + 2);
+  }
+};
+
 struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
   static constexpr int kStep = 1;
-  struct Decoder {
-    float d;
-    const uint8_t* b;
-    void load(const uint8_t* block) {
-      b = block;
-      d = fp16_at(b);
-    }
+  struct Decoder : SmallBlock<false> {
     void decode(int, __m512i* w) const {
       const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
       const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
@@ -117,11 +123,9 @@ struct Q8_0 {
 struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kBytes = 18;
   static constexpr int kStep = 1;
-  struct Decoder {
-    const uint8_t* b;
-    void load(const uint8_t* block) { b = block; }
+  struct Decoder : SmallBlock<false> {
     void decode(int, __m512i* w) const {
-      const __m512 values = _mm512_mul_ps(_mm512_set1_ps(fp16_at(b)), iota(-8));
+      const __m512 values = _mm512_mul_ps(iota(-8), _mm512_set1_ps(d));
       w[0] = _mm512_permutexvar_epi16(nibble_words(b + 2), pack_bf16(values, values));
     }
   };
@@ -130,11 +134,9 @@ struct Q4_0 {  // d * (q - 8)
 struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 20;
   static constexpr int kStep = 1;
-  struct Decoder {
-    const uint8_t* b;
-    void load(const uint8_t* block) { b = block; }
+  struct Decoder : SmallBlock<true> {
     void decode(int, __m512i* w) const {
-      const __m512 values = _mm512_fmadd_ps(_mm512_set1_ps(fp16_at(b)), iota(0), _mm512_set1_ps(fp16_at(b + 2)));
+      const __m512 values = _mm512_fmadd_ps(_mm512_set1_ps(d), iota(0), _mm512_set1_ps(m));
       w[0] = _mm512_permutexvar_epi16(nibble_words(b + 4), pack_bf16(values, values));
     }
   };
@@ -151,12 +153,9 @@ inline __m512i with_fifth_bits(__m512i nibbles, const uint8_t* p) {
 struct Q5_0 {  // d * (q - 16)
   static constexpr int64_t kBlock = 32, kBytes = 22;
   static constexpr int kStep = 1;
-  struct Decoder {
-    const uint8_t* b;
-    void load(const uint8_t* block) { b = block; }
+  struct Decoder : SmallBlock<false> {
     void decode(int, __m512i* w) const {
-      const __m512 d = _mm512_set1_ps(fp16_at(b));
-      const __m512i table = pack_bf16(_mm512_mul_ps(d, iota(-16)), _mm512_mul_ps(d, iota(0)));
+      const __m512i table = pack_bf16(_mm512_mul_ps(iota(-16), _mm512_set1_ps(d)), _mm512_mul_ps(iota(0), _mm512_set1_ps(d)));
       w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
     }
   };
@@ -165,12 +164,10 @@ struct Q5_0 {  // d * (q - 16)
 struct Q5_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 24;
   static constexpr int kStep = 1;
-  struct Decoder {
-    const uint8_t* b;
-    void load(const uint8_t* block) { b = block; }
+  struct Decoder : SmallBlock<true> {
     void decode(int, __m512i* w) const {
-      const __m512 d = _mm512_set1_ps(fp16_at(b)), m = _mm512_set1_ps(fp16_at(b + 2));
-      const __m512i table = pack_bf16(_mm512_fmadd_ps(d, iota(0), m), _mm512_fmadd_ps(d, iota(16), m));
+      const __m512 scale = _mm512_set1_ps(d), min = _mm512_set1_ps(m);
+      const __m512i table = pack_bf16(_mm512_fmadd_ps(scale, iota(0), min), _mm512_fmadd_ps(scale, iota(16), min));
       w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
     }
   };
@@ -289,13 +286,22 @@ inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
 }
 
-// Row m's 4 sums rounded to bf16 into out[m, 0..rows-1].
+// A unit of work: kTileRows weight rows, their output columns, the first `live` of them within N (the
+// others repeat a live row, computed for nothing).
+struct Tile {
+  const uint8_t* rows[kTileRows];
+  int64_t columns[kTileRows];
+  int live;
+};
+
+// Row m's sums with the tile's rows rounded to bf16 into out[m, columns].
 template <int MR>
-inline void store_sums(const __m512 (&acc)[MR][kTileRows], bf16* out, int64_t out_stride, int rows) {
+inline void store_sums(const __m512 (&acc)[MR][kTileRows], const Tile& tile, bf16* out, int64_t out_stride) {
   for (int m = 0; m < MR; ++m) {
     const __m128 sums = sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-    _mm_mask_storeu_epi16(out + m * out_stride, static_cast<__mmask8>((1u << rows) - 1),
-                          _mm256_castsi256_si128(round_bf16(_mm512_castps128_ps512(sums))));
+    alignas(16) bf16 rounded[8];
+    _mm_store_si128((__m128i*)rounded, _mm256_castsi256_si128(round_bf16(_mm512_castps128_ps512(sums))));
+    for (int r = 0; r < tile.live; ++r) out[m * out_stride + tile.columns[r]] = rounded[r];
   }
 }
 
@@ -323,11 +329,10 @@ inline void decode_rows(const uint8_t* const (&rows)[R], int64_t K, Step&& step)
 
 // MR rows of x times a tile's weight rows, decoded chunk by chunk into registers.
 template <class F, int MR>
-void fused_tile(const bf16* x, int64_t x_stride, const uint8_t* const (&rows)[kTileRows], int64_t K, bf16* out,
-                int64_t out_stride, int live_rows) {
+void fused_tile(const bf16* x, int64_t x_stride, const Tile& tile, int64_t K, bf16* out, int64_t out_stride) {
   __m512 acc[MR][kTileRows];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  decode_rows<F>(rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+  decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
     for (int j = 0; j < F::kStep; ++j) {
       for (int m = 0; m < MR; ++m) {
         const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k + 32 * j);
@@ -335,13 +340,13 @@ void fused_tile(const bf16* x, int64_t x_stride, const uint8_t* const (&rows)[kT
       }
     }
   });
-  store_sums<MR>(acc, out, out_stride, live_rows);
+  store_sums<MR>(acc, tile, out, out_stride);
 }
 
 // MR rows of x times a tile's weight rows decoded in scratch ([kTileRows][K] bf16).
 template <int MR>
-void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, bf16* out, int64_t out_stride,
-                  int live_rows) {
+void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, const Tile& tile, bf16* out,
+                  int64_t out_stride) {
   __m512 acc[MR][kTileRows];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
@@ -352,32 +357,39 @@ void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, bf1
       for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, wv[r]);
     }
   }
-  store_sums<MR>(acc, out, out_stride, live_rows);
+  store_sums<MR>(acc, tile, out, out_stride);
 }
 
 template <class F>
 void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_t w_stride, int64_t N, int64_t K,
             bf16* out) {
+  // NOTE: tile t holds rows t, t + tiles, t + 2 tiles, t + 3 tiles, not 4 consecutive ones: then the 4
+  // rows a thread reads at once each advance through consecutive rows, 4 long sequential streams that
+  // the hardware prefetcher follows. 4 consecutive rows are 4 short streams (1-2 KB) it hardly starts
+  // on: M=1 read the weights at half the speed (one thread, 2048 x 4096).
   const int64_t tiles = (N + kTileRows - 1) / kTileRows;
   // At least ~64k weights per unit of work: waking the second thread costs more below.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTileRows * K));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<bf16> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t * kTileRows;
-      const int live = static_cast<int>(std::min<int64_t>(kTileRows, N - n));
-      const uint8_t* rows[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) rows[r] = w + (n + std::min(r, live - 1)) * w_stride;  // repeats past N
+      Tile tile;
+      tile.live = 0;
+      for (int r = 0; r < kTileRows; ++r) {
+        tile.columns[r] = t + r * tiles;
+        tile.live += tile.columns[r] < N;
+        tile.rows[r] = w + (r < tile.live ? tile.columns[r] : t) * w_stride;
+      }
       if (M <= kMaxFusedRows) {
         switch (M) {
-          case 1: fused_tile<F, 1>(x, x_stride, rows, K, out + n, N, live); break;
-          case 2: fused_tile<F, 2>(x, x_stride, rows, K, out + n, N, live); break;
-          case 3: fused_tile<F, 3>(x, x_stride, rows, K, out + n, N, live); break;
-          default: fused_tile<F, 4>(x, x_stride, rows, K, out + n, N, live); break;
+          case 1: fused_tile<F, 1>(x, x_stride, tile, K, out, N); break;
+          case 2: fused_tile<F, 2>(x, x_stride, tile, K, out, N); break;
+          case 3: fused_tile<F, 3>(x, x_stride, tile, K, out, N); break;
+          default: fused_tile<F, 4>(x, x_stride, tile, K, out, N); break;
         }
         continue;
       }
-      decode_rows<F>(rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+      decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
         for (int r = 0; r < kTileRows; ++r) {
           for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j, w[r][j]);
         }
@@ -387,14 +399,14 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
       for (int64_t p = 0, m = 0; p < passes; ++p) {
         const int64_t rows_here = (M - m) / (passes - p) + ((M - m) % (passes - p) != 0);
         const bf16* xm = x + m * x_stride;
-        bf16* om = out + m * N + n;
+        bf16* om = out + m * N;
         switch (rows_here) {
-          case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, om, N, live); break;
-          case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, om, N, live); break;
-          case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, om, N, live); break;
-          case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, om, N, live); break;
-          case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, om, N, live); break;
-          default: scratch_tile<6>(xm, x_stride, scratch.data(), K, om, N, live); break;
+          case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          default: scratch_tile<6>(xm, x_stride, scratch.data(), K, tile, om, N); break;
         }
         m += rows_here;
       }
