@@ -64,11 +64,18 @@ def test_dequantize_keeps_torch_nan_and_inf() -> None:
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 
-def test_dequantize_reads_strided_rows() -> None:  # the embedding's rows, indexed
+def test_dequantize_reads_strided_rows_and_writes_into_a_buffer() -> None:
     blocks = torch.from_numpy(random_blocks(Q.Q4_K, 10, 512, 3))
-    every_other = blocks[::2]
-    assert torch.equal(torch.ops.tokenmill.dequantize(every_other, Q.Q4_K, 512),
-                       torch.ops.tokenmill.dequantize(every_other.contiguous(), Q.Q4_K, 512))
+    every_other = blocks[::2]  # the embedding's rows, indexed
+    expected = torch.ops.tokenmill.dequantize(every_other.contiguous(), Q.Q4_K, 512)
+    assert torch.equal(torch.ops.tokenmill.dequantize(every_other, Q.Q4_K, 512), expected)
+    buffer = torch.empty(5, 512, dtype=torch.bfloat16)
+    assert torch.ops.tokenmill.dequantize(every_other, Q.Q4_K, 512, out=buffer) is buffer
+    assert torch.equal(buffer, expected)
+    # Past 8 MB the output is written around the caches (streaming stores): the same values.
+    large = torch.from_numpy(random_blocks(Q.Q8_0, 2048, 2048, 4))
+    assert torch.equal(torch.ops.tokenmill.dequantize(large, Q.Q8_0, 2048).view(torch.int16),
+                       reference_dequantize(large.numpy(), Q.Q8_0).view(torch.int16))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -134,6 +141,8 @@ def test_bad_input_is_refused_clearly() -> None:
         ops.quant_linear(x, blocks.view(torch.int8), Q.Q8_0)
     with pytest.raises(RuntimeError, match="not a multiple of the type's block of 32"):
         ops.dequantize(blocks, Q.Q8_0, 48)
+    with pytest.raises(RuntimeError, match=r"out must be contiguous bf16 \[4, 64\]"):
+        ops.dequantize(blocks, Q.Q8_0, 64, out=torch.empty(4, 64))
     with pytest.raises(RuntimeError, match="blocks have 68 bytes a row, 136 expected"):
         ops.quant_linear(torch.randn(2, 128).to(torch.bfloat16), blocks, Q.Q8_0)
     with pytest.raises(RuntimeError, match="not a multiple of the type's block of 256"):

@@ -48,7 +48,8 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
 PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  torch.Tensor]
 # torch.ops.tokenmill.quant_linear: (x [M, K] bf16, blocks [N, row_bytes] uint8, qtype) -> [M, N] bf16
-# torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K) -> [N, K] bf16
+# torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K, out=None) -> [N, K] bf16
+#  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)
 # torch.ops.tokenmill.quantize_q8_0: (weight [N, K] fp32 or bf16) -> [N, K / 32 * 34] uint8 (Q8_0 blocks)
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp", "quant.cpp")]
