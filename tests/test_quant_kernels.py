@@ -87,7 +87,7 @@ def test_quant_linear_matches_dequantize_then_matmul(qtype: Q) -> None:
             blocks = torch.from_numpy(random_blocks(qtype, out_features, in_features, out_features))
             weight = torch.ops.tokenmill.dequantize(blocks, qtype, in_features).float()
             for rows in (1, 2, 5, 7, 31, 64, 300):
-                x = torch.randn(rows, in_features).to(torch.bfloat16)
+                x = torch.randn(rows, in_features + 32).to(torch.bfloat16)[:, :in_features]  # rows apart
                 got = torch.ops.tokenmill.quant_linear(x, blocks, qtype)
                 expected = x.float() @ weight.T
                 # fp32 sums in another order (|error| well under 1e-5 of the sum of |products|), then
@@ -100,8 +100,9 @@ def test_quant_linear_matches_dequantize_then_matmul(qtype: Q) -> None:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_quant_linear_is_batch_invariant(qtype: Q) -> None:
     torch.manual_seed(1)
-    blocks = torch.from_numpy(random_blocks(qtype, 37, 512, 2))
-    x = torch.randn(300, 512).to(torch.bfloat16)
+    # K = 2304: the 300 rows take 3 of the kernel's panels of x (~512 KB each), a sub-batch of 64 one.
+    blocks = torch.from_numpy(random_blocks(qtype, 37, 2304, 2))
+    x = torch.randn(300, 2304).to(torch.bfloat16)
     whole = torch.ops.tokenmill.quant_linear(x, blocks, qtype)
     # Sub-batches of every size up to 13 and a large one: through the register and the scratch paths.
     sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 64]
@@ -115,7 +116,7 @@ def test_quant_linear_is_batch_invariant(qtype: Q) -> None:
     assert torch.equal(torch.cat(pieces), whole)
     for m in (0, 5, 150, 299):
         alone = torch.ops.tokenmill.quant_linear(x[m:m + 1], blocks, qtype)
-        others = torch.randn(9, 512).to(torch.bfloat16)
+        others = torch.randn(9, 2304).to(torch.bfloat16)
         among_others = torch.cat([others[:6], x[m:m + 1], others[6:]])
         assert torch.equal(alone[0], whole[m])
         assert torch.equal(torch.ops.tokenmill.quant_linear(among_others, blocks, qtype)[6], whole[m])

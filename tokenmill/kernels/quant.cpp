@@ -52,6 +52,10 @@ enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ
 constexpr int kTileRows = 4;       // weight rows per unit of work
 constexpr int kMaxFusedRows = 4;   // rows of x up to which chunks are decoded into registers
 constexpr int kMicroRows = 6;      // rows of x per pass of the scratch kernel (6 x 4 accumulators)
+#ifndef KPANEL
+#define KPANEL (512 * 1024)
+#endif
+constexpr int64_t kPanelBytes = KPANEL;
 #ifndef KSTREAM
 #define KSTREAM (int64_t{1} << 23)
 #endif
@@ -379,43 +383,51 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTileRows * K));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<bf16> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      Tile tile;
-      tile.live = 0;
-      for (int r = 0; r < kTileRows; ++r) {
-        tile.columns[r] = t + r * tiles;
-        tile.live += tile.columns[r] < N;
-        tile.rows[r] = w + (r < tile.live ? tile.columns[r] : t) * w_stride;
-      }
-      if (M <= kMaxFusedRows) {
-        switch (M) {
-          case 1: fused_tile<F, 1>(x, x_stride, tile, K, out, N); break;
-          case 2: fused_tile<F, 2>(x, x_stride, tile, K, out, N); break;
-          case 3: fused_tile<F, 3>(x, x_stride, tile, K, out, N); break;
-          default: fused_tile<F, 4>(x, x_stride, tile, K, out, N); break;
-        }
-        continue;
-      }
-      decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+    // Rows of x a thread takes through all its tiles before the next ones: about kPanelBytes of x, which
+    // its L2 keeps from one tile to the next (each panel decodes the tiles again).
+    const int64_t panel = std::max<int64_t>(kMicroRows, kPanelBytes / (K * 2) / kMicroRows * kMicroRows);
+    for (int64_t panel_start = 0; panel_start < M; panel_start += panel) {
+      const int64_t panel_rows = std::min(panel, M - panel_start);
+      const bf16* xp = x + panel_start * x_stride;
+      bf16* op = out + panel_start * N;
+      for (int64_t t = begin; t < end; ++t) {
+        Tile tile;
+        tile.live = 0;
         for (int r = 0; r < kTileRows; ++r) {
-          for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j, w[r][j]);
+          tile.columns[r] = t + r * tiles;
+          tile.live += tile.columns[r] < N;
+          tile.rows[r] = w + (r < tile.live ? tile.columns[r] : t) * w_stride;
         }
-      });
-      // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
-      const int64_t passes = (M + kMicroRows - 1) / kMicroRows;
-      for (int64_t p = 0, m = 0; p < passes; ++p) {
-        const int64_t rows_here = (M - m) / (passes - p) + ((M - m) % (passes - p) != 0);
-        const bf16* xm = x + m * x_stride;
-        bf16* om = out + m * N;
-        switch (rows_here) {
-          case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-          case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-          case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-          case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-          case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-          default: scratch_tile<6>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+        if (M <= kMaxFusedRows) {
+          switch (M) {
+            case 1: fused_tile<F, 1>(x, x_stride, tile, K, out, N); break;
+            case 2: fused_tile<F, 2>(x, x_stride, tile, K, out, N); break;
+            case 3: fused_tile<F, 3>(x, x_stride, tile, K, out, N); break;
+            default: fused_tile<F, 4>(x, x_stride, tile, K, out, N); break;
+          }
+          continue;
         }
-        m += rows_here;
+        decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+          for (int r = 0; r < kTileRows; ++r) {
+            for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j, w[r][j]);
+          }
+        });
+        // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
+        const int64_t passes = (panel_rows + kMicroRows - 1) / kMicroRows;
+        for (int64_t p = 0, m = 0; p < passes; ++p) {
+          const int64_t rows_here = (panel_rows - m) / (passes - p) + ((panel_rows - m) % (passes - p) != 0);
+          const bf16* xm = xp + m * x_stride;
+          bf16* om = op + m * N;
+          switch (rows_here) {
+            case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            default: scratch_tile<6>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+          }
+          m += rows_here;
+        }
       }
     }
   });
