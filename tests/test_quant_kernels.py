@@ -100,7 +100,7 @@ def test_quant_linear_matches_dequantize_then_matmul(qtype: Q) -> None:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_quant_linear_is_batch_invariant(qtype: Q) -> None:
     torch.manual_seed(1)
-    # K = 2304: the 300 rows take 3 of the kernel's panels of x (~512 KB each), a sub-batch of 64 one.
+    # The 300 rows take 3 of the kernel's panels of x (132 rows here), a sub-batch of 64 one.
     blocks = torch.from_numpy(random_blocks(qtype, 37, 2304, 2))
     x = torch.randn(300, 2304).to(torch.bfloat16)
     whole = torch.ops.tokenmill.quant_linear(x, blocks, qtype)

@@ -52,10 +52,7 @@ enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ
 constexpr int kTileRows = 4;       // weight rows per unit of work
 constexpr int kMaxFusedRows = 4;   // rows of x up to which chunks are decoded into registers
 constexpr int kMicroRows = 6;      // rows of x per pass of the scratch kernel (6 x 4 accumulators)
-#ifndef KPANEL
-#define KPANEL (512 * 1024)
-#endif
-constexpr int64_t kPanelBytes = KPANEL;
+constexpr int64_t kPanelBytes = 512 * 1024;
 #ifndef KSTREAM
 #define KSTREAM (int64_t{1} << 23)
 #endif
@@ -384,10 +381,11 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<bf16> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
     // Rows of x a thread takes through all its tiles before the next ones: about kPanelBytes of x, which
-    // its L2 keeps from one tile to the next (each panel decodes the tiles again).
-    const int64_t panel = std::max<int64_t>(kMicroRows, kPanelBytes / (K * 2) / kMicroRows * kMicroRows);
+    // its L2 keeps from one tile to the next, but at least ~128 rows: each panel decodes the tiles again.
+    const int64_t panel_rows = std::max<int64_t>(128, kPanelBytes / (K * 2));
+    const int64_t panel = (panel_rows + kMicroRows - 1) / kMicroRows * kMicroRows;
     for (int64_t panel_start = 0; panel_start < M; panel_start += panel) {
-      const int64_t panel_rows = std::min(panel, M - panel_start);
+      const int64_t rows_in_panel = std::min(panel, M - panel_start);
       const bf16* xp = x + panel_start * x_stride;
       bf16* op = out + panel_start * N;
       for (int64_t t = begin; t < end; ++t) {
@@ -413,9 +411,9 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
           }
         });
         // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
-        const int64_t passes = (panel_rows + kMicroRows - 1) / kMicroRows;
+        const int64_t passes = (rows_in_panel + kMicroRows - 1) / kMicroRows;
         for (int64_t p = 0, m = 0; p < passes; ++p) {
-          const int64_t rows_here = (panel_rows - m) / (passes - p) + ((panel_rows - m) % (passes - p) != 0);
+          const int64_t rows_here = (rows_in_panel - m) / (passes - p) + ((rows_in_panel - m) % (passes - p) != 0);
           const bf16* xm = xp + m * x_stride;
           bf16* om = op + m * N;
           switch (rows_here) {
