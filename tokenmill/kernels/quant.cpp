@@ -23,10 +23,12 @@
 // a time in order, its 16 lanes summed by one fixed tree at the end, then rounded to bf16: every
 // path below (registers or scratch, any M) computes exactly that sequence, hence batch invariance.
 // Work is split over tiles of 4 weight rows. Up to kMaxFusedRows rows of x, chunks are decoded
-// straight into registers and used at once (M=1 decode reads the weights at memory speed); beyond,
-// a tile is decoded once into a per-thread bf16 scratch that a 6 x 4 register-tiled kernel reads
-// for every 6 rows of x. Decoding costs more than the products up to M of about 8 (on Zen 4: ~6
-// vector instructions per chunk for Q4_K, ~9 for Q8_0, against one vdpbf16ps per chunk and row).
+// straight into registers and used at once (M=1 reads the weights at 80-95% of the memory's speed);
+// beyond, a tile is decoded once (per panel of x) into a per-thread bf16 scratch that a 6 x 4
+// register-tiled kernel reads for every 6 rows of x. Decoding costs as much as the products up to M
+// of about 8 (on Zen 4: ~6 vector instructions per chunk for Q4_K, ~9 for Q8_0 and Q6_K, against one
+// vdpbf16ps per chunk and row of x); from M ~ 16 oneDNN's bf16 GEMM on dequantized weights is faster
+// per flop (benchmarks/bench_quant_kernels.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -52,11 +54,8 @@ enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ
 constexpr int kTileRows = 4;       // weight rows per unit of work
 constexpr int kMaxFusedRows = 4;   // rows of x up to which chunks are decoded into registers
 constexpr int kMicroRows = 6;      // rows of x per pass of the scratch kernel (6 x 4 accumulators)
-constexpr int64_t kPanelBytes = 512 * 1024;
-#ifndef KSTREAM
-#define KSTREAM (int64_t{1} << 23)
-#endif
-constexpr int64_t kStreamBytes = KSTREAM;  // dequantize's outputs from this size on bypass the caches
+constexpr int64_t kPanelBytes = 512 * 1024;  // x a thread takes through all its tiles at a time (see linear)
+constexpr int64_t kStreamBytes = 8 << 20;     // dequantize's outputs from this size on bypass the caches
 
 inline float fp16_at(const uint8_t* p) {
   uint16_t h;
@@ -94,6 +93,7 @@ inline __m512i nibble_words(const uint8_t* p) {
 // NOTE: a multiply-add is fused below only where gguf's product is exact in fp32 (an fp16 scale,
 // or an fp16 times a 6-bit scale, times a quant of at most 5 bits: at most 22 significant bits),
 // so that the one rounding of the sum is the rounding numpy makes.
+
 // The decoders below keep a block's scales in memory, for the table computations to read them as
 // broadcasts folded into their loads ({1to16}). Callers reach a decoder through this pointer, which
 // the compiler cannot see through: it would otherwise keep the scales in a register and broadcast
@@ -163,7 +163,8 @@ struct Q5_0 {  // d * (q - 16)
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<false> {
     void decode(int, __m512i* w) const {
-      const __m512i table = pack_bf16(_mm512_mul_ps(iota(-16), _mm512_set1_ps(d)), _mm512_mul_ps(iota(0), _mm512_set1_ps(d)));
+      const __m512i table = pack_bf16(_mm512_mul_ps(iota(-16), _mm512_set1_ps(d)),
+                                      _mm512_mul_ps(iota(0), _mm512_set1_ps(d)));
       w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
     }
   };
@@ -175,7 +176,8 @@ struct Q5_1 {  // d * q + m
   struct Decoder : SmallBlock<true> {
     void decode(int, __m512i* w) const {
       const __m512 scale = _mm512_set1_ps(d), min = _mm512_set1_ps(m);
-      const __m512i table = pack_bf16(_mm512_fmadd_ps(scale, iota(0), min), _mm512_fmadd_ps(scale, iota(16), min));
+      const __m512i table = pack_bf16(_mm512_fmadd_ps(scale, iota(0), min),
+                                      _mm512_fmadd_ps(scale, iota(16), min));
       w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
     }
   };
@@ -190,17 +192,20 @@ struct KScales {
   void load_scales(const uint8_t* b) {
     // As 32-bit lanes: (d, dmin), scales' bytes 0-3, 4-7, 8-11; unpacked into 8 scales and 8 mins.
     const __m128i packed = _mm_loadu_si128((const __m128i*)b);
-    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(packed, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i low =  // bytes 0-3, 8-11, 4-7, 8-11 >> 4 of the scales
+        _mm_srlv_epi32(_mm_shuffle_epi32(packed, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4));
     const __m128i high = _mm_srli_epi32(_mm_shuffle_epi32(packed, _MM_SHUFFLE(2, 2, 1, 1)), 2);
-    const __m128i unpacked = _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-                                          _mm_and_si128(high, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+    const __m128i unpacked =
+        _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                     _mm_and_si128(high, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
     const __m512 ints = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(unpacked));
     const __m512 factors = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                                  _mm512_castps128_ps512(_mm_cvtph_ps(packed)));
     _mm512_store_ps(scale_min, _mm512_mul_ps(factors, ints));
   }
   __m512 values(int c, __m512 quants) const {  // d * scale * q - dmin * min
-    return _mm512_sub_ps(_mm512_mul_ps(quants, _mm512_set1_ps(scale_min[c])), _mm512_set1_ps(scale_min[8 + c]));
+    return _mm512_sub_ps(_mm512_mul_ps(quants, _mm512_set1_ps(scale_min[c])),
+                         _mm512_set1_ps(scale_min[8 + c]));
   }
 };
 
@@ -223,7 +228,8 @@ struct Q4_K {  // d, dmin, scales[12], qs[128]
   };
 };
 
-struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fifth bit of weight l of sub-block c
+// d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fifth bit of weight l of sub-block c.
+struct Q5_K {
   static constexpr int64_t kBlock = 256, kBytes = 176;
   static constexpr int kStep = 2;
   struct Decoder : KScales {
@@ -239,7 +245,8 @@ struct Q5_K {  // d, dmin, scales[12], qh[32], qs[128]; bit c of qh[l] is the fi
       for (int j = 0; j < 2; ++j) {
         const int c = 2 * step + j;
         const __m512 scale = _mm512_set1_ps(scale_min[c]), min = _mm512_set1_ps(scale_min[8 + c]);
-        const __m512i table = pack_bf16(_mm512_fmsub_ps(scale, iota(0), min), _mm512_fmsub_ps(scale, iota(16), min));
+        const __m512i table =
+            pack_bf16(_mm512_fmsub_ps(scale, iota(0), min), _mm512_fmsub_ps(scale, iota(16), min));
         const __m512i low = j ? _mm512_srli_epi16(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
         const __mmask32 fifth = _mm256_test_epi8_mask(fifth_bits, _mm256_set1_epi8(static_cast<char>(1 << c)));
         w[j] = _mm512_permutexvar_epi16(_mm512_mask_add_epi16(low, fifth, low, sixteen), table);
@@ -259,7 +266,8 @@ struct Q6_K {
     const uint8_t* b;
     void load(const uint8_t* block) {
       b = block;
-      const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
+      const __m512 scales =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
       _mm512_store_ps(scale, _mm512_mul_ps(_mm512_set1_ps(fp16_at(b + 208)), scales));
     }
     void decode(int step, __m512i* w) const {
@@ -291,7 +299,8 @@ inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
                            _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
   v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
   v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, v));
 }
 
 // A unit of work: kTileRows weight rows, their output columns, the first `live` of them within N (the
@@ -534,9 +543,10 @@ inline void quantize_block_q8_0(const float* w, uint8_t* out) {
   for (int half = 0; half < 2; ++half) {
     const __m512 scaled = _mm512_mul_ps(half ? high : low, inverse);
     const __m512 a = _mm512_abs_ps(scaled);
-    const __m512 floored = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+    const __m512 floored = _mm512_roundscale_ps(a, kFloor);
     const __m512 frac2 = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sub_ps(a, floored));
-    const __m512 rounded = _mm512_add_ps(floored, _mm512_roundscale_ps(frac2, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __m512 rounded = _mm512_add_ps(floored, _mm512_roundscale_ps(frac2, kFloor));
     const __m512i q = _mm512_cvttps_epi32(rounded);
     const __m512i signed_q = _mm512_mask_sub_epi32(q, _mm512_cmplt_ps_mask(scaled, _mm512_setzero_ps()),
                                                    _mm512_setzero_si512(), q);
