@@ -32,11 +32,14 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true", help="all requests share one prompt")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model", help="a .gguf file or HF folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--quantization", default="auto")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     first_step = args.batch * (args.prompt % EngineConfig.block_size + 1)  # all B in one step
-    client = LocalClient(Engine(EngineConfig(dtype=args.dtype, max_num_seqs=max(args.batch, 1),
+    client = LocalClient(Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                                             max_num_seqs=max(args.batch, 1),
                                              max_num_batched_tokens=max(first_step, 256), kv_cache_memory="2GiB")))
     rng = random.Random(0)
     vocab = client.frontend.vocab_size

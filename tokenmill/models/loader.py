@@ -14,6 +14,8 @@ dequantized at load, with one log line naming them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -142,6 +144,13 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
     return ", ".join(name for name, _ in kept.most_common()) or "none"
 
 
+def release_freed_memory() -> None:
+    """Hands the heap glibc keeps after loading back to the system: the copies made while stacking
+    q/k/v and gate/up are freed, but glibc holds them (~60 MB on a 1B model, ~240 MB on an 8B)."""
+    if (libc := ctypes.util.find_library("c")) and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
                quantization: str = "auto") -> LoadedModel:
     path = resolve_model_path(model)
@@ -165,6 +174,8 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     except ValueError as e:
         raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {e}") from e
     model_.eval()
+    del tensors
+    release_freed_memory()
 
     eos = set()
     if path.is_dir() and (path / "generation_config.json").is_file():
