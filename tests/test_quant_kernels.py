@@ -1,6 +1,7 @@
 """The quantized-weight kernels (tokenmill/kernels/quant.cpp) against gguf's own numpy code: dequantize
-bit for bit, quantize_q8_0 byte for byte, quant_linear against dequantize-then-matmul on odd shapes, its
-results independent of the batch, and clear errors on bad input."""
+bit for bit, quantize_q8_0 byte for byte, quant_linear against dequantize-then-matmul on odd shapes (on
+bf16 x, the bf16 weights; on fp32 x, gguf's exact fp32 weights in float64), its results independent of
+the batch, and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -98,11 +99,32 @@ def test_quant_linear_matches_dequantize_then_matmul(qtype: Q) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_quant_linear_is_batch_invariant(qtype: Q) -> None:
+def test_quant_linear_on_fp32_uses_the_exact_weights(qtype: Q) -> None:
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    torch.manual_seed(3)
+    for in_features in sorted({block, 3 * block, 2048 + (block if block == 256 else 96)}):
+        for out_features in (1, 3, 37):
+            blocks = torch.from_numpy(random_blocks(qtype, out_features, in_features, out_features))
+            weight = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).double()  # gguf's fp32
+            # Rows of the identity give the weights back exactly: no value rounded on the way.
+            identity = torch.eye(in_features)[:64]
+            assert torch.equal(torch.ops.tokenmill.quant_linear(identity, blocks, qtype).double(), weight[:, :64].T)
+            for rows in (1, 5, 64, 300):
+                x = torch.randn(rows, in_features + 16)[:, :in_features]  # rows apart
+                got = torch.ops.tokenmill.quant_linear(x, blocks, qtype)
+                assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+                # fp32 FMAs: each product meets K / 16 additions in its lane and 4 in the lanes' sum.
+                bound = (in_features / 16 + 4) * 2.0**-24 * (x.double().abs() @ weight.abs().T)
+                assert ((got.double() - x.double() @ weight.T).abs() <= bound).all(), (in_features, out_features, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_quant_linear_is_batch_invariant(qtype: Q, dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     # The 300 rows take 3 of the kernel's panels of x (132 rows here), a sub-batch of 64 one.
     blocks = torch.from_numpy(random_blocks(qtype, 37, 2304, 2))
-    x = torch.randn(300, 2304).to(torch.bfloat16)
+    x = torch.randn(300, 2304).to(dtype)
     whole = torch.ops.tokenmill.quant_linear(x, blocks, qtype)
     # Sub-batches of every size up to 13 and a large one: through the register and the scratch paths.
     sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 64]
@@ -116,7 +138,7 @@ def test_quant_linear_is_batch_invariant(qtype: Q) -> None:
     assert torch.equal(torch.cat(pieces), whole)
     for m in (0, 5, 150, 299):
         alone = torch.ops.tokenmill.quant_linear(x[m:m + 1], blocks, qtype)
-        others = torch.randn(9, 2304).to(torch.bfloat16)
+        others = torch.randn(9, 2304).to(dtype)
         among_others = torch.cat([others[:6], x[m:m + 1], others[6:]])
         assert torch.equal(alone[0], whole[m])
         assert torch.equal(torch.ops.tokenmill.quant_linear(among_others, blocks, qtype)[6], whole[m])
@@ -136,8 +158,9 @@ def test_bad_input_is_refused_clearly() -> None:
     blocks = torch.from_numpy(random_blocks(Q.Q8_0, 4, 64, 0))
     x = torch.randn(2, 64).to(torch.bfloat16)
     ops = torch.ops.tokenmill
-    with pytest.raises(RuntimeError, match="x must be bf16"):
-        ops.quant_linear(x.float(), blocks, Q.Q8_0)
+    for wrong in (x.half(), x.to(torch.int32), torch.randn(2, 128)[:, ::2], x.float()[0]):
+        with pytest.raises(RuntimeError, match=r"x must be bf16 or fp32 \[M, K\] with contiguous rows, not"):
+            ops.quant_linear(wrong, blocks, Q.Q8_0)
     with pytest.raises(RuntimeError, match="blocks must be uint8"):
         ops.quant_linear(x, blocks.view(torch.int8), Q.Q8_0)
     with pytest.raises(RuntimeError, match="not a multiple of the type's block of 32"):

@@ -10,25 +10,32 @@
 //   order), rounded to nearest-even bf16 as torch rounds (every NaN 0xFFFF). Bit for bit. Into `out`
 //   (contiguous bf16 [N, K]) when given: a fresh tensor of a whole weight costs more in page faults
 //   than the decoding (67 MB: 2.5 GB/s written fresh, 30-45 GB/s into a buffer).
-// - quant_linear(x [M, K] bf16 rows contiguous, blocks [N, row_bytes] uint8, qtype) -> [M, N] bf16:
-//   x W^T with W the bf16 values dequantize gives. Batch-invariant: out[m, n] depends on x[m] and
-//   W[n] only, never on M or the other rows, bit for bit.
+// - quant_linear(x [M, K] bf16 or fp32 rows contiguous, blocks [N, row_bytes] uint8, qtype) -> [M, N]
+//   of x's dtype: x W^T, with W the bf16 values dequantize gives for bf16 x, and W the exact fp32
+//   values (gguf's numpy values, unrounded) for fp32 x, the accuracy mode: SmolLM2 Q4_1 agrees with
+//   transformers on its fp32 dequantization at 96.0% top-1 on bf16 activations, 99.4% with only its
+//   weights rounded to bf16. Batch-invariant: out[m, n] depends on x[m] and W[n] only, never on M or
+//   the other rows, bit for bit.
 // - quantize_q8_0(weight [N, K] bf16 or fp32) -> [N, K / 32 * 34] uint8: the Q8_0 blocks of
 //   gguf.quants.quantize byte for byte (finite weights).
 //
-// Every 32 consecutive weights of a row are decoded into one zmm of 32 bf16 (one "chunk"): for the
-// 4- and 5-bit types through a table of the block's (or sub-block's) 16 or 32 possible values,
-// computed in fp32 and rounded once, indexed by the quants (vpermw); for Q8_0 and Q6_K by widening
-// the quants to fp32. Each (m, n) is one chain of `dot_pairs` (vdpbf16ps) over its row, a chunk at
-// a time in order, its 16 lanes summed by one fixed tree at the end, then rounded to bf16: every
-// path below (registers or scratch, any M) computes exactly that sequence, hence batch invariance.
+// Every 32 consecutive weights of a row are decoded into one "chunk": one zmm of 32 bf16, or for fp32 x
+// two zmm of 16 fp32 (Bf16Values, Fp32Values). The 4- and 5-bit types go through a table of the
+// block's (or sub-block's) 16 or 32 possible values, computed in fp32 (rounded once to bf16 for the
+// bf16 form), indexed by the quants (vpermw; vpermt2ps on fp32); Q8_0 and Q6_K widen the quants to
+// fp32. Each (m, n) is one chain over its row, a chunk at a time in order, of `dot_pairs` (vdpbf16ps)
+// on bf16 or of FMAs on fp32 (lane i sums the products of k = i mod 16, in order of k); its 16 lanes
+// are summed by one fixed tree at the end (then rounded to bf16 for bf16 x): every path below
+// (registers or scratch, any M) computes exactly that sequence, hence batch invariance.
 // Work is split over tiles of 4 weight rows. Up to kMaxFusedRows rows of x, chunks are decoded
 // straight into registers and used at once (M=1 reads the weights at 80-95% of the memory's speed);
-// beyond, a tile is decoded once (per panel of x) into a per-thread bf16 scratch that a 6 x 4
+// beyond, a tile is decoded once (per panel of x) into a per-thread scratch that a 6 x 4
 // register-tiled kernel reads for every 6 rows of x. Decoding costs as much as the products up to M
 // of about 8 (on Zen 4: ~6 vector instructions per chunk for Q4_K, ~9 for Q8_0 and Q6_K, against one
 // vdpbf16ps per chunk and row of x); from M ~ 16 oneDNN's bf16 GEMM on dequantized weights is faster
-// per flop (benchmarks/bench_quant_kernels.py).
+// per flop (benchmarks/bench_quant_kernels.py). On fp32 x (2048 x 8192, 2 threads): M=1 Q8_0 as fast
+// as on bf16 x, Q4_K 1.5x slower (decoding-bound: 4 lookups a chunk); M=32 and 256 at 140-170
+// GFLOP/s, 2.5x the bf16 time, as fast as torch's fp32 matmul on the dequantized weights.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -86,9 +93,54 @@ inline __m512i nibble_words(const uint8_t* p) {
   return _mm512_srlv_epi16(bytes, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1));
 }
 
+// The two forms a chunk of 32 decoded weights takes: one zmm of their bf16 roundings (dequantize, and
+// quant_linear on bf16 x: products by pairs, dot_pairs), or two zmm of their exact fp32 values
+// (quant_linear on fp32 x: FMAs). Decoders compute every weight in fp32 and hand it over through
+// from_fp32, or through a table of up to 32 values looked up by 32 index words (their low 5 bits, as
+// vpermw reads them). A chunk is kVectors zmm of kPerVector values each, x and the output are Value.
+struct Bf16Values {
+  using Value = bf16;
+  static constexpr int kVectors = 1, kPerVector = 32;
+  struct Chunk {
+    __m512i v[kVectors];
+  };
+  using Table = __m512i;
+  static Chunk from_fp32(__m512 low, __m512 high) { return {{pack_bf16(low, high)}}; }
+  static Table table(__m512 low, __m512 high) { return pack_bf16(low, high); }
+  static Chunk lookup(Table table, __m512i indices) { return {{_mm512_permutexvar_epi16(indices, table)}}; }
+  static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) { return dot_pairs(acc, x, w); }
+  static void from_sums(__m128 sums, Value* out) {  // 4 sums rounded as torch rounds
+    _mm_storel_epi64((__m128i*)out, _mm256_castsi256_si128(round_bf16(_mm512_castps128_ps512(sums))));
+  }
+};
+
+struct Fp32Values {
+  using Value = float;
+  static constexpr int kVectors = 2, kPerVector = 16;
+  struct Chunk {
+    __m512i v[kVectors];
+  };
+  struct Table {
+    __m512 low, high;
+  };
+  static Chunk from_fp32(__m512 low, __m512 high) { return {{_mm512_castps_si512(low), _mm512_castps_si512(high)}}; }
+  static Table table(__m512 low, __m512 high) { return {low, high}; }
+  static Chunk lookup(const Table& table, __m512i indices) {  // vpermt2ps reads 5 bits of the widened words
+    const __m512i first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(indices));
+    const __m512i second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(indices, 1));
+    return from_fp32(_mm512_permutex2var_ps(table.low, first, table.high),
+                     _mm512_permutex2var_ps(table.low, second, table.high));
+  }
+  static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
+  static void from_sums(__m128 sums, Value* out) { _mm_storeu_ps(out, sums); }
+};
+
 // Each format: kBlock weights in kBytes. Its Decoder, once it has loaded a block (its scales), gives
-// the block's weights as bf16 kStep chunks of 32 at a time: decode(step, w) sets w[j] to weights
-// 32c..32c+31, c = kStep * step + j (a K-quant's pairs of sub-blocks share their quants' bytes).
+// the block's weights kStep chunks of 32 at a time: decode<V>(step, w) sets w[j] to weights
+// 32c..32c+31 in V's form, c = kStep * step + j (a K-quant's pairs of sub-blocks share their quants'
+// bytes).
 //
 // NOTE: a multiply-add is fused below only where gguf's product is exact in fp32 (an fp16 scale,
 // or an fp16 times a 6-bit scale, times a quant of at most 5 bits: at most 22 significant bits),
@@ -120,10 +172,11 @@ struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<false> {
-    void decode(int, __m512i* w) const {
+    template <class V>
+    void decode(int, typename V::Chunk* w) const {
       const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
       const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
-      w[0] = pack_bf16(_mm512_mul_ps(low, _mm512_set1_ps(d)), _mm512_mul_ps(high, _mm512_set1_ps(d)));
+      w[0] = V::from_fp32(_mm512_mul_ps(low, _mm512_set1_ps(d)), _mm512_mul_ps(high, _mm512_set1_ps(d)));
     }
   };
 };
@@ -132,9 +185,10 @@ struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kBytes = 18;
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<false> {
-    void decode(int, __m512i* w) const {
+    template <class V>
+    void decode(int, typename V::Chunk* w) const {
       const __m512 values = _mm512_mul_ps(iota(-8), _mm512_set1_ps(d));
-      w[0] = _mm512_permutexvar_epi16(nibble_words(b + 2), pack_bf16(values, values));
+      w[0] = V::lookup(V::table(values, values), nibble_words(b + 2));
     }
   };
 };
@@ -143,9 +197,10 @@ struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 20;
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<true> {
-    void decode(int, __m512i* w) const {
+    template <class V>
+    void decode(int, typename V::Chunk* w) const {
       const __m512 values = _mm512_fmadd_ps(_mm512_set1_ps(d), iota(0), _mm512_set1_ps(m));
-      w[0] = _mm512_permutexvar_epi16(nibble_words(b + 4), pack_bf16(values, values));
+      w[0] = V::lookup(V::table(values, values), nibble_words(b + 4));
     }
   };
 };
@@ -162,10 +217,11 @@ struct Q5_0 {  // d * (q - 16)
   static constexpr int64_t kBlock = 32, kBytes = 22;
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<false> {
-    void decode(int, __m512i* w) const {
-      const __m512i table = pack_bf16(_mm512_mul_ps(iota(-16), _mm512_set1_ps(d)),
-                                      _mm512_mul_ps(iota(0), _mm512_set1_ps(d)));
-      w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 6), b + 2), table);
+    template <class V>
+    void decode(int, typename V::Chunk* w) const {
+      const __m512 scale = _mm512_set1_ps(d);
+      const auto table = V::table(_mm512_mul_ps(iota(-16), scale), _mm512_mul_ps(iota(0), scale));
+      w[0] = V::lookup(table, with_fifth_bits(nibble_words(b + 6), b + 2));
     }
   };
 };
@@ -174,11 +230,11 @@ struct Q5_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kBytes = 24;
   static constexpr int kStep = 1;
   struct Decoder : SmallBlock<true> {
-    void decode(int, __m512i* w) const {
+    template <class V>
+    void decode(int, typename V::Chunk* w) const {
       const __m512 scale = _mm512_set1_ps(d), min = _mm512_set1_ps(m);
-      const __m512i table = pack_bf16(_mm512_fmadd_ps(scale, iota(0), min),
-                                      _mm512_fmadd_ps(scale, iota(16), min));
-      w[0] = _mm512_permutexvar_epi16(with_fifth_bits(nibble_words(b + 8), b + 4), table);
+      const auto table = V::table(_mm512_fmadd_ps(scale, iota(0), min), _mm512_fmadd_ps(scale, iota(16), min));
+      w[0] = V::lookup(table, with_fifth_bits(nibble_words(b + 8), b + 4));
     }
   };
 };
@@ -218,12 +274,13 @@ struct Q4_K {  // d, dmin, scales[12], qs[128]
       load_scales(b);
       qs = b + 16;
     }
-    void decode(int step, __m512i* w) const {
-      // One table of both sub-blocks' 16 values: the odd one's in words 0-15, the even one's in 16-31.
-      const __m512i table = pack_bf16(values(2 * step + 1, iota(0)), values(2 * step, iota(0)));
+    template <class V>
+    void decode(int step, typename V::Chunk* w) const {
+      // One table of both sub-blocks' 16 values: the odd one's in entries 0-15, the even one's in 16-31.
+      const auto table = V::table(values(2 * step + 1, iota(0)), values(2 * step, iota(0)));
       const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qs + 32 * step)));
-      w[0] = _mm512_permutexvar_epi16(_mm512_or_si512(bytes, _mm512_set1_epi16(16)), table);  // vpermw reads 5 bits
-      w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+      w[0] = V::lookup(table, _mm512_or_si512(bytes, _mm512_set1_epi16(16)));  // 5 bits read: low nibble + 16
+      w[1] = V::lookup(table, _mm512_srli_epi16(bytes, 4));
     }
   };
 };
@@ -238,18 +295,18 @@ struct Q5_K {
       load_scales(b);
       qh = b + 16;
     }
-    void decode(int step, __m512i* w) const {
+    template <class V>
+    void decode(int step, typename V::Chunk* w) const {
       const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qh + 32 + 32 * step)));
       const __m256i fifth_bits = _mm256_loadu_si256((const __m256i*)qh);
       const __m512i sixteen = _mm512_set1_epi16(16);
       for (int j = 0; j < 2; ++j) {
         const int c = 2 * step + j;
         const __m512 scale = _mm512_set1_ps(scale_min[c]), min = _mm512_set1_ps(scale_min[8 + c]);
-        const __m512i table =
-            pack_bf16(_mm512_fmsub_ps(scale, iota(0), min), _mm512_fmsub_ps(scale, iota(16), min));
+        const auto table = V::table(_mm512_fmsub_ps(scale, iota(0), min), _mm512_fmsub_ps(scale, iota(16), min));
         const __m512i low = j ? _mm512_srli_epi16(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
         const __mmask32 fifth = _mm256_test_epi8_mask(fifth_bits, _mm256_set1_epi8(static_cast<char>(1 << c)));
-        w[j] = _mm512_permutexvar_epi16(_mm512_mask_add_epi16(low, fifth, low, sixteen), table);
+        w[j] = V::lookup(table, _mm512_mask_add_epi16(low, fifth, low, sixteen));
       }
     }
   };
@@ -270,7 +327,8 @@ struct Q6_K {
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
       _mm512_store_ps(scale, _mm512_mul_ps(_mm512_set1_ps(fp16_at(b + 208)), scales));
     }
-    void decode(int step, __m512i* w) const {
+    template <class V>
+    void decode(int step, typename V::Chunk* w) const {
       const int h = step / 2;
       const __m256i high_bits = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
       for (int j = 0; j < 2; ++j) {
@@ -282,8 +340,8 @@ struct Q6_K {
         const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
         const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
         const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        w[j] = pack_bf16(_mm512_mul_ps(first, _mm512_set1_ps(scale[2 * c])),
-                         _mm512_mul_ps(second, _mm512_set1_ps(scale[2 * c + 1])));
+        w[j] = V::from_fp32(_mm512_mul_ps(first, _mm512_set1_ps(scale[2 * c])),
+                            _mm512_mul_ps(second, _mm512_set1_ps(scale[2 * c + 1])));
       }
     }
   };
@@ -311,21 +369,21 @@ struct Tile {
   int live;
 };
 
-// Row m's sums with the tile's rows rounded to bf16 into out[m, columns].
-template <int MR>
-inline void store_sums(const __m512 (&acc)[MR][kTileRows], const Tile& tile, bf16* out, int64_t out_stride) {
+// Row m's sums with the tile's rows, as V's values, into out[m, columns].
+template <class V, int MR>
+inline void store_sums(const __m512 (&acc)[MR][kTileRows], const Tile& tile, typename V::Value* out,
+                       int64_t out_stride) {
   for (int m = 0; m < MR; ++m) {
-    const __m128 sums = sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-    alignas(16) bf16 rounded[8];
-    _mm_store_si128((__m128i*)rounded, _mm256_castsi256_si128(round_bf16(_mm512_castps128_ps512(sums))));
-    for (int r = 0; r < tile.live; ++r) out[m * out_stride + tile.columns[r]] = rounded[r];
+    typename V::Value sums[kTileRows];
+    V::from_sums(sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]), sums);
+    for (int r = 0; r < tile.live; ++r) out[m * out_stride + tile.columns[r]] = sums[r];
   }
 }
 
 // Decodes R rows of K weights in step, calling step(k, w) with w[r][j] = weights k + 32j..k + 32j + 31
-// of row r, for k = 0, 32 kStep, ... K - 32 kStep in order. A block's scales go through memory (see
-// opaque): they are loaded a block ahead, off the path from the loads to the products.
-template <class F, int R, class Step>
+// of row r in V's form, for k = 0, 32 kStep, ... K - 32 kStep in order. A block's scales go through
+// memory (see opaque): they are loaded a block ahead, off the path from the loads to the products.
+template <class F, class V, int R, class Step>
 inline void decode_rows(const uint8_t* const (&rows)[R], int64_t K, Step&& step) {
   typename F::Decoder decoders[2][R];
   for (int r = 0; r < R; ++r) decoders[0][r].load(rows[r]);
@@ -337,49 +395,53 @@ inline void decode_rows(const uint8_t* const (&rows)[R], int64_t K, Step&& step)
     }
 #pragma GCC unroll 8  // a K-quant's steps read at offsets known at compile time
     for (int s = 0; s < F::kBlock / 32 / F::kStep; ++s) {
-      __m512i w[R][F::kStep];
-      for (int r = 0; r < R; ++r) current[r].decode(s, w[r]);
+      typename V::Chunk w[R][F::kStep];
+      for (int r = 0; r < R; ++r) current[r].template decode<V>(s, w[r]);
       step(block * F::kBlock + 32 * F::kStep * s, w);
     }
   }
 }
 
 // MR rows of x times a tile's weight rows, decoded chunk by chunk into registers.
-template <class F, int MR>
-void fused_tile(const bf16* x, int64_t x_stride, const Tile& tile, int64_t K, bf16* out, int64_t out_stride) {
+template <class F, class V, int MR>
+void fused_tile(const typename V::Value* x, int64_t x_stride, const Tile& tile, int64_t K, typename V::Value* out,
+                int64_t out_stride) {
   __m512 acc[MR][kTileRows];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+  decode_rows<F, V>(tile.rows, K, [&](int64_t k, const typename V::Chunk (&w)[kTileRows][F::kStep]) {
     for (int j = 0; j < F::kStep; ++j) {
-      for (int m = 0; m < MR; ++m) {
-        const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k + 32 * j);
-        for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, w[r][j]);
+      for (int v = 0; v < V::kVectors; ++v) {
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k + 32 * j + V::kPerVector * v);
+          for (int r = 0; r < kTileRows; ++r) acc[m][r] = V::multiply_add(acc[m][r], xv, w[r][j].v[v]);
+        }
       }
     }
   });
-  store_sums<MR>(acc, tile, out, out_stride);
+  store_sums<V, MR>(acc, tile, out, out_stride);
 }
 
-// MR rows of x times a tile's weight rows decoded in scratch ([kTileRows][K] bf16).
-template <int MR>
-void scratch_tile(const bf16* x, int64_t x_stride, const bf16* w, int64_t K, const Tile& tile, bf16* out,
-                  int64_t out_stride) {
+// MR rows of x times a tile's weight rows decoded in scratch ([kTileRows][K] values).
+template <class V, int MR>
+void scratch_tile(const typename V::Value* x, int64_t x_stride, const typename V::Value* w, int64_t K,
+                  const Tile& tile, typename V::Value* out, int64_t out_stride) {
   __m512 acc[MR][kTileRows];
   for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
+  for (int64_t k = 0; k < K; k += V::kPerVector) {
     __m512i wv[kTileRows];
     for (int r = 0; r < kTileRows; ++r) wv[r] = _mm512_loadu_si512(w + r * K + k);
     for (int m = 0; m < MR; ++m) {
       const __m512i xv = _mm512_loadu_si512(x + m * x_stride + k);
-      for (int r = 0; r < kTileRows; ++r) acc[m][r] = dot_pairs(acc[m][r], xv, wv[r]);
+      for (int r = 0; r < kTileRows; ++r) acc[m][r] = V::multiply_add(acc[m][r], xv, wv[r]);
     }
   }
-  store_sums<MR>(acc, tile, out, out_stride);
+  store_sums<V, MR>(acc, tile, out, out_stride);
 }
 
-template <class F>
-void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_t w_stride, int64_t N, int64_t K,
-            bf16* out) {
+template <class F, class V>
+void linear(const typename V::Value* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_t w_stride, int64_t N,
+            int64_t K, typename V::Value* out) {
+  using Value = typename V::Value;
   // NOTE: tile t holds rows t, t + tiles, t + 2 tiles, t + 3 tiles, not 4 consecutive ones: then the 4
   // rows a thread reads at once each advance through consecutive rows, 4 long sequential streams that
   // the hardware prefetcher follows. 4 consecutive rows are 4 short streams (1-2 KB) it hardly starts
@@ -388,15 +450,15 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
   // At least ~64k weights per unit of work: waking the second thread costs more below.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTileRows * K));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
+    std::vector<Value> scratch(M > kMaxFusedRows ? kTileRows * K : 0);
     // Rows of x a thread takes through all its tiles before the next ones: about kPanelBytes of x, which
     // its L2 keeps from one tile to the next, but at least ~128 rows: each panel decodes the tiles again.
-    const int64_t panel_rows = std::max<int64_t>(128, kPanelBytes / (K * 2));
+    const int64_t panel_rows = std::max<int64_t>(128, kPanelBytes / (K * sizeof(Value)));
     const int64_t panel = (panel_rows + kMicroRows - 1) / kMicroRows * kMicroRows;
     for (int64_t panel_start = 0; panel_start < M; panel_start += panel) {
       const int64_t rows_in_panel = std::min(panel, M - panel_start);
-      const bf16* xp = x + panel_start * x_stride;
-      bf16* op = out + panel_start * N;
+      const Value* xp = x + panel_start * x_stride;
+      Value* op = out + panel_start * N;
       for (int64_t t = begin; t < end; ++t) {
         Tile tile;
         tile.live = 0;
@@ -407,31 +469,35 @@ void linear(const bf16* x, int64_t x_stride, int64_t M, const uint8_t* w, int64_
         }
         if (M <= kMaxFusedRows) {
           switch (M) {
-            case 1: fused_tile<F, 1>(x, x_stride, tile, K, out, N); break;
-            case 2: fused_tile<F, 2>(x, x_stride, tile, K, out, N); break;
-            case 3: fused_tile<F, 3>(x, x_stride, tile, K, out, N); break;
-            default: fused_tile<F, 4>(x, x_stride, tile, K, out, N); break;
+            case 1: fused_tile<F, V, 1>(x, x_stride, tile, K, out, N); break;
+            case 2: fused_tile<F, V, 2>(x, x_stride, tile, K, out, N); break;
+            case 3: fused_tile<F, V, 3>(x, x_stride, tile, K, out, N); break;
+            default: fused_tile<F, V, 4>(x, x_stride, tile, K, out, N); break;
           }
           continue;
         }
-        decode_rows<F>(tile.rows, K, [&](int64_t k, const __m512i (&w)[kTileRows][F::kStep]) {
+        decode_rows<F, V>(tile.rows, K, [&](int64_t k, const typename V::Chunk (&w)[kTileRows][F::kStep]) {
           for (int r = 0; r < kTileRows; ++r) {
-            for (int j = 0; j < F::kStep; ++j) _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j, w[r][j]);
+            for (int j = 0; j < F::kStep; ++j) {
+              for (int v = 0; v < V::kVectors; ++v) {
+                _mm512_storeu_si512(scratch.data() + r * K + k + 32 * j + V::kPerVector * v, w[r][j].v[v]);
+              }
+            }
           }
         });
         // Passes of at most 6 rows, as even as they go (8 rows: 4 + 4, not 6 + 2).
         const int64_t passes = (rows_in_panel + kMicroRows - 1) / kMicroRows;
         for (int64_t p = 0, m = 0; p < passes; ++p) {
           const int64_t rows_here = (rows_in_panel - m) / (passes - p) + ((rows_in_panel - m) % (passes - p) != 0);
-          const bf16* xm = xp + m * x_stride;
-          bf16* om = op + m * N;
+          const Value* xm = xp + m * x_stride;
+          Value* om = op + m * N;
           switch (rows_here) {
-            case 1: scratch_tile<1>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-            case 2: scratch_tile<2>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-            case 3: scratch_tile<3>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-            case 4: scratch_tile<4>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-            case 5: scratch_tile<5>(xm, x_stride, scratch.data(), K, tile, om, N); break;
-            default: scratch_tile<6>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 1: scratch_tile<V, 1>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 2: scratch_tile<V, 2>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 3: scratch_tile<V, 3>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 4: scratch_tile<V, 4>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            case 5: scratch_tile<V, 5>(xm, x_stride, scratch.data(), K, tile, om, N); break;
+            default: scratch_tile<V, 6>(xm, x_stride, scratch.data(), K, tile, om, N); break;
           }
           m += rows_here;
         }
@@ -455,12 +521,12 @@ void dequantize_rows(const uint8_t* w, int64_t w_stride, int64_t N, int64_t K, b
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* const row[1] = {w + n * w_stride};
       bf16* o = out + n * K;
-      decode_rows<F>(row, K, [&](int64_t k, const __m512i (&chunks)[1][F::kStep]) {
+      decode_rows<F, Bf16Values>(row, K, [&](int64_t k, const Bf16Values::Chunk (&chunks)[1][F::kStep]) {
         for (int j = 0; j < F::kStep; ++j) {
           if (stream) {
-            _mm512_stream_si512((__m512i*)(o + k + 32 * j), torch_nans(chunks[0][j]));
+            _mm512_stream_si512((__m512i*)(o + k + 32 * j), torch_nans(chunks[0][j].v[0]));
           } else {
-            _mm512_storeu_si512(o + k + 32 * j, torch_nans(chunks[0][j]));
+            _mm512_storeu_si512(o + k + 32 * j, torch_nans(chunks[0][j].v[0]));
           }
         }
       });
@@ -517,16 +583,22 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_featur
 }
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
-              "x must be bf16 [M, K] with contiguous rows");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
+              x.stride(1) == 1, "x must be bf16 or fp32 [M, K] with contiguous rows, not ", x.scalar_type(), " ",
+              x.sizes(), " of strides ", x.strides());
   at::Tensor out;
   with_format(qtype, [&](auto format) {
     using F = decltype(format);
     check_blocks<F>(blocks, x.size(1));
     out = at::empty({x.size(0), blocks.size(0)}, x.options());
     if (out.numel() == 0) return;
-    linear<F>(x.data_ptr<bf16>(), x.stride(0), x.size(0), blocks.data_ptr<uint8_t>(), blocks.stride(0),
-              blocks.size(0), x.size(1), out.data_ptr<bf16>());
+    const uint8_t* w = blocks.data_ptr<uint8_t>();
+    const int64_t M = x.size(0), N = blocks.size(0), K = x.size(1);
+    if (x.scalar_type() == at::kFloat) {
+      linear<F, Fp32Values>(x.data_ptr<float>(), x.stride(0), M, w, blocks.stride(0), N, K, out.data_ptr<float>());
+    } else {
+      linear<F, Bf16Values>(x.data_ptr<bf16>(), x.stride(0), M, w, blocks.stride(0), N, K, out.data_ptr<bf16>());
+    }
   });
   return out;
 }
