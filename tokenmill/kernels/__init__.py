@@ -47,7 +47,7 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
 #  merged with its attention to the rest of its context (the decode kernel's outputs).
 PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  torch.Tensor]
-# torch.ops.tokenmill.quant_linear: (x [M, K] bf16, blocks [N, row_bytes] uint8, qtype) -> [M, N] bf16
+# torch.ops.tokenmill.quant_linear: (x [M, K] bf16 or fp32, blocks [N, row_bytes] uint8, qtype) -> [M, N] of x's dtype
 # torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K, out=None) -> [N, K] bf16
 #  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)
 # torch.ops.tokenmill.quantize_q8_0: (weight [N, K] fp32 or bf16) -> [N, K / 32 * 34] uint8 (Q8_0 blocks)

@@ -2,10 +2,11 @@
 
 A `QuantizedWeight` is a weight [out_features, in_features] as a GGUF file stores it: one row of
 bytes per output feature, each row in_features / block_size blocks (`gguf.GGML_QUANT_SIZES`).
-`QuantizedLinear` multiplies by it through the C++ kernels (kernels/quant.cpp): bf16 activations,
-each block widened to the bf16 values `dequantize` gives, fp32 sums in an order that depends on
-the row alone. A fused projection whose parts have different types (a Q4_K_M file's Q6_K value
-projection beside Q4_K query and key) keeps one run of blocks per type and concatenates outputs.
+`QuantizedLinear` multiplies by it through the C++ kernels (kernels/quant.cpp): bf16 activations on
+the bf16 values `dequantize` gives, fp32 ones (the accuracy mode) on the blocks' exact fp32 values,
+fp32 sums in an order that depends on the row alone. A fused projection whose parts have different
+types (a Q4_K_M file's Q6_K value projection beside Q4_K query and key) keeps one run of blocks per
+type and concatenates outputs.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class QuantizedLinear(LinearMethod):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        # bf16 runs on the weights' bf16 values; fp32 (and fp16, widened) on their exact fp32 values.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        rows = x.reshape(-1, self.in_features).to(dtype).contiguous()
         outputs = [torch.ops.tokenmill.quant_linear(rows, part.blocks, int(part.qtype)) for part in self.parts]
         y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).to(x.dtype)
         if self.bias is not None:
