@@ -29,7 +29,7 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, QuantizedWeight):
-            return dequantize_rows(self.weight, ids).to(self.dtype)
+            return dequantize_rows(self.weight, ids, self.dtype)
         return F.embedding(ids, self.weight)
 
     def extra_repr(self) -> str:

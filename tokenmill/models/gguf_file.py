@@ -3,18 +3,19 @@
 The header (metadata and tensor table) is parsed by transformers' GGUF reader, which walks the
 vocabulary without building a numpy view per string (`gguf.GGUFReader` takes ~7 s on SmolLM2's
 header alone); the config is rebuilt with transformers' key table and the tokenizer with its GGUF
-converter. Tensors are read from a memory map: a plain one (the norms, or a whole F32/F16/BF16
-file) becomes a torch tensor, a quantized one a `QuantizedWeight` holding the file's blocks
-unchanged, both keyed by transformers' names. Each is copied out of the map as it is read, so the
-map is dropped once the model is loaded and the process holds the weights once.
+converter. Each tensor is read (one `readinto`, no memory map) into memory of its own: a plain one
+(the norms, or a whole F32/F16/BF16 file) becomes a torch tensor, a quantized one a
+`QuantizedWeight` holding the file's blocks unchanged, both keyed by transformers' names. With no
+file pages mapped, the process holds the weights once, during the load as after it (reading
+through a memory map counted the file's pages in RSS too: a peak of twice the file).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
@@ -102,23 +103,24 @@ class GGUFFile:
         return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
     def tensors(self) -> dict[str, torch.Tensor | QuantizedWeight]:
-        """Every tensor the model uses, by transformers' name, copied out of the file's map."""
-        blob = np.memmap(self.path, mode="r", dtype=np.uint8)
+        """Every tensor the model uses, by transformers' name, each read from the file into its own memory."""
         heads = {"q_proj": self.config.num_attention_heads, "k_proj": self.config.num_key_value_heads}
         tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
-        try:
+        with self.path.open("rb", buffering=0) as file:
             for info in self.header.tensors:
                 name = hf_name(info.name)
                 if name is None:
                     continue
-                start = self.header.data_start + info.offset
-                raw = torch.from_numpy(np.array(blob[start:start + info.nbytes]))
+                raw = torch.empty(info.nbytes, dtype=torch.uint8)
+                file.seek(self.header.data_start + info.offset)
+                if file.readinto(raw.numpy()) != info.nbytes:
+                    raise ValueError(f"the file ends inside tensor {info.name!r}")
                 qtype = GGMLQuantizationType(info.ggml_type)
                 if qtype in PLAIN_TYPES:
                     tensor = raw.view(PLAIN_TYPES[qtype]).reshape(info.shape)
                 else:
                     block, block_bytes = GGML_QUANT_SIZES[qtype]
-                    rows, width = int(np.prod(info.shape[:-1])), info.shape[-1]
+                    rows, width = math.prod(info.shape[:-1]), info.shape[-1]
                     tensor = raw.view(rows, width // block * block_bytes)
                 projection = name.split(".")[-2]
                 if self.architecture == "llama" and projection in heads:
@@ -126,6 +128,4 @@ class GGUFFile:
                 if qtype not in PLAIN_TYPES:
                     tensor = QuantizedWeight(tensor, qtype, width)
                 tensors[name] = tensor
-        finally:
-            del blob
         return tensors

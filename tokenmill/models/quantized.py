@@ -92,6 +92,10 @@ class QuantizedLinear(LinearMethod):
         return y.view(*shape[:-1], y.shape[-1])
 
 
-def dequantize_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
-    """bf16 [len(ids), in_features]: the rows `ids` of the weight, as the kernels widen them."""
-    return torch.ops.tokenmill.dequantize(weight.blocks[ids], int(weight.qtype), weight.in_features)
+def dequantize_rows(weight: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[len(ids), in_features] in dtype: the rows `ids` of the weight, as the kernels widen them for
+    that dtype (bf16: the kernels' bf16 values; fp32 and others: gguf's exact fp32 values)."""
+    rows = weight.blocks[ids]
+    if dtype == torch.bfloat16:
+        return torch.ops.tokenmill.dequantize(rows, int(weight.qtype), weight.in_features)
+    return QuantizedWeight(rows, weight.qtype, weight.in_features).dequantize().to(dtype)
