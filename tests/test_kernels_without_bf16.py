@@ -46,3 +46,19 @@ def test_elementwise_kernels_equal_the_bf16_build(without_bf16: object) -> None:
         assert torch.equal(a, b)
     gate_up = (torch.randn(33, 2 * 1536) * 4).to(torch.bfloat16)
     assert torch.equal(torch.ops.tokenmill.silu_mul(gate_up), without_bf16.silu_mul(gate_up))
+
+
+def test_quant_kernels_equal_the_bf16_build(without_bf16: object) -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 512).to(torch.bfloat16)
+    weight = torch.randn(37, 512) * 0.02
+    for qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1):
+        blocks = torch.from_numpy(quantize(weight.numpy(), qtype))
+        assert torch.equal(without_bf16.dequantize(blocks, int(qtype), 512),
+                           torch.ops.tokenmill.dequantize(blocks, int(qtype), 512))
+        assert torch.equal(without_bf16.quant_linear(x, blocks, int(qtype)),
+                           torch.ops.tokenmill.quant_linear(x, blocks, int(qtype)))
+    assert torch.equal(without_bf16.quantize_q8_0(weight), torch.ops.tokenmill.quantize_q8_0(weight))
