@@ -68,7 +68,8 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
     lines = good[:3] + bad[:6] + [""] + good[3:] + bad[6:]
     input_path = write_jsonl(tmp_path / "in.jsonl", lines)
     output = tmp_path / "out.jsonl"
-    result = run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--dtype", "float32")
+    result = run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--dtype", "float32",
+                     "--quantization", "int8")
 
     records = read_jsonl(output)
     assert sorted(r["custom_id"] for r in records) == sorted(line["custom_id"] for line in good)
@@ -103,6 +104,7 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert (summary["succeeded"], summary["failed"], summary["skipped_already_done"]) == (len(good), len(bad), 0)
     assert summary["completion_tokens"] > 0 and '"succeeded"' in result.stdout
+    assert summary["quantization"] == "Q8_0"  # the folder's linear weights and embedding, quantized at load
 
 
 def test_fatal_problems_exit_nonzero_with_one_line(tmp_path: Path, tiny_models: dict[str, Path]) -> None:

@@ -90,6 +90,11 @@ def model(client: openai.OpenAI) -> str:
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
 
+def test_models_say_what_the_weights_run_as(client: openai.OpenAI) -> None:
+    listed = client.models.list().data[0].to_dict()
+    assert listed["object"] == "model" and listed["quantization"] == "none"  # a float folder, as it is
+
+
 def test_chat_streamed_equals_non_streamed(client: openai.OpenAI, model: str) -> None:
     plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
     assert plain.object == "chat.completion" and plain.usage.completion_tokens == 24
