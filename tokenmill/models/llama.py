@@ -122,6 +122,9 @@ class DecoderLayer(nn.Module):
         return self.mlp(normed), residual
 
 
+ROPE_ROWS_AT_START = 4096
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, max_positions: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -141,14 +144,25 @@ class LlamaForCausalLM(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """Fills the rope tables; call again after moving off the meta device."""
+        """Fills the rope tables' first rows; call again after moving off the meta device."""
         if self.rope_cos.device.type != "meta":
-            self.rope_cos, self.rope_sin = rope_tables(self.config, self.max_positions)
+            self.rope_cos, self.rope_sin = rope_tables(self.config, min(self.max_positions, ROPE_ROWS_AT_START))
+
+    def _cover_positions(self, positions: torch.Tensor) -> None:
+        """Grows the rope tables (doubling) to cover the positions. NOTE: a 128k-token context's
+        tables are 64 MB each and took 0.6 s at load; most jobs never reach such positions. Each
+        row is computed by the same elementwise ops whatever the table's length, so rows are
+        identical after a regrowth (tests/test_exactness.py runs past the first rows)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.rope_cos.shape[0]:
+            rows = min(self.max_positions, max(needed, 2 * self.rope_cos.shape[0]))
+            self.rope_cos, self.rope_sin = rope_tables(self.config, rows)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attention: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states, [T, hidden]; `compute_logits` turns chosen rows into logits."""
         x, residual = self.embed_tokens(input_ids), None
+        self._cover_positions(positions)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = signed_sin(self.rope_sin[positions].to(x.dtype))
         for layer in self.layers:
