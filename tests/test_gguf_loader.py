@@ -3,16 +3,18 @@ with no conversion; Hugging Face folders still load, from safetensors or `pytorc
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.models.gguf_file import GGUFFile, hf_name
+from tokenmill.models.llama import rope_tables
 from tokenmill.models.loader import ModelLoadError, default_model_path, load_model
 from tokenmill.models.quantized import QuantizedWeight
 
@@ -78,3 +80,27 @@ def test_a_folder_of_pytorch_model_bin_loads_as_safetensors_do(tiny_models: dict
                                                                              use_tqdm=False)
                for f in (source, folder)]
     assert [o.outputs[0].token_ids for o in outputs[0]] == [o.outputs[0].token_ids for o in outputs[1]]
+
+
+def test_llama3_rope_factors_of_a_gguf_give_transformers_llama3_rope() -> None:
+    """llama.cpp writes Llama 3.1+'s rope scaling as a tensor of divisors (rope_freqs.weight);
+    computed as its converter does, they give the frequencies of transformers' llama3 rope."""
+    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    llama3 = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=scaling)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    factors = []
+    for freq in inv_freq.tolist():  # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors
+        wavelen = 2 * math.pi / freq
+        if wavelen < 64 / 4.0:
+            factors.append(1.0)
+        elif wavelen > 64 / 1.0:
+            factors.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    from_gguf = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0, rope_freq_factors=factors)
+    for mine, expected in zip(rope_tables(from_gguf, 4096), rope_tables(llama3, 4096)):
+        torch.testing.assert_close(mine, expected, atol=2e-4, rtol=0)
+    assert not torch.allclose(rope_tables(from_gguf, 4096)[0], rope_tables(LlamaConfig(
+        hidden_size=256, num_attention_heads=4, rope_theta=500000.0), 4096)[0], atol=1e-2)

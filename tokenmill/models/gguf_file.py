@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
-from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+from transformers.integrations.gguf.reader import GgufHeader, TensorInfo, read_gguf_metadata
 
 from tokenmill.models.quantized import QuantizedWeight
 
@@ -37,7 +38,7 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# llama.cpp's rope frequency factors (Llama 3.1+): read from the config's rope scaling instead.
+# llama.cpp's rope frequency factors (Llama 3.1+): read into the config (`rope_freq_factors`).
 _IGNORED = {"rope_freqs.weight"}
 
 
@@ -93,9 +94,27 @@ class GGUFFile:
             if f"tokenizer.ggml.{gguf_key}" in self.metadata:
                 values[key] = self.metadata[f"tokenizer.ggml.{gguf_key}"]
         values["tie_word_embeddings"] = "output.weight" not in self.tensor_names
+        if "rope_freqs.weight" in self.tensor_names:
+            # NOTE: llama.cpp writes Llama 3.1+'s rope scaling as one divisor per frequency, not as
+            # config keys; models/llama.py divides the default frequencies by them, as llama.cpp does.
+            values["rope_freq_factors"] = self._plain_tensor("rope_freqs.weight").tolist()
         values["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]]
         return AutoConfig.for_model(model_type, **values)
+
+    def _read(self, file: BinaryIO, info: TensorInfo) -> torch.Tensor:
+        """The tensor's bytes, read into memory of their own."""
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        file.seek(self.header.data_start + info.offset)
+        if file.readinto(raw.numpy()) != info.nbytes:
+            raise ValueError(f"the file ends inside tensor {info.name!r}")
+        return raw
+
+    def _plain_tensor(self, name: str) -> torch.Tensor:
+        info = next(info for info in self.header.tensors if info.name == name)
+        with self.path.open("rb", buffering=0) as file:
+            raw = self._read(file, info)
+        return raw.view(PLAIN_TYPES[GGMLQuantizationType(info.ggml_type)]).reshape(info.shape)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(self.path))
@@ -111,10 +130,7 @@ class GGUFFile:
                 name = hf_name(info.name)
                 if name is None:
                     continue
-                raw = torch.empty(info.nbytes, dtype=torch.uint8)
-                file.seek(self.header.data_start + info.offset)
-                if file.readinto(raw.numpy()) != info.nbytes:
-                    raise ValueError(f"the file ends inside tensor {info.name!r}")
+                raw = self._read(file, info)
                 qtype = GGMLQuantizationType(info.ggml_type)
                 if qtype in PLAIN_TYPES:
                     tensor = raw.view(PLAIN_TYPES[qtype]).reshape(info.shape)

@@ -44,6 +44,8 @@ def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Ten
         head_dim = head_dim_of(config)
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if factors := getattr(config, "rope_freq_factors", None):  # a GGUF's Llama 3.1+ scaling (gguf_file.py)
+            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
         scaling = 1.0
     elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
