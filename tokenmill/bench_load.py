@@ -10,9 +10,9 @@ once per machine (tokenmill's kernels, after a change to their sources) and read
   the model's files are dropped, not the engines' libraries; in a virtual machine the host may still
   cache the disk, so a cold read can be faster than the disk itself.
 Columns: `load s` is the engine's own load step (tokenmill's `Engine()`, llama.cpp's `load time`,
-OpenVINO's pipeline construction); engines that map the file (llama.cpp, and tokenmill on a GGUF) read
-weights lazily after it, so `to 1st token s` is the whole process, start to exit, imports included:
-what a user waits for. `peak RSS` is that process's (the warm one's), every weight page it touched
+OpenVINO's pipeline construction); llama.cpp maps the file and reads weights lazily after it (tokenmill
+reads every tensor during its load step), so `to 1st token s` is the whole process, start to exit,
+imports included: what a user waits for. `peak RSS` is that process's (the warm one's), every weight page it touched
 included. TTFT, measured elsewhere on the warm engine, is one request of PP tokens to its first token.
 """
 

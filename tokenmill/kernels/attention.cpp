@@ -518,11 +518,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, con
 
 }  // namespace
 
-// The op namespace; a test builds a second copy (without AVX512-BF16) under another name.
-#ifndef TOKENMILL_OPS
-#define TOKENMILL_OPS tokenmill
-#endif
-
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
         "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);

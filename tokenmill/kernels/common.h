@@ -7,6 +7,12 @@
 
 #include <cstdint>
 
+// The op namespace every kernel file registers into; a test builds a second copy (without
+// AVX512-BF16) under another name with -DTOKENMILL_OPS=...
+#ifndef TOKENMILL_OPS
+#define TOKENMILL_OPS tokenmill
+#endif
+
 namespace tokenmill {
 
 // exp(x) to about 1 ulp (Cephes' expf polynomial), 16 lanes at a time; NaN stays NaN.

@@ -209,11 +209,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 }  // namespace
 
-// The op namespace; a test builds a second copy (without AVX512-BF16) under another name.
-#ifndef TOKENMILL_OPS
-#define TOKENMILL_OPS tokenmill
-#endif
-
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);

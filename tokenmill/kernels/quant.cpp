@@ -655,10 +655,6 @@ at::Tensor quantize_q8_0(const at::Tensor& weight) {
 
 }  // namespace
 
-#ifndef TOKENMILL_OPS
-#define TOKENMILL_OPS tokenmill
-#endif
-
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("dequantize(Tensor blocks, int qtype, int in_features, Tensor(a!)? out=None) -> Tensor", &dequantize);
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype) -> Tensor", &quant_linear);

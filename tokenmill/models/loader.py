@@ -128,6 +128,7 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
     if quantization == "int8" and not runnable:
         raise ModelLoadError("quantization='int8' needs tokenmill's CPU kernels, which do not run here (AVX-512)")
     widened: set[str] = set()
+    unquantized: list[str] = []  # int8: weights whose rows are not whole Q8_0 blocks
     for name, weight in tensors.items():
         if isinstance(weight, QuantizedWeight) and (quantization == "none" or weight.qtype not in runnable):
             widened.add(weight.qtype.name)
@@ -137,9 +138,14 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
                 weight = weight.dequantize()
             if isinstance(weight, torch.Tensor) and weight.shape[-1] % 32 == 0:
                 tensors[name] = quantize_q8_0(weight)
+            elif isinstance(weight, torch.Tensor):
+                unquantized.append(name)
     if widened and quantization != "none":
         why = "no kernel for them" if runnable else "tokenmill's CPU kernels do not run here"
         logger.warning("weights of type %s dequantized at load (%s)", ", ".join(sorted(widened)), why)
+    if unquantized:
+        logger.warning("quantization='int8' leaves %d weights in the model's dtype (rows not a multiple of 32): %s",
+                       len(unquantized), ", ".join(unquantized[:3]))
     kept = Counter(w.qtype.name for w in tensors.values() if isinstance(w, QuantizedWeight))
     return ", ".join(name for name, _ in kept.most_common()) or "none"
 
@@ -174,7 +180,6 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     except ValueError as e:
         raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {e}") from e
     model_.eval()
-    del tensors
     release_freed_memory()
 
     eos = set()
