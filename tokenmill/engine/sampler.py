@@ -3,6 +3,10 @@
 Rows are sequences; every per-request setting becomes a column tensor, so the work is a handful of
 tensor ops whatever the mix of settings. Only seeded requests cost a Python call each (one
 generator draw per row), since a torch generator cannot be shared between rows.
+
+Contract: a row's token depends only on its own logits and settings, never on the other rows; a
+seeded row's noise only on (seed, sample index, output position) (`Sequence.next_token_seed`), so
+seeded outputs are the same alone, in any batch, after a preemption or in a resumed job.
 """
 
 from __future__ import annotations
@@ -102,11 +106,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) 
     temps = torch.tensor([s.params.temperature for s in rseqs])[:, None]
     probs = _filter(logits[random_rows] / temps, rseqs).softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded row
-    # take its noise from its own generator.
+    # take its noise from a generator seeded for that very token.
     noise = torch.empty_like(probs).exponential_()
+    generator = torch.Generator()
     for row, s in enumerate(rseqs):
-        if s.generator is not None:
-            noise[row].exponential_(generator=s.generator)
+        if (seed := s.next_token_seed()) is not None:
+            noise[row].exponential_(generator=generator.manual_seed(seed))
     tokens[random_rows] = (probs / noise).argmax(dim=-1)
     return tokens
 

@@ -8,8 +8,8 @@ changes a sequence's `status`.
 from __future__ import annotations
 
 import enum
+import hashlib
 
-import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 from xgrammar import GrammarMatcher
@@ -40,8 +40,6 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
-        seed = self.params.seed
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
         # NOTE: primed with the prompt's last tokens, so that tokenizers that drop the leading space
         # of a text's first word (SentencePiece's Metaspace) keep it on the first generated word.
         self._decoder = DecodeStream(ids=request.prompt_token_ids[-4:],
@@ -63,6 +61,18 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def next_token_seed(self) -> int | None:
+        """The seed of the noise that draws this sequence's next token, or None for an unseeded request.
+
+        A hash of (request seed, sample index, output position) alone: the same token gets the same
+        noise whatever ran beside it, after a preemption and recompute, or in another process on a
+        resumed job. Hashed rather than added, so that seed 1's first sample is not seed 0's second.
+        """
+        if self.params.seed is None:
+            return None
+        key = f"{self.params.seed}:{self.index}:{self.num_output_tokens}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
     def append_token(self, token_id: int, tokenizer: Tokenizer) -> str:
         """Adds a generated token; returns the text it completes (may be empty mid-character)."""
