@@ -1,5 +1,6 @@
 // Matrix products with weights kept in GGUF's own quantized block formats (ggml's blocks, bytes
-// exactly as in the file), and the dequantization they are checked against.
+// exactly as in the file), and the dequantization they are checked against; and with plain weights
+// (a model's bf16 or fp32 ones, packed once), see "Plain weights" below. Both batch-invariant.
 //
 // A weight [N, K] of type T is a uint8 tensor [N, K / block * type_size]: each row is K / block
 // consecutive ggml blocks (gguf.GGML_QUANT_SIZES[T] = (block, type_size)). Types: Q8_0, Q4_0, Q4_1,
@@ -36,9 +37,29 @@
 // per flop (benchmarks/bench_quant_kernels.py). On fp32 x (2048 x 8192, 2 threads): M=1 Q8_0 as fast
 // as on bf16 x, Q4_K 1.5x slower (decoding-bound: 4 lookups a chunk); M=32 and 256 at 140-170
 // GFLOP/s, 2.5x the bf16 time, as fast as torch's fp32 matmul on the dequantized weights.
+//
+// Plain weights (namespace dense):
+// - pack_dense(weight [N, K] bf16 or fp32) -> the weight in the dense kernel's layout, made once at load:
+//   blocks of 16 output features, each a run over k of 64-byte vectors, lane i holding feature 16b + i.
+//   bf16: [ceil(N / 16), ceil(K / 2), 16, 2], a lane's pair w[n, 2j], w[n, 2j + 1] (vdpbf16ps's pairs);
+//   fp32: [ceil(N / 16), K, 16, 1]. Zeros past N and K.
+// - dense_linear(x [M, K] of the weight's dtype, rows contiguous, packed, out_features N) -> [M, N] of x's
+//   dtype: x W^T, batch-invariant as quant_linear is.
+// Each output is one lane's sum over k in order, from zero: on bf16 one dot_pairs (the odd product added,
+// then the even; bf16 products are exact in fp32) per pair of k, an odd K's last pair with a zero, then
+// rounded to bf16 as torch rounds; on fp32 one FMA per k. No sum across lanes: every path (any M, any rows
+// beside) computes that sequence. (quant_linear's layout, rows read in place with 16 lanes along k, would
+// pay for its sums of the lanes: plain bf16 rows that way ran 25-35% slower than oneDNN at K=576, M >= 64.)
+// Work: the blocks split over the threads (16 features at a time: N=576 splits 18/18), each thread taking x
+// in panels of about kPanelBytes (its L2 keeps a panel from one group of blocks to the next) through its
+// blocks in groups of up to 3 (48 features), each group in passes of up to 8 rows of x: an 8 x 3 register
+// tile, 24 accumulators, each step 3 weight vectors and 8 broadcasts of x for 24 products (6 x 4 reads a
+// third more of the weight per product: fp32 at M=8 94 against 110 GFLOP/s, one thread, 576 x 3072 in
+// cache). Against oneDNN's packed GEMM (`OneDnnPackedLinear`): benchmarks/bench_plain_linear.py.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Optional.h>
@@ -653,10 +674,158 @@ at::Tensor quantize_q8_0(const at::Tensor& weight) {
   return out;
 }
 
+// Plain weights (see the header): the dense kernel's own constants and code.
+namespace dense {
+
+constexpr int kLanes = 16;        // features per block
+constexpr int kGroupBlocks = 3;   // blocks per pass
+constexpr int kMicroRows = 8;     // rows of x per pass
+constexpr int64_t kPanelBytes = 512 * 1024;
+
+// The two value types: kPerStep values of k per lane and step; broadcast(p) gives every lane x's values at p
+// for one step, broadcast_last(p) those of the last step of an odd K (one value, then a zero).
+struct Bf16 {
+  using Value = bf16;
+  static constexpr int kPerStep = 2;
+  static __m512i broadcast(const Value* p) {
+    uint32_t pair;
+    std::memcpy(&pair, p, 4);
+    return _mm512_set1_epi32(static_cast<int>(pair));
+  }
+  static __m512i broadcast_last(const Value* p) {
+    uint16_t value;
+    std::memcpy(&value, p, 2);
+    return _mm512_set1_epi32(value);
+  }
+  static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) { return dot_pairs(acc, x, w); }
+  static void store(Value* out, __m512 sums, __mmask16 mask) { _mm256_mask_storeu_epi16(out, mask, round_bf16(sums)); }
+};
+
+struct Fp32 {
+  using Value = float;
+  static constexpr int kPerStep = 1;
+  static __m512i broadcast(const Value* p) { return _mm512_castps_si512(_mm512_set1_ps(*p)); }
+  static __m512i broadcast_last(const Value* p) { return broadcast(p); }
+  static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
+  static void store(Value* out, __m512 sums, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, sums); }
+};
+
+// MR rows of x times NB blocks (w: the first, each `block_values` apart), into out[m, 16 b + i] for the
+// features below N (`features` of them from the first).
+template <class V, int MR, int NB>
+void dense_tile(const typename V::Value* x, int64_t x_stride, int64_t K, const typename V::Value* w,
+                int64_t block_values, typename V::Value* out, int64_t out_stride, int64_t features) {
+  __m512 acc[MR][NB];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  const auto step = [&](int64_t s, auto&& broadcast) {
+    __m512i wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * block_values + s * kLanes * V::kPerStep);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = broadcast(x + m * x_stride + s * V::kPerStep);
+      for (int b = 0; b < NB; ++b) acc[m][b] = V::multiply_add(acc[m][b], xv, wv[b]);
+    }
+  };
+  const int64_t whole_steps = K / V::kPerStep;
+  for (int64_t s = 0; s < whole_steps; ++s) step(s, V::broadcast);
+  if (whole_steps * V::kPerStep < K) step(whole_steps, V::broadcast_last);
+  for (int b = 0; b < NB; ++b) {
+    const __mmask16 mask = tail_mask(features - b * kLanes);
+    for (int m = 0; m < MR; ++m) V::store(out + m * out_stride + b * kLanes, acc[m][b], mask);
+  }
+}
+
+template <class V, int NB>
+void dense_pass(int64_t rows, const typename V::Value* x, int64_t x_stride, int64_t K, const typename V::Value* w,
+                int64_t block_values, typename V::Value* out, int64_t out_stride, int64_t features) {
+  switch (rows) {
+    case 1: return dense_tile<V, 1, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 2: return dense_tile<V, 2, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 3: return dense_tile<V, 3, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 4: return dense_tile<V, 4, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 5: return dense_tile<V, 5, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 6: return dense_tile<V, 6, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 7: return dense_tile<V, 7, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    default: return dense_tile<V, 8, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+  }
+}
+
+template <class V>
+void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typename V::Value* packed, int64_t N,
+           int64_t K, typename V::Value* out) {
+  using Value = typename V::Value;
+  const int64_t blocks = (N + kLanes - 1) / kLanes;
+  const int64_t block_values = (K + V::kPerStep - 1) / V::kPerStep * V::kPerStep * kLanes;
+  // At least ~64k weights per thread: waking the second thread costs more below.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
+  // Panels as even as they go (256 rows of at most 222: 128 + 128, not 222 + 34, where w is read again for 34).
+  const int64_t most_rows = std::max<int64_t>(kMicroRows, kPanelBytes / (K * sizeof(Value)));
+  const int64_t panels = (M + most_rows - 1) / most_rows, panel_rows = (M + panels - 1) / panels;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t panel_start = 0; panel_start < M; panel_start += panel_rows) {
+      const int64_t rows = std::min(panel_rows, M - panel_start);
+      for (int64_t group = begin; group < end; group += kGroupBlocks) {
+        const int64_t group_blocks = std::min<int64_t>(kGroupBlocks, end - group);
+        const Value* w = packed + group * block_values;
+        const int64_t features = N - group * kLanes;
+        // Passes of at most 8 rows, as even as they go (10 rows: 5 + 5, not 8 + 2).
+        const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
+        for (int64_t p = 0, m = panel_start; p < passes; ++p) {
+          const int64_t left = panel_start + rows - m, here = (left + passes - p - 1) / (passes - p);
+          const Value* xm = x + m * x_stride;
+          Value* om = out + m * N + group * kLanes;
+          switch (group_blocks) {
+            case 1: dense_pass<V, 1>(here, xm, x_stride, K, w, block_values, om, N, features); break;
+            case 2: dense_pass<V, 2>(here, xm, x_stride, K, w, block_values, om, N, features); break;
+            default: dense_pass<V, 3>(here, xm, x_stride, K, w, block_values, om, N, features); break;
+          }
+          m += here;
+        }
+      }
+    }
+  });
+}
+
+inline int64_t per_step(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 2 : 1; }
+
+at::Tensor pack_dense(const at::Tensor& weight) {
+  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.dim() == 2,
+              "weight must be bf16 or fp32 [N, K], not ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1), per = per_step(weight);
+  const int64_t blocks = (N + kLanes - 1) / kLanes, steps = (K + per - 1) / per;
+  const at::Tensor padded = at::constant_pad_nd(weight, {0, steps * per - K, 0, blocks * kLanes - N});
+  return padded.reshape({blocks, kLanes, steps, per}).permute({0, 2, 1, 3}).contiguous();
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
+              x.stride(1) == 1, "x must be bf16 or fp32 [M, K] with contiguous rows, not ", x.scalar_type(), " ",
+              x.sizes(), " of strides ", x.strides());
+  const int64_t M = x.size(0), K = x.size(1), N = out_features, per = per_step(x);
+  TORCH_CHECK(K > 0 && N > 0, "in_features and out_features must be positive");
+  const std::vector<int64_t> expected = {(N + kLanes - 1) / kLanes, (K + per - 1) / per, kLanes, per};
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.is_contiguous() && packed.sizes() == expected,
+              "packed must be pack_dense's ", x.scalar_type(), " ", at::IntArrayRef(expected), " for ", N, " x ", K,
+              ", not ", packed.scalar_type(), " ", packed.sizes());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  if (x.scalar_type() == at::kFloat) {
+    dense<Fp32>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), N, K, out.data_ptr<float>());
+  } else {
+    dense<Bf16>(x.data_ptr<bf16>(), x.stride(0), M, packed.data_ptr<bf16>(), N, K, out.data_ptr<bf16>());
+  }
+  return out;
+}
+
+}  // namespace dense
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("dequantize(Tensor blocks, int qtype, int in_features, Tensor(a!)? out=None) -> Tensor", &dequantize);
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype) -> Tensor", &quant_linear);
   m.def("quantize_q8_0(Tensor weight) -> Tensor", &quantize_q8_0);
+  m.def("pack_dense(Tensor weight) -> Tensor", &dense::pack_dense);
+  m.def("dense_linear(Tensor x, Tensor packed, int out_features) -> Tensor", &dense::dense_linear);
 }
