@@ -62,3 +62,10 @@ def test_quant_kernels_equal_the_bf16_build(without_bf16: object) -> None:
         assert torch.equal(without_bf16.quant_linear(x, blocks, int(qtype)),
                            torch.ops.tokenmill.quant_linear(x, blocks, int(qtype)))
     assert torch.equal(without_bf16.quantize_q8_0(weight), torch.ops.tokenmill.quantize_q8_0(weight))
+
+
+def test_dense_kernel_equals_the_bf16_build(without_bf16: object) -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(9, 97).to(torch.bfloat16), torch.randn(37, 97).to(torch.bfloat16)
+    packed = torch.ops.tokenmill.pack_dense(weight)
+    assert torch.equal(without_bf16.dense_linear(x, packed, 37), torch.ops.tokenmill.dense_linear(x, packed, 37))

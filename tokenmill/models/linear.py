@@ -6,14 +6,19 @@ x W^T + b. `Linear.load` takes, for each weight, the first method in `LINEAR_MET
 (a quantized one with its own kernel) is one method class and one entry there. Code that counts
 weights reads `Linear.in_features` and `out_features`, never a method's storage.
 
-`OneDnnPackedLinear`: torch's default fp32 GEMM on CPU, MKL's sgemm, reaches about half of oneDNN's
-rate on this class of CPU (AMD EPYC with AVX-512; M=64, 576x3072: ~200 vs ~380 GFLOP/s). bf16
-linears go through oneDNN already, but with the weight in its plain layout, which oneDNN reorders
-into its blocked layout on every call. Reordering once at load (the weight packing torch.compile's
-freezing does) saves that, with bf16 results the same bit for bit: 1.2-1.3x on the decode shapes
-(M=64) and 1.8x for a single sequence (M=1), in bf16 and fp32 alike (fp32 also against the earlier
-oneDNN path). `TorchLinear` (F.linear on the plain weight) is the reference, and serves the rest.
-`QuantizedLinear` (models/quantized.py) serves weights kept in ggml's block formats.
+Where tokenmill's kernels run (AVX-512), quantized, bf16 and fp32 weights get batch-invariant methods: a
+row's result depends on that row and the weight alone, bit for bit, never on the other rows of the batch
+(a request's output must not depend on what it was batched with). `QuantizedLinear` (models/quantized.py)
+serves weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32 CPU weights, through
+tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32 sum per
+output, in order of k). It runs as fast as oneDNN's packed GEMM or faster (benchmarks/bench_plain_linear.py).
+
+`OneDnnPackedLinear`, where the kernels do not run (no AVX-512): oneDNN's GEMM with the weight reordered
+into its blocked layout once at load (the weight packing torch.compile's freezing does; bf16 linears
+otherwise reorder it on every call): 1.2-1.3x on the decode shapes (M=64) and 1.8x for one sequence
+(M=1), against MKL's sgemm (torch's default fp32 GEMM on CPU) about 2x. NOTE: not batch-invariant:
+oneDNN blocks the product differently for different M, so a row's bits change with the batch.
+`TorchLinear` (F.linear on the plain weight) is the reference, and serves the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill import kernels
 from tokenmill.models.linear_method import LinearMethod
 from tokenmill.models.quantized import QuantizedLinear, Weight
 
@@ -58,8 +64,31 @@ class OneDnnPackedLinear(LinearMethod):
         return y.view(*shape[:-1], self.out_features)
 
 
+DENSE_DTYPES = (torch.float32, torch.bfloat16)  # torch.ops.tokenmill.dense_linear's (x of the weight's dtype)
+
+
+class InvariantPlainLinear(LinearMethod):
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and weight.dtype in DENSE_DTYPES and kernels.available()
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.tokenmill.pack_dense(weight)
+        self.bias = bias
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(self.packed.dtype).contiguous()
+        y = torch.ops.tokenmill.dense_linear(rows, self.packed, self.out_features).to(x.dtype)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
 # In order of preference; the torch method serves every plain weight.
-LINEAR_METHODS: tuple[type[LinearMethod], ...] = (QuantizedLinear, OneDnnPackedLinear, TorchLinear)
+LINEAR_METHODS: tuple[type[LinearMethod], ...] = (QuantizedLinear, InvariantPlainLinear, OneDnnPackedLinear,
+                                                  TorchLinear)
 
 
 def select_linear_method(weight: Weight) -> type[LinearMethod]:
