@@ -59,7 +59,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Optional.h>
@@ -789,13 +788,37 @@ void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typena
 
 inline int64_t per_step(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 2 : 1; }
 
+// The packed layout's values, as bits (T: a type of the values' size), from rows of K with contiguous values.
+// (As fast as oneDNN's reorder of the weight into its layout, which page faults on the fresh tensor bound.)
+template <class T, int kPer>
+void pack(const T* w, int64_t row_stride, int64_t N, int64_t K, T* out) {
+  const int64_t blocks = (N + kLanes - 1) / kLanes, steps = (K + kPer - 1) / kPer;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* o = out + b * steps * kLanes * kPer;
+      for (int64_t s = 0; s < steps; ++s) {
+        for (int64_t n = b * kLanes; n < (b + 1) * kLanes; ++n) {
+          for (int64_t k = s * kPer; k < (s + 1) * kPer; ++k) *o++ = n < N && k < K ? w[n * row_stride + k] : T(0);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor pack_dense(const at::Tensor& weight) {
   TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.dim() == 2,
               "weight must be bf16 or fp32 [N, K], not ", weight.scalar_type(), " ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1), per = per_step(weight);
-  const int64_t blocks = (N + kLanes - 1) / kLanes, steps = (K + per - 1) / per;
-  const at::Tensor padded = at::constant_pad_nd(weight, {0, steps * per - K, 0, blocks * kLanes - N});
-  return padded.reshape({blocks, kLanes, steps, per}).permute({0, 2, 1, 3}).contiguous();
+  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  at::Tensor packed = at::empty({(N + kLanes - 1) / kLanes, (K + per - 1) / per, kLanes, per}, weight.options());
+  if (per == 2) {
+    pack<uint16_t, 2>(static_cast<const uint16_t*>(w.data_ptr()), w.stride(0), N, K,
+                      static_cast<uint16_t*>(packed.data_ptr()));
+  } else {
+    pack<uint32_t, 1>(static_cast<const uint32_t*>(w.data_ptr()), w.stride(0), N, K,
+                      static_cast<uint32_t*>(packed.data_ptr()));
+  }
+  return packed;
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
