@@ -51,21 +51,25 @@ def random_paged_requests(lengths: list[int], block_size: int, kv_heads: int, he
 
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no AVX-512 (or no compiler): the torch path is used")
-kernel = torch.ops.tokenmill.decode_attention if kernels.available() else None
+decode_kernel = torch.ops.tokenmill.decode_attention if kernels.available() else None
+chunk_kernel = torch.ops.tokenmill.chunk_attention if kernels.available() else None
+NO_PREFIX = torch.zeros(0, dtype=torch.long)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (4, 1, 64)])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (4, 1, 64), (1, 7, 64)])
 def test_decode_kernel_equals_dense_attention(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int) -> None:
     torch.manual_seed(0)
     lengths = [1, 15, 16, 17, 40, 300, 33]  # ragged: partial 16-token tiles, a single token, several blocks
     pool, context_slots, context_lens = random_paged_requests(lengths, 16, kv_heads, head_dim, dtype)
     q = torch.randn(len(lengths), kv_heads * group, head_dim).to(dtype)
-    out, lse = kernel(q, pool[0], pool[1], context_slots, context_lens)
-    expected_out, expected_lse = dense_reference(q, pool, [context_slots[i, :n] for i, n in enumerate(lengths)])
-    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+    out = decode_kernel(q, pool[0], pool[1], context_slots, context_lens, NO_PREFIX)
+    expected, _ = dense_reference(q, pool, [context_slots[i, :n] for i, n in enumerate(lengths)])
+    assert out.dtype == dtype
+    # bf16: the probabilities are rounded to bf16 for the weighted sum, as torch's fused CPU attention does.
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 @needs_kernel
@@ -76,33 +80,69 @@ def test_decode_kernel_scores_extreme_values_stably() -> None:
     pool *= 30
     q = torch.randn(2, 9, 64) * 30
     context_slots[1, :7] = context_slots[1, 0]
-    out, lse = kernel(q, pool[0], pool[1], context_slots, context_lens)
-    expected_out, expected_lse = dense_reference(q, pool, [context_slots[0, :50], context_slots[1, :7]])
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-5)
+    out = decode_kernel(q, pool[0], pool[1], context_slots, context_lens, NO_PREFIX)
+    expected, _ = dense_reference(q, pool, [context_slots[0, :50], context_slots[1, :7]])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("batch", "kv_heads", "group", "head_dim", "prefix_len"),
-                         [(64, 3, 3, 64, 512), (5, 2, 4, 128, 37), (3, 3, 3, 64, 1), (7, 4, 1, 64, 100)])
-def test_prefix_kernel_equals_dense_attention(batch: int, kv_heads: int, group: int, head_dim: int,
-                                              prefix_len: int) -> None:
-    """Every request's queries against one shared prefix, merged with the attention to its own suffix:
-    query counts and prefix lengths off the tile sizes."""
+                         [(64, 3, 3, 64, 512), (5, 2, 4, 128, 48), (3, 3, 3, 64, 16), (7, 4, 1, 64, 96)])
+def test_shared_prefix_decodes_are_bitwise_the_same_as_unshared(dtype: torch.dtype, batch: int, kv_heads: int,
+                                                                group: int, head_dim: int, prefix_len: int) -> None:
+    """Requests sharing a prefix, its K/V read once for all: each one's output is, bit for bit, its output
+    with its whole context read as its own, alone; and equals dense attention."""
     torch.manual_seed(0)
-    pool = torch.randn(2, 4000, kv_heads, head_dim).to(torch.bfloat16)
+    pool = torch.randn(2, 4000, kv_heads, head_dim).to(dtype)
     slots = torch.randperm(4000)
     prefix_slots = slots[:prefix_len]
-    suffix_lens = torch.randint(1, 40, (batch,)).tolist()
-    suffixes = list(slots[prefix_len:prefix_len + sum(suffix_lens)].split(suffix_lens))
-    q = torch.randn(batch, kv_heads * group, head_dim).to(torch.bfloat16)
-    suffix_out, suffix_lse = dense_reference(q, pool, suffixes)
-    out = torch.ops.tokenmill.prefix_attention(q, pool[0], pool[1], prefix_slots, suffix_out, suffix_lse)
+    suffix_lens = torch.randint(1, 40, (batch,))
+    suffixes = list(slots[prefix_len:prefix_len + int(suffix_lens.sum())].split(suffix_lens.tolist()))
+    padded = torch.nn.utils.rnn.pad_sequence(suffixes, batch_first=True)
+    q = torch.randn(batch, kv_heads * group, head_dim).to(dtype)
+    out = decode_kernel(q, pool[0], pool[1], padded, suffix_lens, prefix_slots)
+    for i, suffix in enumerate(suffixes):
+        whole = torch.cat((prefix_slots, suffix))[None]
+        alone = decode_kernel(q[i:i + 1], pool[0], pool[1], whole, torch.tensor([len(whole[0])]), NO_PREFIX)
+        assert torch.equal(out[i], alone[0])
     expected, _ = dense_reference(q, pool, [torch.cat((prefix_slots, s)) for s in suffixes])
-    assert out.dtype == torch.bfloat16
-    # bf16 outputs; the prefix's probabilities are rounded to bf16 too, as torch's fused CPU attention does.
-    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_decode_kernel_refuses_a_prefix_off_its_tiles() -> None:
+    pool, slots, lens = random_paged_requests([40, 40], 16, 3, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        decode_kernel(torch.randn(2, 9, 64).to(torch.bfloat16), pool[0], pool[1], slots, lens, slots[0, :10])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128)])
+def test_prompt_chunks_are_bitwise_their_tokens_decoded_alone(dtype: torch.dtype, kv_heads: int, group: int,
+                                                              head_dim: int) -> None:
+    """A prompt's last 70 tokens as one chunk, as chunks of 23 and 47 tokens in one call, or beside another
+    request's chunk: every query token's output is, bit for bit, that token decoded alone over its context;
+    and equals dense causal attention."""
+    torch.manual_seed(0)
+    pool, slots, lens = random_paged_requests([300, 90], 16, kv_heads, head_dim, dtype)
+    q = torch.randn(70 + 20, kv_heads * group, head_dim).to(dtype)
+    prompt = slots[:1, :300].contiguous()
+    one = chunk_kernel(q[:70].contiguous(), pool[0], pool[1], torch.tensor([0]), torch.tensor([70]), prompt,
+                       torch.tensor([300]))
+    split = chunk_kernel(q[:70].contiguous(), pool[0], pool[1], torch.tensor([0, 23]), torch.tensor([23, 47]),
+                         slots[[0, 0], :300].contiguous(), torch.tensor([253, 300]))
+    beside = chunk_kernel(q, pool[0], pool[1], torch.tensor([0, 70]), torch.tensor([70, 20]), slots,
+                          torch.tensor([300, 90]))
+    decoded = decode_kernel(q[:70].contiguous(), pool[0], pool[1], prompt.expand(70, -1).contiguous(),
+                            torch.arange(231, 301), NO_PREFIX)
+    assert torch.equal(one, split) and torch.equal(one, beside[:70]) and torch.equal(one, decoded)
+    expected, _ = dense_reference(q[:70], pool, [slots[0, :n] for n in range(231, 301)])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(one.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def backends(spec: AttentionSpec) -> list[AttentionBackend]:
@@ -180,9 +220,8 @@ def test_decode_group_kernel_and_torch_paths_agree(dtype: torch.dtype, shared_bl
 
 @pytest.mark.parametrize(("chunk", "context"), [(5, 5), (7, 40), (16, 17), (33, 100), (256, 1000)])
 def test_prompt_chunk_of_one_request_equals_dense_causal_attention(chunk: int, context: int) -> None:
-    """One request's prompt chunk (its newest tokens) over its paged context: in bf16 through the prefix
-    kernel + torch's causal fused attention in the kernel backend, through the masked SDPA in the torch
-    backend; both equal dense causal attention."""
+    """One request's prompt chunk (its newest tokens) over its paged context: through the chunk kernel in the
+    kernel backend, the masked SDPA in the torch backend; both equal dense causal attention."""
     torch.manual_seed(0)
     block_size, kv_heads, group, head_dim = 16, 3, 3, 64
     batch, tables = paged_batch([context], [chunk], block_size, 0)
@@ -228,12 +267,38 @@ def test_backends_agree_on_random_mixed_steps(dtype: torch.dtype, kv_heads: int,
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.dtype, seed: int) -> None:
+    """Batch invariance of the kernel backend: decodes (sharing a prefix or not) and prompt chunks of all
+    lengths in one step; each request's rows equal, bit for bit, a step holding that request alone."""
+    torch.manual_seed(seed)
+    block_size, kv_heads, group, head_dim = 16, 3, 3, 64
+    shared_blocks = seed % 2 * 2
+    new = [1] * 5 + [3, 40, 130]
+    context = [shared_blocks * block_size + int(torch.randint(1, 90, ())) for _ in range(5)]
+    context += [shared_blocks * block_size + n + int(torch.randint(0, 150, ())) for n in new[5:]]
+    batch, tables = paged_batch(context, new, block_size, shared_blocks)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"))
+    backend = CpuKernelAttentionBackend(spec)
+    pool = torch.randn(2, (max(b for t in tables for b in t) + 1) * block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(sum(new), kv_heads * group, head_dim).to(dtype)
+    pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = torch.randn(2, sum(new), kv_heads, head_dim).to(dtype)
+    together = backend.forward(q, pool, backend.build_metadata(batch))
+    for i in range(len(new)):
+        rows = slice(int(batch.query_start[i]), int(batch.query_start[i]) + new[i])
+        alone = BatchLayout(torch.tensor([0]), batch.num_queries[i:i + 1], batch.context_lens[i:i + 1],
+                            batch.block_table[i:i + 1], batch.slot_mapping[rows])
+        assert torch.equal(together[rows], backend.forward(q[rows], pool, backend.build_metadata(alone)))
+
+
 @pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim", "device", "kernel_fits"), [
     (torch.bfloat16, 9, 3, 64, "cpu", True),
     (torch.float32, 32, 8, 128, "cpu", True),
     (torch.float16, 9, 3, 64, "cpu", False),  # a dtype the kernels do not take
     (torch.bfloat16, 16, 4, 80, "cpu", False),  # a head size they do not take
-    (torch.bfloat16, 512, 8, 64, "cpu", False),  # more query heads than the decode kernel's scratch
+    (torch.bfloat16, 520, 8, 64, "cpu", False),  # more query heads per KV head than the kernels' scratch
     (torch.bfloat16, 9, 3, 64, "meta", False),  # not a CPU tensor
 ])
 def test_the_kernel_backend_is_chosen_where_its_kernels_fit(dtype: torch.dtype, heads: int, kv_heads: int,

@@ -28,13 +28,13 @@ def test_attention_kernels_equal_the_bf16_build(without_bf16: object) -> None:
     torch.manual_seed(0)
     pool, slots, lens = random_paged_requests([1, 17, 40, 300, 33], 16, 3, 64, torch.bfloat16)
     q = torch.randn(5, 9, 64).to(torch.bfloat16)
-    out, lse = torch.ops.tokenmill.decode_attention(q, pool[0], pool[1], slots, lens)
-    out_2, lse_2 = without_bf16.decode_attention(q, pool[0], pool[1], slots, lens)
     # Bit for bit: the two FMAs add the pair products in the order vdpbf16ps does.
-    assert torch.equal(out_2, out) and torch.equal(lse_2, lse)
-    prefix = slots[3, :100].contiguous()
-    merged = torch.ops.tokenmill.prefix_attention(q, pool[0], pool[1], prefix, out, lse)
-    assert torch.equal(without_bf16.prefix_attention(q, pool[0], pool[1], prefix, out, lse), merged)
+    for prefix in (torch.zeros(0, dtype=torch.long), slots[3, :96].contiguous()):
+        assert torch.equal(without_bf16.decode_attention(q, pool[0], pool[1], slots, lens, prefix),
+                           torch.ops.tokenmill.decode_attention(q, pool[0], pool[1], slots, lens, prefix))
+    chunk = (torch.tensor([0, 2]), torch.tensor([2, 3]), slots[[3, 4]].contiguous(), torch.tensor([300, 33]))
+    assert torch.equal(without_bf16.chunk_attention(q, pool[0], pool[1], *chunk),
+                       torch.ops.tokenmill.chunk_attention(q, pool[0], pool[1], *chunk))
 
 
 def test_elementwise_kernels_equal_the_bf16_build(without_bf16: object) -> None:

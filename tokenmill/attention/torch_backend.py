@@ -38,6 +38,22 @@ class AttentionGroup:
     shared_prefix_slots: torch.Tensor | None = None
 
 
+def shared_prefix_len(block_table: torch.Tensor, context_len: torch.Tensor, block_size: int) -> int:
+    """Tokens at the start of every request's context in the same KV blocks (blocks shared through
+    the prefix cache, always full), for decodes (one new token each, kept outside the prefix); 0 for
+    a single request."""
+    if len(block_table) < 2:
+        return 0
+    same = (block_table == block_table[0]).all(dim=0).int().cumprod(dim=0)
+    return min(int(same.sum()), (int(context_len.min()) - 1) // block_size) * block_size
+
+
+def context_slots(block_table: torch.Tensor, max_context: int, block_size: int) -> torch.Tensor:
+    """[B, max_context]: the pool slot of each position of each request's context (past its end, padding)."""
+    ctx = torch.arange(max_context)
+    return block_table[:, ctx // block_size] * block_size + ctx % block_size
+
+
 def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_len: torch.Tensor,
                 block_table: torch.Tensor, block_size: int, queries_per_kv_head: int) -> AttentionGroup:
     """query_start, num_queries, context_len: [B]; block_table: [B, max_blocks] (padded)."""
@@ -48,22 +64,17 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     q_offset = torch.minimum(q_offset[None, :], num_queries[:, None] - 1)
     query_index = query_start[:, None] + q_offset
     query_pos = context_len[:, None] - num_queries[:, None] + q_offset  # [B, max_q]
-    ctx = torch.arange(max_ctx)
-    context_slots = block_table[:, ctx // block_size] * block_size + ctx % block_size
-    mask = ctx[None, None, :] <= query_pos[:, :, None]  # causal, and never past the context
+    slots = context_slots(block_table, max_ctx, block_size)
+    mask = torch.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]  # causal, and never past the context
     # NOTE: queries are laid out [q, group] per KV head (see grouped_queries), so each query's mask
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
-    group = AttentionGroup(query_index[query_valid], query_index, query_valid, context_slots, context_len, mask)
-    if max_q == 1 and len(query_start) > 1:
-        # Leading block-table columns equal in every row: blocks shared through the prefix cache
-        # (always full). Each request keeps at least its current token outside the prefix.
-        same = (block_table == block_table[0]).all(dim=0).int().cumprod(dim=0)
-        shared_blocks = min(int(same.sum()), (int(context_len.min()) - 1) // block_size)
-        if shared_blocks > 0:
-            prefix_len = shared_blocks * block_size
-            group.shared_prefix_slots = context_slots[0, :prefix_len]
-            group.context_slots = context_slots[:, prefix_len:].contiguous()
+    group = AttentionGroup(query_index[query_valid], query_index, query_valid, slots, context_len, mask)
+    if max_q == 1:
+        prefix_len = shared_prefix_len(block_table, context_len, block_size)
+        if prefix_len > 0:
+            group.shared_prefix_slots = slots[0, :prefix_len]
+            group.context_slots = slots[:, prefix_len:].contiguous()
             group.context_lens = context_len - prefix_len
             group.mask = group.mask[..., prefix_len:]
     return group

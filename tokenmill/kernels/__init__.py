@@ -1,7 +1,7 @@
 """The engine's own CPU kernels (AVX-512, C++), compiled on first use.
 
-- `attention.cpp`: decode attention read in place from the paged KV pool, and attention of many
-  decode queries to one shared prefix (Hydragen) as two small bf16 GEMMs.
+- `attention.cpp`: batch-invariant attention over the paged KV pool: decodes read in place (a
+  shared prefix read once for all, Hydragen), prompt chunks as small GEMMs; one order of sums for all.
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
 - `quant.cpp`: weights kept in GGUF's quantized blocks: x W^T straight on the blocks (batch-invariant),
@@ -27,9 +27,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's; prefix_attention is bf16 only
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's and chunk_attention's
 ATTENTION_HEAD_DIMS = (64, 128)
-MAX_QUERY_HEADS = 256  # the decode kernel's per-request scratch (kMaxHeads in attention.cpp)
+MAX_QUERIES_PER_KV_HEAD = 64  # the attention kernels' per-request scratch
 ELEMENTWISE_DTYPES = (torch.bfloat16,)
 ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane vectors
 # gguf.GGMLQuantizationType values that quant_linear and dequantize take:
@@ -38,15 +38,17 @@ QUANT_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 
 # torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
-#  context_lens [B] int64) -> (out [B, heads, D] fp32, lse [B, heads] fp32)
-DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                 tuple[torch.Tensor, torch.Tensor]]
-# torch.ops.tokenmill.prefix_attention:
-# (query [B, heads, D] bf16, key_cache, value_cache, prefix_slots [P] int64, suffix_out [B, heads, D] fp32,
-#  suffix_lse [B, heads] fp32) -> out [B, heads, D] bf16: attention of every query to the same P slots,
-#  merged with its attention to the rest of its context (the decode kernel's outputs).
-PrefixAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+#  context_lens [B] int64, prefix_slots [P] int64, P a multiple of 16) -> out [B, heads, D] of query's dtype:
+#  each request's one query against prefix_slots (shared by all, possibly empty) then its own context.
+DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                  torch.Tensor]
+# torch.ops.tokenmill.chunk_attention:
+# (query [T, heads, D], key_cache, value_cache, query_start [R] int64, num_queries [R] int64,
+#  context_slots [R, L] int64, context_lens [R] int64) -> out [T, heads, D] of query's dtype: request i's
+#  queries are rows query_start[i].. of query, its newest tokens, each attending causally to its context
+#  (rows no request owns are 0).
+ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor], torch.Tensor]
 # torch.ops.tokenmill.quant_linear: (x [M, K] bf16 or fp32, blocks [N, row_bytes] uint8, qtype) -> [M, N] of x's dtype
 # torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K, out=None) -> [N, K] bf16
 #  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)

@@ -1,34 +1,41 @@
-// Decode attention read straight from the paged KV pool.
+// Attention over the paged KV pool, batch-invariant: a query's result depends on its own query and
+// context only, never on the other requests of the step, the chunk its token came in, or which of
+// its blocks other requests share.
 //
-// One query token per request attends to its context, whose K/V rows lie scattered over the pool.
-// The torch path copies every context row into a dense tensor (a gather) and then runs SDPA over the
-// copy: each K/V byte crosses memory three times. This kernel reads each row once, in place.
+// Every query is attended in one fixed order, whichever op serves it:
+// 1. score of context token t: a chain over the head's 32-bit units in order (bf16: dim pairs through
+//    `dot_pairs`, i.e. vdpbf16ps; fp32: single dims through FMAs), from zero, times 1/sqrt(D);
+// 2. their maximum M over the whole context (exact in any order);
+// 3. p_t = exp(s_t - M); their sum L in 16 lanes (lane t mod 16), tile after tile in token order,
+//    the lanes summed by one fixed tree at the end;
+// 4. out = (sum of p_t v_t) / L, the sum per dim a chain over the tokens in order: bf16 caches take
+//    p rounded to bf16 and the tokens in pairs (2j, 2j + 1) through `dot_pairs`, fp32 ones one FMA
+//    per token. lse = M + log L.
+// Each score is its own chain; the context is cut only at multiples of 16 tokens (the sums' tiles,
+// and pairs), and rows never mix: any split of the context or grouping of rows computes the same bits.
 //
-// Per request (the unit of parallel work, `at::parallel_for`): pass 1 walks the context's slots 16
-// tokens at a time and scores every query head against its KV head's key (the K row of all KV heads
-// is contiguous, so a row is fetched from memory once for all heads); the exact softmax follows;
-// pass 2 sums the value rows weighted by it, the query heads of a KV head together. Storage may be
-// bf16 or fp32; products and sums are fp32 (bf16 pairs through `_mm512_dpbf16_ps` where the CPU has
-// AVX512-BF16). Rows are contiguous only within a block, so the hardware prefetcher loses the
-// stream at every block boundary: pass 1 prefetches the K and V rows 16 tokens ahead, and pass 2,
-// which works from cache, the next request's rows into L2.
-//
-// It returns fp32 outputs and each head's log-sum-exp, so a caller can merge it with attention over
-// another part of the context: the shared prefix, which `prefix_attention` (bf16) attends to for all
-// requests at once. There, per KV head, the B x group queries and the prefix's keys are two small
-// GEMMs on bf16 pairs (register-blocked micro-kernels over K and V repacked once per call); the
-// probabilities are rounded to bf16 for the second, as torch's fused CPU attention does.
+// - decode_attention: one query token per request. Each request's scores, softmax and weighted sum
+//   are one unit of parallel work; its rows are read in place from the pool, each key transposed in
+//   registers 16 tokens at a time. With `prefix_slots`
+//   (a prefix every request shares, a multiple of 16 tokens, which the prefix cache found), that
+//   prefix's K/V are read once for all requests: its scores and its part of the weighted sums are
+//   two small GEMMs per KV head over all B x group queries (Hydragen), each request's own tokens
+//   following in the same chain.
+// - chunk_attention: prompt chunks, each query token attending causally to its request's context.
+//   Per (request, KV head, 16 query rows), the same GEMMs, each row masked to its own length.
+// The GEMMs read copies packed once per call: keys transposed (unit i of 16 tokens in one register),
+// values as token pairs interleaved (their dims come out permuted; the output store puts them back).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
-#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -36,491 +43,653 @@
 namespace {
 
 using namespace tokenmill;
+using bf16 = c10::BFloat16;
 
-// Pass 1 prefetches the K and V rows of the token this far ahead: rows are contiguous only within
-// a block, so the hardware prefetcher loses the stream at each block boundary.
-constexpr int64_t kPrefetchTokens = 16;
+constexpr int64_t kBlockTokens = 64;   // keys per score micro-kernel: 4 tiles of 16
+constexpr int kMaxScoreRows = 4;       // query rows per score micro-kernel (4 x 4 accumulators)
+constexpr int64_t kRowsPerTask = 16;   // query rows per unit of parallel work in the GEMM phases
 
-// Query heads per request that the decode kernel supports (its per-head scratch is on the stack).
-constexpr int64_t kMaxHeads = 256;
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Lane i of the result is the sum of v[i]'s 16 lanes: 16 dot products finished at once, in 15
-// adds and 30 shuffles instead of 16 separate horizontal reductions.
-inline __m512 sum_lanes16(const __m512* v) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i) {  // 128-bit lane m: (t0, t1, t0, t1) partial sums of tokens 2i, 2i+1
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+// What differs between bf16 and fp32 caches: a 32-bit unit is a pair of bf16 or one fp32.
+template <typename T>
+struct Units;
+
+template <>
+struct Units<bf16> {
+  static constexpr int64_t kPerToken = 2;  // tokens per unit of the weighted sum (a pair)
+  static __m512 step(__m512 acc, __m512i a, __m512i b) { return dot_pairs(acc, a, b); }
+  // The probabilities of 32 tokens [t, t + 32) as 16 units (bf16 pairs), written over their start.
+  static void to_units(float* p, int64_t end) {
+    auto* units = reinterpret_cast<__m512i*>(p);
+    for (int64_t t = 0; t < end; t += 32) {
+      _mm512_storeu_si512(units + t / 32, to_bf16(_mm512_loadu_ps(p + t), _mm512_loadu_ps(p + t + 16)));
+    }
   }
-  for (int i = 0; i < 4; ++i) {  // 128-bit lane m: tokens 4i..4i+3, each summed over lane m
-    __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+};
+
+template <>
+struct Units<float> {
+  static constexpr int64_t kPerToken = 1;
+  static __m512 step(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
   }
-  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                           _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                           _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(3, 1, 3, 1)));
+  static void to_units(float*, int64_t) {}
+};
+
+// 16 x 16 32-bit elements transposed in registers: r[i] lane j becomes r[j] lane i.
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + e], 128-bit lane L: element 4L + e of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), b = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88), d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
+    t[e] = _mm512_shuffle_i32x4(a, c, 0x88);       // element e
+    t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);   // element 4 + e
+    t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);   // element 8 + e
+    t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);  // element 12 + e
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// One head's D-element query held in registers, its dot products with stored keys, and the
-// weighted sum of stored values, for each storage type.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t bytes, int hint_l2) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if (hint_l2) _mm_prefetch(p + offset, _MM_HINT_T1); else _mm_prefetch(p + offset, _MM_HINT_T0);
+  }
+}
+
+// Where one KV head's rows are: element 0 of the head in slot 0, and a slot's stride.
+template <typename T>
+struct HeadRows {
+  const T* base;
+  int64_t stride;  // elements per slot (all KV heads)
+  const T* at(int64_t slot) const { return base + slot * stride; }
+};
+
+// Keys of tokens [t0, t0 + 64) of one KV head, transposed: out[(j * kUnits + i) * 16 + l] is unit i
+// of token t0 + 16 j + l. Tokens from n on repeat token n - 1 (finite; their scores are never used).
 template <typename T, int D>
-struct Head;
+void pack_key_block(HeadRows<T> keys, const int64_t* slots, int64_t t0, int64_t n, uint32_t* out) {
+  constexpr int kUnits = D * sizeof(T) / 4;
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t* rows[16];
+    for (int l = 0; l < 16; ++l) {
+      rows[l] = reinterpret_cast<const uint32_t*>(keys.at(slots[std::min(t0 + 16 * j + l, n - 1)]));
+    }
+    for (int u0 = 0; u0 < kUnits; u0 += 16) {
+      __m512i r[16];
+      for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + u0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (j * kUnits + u0 + i) * 16, r[i]);
+    }
+  }
+}
 
-template <int D>
-struct Head<float, D> {
-  static constexpr int kAccumulators = D / 16;
-  __m512 q[D / 16];
-  explicit Head(const float* query) {
-    for (int c = 0; c < D / 16; ++c) q[c] = _mm512_loadu_ps(query + 16 * c);
+// Scores of R query rows (their units) against a packed 64-token key block, scaled: one chain per
+// (row, token) over the units in order, from zero.
+template <typename T, int D, int R>
+inline void score_block(const uint32_t* const* q, const uint32_t* keys, __m512 scale, float* const* out) {
+  constexpr int kUnits = D * sizeof(T) / 4;
+  __m512 acc[R][4];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int i = 0; i < kUnits; ++i) {
+    __m512i k[4];
+    for (int j = 0; j < 4; ++j) k[j] = _mm512_loadu_si512(keys + (j * kUnits + i) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i unit = _mm512_set1_epi32(static_cast<int>(q[r][i]));
+      for (int j = 0; j < 4; ++j) acc[r][j] = Units<T>::step(acc[r][j], unit, k[j]);
+    }
   }
-  __m512 dot(const float* key) const {  // 16 partial sums
-    __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
-    for (int c = 1; c < D / 16; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + 16 * c), acc);
-    return acc;
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], scale));
   }
-  static void load_value(const float* value, __m512* v) {
-    for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_ps(value + 16 * c);
-  }
-  static void store(const __m512* acc, __m512 scale, float* out) {
-    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], scale));
-  }
-};
+}
 
-template <int D>
-struct Head<c10::BFloat16, D> {
-  static constexpr int kAccumulators = D / 16;
-#ifdef __AVX512BF16__
-  __m512bh q[D / 32];
-  explicit Head(const c10::BFloat16* query) {
-    for (int c = 0; c < D / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(query + 32 * c);
-  }
-  __m512 dot(const c10::BFloat16* key) const {  // bf16 pair products, summed in fp32
-    __m512 acc = _mm512_setzero_ps();
-    for (int c = 0; c < D / 32; ++c) acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
-    return acc;
-  }
-#else
-  __m512 q_even[D / 32], q_odd[D / 32];
-  explicit Head(const c10::BFloat16* query) {
-    for (int c = 0; c < D / 32; ++c) {
-      __m512i x = _mm512_loadu_si512(query + 32 * c);
-      q_even[c] = even_bf16(x);
-      q_odd[c] = odd_bf16(x);
+template <typename T, int D>
+void score_rows(const uint32_t* const* q, int rows, const uint32_t* keys, __m512 scale, float* const* out) {
+  for (int r = 0; r < rows; r += kMaxScoreRows) {
+    switch (std::min(rows - r, kMaxScoreRows)) {
+      case 1: score_block<T, D, 1>(q + r, keys, scale, out + r); break;
+      case 2: score_block<T, D, 2>(q + r, keys, scale, out + r); break;
+      case 3: score_block<T, D, 3>(q + r, keys, scale, out + r); break;
+      default: score_block<T, D, 4>(q + r, keys, scale, out + r); break;
     }
   }
-  __m512 dot(const c10::BFloat16* key) const {
-    __m512 acc = _mm512_setzero_ps();
-    for (int c = 0; c < D / 32; ++c) {
-      __m512i x = _mm512_loadu_si512(key + 32 * c);
-      acc = _mm512_fmadd_ps(q_even[c], even_bf16(x), _mm512_fmadd_ps(q_odd[c], odd_bf16(x), acc));  // as vdpbf16ps
-    }
-    return acc;
-  }
-#endif
-  static void load_value(const c10::BFloat16* value, __m512* v) {  // v: even, odd, even, ... elements
-    for (int c = 0; c < D / 32; ++c) {
-      __m512i x = _mm512_loadu_si512(value + 32 * c);
-      v[2 * c] = even_bf16(x);
-      v[2 * c + 1] = odd_bf16(x);
-    }
-  }
-  static void store(const __m512* acc, __m512 scale, float* out) {
-    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int c = 0; c < D / 32; ++c) {
-      __m512 even = _mm512_mul_ps(acc[2 * c], scale), odd = _mm512_mul_ps(acc[2 * c + 1], scale);
-      _mm512_storeu_ps(out + 32 * c, _mm512_permutex2var_ps(even, low, odd));
-      _mm512_storeu_ps(out + 32 * c + 16, _mm512_permutex2var_ps(even, high, odd));
-    }
-  }
-};
+}
 
-// Softmax numerators in place: s[t] = exp(s[t] - max) for t < n. Returns their sum; *max gets the
-// scores' maximum (the log-sum-exp is max + log(sum)).
-inline float exponentiate(float* s, int64_t n, float* max) {
+// The same scores for up to 8 rows that share one KV head's keys, 16 tokens [t0, t0 + 16) at a time,
+// transposed in registers and used at once (no packed copy): the decode kernel's few heads per KV head.
+template <typename T, int D, int R>
+inline void score_tile_direct(const uint32_t* const* q, HeadRows<T> keys, const int64_t* slots, int64_t t0, int64_t n,
+                              __m512 scale, float* const* out) {
+  constexpr int kUnits = D * sizeof(T) / 4;
+  const uint32_t* rows[16];
+  for (int l = 0; l < 16; ++l) rows[l] = reinterpret_cast<const uint32_t*>(keys.at(slots[std::min(t0 + l, n - 1)]));
+  __m512 acc[R];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int u0 = 0; u0 < kUnits; u0 += 16) {
+    __m512i r[16];
+    for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + u0);
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) {
+      for (int h = 0; h < R; ++h) acc[h] = Units<T>::step(acc[h], _mm512_set1_epi32(static_cast<int>(q[h][u0 + i])), r[i]);
+    }
+  }
+  for (int h = 0; h < R; ++h) _mm512_storeu_ps(out[h] + t0, _mm512_mul_ps(acc[h], scale));
+}
+
+template <typename T, int D>
+void score_rows_direct(const uint32_t* const* q, int rows, HeadRows<T> keys, const int64_t* slots, int64_t t0,
+                       int64_t n, __m512 scale, float* const* out) {
+  for (int r = 0; r < rows; r += 8) {
+    switch (std::min(rows - r, 8)) {
+      case 1: score_tile_direct<T, D, 1>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 2: score_tile_direct<T, D, 2>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 3: score_tile_direct<T, D, 3>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 4: score_tile_direct<T, D, 4>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 5: score_tile_direct<T, D, 5>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 6: score_tile_direct<T, D, 6>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 7: score_tile_direct<T, D, 7>(q + r, keys, slots, t0, n, scale, out + r); break;
+      default: score_tile_direct<T, D, 8>(q + r, keys, slots, t0, n, scale, out + r); break;
+    }
+  }
+}
+
+inline float max_score(const float* s, int64_t n) {
   __m512 max16 = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 valid = tail_mask(n - t);
     max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
   }
-  const float max_score = _mm512_reduce_max_ps(max16);
-  max16 = _mm512_set1_ps(max_score);
-  __m512 sum16 = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 valid = tail_mask(n - t);
-    __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
-    _mm512_mask_storeu_ps(s + t, valid, p);
+  return _mm512_reduce_max_ps(max16);
+}
+
+// s[t] = exp(s[t] - max) for t < n, 0 for n <= t < end (end a multiple of 16), each tile of 16 added
+// to sum16 in order.
+inline void exponentiate(float* s, int64_t n, int64_t end, float max, __m512& sum16) {
+  const __m512 max16 = _mm512_set1_ps(max);
+  for (int64_t t = 0; t < end; t += 16) {
+    const __mmask16 valid = t < n ? tail_mask(n - t) : 0;
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
+    _mm512_storeu_ps(s + t, p);
     sum16 = _mm512_add_ps(sum16, p);
   }
-  *max = max_score;
-  return _mm512_reduce_add_ps(sum16);
 }
 
-template <int kHint>
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, static_cast<_mm_hint>(kHint));
-}
-
-// One request: query [heads, D] against its n context rows; writes out [heads, D] and lse [heads].
-// scores ([heads, n rounded up to 16]) is the caller's scratch.
+// Value units of one KV head: unit j is, for bf16, tokens (2j, 2j + 1) interleaved by unpacklo/hi
+// (so each register's 16 lanes hold permuted dims of 32: store_output puts them back); for fp32,
+// token j. Read from the pool's rows (tokens from n on read token n - 1: their probabilities are 0)...
 template <typename T, int D>
-void attend_request(const T* query, const T* key_cache, const T* value_cache, const int64_t* slots, int64_t n,
-                    const int64_t* next_slots, int64_t next_n, int64_t kv_heads, int64_t group, float* scores,
-                    float* out, float* lse) {
-  const int64_t heads = kv_heads * group;
-  const int64_t row = kv_heads * D;  // elements of one slot's K (or V) row, all KV heads
-  const int64_t stride = (n + 15) / 16 * 16;
+struct PoolValues {
+  HeadRows<T> rows;
+  const int64_t* slots;
+  int64_t n;
+  void load(int64_t j, __m512i* v) const {
+    if constexpr (Units<T>::kPerToken == 2) {
+      const T* even = rows.at(slots[std::min(2 * j, n - 1)]);
+      const T* odd = rows.at(slots[std::min(2 * j + 1, n - 1)]);
+      for (int c = 0; c < D / 32; ++c) {
+        const __m512i x = _mm512_loadu_si512(even + 32 * c), y = _mm512_loadu_si512(odd + 32 * c);
+        v[2 * c] = _mm512_unpacklo_epi16(x, y);
+        v[2 * c + 1] = _mm512_unpackhi_epi16(x, y);
+      }
+    } else {
+      const T* row = rows.at(slots[std::min(j, n - 1)]);
+      for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_si512(row + 16 * c);
+    }
+  }
+};
+
+// ... or from a copy packed in that layout once, for the GEMMs that read each unit for many rows.
+template <int D>
+struct PackedValues {
+  const uint32_t* units;  // [j][D / 16][16]
+  void load(int64_t j, __m512i* v) const {
+    for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_si512(units + (j * (D / 16) + c) * 16);
+  }
+};
+
+template <typename T, int D>
+void pack_values(const PoolValues<T, D>& values, int64_t j0, int64_t j1, uint32_t* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512i v[D / 16];
+    values.load(j, v);
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_si512(out + (j * (D / 16) + c) * 16, v[c]);
+  }
+}
+
+// acc[r] += the weighted sum of value units [j0, j1) for R rows of probability units: per dim, one
+// chain over the units in order.
+template <typename T, int D, int R, typename Source>
+inline void value_block(const uint32_t* const* p, int64_t j0, int64_t j1, const Source& values, __m512* acc) {
+  constexpr int kChunks = D / 16;
+  __m512 a[R][kChunks];
+  for (int r = 0; r < R; ++r) for (int c = 0; c < kChunks; ++c) a[r][c] = acc[r * kChunks + c];
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512i v[kChunks];
+    values.load(j, v);
+    for (int r = 0; r < R; ++r) {
+      const __m512i unit = _mm512_set1_epi32(static_cast<int>(p[r][j]));
+      for (int c = 0; c < kChunks; ++c) a[r][c] = Units<T>::step(a[r][c], unit, v[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) for (int c = 0; c < kChunks; ++c) acc[r * kChunks + c] = a[r][c];
+}
+
+template <typename T, int D>
+constexpr int kValueRows = std::max(1, 16 / (D / 16));  // 16 accumulators
+
+template <typename T, int D, typename Source>
+void value_rows(const uint32_t* const* p, int rows, int64_t j0, int64_t j1, const Source& values, __m512* acc) {
+  constexpr int kRows = kValueRows<T, D>, kChunks = D / 16;
+  for (int r = 0; r < rows; r += kRows) {
+    const int count = std::min(rows - r, kRows);
+    if constexpr (kRows >= 4) {
+      if (count == 3) { value_block<T, D, 3>(p + r, j0, j1, values, acc + r * kChunks); continue; }
+    }
+    if constexpr (kRows >= 2) {
+      if (count == 2) { value_block<T, D, 2>(p + r, j0, j1, values, acc + r * kChunks); continue; }
+    }
+    if (count == 1) { value_block<T, D, 1>(p + r, j0, j1, values, acc + r * kChunks); continue; }
+    value_block<T, D, kRows>(p + r, j0, j1, values, acc + r * kChunks);
+  }
+}
+
+// out = acc / sum, the dims back in order, in the output's dtype.
+template <typename T, int D, typename O>
+inline void store_output(const __m512* acc, float sum, O* out) {
+  const __m512 scale = _mm512_set1_ps(1.0f / sum);
+  __m512 x[D / 16];
+  if constexpr (Units<T>::kPerToken == 2) {
+    // unpacklo/hi left chunk 2c with dims {0-3, 8-11, 16-19, 24-27} and 2c + 1 with {4-7, ...} of 32.
+    const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int c = 0; c < D / 32; ++c) {
+      x[2 * c] = _mm512_permutex2var_ps(acc[2 * c], low, acc[2 * c + 1]);
+      x[2 * c + 1] = _mm512_permutex2var_ps(acc[2 * c], high, acc[2 * c + 1]);
+    }
+  } else {
+    for (int c = 0; c < D / 16; ++c) x[c] = acc[c];
+  }
+  for (int c = 0; c < D / 16; ++c) {
+    const __m512 y = _mm512_mul_ps(x[c], scale);
+    if constexpr (std::is_same_v<O, bf16>) store_bf16(out + 16 * c, y, 0xFFFF); else _mm512_storeu_ps(out + 16 * c, y);
+  }
+}
+
+// ---- decode_attention
+
+// One request's query heads (all KV heads): their scores over its n own tokens (those after the
+// prefix) into scores[h * stride + t], 64 tokens at a time, every KV head's, so that each K row (all
+// heads) is read from memory once. The next 64 tokens' K and V rows are prefetched meanwhile: rows
+// are contiguous only within a KV block, so the hardware prefetcher loses the stream at each boundary.
+template <typename T, int D>
+void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, const T* value_cache, int64_t kv_heads,
+                    const int64_t* slots, int64_t n, float* scores, int64_t stride) {
+  const int64_t group = heads / kv_heads, row = kv_heads * D;
+  constexpr int kUnits = D * sizeof(T) / 4;
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
-  for (int64_t t = 0; t < std::min(n, kPrefetchTokens); ++t) {
-    prefetch_row<_MM_HINT_T0>(key_cache + slots[t] * row, row * sizeof(T));
-    prefetch_row<_MM_HINT_T0>(value_cache + slots[t] * row, row * sizeof(T));
-  }
-
-  // Pass 1: scores of 16 tokens at a time, every head; a token's K row is read from memory once.
-  for (int64_t t0 = 0; t0 < n; t0 += 16) {
-    const T* keys[16];
-    for (int64_t i = 0; i < 16; ++i) {
-      const int64_t t = t0 + i;
-      keys[i] = key_cache + slots[std::min(t, n - 1)] * row;  // past the end: a real row, result unused
-      if (t + kPrefetchTokens < n) {
-        prefetch_row<_MM_HINT_T0>(key_cache + slots[t + kPrefetchTokens] * row, row * sizeof(T));
-        prefetch_row<_MM_HINT_T0>(value_cache + slots[t + kPrefetchTokens] * row, row * sizeof(T));
-      }
+  const uint32_t* q_rows[64];
+  float* out_rows[64];
+  for (int64_t t0 = -kBlockTokens; t0 < n; t0 += kBlockTokens) {
+    for (int64_t t = t0 + kBlockTokens; t < std::min(n, t0 + 2 * kBlockTokens); ++t) {
+      prefetch_row(key_cache + slots[t] * row, row * sizeof(T), 1);
+      prefetch_row(value_cache + slots[t] * row, row * sizeof(T), 1);
     }
-    const __mmask16 valid = tail_mask(n - t0);
-    for (int64_t h = 0; h < heads; ++h) {
-      const Head<T, D> head(query + h * D);
-      const int64_t offset = (h / group) * D;
-      __m512 partial[16];
-      for (int i = 0; i < 16; ++i) partial[i] = head.dot(keys[i] + offset);
-      _mm512_mask_storeu_ps(scores + h * stride + t0, valid, _mm512_mul_ps(sum_lanes16(partial), scale));
-    }
-  }
-
-  // Softmax per head, then pass 2: the weighted sums of value rows (now in cache), the query heads
-  // of a KV head together, so that each value row is loaded and widened once for all of them.
-  float inv_sums[kMaxHeads];
-  for (int64_t h = 0; h < heads; ++h) {
-    float max_score;
-    const float sum = exponentiate(scores + h * stride, n, &max_score);
-    lse[h] = max_score + std::log(sum);
-    inv_sums[h] = 1.0f / sum;
-  }
-  constexpr int kAccumulators = Head<T, D>::kAccumulators, kHeadsPerWalk = 16 / kAccumulators;
-  for (int64_t g = 0; g < kv_heads; ++g) {
-    const T* values = value_cache + g * D;
-    for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += kHeadsPerWalk) {
-      const int64_t count = std::min<int64_t>(kHeadsPerWalk, (g + 1) * group - h0);
-      __m512 acc[kHeadsPerWalk][kAccumulators];
-      for (auto& set : acc) for (auto& a : set) a = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
-        __m512 v[kAccumulators];
-        if (h0 == g * group) {
-          // NOTE: pass 2 works from cache, so the memory pipe would idle: the next request's rows
-          // go into L2 meanwhile, spread over the first walk of every KV head (-16% per layer at
-          // B=64, ~210-token contexts, against doing it during pass 1).
-          const int64_t k = g * n + t, total = kv_heads * n;
-          for (int64_t u = k * next_n / total; u < (k + 1) * next_n / total; ++u) {
-            prefetch_row<_MM_HINT_T1>(key_cache + next_slots[u] * row, row * sizeof(T));
-            prefetch_row<_MM_HINT_T1>(value_cache + next_slots[u] * row, row * sizeof(T));
-          }
-        }
-        Head<T, D>::load_value(values + slots[t] * row, v);
-        for (int j = 0; j < kHeadsPerWalk; ++j) {
-          if (j == count) break;
-          const __m512 weight = _mm512_set1_ps(scores[(h0 + j) * stride + t]);
-          for (int c = 0; c < kAccumulators; ++c) acc[j][c] = _mm512_fmadd_ps(weight, v[c], acc[j][c]);
-        }
+    if (t0 < 0) continue;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      for (int64_t r = 0; r < group; ++r) {
+        q_rows[r] = q + (g * group + r) * kUnits;
+        out_rows[r] = scores + (g * group + r) * stride;
       }
-      for (int j = 0; j < count; ++j) Head<T, D>::store(acc[j], _mm512_set1_ps(inv_sums[h0 + j]), out + (h0 + j) * D);
+      for (int64_t t = t0; t < std::min(n, t0 + kBlockTokens); t += 16) {
+        score_rows_direct<T, D>(q_rows, static_cast<int>(group), {key_cache + g * D, row}, slots, t, n, scale, out_rows);
+      }
     }
   }
 }
 
 template <typename T, int D>
-void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                const at::Tensor& context_slots, const at::Tensor& context_lens, at::Tensor& out, at::Tensor& lse) {
-  const int64_t batch = query.size(0), heads = query.size(1);
-  const int64_t kv_heads = key_cache.size(1), group = heads / kv_heads;
-  const int64_t max_context = context_slots.size(1);
-  const T* q = query.data_ptr<T>();
+void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                const at::Tensor& context_slots, const at::Tensor& context_lens, const at::Tensor& prefix_slots,
+                at::Tensor& out) {
+  constexpr int kUnits = D * sizeof(T) / 4, kChunks = D / 16;
+  constexpr int64_t kPer = Units<T>::kPerToken;
+  const int64_t batch = query.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
+  const int64_t group = heads / kv_heads, row = kv_heads * D, max_context = context_slots.size(1);
+  const int64_t prefix = prefix_slots.size(0);
+  const auto* q = reinterpret_cast<const uint32_t*>(query.data_ptr<T>());
   const T* k = key_cache.data_ptr<T>();
   const T* v = value_cache.data_ptr<T>();
   const int64_t* slots = context_slots.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  float* l = lse.data_ptr<float>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(heads * ((max_context + 15) / 16 * 16));
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t next_n = b + 1 < end ? lens[b + 1] : 0;
-      attend_request<T, D>(q + b * heads * D, k, v, slots + b * max_context, lens[b],
-                           slots + (b + 1) * max_context, next_n, kv_heads, group,
-                           scores.data(), o + b * heads * D, l + b * heads);
-    }
-  });
-}
-
-// ---- Shared-prefix attention (Hydragen): every decode query of every request against one prefix.
-// Per KV head, B x group queries and the prefix's P keys make two small GEMMs, on bf16 pairs
-// (`dot_pairs`), with the prefix's K and V repacked once per call into the layout those want.
-
-constexpr int kKeyTiles = 4;            // keys per score micro-kernel: 4 tiles of 16
-constexpr int64_t kQueriesPerTask = 16;  // queries per unit of parallel work (one KV head)
-
-// Keys of one KV head, [P / 16][D / 2][16]: a register holds dims (2i, 2i + 1) of 16 tokens. Keys
-// past n are zero. `keys` points at the head's first pair in slot 0; `row` is a slot's pairs.
-template <int D>
-void pack_keys(const uint32_t* keys, int64_t row, const int64_t* slots, int64_t n, int64_t n_pad, uint32_t* packed) {
-  for (int64_t t = 0; t < n_pad; ++t) {
-    const uint32_t* k = keys + slots[std::min(t, n - 1)] * row;
-    for (int i = 0; i < D / 2; ++i) packed[((t / 16) * (D / 2) + i) * 16 + t % 16] = t < n ? k[i] : 0;
-  }
-}
-
-// Values of one KV head, [P / 2][D]: pair j of a dim d is (V[2j][d], V[2j + 1][d]), so a register
-// holds 16 dims of two tokens. `values` points at the head's first element in slot 0.
-template <int D>
-void pack_values(const uint16_t* values, int64_t row, const int64_t* slots, int64_t n, int64_t n_pad,
-                 uint32_t* packed) {
-  for (int64_t j = 0; j < n_pad / 2; ++j) {
-    const uint16_t* even = values + slots[std::min(2 * j, n - 1)] * row;
-    const uint16_t* odd = values + slots[std::min(2 * j + 1, n - 1)] * row;
-    for (int d = 0; d < D; ++d) {
-      const uint32_t low = 2 * j < n ? even[d] : 0, high = 2 * j + 1 < n ? odd[d] : 0;
-      packed[j * D + d] = low | high << 16;
-    }
-  }
-}
-
-// Scores of 4 queries (bf16 pairs) against 64 packed keys, scaled, into 4 score rows.
-template <int D>
-inline void score_tile(const uint32_t* const* q, const uint32_t* packed_keys, __m512 scale, float* const* out) {
-  __m512 acc[4][kKeyTiles];
-  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  for (int i = 0; i < D / 2; ++i) {
-    __m512i k[kKeyTiles];
-    for (int j = 0; j < kKeyTiles; ++j) k[j] = _mm512_loadu_si512(packed_keys + (j * (D / 2) + i) * 16);
-    for (int r = 0; r < 4; ++r) {
-      const __m512i pair = _mm512_set1_epi32(static_cast<int>(q[r][i]));
-      for (int j = 0; j < kKeyTiles; ++j) acc[r][j] = dot_pairs(acc[r][j], pair, k[j]);
-    }
-  }
-  for (int r = 0; r < 4; ++r) {
-    for (int j = 0; j < kKeyTiles; ++j) _mm512_storeu_ps(out[r] + 16 * j, _mm512_mul_ps(acc[r][j], scale));
-  }
-}
-
-// Outputs of kRows queries, merged with their suffix attention: the bf16 probability pairs times the
-// packed values, times prefix_scale, plus suffix times suffix_scale, rounded to bf16.
-template <int D>
-inline void value_tile(const uint32_t* const* probs, int64_t pairs, const uint32_t* packed_values,
-                       const float* prefix_scale, const float* const* suffix, const float* suffix_scale,
-                       c10::BFloat16* const* out) {
-  constexpr int kChunks = D / 16, kRows = 16 / kChunks;  // 16 accumulators
-  __m512 acc[kRows][kChunks];
-  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
-  // Unrolled, as measured: 10% off the whole kernel (B=64, 512-token prefix).
-#pragma GCC unroll 4
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512i v[kChunks];
-    for (int c = 0; c < kChunks; ++c) v[c] = _mm512_loadu_si512(packed_values + j * D + 16 * c);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i pair = _mm512_set1_epi32(static_cast<int>(probs[r][j]));
-      for (int c = 0; c < kChunks; ++c) acc[r][c] = dot_pairs(acc[r][c], pair, v[c]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    const __m512 scale = _mm512_set1_ps(prefix_scale[r]), weight = _mm512_set1_ps(suffix_scale[r]);
-    for (int c = 0; c < kChunks; ++c) {
-      const __m512 own = _mm512_loadu_ps(suffix[r] + 16 * c);
-      const __m512 merged = _mm512_fmadd_ps(own, weight, _mm512_mul_ps(acc[r][c], scale));
-      store_bf16(out[r] + 16 * c, merged, 0xFFFF);
-    }
-  }
-}
-
-template <int D>
-void attend_prefix(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                   const at::Tensor& prefix_slots, const at::Tensor& suffix_out, const at::Tensor& suffix_lse,
-                   at::Tensor& out) {
-  const int64_t batch = query.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
-  const int64_t group = heads / kv_heads, queries = batch * group, n = prefix_slots.size(0);
-  const int64_t n_pad = (n + 16 * kKeyTiles - 1) / (16 * kKeyTiles) * (16 * kKeyTiles);
-  const int64_t row = kv_heads * D;  // elements of one slot's K (or V) row
-  const auto* q = reinterpret_cast<const uint32_t*>(query.data_ptr<c10::BFloat16>());
-  const auto* k = reinterpret_cast<const uint32_t*>(key_cache.data_ptr<c10::BFloat16>());
-  const auto* v = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<c10::BFloat16>());
-  const int64_t* slots = prefix_slots.data_ptr<int64_t>();
-  const float* suffix = suffix_out.data_ptr<float>();
-  const float* suffix_l = suffix_lse.data_ptr<float>();
-  auto* o = out.data_ptr<c10::BFloat16>();
-  std::vector<uint32_t> packed_keys(kv_heads * n_pad * D / 2), packed_values(kv_heads * n_pad * D / 2);
-  at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      pack_keys<D>(k + g * D / 2, row / 2, slots, n, n_pad, packed_keys.data() + g * n_pad * D / 2);
-      pack_values<D>(v + g * D, row, slots, n, n_pad, packed_values.data() + g * n_pad * D / 2);
-    }
-  });
-
-  const int64_t tasks_per_head = (queries + kQueriesPerTask - 1) / kQueriesPerTask;
+  const int64_t* prefix_s = prefix_slots.data_ptr<int64_t>();
+  T* o = out.data_ptr<T>();
+  const int64_t stride = round_up(max_context, kBlockTokens);
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+
+  // The prefix's part, when there is one: its scores for all B x heads rows (row b * heads + h).
+  const int64_t prefix_pad = round_up(prefix, kBlockTokens);
+  std::vector<float> prefix_scores(batch * heads * prefix_pad);
+  std::vector<float> state;  // [B * heads][D]: each row's weighted sum over the prefix (then on)
+  std::vector<uint32_t> packed_keys, packed_values;  // the prefix's, per KV head
+  if (prefix > 0) {
+    packed_keys.resize(kv_heads * prefix_pad * kUnits);
+    packed_values.resize(kv_heads * prefix_pad * kUnits);
+    at::parallel_for(0, kv_heads * (prefix_pad / kBlockTokens), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / (prefix_pad / kBlockTokens), t0 = task % (prefix_pad / kBlockTokens) * kBlockTokens;
+        pack_key_block<T, D>({k + g * D, row}, prefix_s, t0, prefix, packed_keys.data() + (g * prefix_pad + t0) * kUnits);
+        pack_values<T, D>({{v + g * D, row}, prefix_s, prefix}, t0 / kPer, (t0 + kBlockTokens) / kPer,
+                          packed_values.data() + g * prefix_pad * kUnits);
+      }
+    });
+    const int64_t rows_per_head = batch * group, tasks_per_head = (rows_per_head + kRowsPerTask - 1) / kRowsPerTask;
+    at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kRowsPerTask;
+        const int count = static_cast<int>(std::min(kRowsPerTask, rows_per_head - first));
+        const uint32_t* q_rows[kRowsPerTask];
+        float* out_rows[kRowsPerTask];
+        for (int r = 0; r < count; ++r) {
+          const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
+          q_rows[r] = q + index * kUnits;
+          out_rows[r] = prefix_scores.data() + index * prefix_pad;
+        }
+        for (int64_t t0 = 0; t0 < prefix_pad; t0 += kBlockTokens) {
+          float* block_rows[kRowsPerTask];
+          for (int r = 0; r < count; ++r) block_rows[r] = out_rows[r] + t0;
+          score_rows<T, D>(q_rows, count, packed_keys.data() + (g * prefix_pad + t0) * kUnits, scale, block_rows);
+        }
+      }
+    });
+    state.assign(batch * heads * D, 0.0f);
+  }
+
+  // Per request: its own scores, the softmax over prefix and own tokens, and (without a prefix, at
+  // once) the weighted sums. With a prefix, the prefix's weighted sums come between.
+  std::vector<float> own_scores(prefix > 0 ? batch * heads * stride : 0);
+  std::vector<float> sums(batch * heads);
+  // Request b's weighted sums over its own tokens, for KV head g's query heads (probabilities
+  // scores_g[r * stride + t]), added to acc[r * kChunks + c].
+  auto own_values = [&](int64_t b, int64_t g, const float* scores_g, __m512* acc) {
+    const int64_t n = lens[b];
+    const uint32_t* p_rows[64];
+    for (int64_t r = 0; r < group; ++r) p_rows[r] = reinterpret_cast<const uint32_t*>(scores_g + r * stride);
+    const PoolValues<T, D> values{{v + g * D, row}, slots + b * max_context, n};
+    value_rows<T, D>(p_rows, static_cast<int>(group), 0, (n + kPer - 1) / kPer, values, acc);
+  };
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> local(prefix > 0 ? 0 : heads * stride);
+    std::vector<__m512> acc(group * kChunks);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = lens[b];
+      float* scores_b = prefix > 0 ? own_scores.data() + b * heads * stride : local.data();
+      request_scores<T, D>(q + b * heads * kUnits, heads, k, v, kv_heads, slots + b * max_context, n, scores_b, stride);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* s = scores_b + h * stride;
+        float* ps = prefix > 0 ? prefix_scores.data() + (b * heads + h) * prefix_pad : nullptr;
+        const float max = std::max(max_score(s, n), prefix > 0 ? max_score(ps, prefix) : -INFINITY);
+        __m512 sum16 = _mm512_setzero_ps();
+        if (prefix > 0) {
+          exponentiate(ps, prefix, round_up(prefix, 32), max, sum16);
+          Units<T>::to_units(ps, prefix);
+        }
+        exponentiate(s, n, round_up(n, 32), max, sum16);
+        Units<T>::to_units(s, n);
+        sums[b * heads + h] = _mm512_reduce_add_ps(sum16);
+      }
+      if (prefix > 0) continue;
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        if (b + 1 < end) {
+          // NOTE: the weighted sums work from cache, so the memory would idle: the next request's
+          // rows go into L2 meanwhile, a share before each KV head's sums.
+          const int64_t next_n = lens[b + 1];
+          const int64_t* next = slots + (b + 1) * max_context;
+          for (int64_t t = g * next_n / kv_heads; t < (g + 1) * next_n / kv_heads; ++t) {
+            prefetch_row(k + next[t] * row, row * sizeof(T), 1);
+            prefetch_row(v + next[t] * row, row * sizeof(T), 1);
+          }
+        }
+        std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+        own_values(b, g, scores_b + g * group * stride, acc.data());
+        for (int64_t r = 0; r < group; ++r) {
+          const int64_t h = b * heads + g * group + r;
+          store_output<T, D>(acc.data() + r * kChunks, sums[h], o + h * D);
+        }
+      }
+    }
+  });
+  if (prefix == 0) return;
+
+  const int64_t rows_per_head = batch * group, tasks_per_head = (rows_per_head + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
-    // Scores, then in place their bf16 probability pairs; one spare row for padding queries.
-    std::vector<float> scores((kQueriesPerTask + 1) * n_pad);
-    // Per query, the weights of its prefix and suffix parts: exp(lse_part - lse_whole), with the
-    // prefix's 1 / sum folded in.
-    alignas(64) float prefix_scale[kQueriesPerTask], suffix_scale[kQueriesPerTask];
-    alignas(64) float row_max[kQueriesPerTask], row_sum[kQueriesPerTask], suffix_lse_rows[kQueriesPerTask];
-    std::vector<c10::BFloat16> spare_out(D);
+    std::vector<__m512> acc(kRowsPerTask * kChunks);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kQueriesPerTask;
-      const int64_t count = std::min(kQueriesPerTask, queries - first);
-      // Query r of this head is head g * group + r % group of request r / group.
-      auto index = [&](int64_t r) { return (r / group) * heads + g * group + r % group; };
-      const uint32_t* head_keys = packed_keys.data() + g * n_pad * D / 2;
-      for (int64_t r0 = 0; r0 < count; r0 += 4) {
-        const uint32_t* rows[4];
-        float* score_rows[4];
-        for (int r = 0; r < 4; ++r) {
-          const bool real = r0 + r < count;
-          rows[r] = q + index(first + std::min(r0 + r, count - 1)) * D / 2;
-          score_rows[r] = scores.data() + (real ? r0 + r : kQueriesPerTask) * n_pad;
-        }
-        for (int64_t t0 = 0; t0 < n_pad; t0 += 16 * kKeyTiles) {
-          float* tile_rows[4] = {score_rows[0] + t0, score_rows[1] + t0, score_rows[2] + t0, score_rows[3] + t0};
-          score_tile<D>(rows, head_keys + t0 * D / 2, scale, tile_rows);
-        }
+      const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kRowsPerTask;
+      const int count = static_cast<int>(std::min(kRowsPerTask, rows_per_head - first));
+      const uint32_t* p_rows[kRowsPerTask];
+      for (int r = 0; r < count; ++r) {
+        const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
+        p_rows[r] = reinterpret_cast<const uint32_t*>(prefix_scores.data() + index * prefix_pad);
       }
-      for (int64_t r = 0; r < count; ++r) {
-        float* s = scores.data() + r * n_pad;
-        row_sum[r] = exponentiate(s, n, row_max + r);
-        suffix_lse_rows[r] = suffix_l[index(first + r)];
-        std::fill(s + n, s + n_pad, 0.0f);
-        auto* probs = reinterpret_cast<__m512i*>(s);  // bf16 pairs over the first half of the row
-        for (int64_t t = 0; t < n_pad; t += 32) {
-          _mm512_storeu_si512(probs + t / 32, to_bf16(_mm512_loadu_ps(s + t), _mm512_loadu_ps(s + t + 16)));
-        }
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+      const PackedValues<D> values{packed_values.data() + g * prefix_pad * kUnits};
+      value_rows<T, D>(p_rows, count, 0, (prefix + kPer - 1) / kPer, values, acc.data());
+      for (int r = 0; r < count; ++r) {
+        const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
+        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(state.data() + index * D + 16 * c, acc[r * kChunks + c]);
       }
-      {
-        // The parts' weights, exp(lse_part - lse_whole), without logs: with m the larger of the prefix's
-        // max score and the suffix's log-sum-exp, the prefix's is sum * e / (sum * e + e_s), where
-        // e = exp(max - m) and e_s = exp(lse_suffix - m), and it is divided by sum for the
-        // unnormalized prefix outputs; the suffix's is e_s / (sum * e + e_s).
-        static_assert(kQueriesPerTask == 16, "one vector of queries");
-        const __mmask16 valid = tail_mask(count);
-        const __m512 max = _mm512_maskz_loadu_ps(valid, row_max), sum = _mm512_maskz_loadu_ps(valid, row_sum);
-        const __m512 suffix_lse16 = _mm512_maskz_loadu_ps(valid, suffix_lse_rows);
-        const __m512 top = _mm512_max_ps(max, suffix_lse16);
-        const __m512 prefix_part = exp16(_mm512_sub_ps(max, top));
-        const __m512 suffix_part = exp16(_mm512_sub_ps(suffix_lse16, top));
-        const __m512 whole = _mm512_fmadd_ps(sum, prefix_part, suffix_part);
-        _mm512_store_ps(prefix_scale, _mm512_maskz_div_ps(valid, prefix_part, whole));
-        _mm512_store_ps(suffix_scale, _mm512_maskz_div_ps(valid, suffix_part, whole));
+    }
+  });
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> acc(heads * kChunks);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = 0; i < heads * kChunks; ++i) acc[i] = _mm512_loadu_ps(state.data() + b * heads * D + 16 * i);
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        own_values(b, g, own_scores.data() + (b * heads + g * group) * stride, acc.data() + g * group * kChunks);
       }
-      constexpr int kRows = 16 / (D / 16);
-      const uint32_t* head_values = packed_values.data() + g * n_pad * D / 2;
-      for (int64_t r0 = 0; r0 < count; r0 += kRows) {
-        const uint32_t* probs[kRows];
-        const float* suffixes[kRows];
-        c10::BFloat16* outs[kRows];
-        float prefix_w[kRows], suffix_w[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t real = std::min(r0 + r, count - 1);  // padding rows repeat the last query
-          probs[r] = reinterpret_cast<const uint32_t*>(scores.data() + real * n_pad);
-          suffixes[r] = suffix + index(first + real) * D;
-          outs[r] = r0 + r < count ? o + index(first + real) * D : spare_out.data();
-          prefix_w[r] = prefix_scale[real];
-          suffix_w[r] = suffix_scale[real];
-        }
-        value_tile<D>(probs, (n + 1) / 2, head_values, prefix_w, suffixes, suffix_w, outs);
+      for (int64_t h = 0; h < heads; ++h) {
+        store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }
     }
   });
 }
 
-// Attention over prefix + suffix from the prefix's part (computed here) and the suffix's (the decode
-// kernel's fp32 outputs and log-sum-exp), merged exactly by their log-sum-exp; bf16 out.
-at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                            const at::Tensor& prefix_slots, const at::Tensor& suffix_out,
-                            const at::Tensor& suffix_lse) {
-  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
-              "query [B, heads, D], key/value cache [slots, kv_heads, D]");
-  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-              prefix_slots.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
-              value_cache.scalar_type() == at::kBFloat16, "bf16 only");
-  TORCH_CHECK(prefix_slots.scalar_type() == at::kLong && prefix_slots.dim() == 1 && prefix_slots.size(0) >= 1,
-              "int64 prefix slots, at least one");
-  TORCH_CHECK(query.size(0) >= 1 && key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 &&
-              query.size(2) == key_cache.size(2), "head shapes");
-  check_slots(prefix_slots, key_cache.size(0), "prefix_slots");
-  TORCH_CHECK(suffix_out.scalar_type() == at::kFloat && suffix_out.is_contiguous() &&
-              suffix_out.sizes() == query.sizes(), "suffix_out: fp32 [B, heads, D]");
-  TORCH_CHECK(suffix_lse.scalar_type() == at::kFloat && suffix_lse.is_contiguous() && suffix_lse.dim() == 2 &&
-              suffix_lse.size(0) == query.size(0) && suffix_lse.size(1) == query.size(1),
-              "suffix_lse: fp32 [B, heads]");
-  at::Tensor out = at::empty(query.sizes(), query.options());
-  switch (query.size(2)) {
-    case 64: attend_prefix<64>(query, key_cache, value_cache, prefix_slots, suffix_out, suffix_lse, out); break;
-    case 128: attend_prefix<128>(query, key_cache, value_cache, prefix_slots, suffix_out, suffix_lse, out); break;
-    default: TORCH_CHECK(false, "head_dim 64 or 128 only");
+// ---- chunk_attention
+
+template <typename T, int D>
+void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+               const at::Tensor& query_start, const at::Tensor& num_queries, const at::Tensor& context_slots,
+               const at::Tensor& context_lens, at::Tensor& out) {
+  constexpr int kUnits = D * sizeof(T) / 4, kChunks = D / 16;
+  constexpr int64_t kPer = Units<T>::kPerToken;
+  const int64_t requests = query_start.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
+  const int64_t group = heads / kv_heads, row = kv_heads * D, max_context = context_slots.size(1);
+  const auto* q = reinterpret_cast<const uint32_t*>(query.data_ptr<T>());
+  const T* k = key_cache.data_ptr<T>();
+  const T* v = value_cache.data_ptr<T>();
+  const int64_t* starts = query_start.data_ptr<int64_t>();
+  const int64_t* counts = num_queries.data_ptr<int64_t>();
+  const int64_t* slots = context_slots.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* o = out.data_ptr<T>();
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
+
+  // Each request's keys, packed per KV head: [request][kv head][context rounded to 64][units][16].
+  std::vector<int64_t> packed_at(requests + 1, 0), first_task(requests + 1, 0);
+  for (int64_t i = 0; i < requests; ++i) {
+    packed_at[i + 1] = packed_at[i] + kv_heads * round_up(lens[i], kBlockTokens) * kUnits;
+    first_task[i + 1] = first_task[i] + kv_heads * ((counts[i] * group + kRowsPerTask - 1) / kRowsPerTask);
   }
+  std::vector<uint32_t> packed(packed_at[requests]), packed_values(packed_at[requests]);
+  std::vector<int64_t> pack_tasks;  // (request, kv head, block) flattened
+  for (int64_t i = 0; i < requests; ++i) {
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      for (int64_t t0 = 0; t0 < lens[i]; t0 += kBlockTokens) pack_tasks.push_back((i * kv_heads + g) * max_context + t0);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(pack_tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = pack_tasks[task] / (kv_heads * max_context), g = pack_tasks[task] / max_context % kv_heads;
+      const int64_t t0 = pack_tasks[task] % max_context;
+      const int64_t padded = round_up(lens[i], kBlockTokens);
+      pack_key_block<T, D>({k + g * D, row}, slots + i * max_context, t0, lens[i],
+                           packed.data() + packed_at[i] + (g * padded + t0) * kUnits);
+      pack_values<T, D>({{v + g * D, row}, slots + i * max_context, lens[i]}, t0 / kPer, (t0 + kBlockTokens) / kPer,
+                        packed_values.data() + packed_at[i] + g * padded * kUnits);
+    }
+  });
+
+  at::parallel_for(0, first_task[requests], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512> acc(kRowsPerTask * kChunks);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t tasks_per_head = (counts[i] * group + kRowsPerTask - 1) / kRowsPerTask;
+      const int64_t g = (task - first_task[i]) / tasks_per_head;
+      const int64_t first = (task - first_task[i]) % tasks_per_head * kRowsPerTask;
+      const int count = static_cast<int>(std::min(kRowsPerTask, counts[i] * group - first));
+      const int64_t n = lens[i], first_position = n - counts[i], padded = round_up(n, kBlockTokens);
+      // Row r: query token (first + r) / group, head g * group + (first + r) % group; it sees
+      // tokens [0, first_position + its token + 1).
+      const int64_t widest = first_position + (first + count - 1) / group + 1;
+      const int64_t stride = round_up(widest, kBlockTokens);
+      scores.resize(count * stride);
+      const uint32_t* q_rows[kRowsPerTask];
+      float* s_rows[kRowsPerTask];
+      int64_t row_len[kRowsPerTask], out_index[kRowsPerTask];
+      for (int r = 0; r < count; ++r) {
+        const int64_t token = (first + r) / group;
+        out_index[r] = (starts[i] + token) * heads + g * group + (first + r) % group;
+        q_rows[r] = q + out_index[r] * kUnits;
+        s_rows[r] = scores.data() + r * stride;
+        row_len[r] = first_position + token + 1;
+      }
+      const uint32_t* keys = packed.data() + packed_at[i] + g * padded * kUnits;
+      for (int64_t t0 = 0; t0 < widest; t0 += kBlockTokens) {
+        float* block_rows[kRowsPerTask];
+        for (int r = 0; r < count; ++r) block_rows[r] = s_rows[r] + t0;
+        score_rows<T, D>(q_rows, count, keys + t0 * kUnits, scale, block_rows);
+      }
+      float sums[kRowsPerTask];
+      const uint32_t* p_rows[kRowsPerTask];
+      for (int r = 0; r < count; ++r) {
+        __m512 sum16 = _mm512_setzero_ps();
+        exponentiate(s_rows[r], row_len[r], stride, max_score(s_rows[r], row_len[r]), sum16);
+        Units<T>::to_units(s_rows[r], stride);
+        sums[r] = _mm512_reduce_add_ps(sum16);
+        p_rows[r] = reinterpret_cast<const uint32_t*>(s_rows[r]);
+      }
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+      const PackedValues<D> values{packed_values.data() + packed_at[i] + g * padded * kUnits};
+      value_rows<T, D>(p_rows, count, 0, (widest + kPer - 1) / kPer, values, acc.data());
+      for (int r = 0; r < count; ++r) store_output<T, D>(acc.data() + r * kChunks, sums[r], o + out_index[r] * D);
+    }
+  });
+}
+
+// ---- the ops
+
+void check_common(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
+              "query [rows, heads, D], key/value cache [slots, kv_heads, D]");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "query and caches must be contiguous");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
+              "query and cache dtypes differ");
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kFloat, "bf16 or fp32 only");
+  TORCH_CHECK(query.size(2) == 64 || query.size(2) == 128, "head_dim 64 or 128 only");
+  TORCH_CHECK(key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2),
+              "head shapes");
+  TORCH_CHECK(query.size(1) / key_cache.size(1) <= 64, "at most 64 query heads per KV head");
+}
+
+void check_contexts(const at::Tensor& context_slots, const at::Tensor& context_lens, int64_t rows, int64_t min_len,
+                    int64_t num_slots) {
+  TORCH_CHECK(context_slots.dim() == 2 && context_slots.size(0) == rows && context_lens.dim() == 1 &&
+              context_lens.size(0) == rows && context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(),
+              "context_slots [R, L] and context_lens [R] int64");
+  if (rows > 0) {
+    const auto [low, high] = at::aminmax(context_lens);
+    TORCH_CHECK(low.item<int64_t>() >= min_len && high.item<int64_t>() <= context_slots.size(1),
+                "every context needs ", min_len, "..L tokens");
+  }
+  check_slots(context_slots, num_slots, "context_slots");
+}
+
+template <template <typename, int> class Fn, typename... Args>
+void dispatch(const at::Tensor& query, Args&&... args) {
+  const bool bf = query.scalar_type() == at::kBFloat16;
+  switch (query.size(2)) {
+    case 64: bf ? Fn<bf16, 64>::run(args...) : Fn<float, 64>::run(args...); break;
+    default: bf ? Fn<bf16, 128>::run(args...) : Fn<float, 128>::run(args...); break;
+  }
+}
+
+template <typename T, int D>
+struct Decode {
+  template <typename... Args>
+  static void run(Args&&... args) { decode_all<T, D>(args...); }
+};
+
+template <typename T, int D>
+struct Chunk {
+  template <typename... Args>
+  static void run(Args&&... args) { chunk_all<T, D>(args...); }
+};
+
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& context_slots, const at::Tensor& context_lens,
+                            const at::Tensor& prefix_slots) {
+  check_common(query, key_cache, value_cache);
+  TORCH_CHECK(prefix_slots.dim() == 1 && prefix_slots.size(0) % 16 == 0, "prefix_slots: [P], P a multiple of 16");
+  check_slots(prefix_slots, key_cache.size(0), "prefix_slots");
+  check_contexts(context_slots, context_lens, query.size(0), 1, key_cache.size(0));
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  if (query.size(0) > 0) dispatch<Decode>(query, query, key_cache, value_cache, context_slots, context_lens, prefix_slots, out);
   return out;
 }
 
-template <typename T>
-void dispatch_head_dim(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                       const at::Tensor& context_slots, const at::Tensor& context_lens, at::Tensor& out,
-                       at::Tensor& lse) {
-  switch (query.size(2)) {
-    case 64: return attend_all<T, 64>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
-    case 128: return attend_all<T, 128>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
-    default: TORCH_CHECK(false, "head_dim 64 or 128 only");
+at::Tensor chunk_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& query_start, const at::Tensor& num_queries,
+                           const at::Tensor& context_slots, const at::Tensor& context_lens) {
+  check_common(query, key_cache, value_cache);
+  const int64_t requests = query_start.size(0);
+  TORCH_CHECK(query_start.dim() == 1 && num_queries.sizes() == query_start.sizes() &&
+              query_start.scalar_type() == at::kLong && num_queries.scalar_type() == at::kLong &&
+              query_start.is_contiguous() && num_queries.is_contiguous(), "query_start and num_queries: [R] int64");
+  check_contexts(context_slots, context_lens, requests, 1, key_cache.size(0));
+  const int64_t* starts = query_start.data_ptr<int64_t>();
+  const int64_t* counts = num_queries.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < requests; ++i) {
+    TORCH_CHECK(counts[i] >= 1 && counts[i] <= lens[i] && starts[i] >= 0 && starts[i] + counts[i] <= query.size(0),
+                "request ", i, ": its queries must be rows of query, at most its context");
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                                    const at::Tensor& value_cache, const at::Tensor& context_slots,
-                                                    const at::Tensor& context_lens) {
-  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
-              "query [B, heads, D], key/value cache [slots, kv_heads, D]");
-  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-              context_slots.is_contiguous() && context_lens.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
-              "query and cache dtypes differ");
-  TORCH_CHECK(context_slots.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 indices");
-  TORCH_CHECK(query.size(0) >= 1 && key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 &&
-              query.size(2) == key_cache.size(2), "head shapes");
-  TORCH_CHECK(query.size(1) <= kMaxHeads, "at most ", kMaxHeads, " query heads");
-  TORCH_CHECK(context_slots.dim() == 2 && context_slots.size(0) == query.size(0) && context_lens.dim() == 1 &&
-              context_lens.size(0) == query.size(0), "context_slots [B, L] and context_lens [B]");
-  const auto [min_len, max_len] = at::aminmax(context_lens);
-  TORCH_CHECK(min_len.item<int64_t>() >= 1 && max_len.item<int64_t>() <= context_slots.size(1),
-              "every request needs 1..max_context context tokens");
-  check_slots(context_slots, key_cache.size(0), "context_slots");
-  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({query.size(0), query.size(1)}, query.options().dtype(at::kFloat));
-  switch (query.scalar_type()) {
-    case at::kBFloat16:
-      dispatch_head_dim<c10::BFloat16>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
-      break;
-    case at::kFloat:
-      dispatch_head_dim<float>(query, key_cache, value_cache, context_slots, context_lens, out, lse);
-      break;
-    default: TORCH_CHECK(false, "bf16 or fp32 only");
+  at::Tensor out = at::zeros(query.sizes(), query.options());
+  if (requests > 0) {
+    dispatch<Chunk>(query, query, key_cache, value_cache, query_start, num_queries, context_slots, context_lens, out);
   }
-  return {out, lse};
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
-        "Tensor context_lens) -> (Tensor, Tensor)", &decode_attention);
-  m.def("prefix_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_slots, "
-        "Tensor suffix_out, Tensor suffix_lse) -> Tensor", &prefix_attention);
+        "Tensor context_lens, Tensor prefix_slots) -> Tensor", &decode_attention);
+  m.def("chunk_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor query_start, "
+        "Tensor num_queries, Tensor context_slots, Tensor context_lens) -> Tensor", &chunk_attention);
 }
