@@ -9,7 +9,8 @@ decodes or the short chunks. The groups, their gather indices and masks are buil
 Decodes that share leading KV blocks (a common system prompt, found by the prefix cache) attend to
 that shared prefix in one GEMM for all their queries, reading its K/V once, and to their own
 suffixes separately; the two parts are merged exactly by their log-sum-exp (Hydragen,
-RelayAttention).
+RelayAttention). Exact, but not batch-invariant: SDPA's blocking, and the prefix split, depend on
+the step's shapes (the kernel backend is invariant).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def prefix_attention(qg: torch.Tensor, kv_pool: torch.Tensor,
     prefix_k = kv_pool[0][prefix_slots].transpose(0, 1)[None]  # [1, kv_heads, P, D]
     prefix_v = kv_pool[1][prefix_slots].transpose(0, 1)[None]
     # NOTE: the fused CPU kernel behind SDPA, called directly as it also returns the log-sum-exp
-    # (the path of fp32 models and of CPUs without the prefix kernel). Against a matmul / fp32
+    # (where the kernel backend does not run). Against a matmul / fp32
     # softmax / matmul sequence it keeps fp32 scores in bf16 and skips the elementwise passes:
     # ~15 vs ~17 ms per B=64 step with a 512-token prefix. It is CPU-only: on CUDA tensors this is
     # the one op of the backend to swap (for the CUDA flash-attention op, which returns the lse too).
