@@ -421,18 +421,37 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   // once) the weighted sums. With a prefix, the prefix's weighted sums come between.
   std::vector<float> own_scores(prefix > 0 ? batch * heads * stride : 0);
   std::vector<float> sums(batch * heads);
-  // Request b's weighted sums over its own tokens, for KV head g's query heads (probabilities
-  // scores_g[r * stride + t]), added to acc[r * kChunks + c].
-  auto own_values = [&](int64_t b, int64_t g, const float* scores_g, __m512* acc) {
-    const int64_t n = lens[b];
-    const uint32_t* p_rows[64];
-    for (int64_t r = 0; r < group; ++r) p_rows[r] = reinterpret_cast<const uint32_t*>(scores_g + r * stride);
-    const PoolValues<T, D> values{{v + g * D, row}, slots + b * max_context, n};
-    value_rows<T, D>(p_rows, static_cast<int>(group), 0, (n + kPer - 1) / kPer, values, acc);
+  // Request b's weighted sums over its own tokens, all heads (probabilities scores_b[h * stride + t]),
+  // added to acc[h * kChunks + c]: 64 tokens at a time, every KV head's, so that each V row (all heads)
+  // is read from memory once, the next 64 tokens' rows prefetched meanwhile. NOTE: this works mostly
+  // from cache, so the memory would idle: the next request's first rows (next, next_n) go into L2
+  // meanwhile, a share before each block.
+  auto own_values = [&](int64_t b, const float* scores_b, __m512* acc, const int64_t* next, int64_t next_n) {
+    const int64_t n = lens[b], units = (n + kPer - 1) / kPer, blocks = (n + kBlockTokens - 1) / kBlockTokens;
+    const int64_t* own = slots + b * max_context;
+    for (int64_t t0 = 0; t0 < n; t0 += kBlockTokens) {
+      for (int64_t t = t0 + kBlockTokens; t < std::min(n, t0 + 2 * kBlockTokens); ++t) {
+        prefetch_row(v + own[t] * row, row * sizeof(T), 0);
+      }
+      const int64_t block = t0 / kBlockTokens;
+      for (int64_t t = block * next_n / blocks; t < (block + 1) * next_n / blocks; ++t) {
+        prefetch_row(k + next[t] * row, row * sizeof(T), 1);
+        prefetch_row(v + next[t] * row, row * sizeof(T), 1);
+      }
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const uint32_t* p_rows[64];
+        for (int64_t r = 0; r < group; ++r) {
+          p_rows[r] = reinterpret_cast<const uint32_t*>(scores_b + (g * group + r) * stride);
+        }
+        const PoolValues<T, D> values{{v + g * D, row}, own, n};
+        value_rows<T, D>(p_rows, static_cast<int>(group), t0 / kPer, std::min((t0 + kBlockTokens) / kPer, units),
+                         values, acc + g * group * kChunks);
+      }
+    }
   };
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> local(prefix > 0 ? 0 : heads * stride);
-    std::vector<__m512> acc(group * kChunks);
+    std::vector<__m512> acc(heads * kChunks);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = lens[b];
       float* scores_b = prefix > 0 ? own_scores.data() + b * heads * stride : local.data();
@@ -451,23 +470,11 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
         sums[b * heads + h] = _mm512_reduce_add_ps(sum16);
       }
       if (prefix > 0) continue;
-      for (int64_t g = 0; g < kv_heads; ++g) {
-        if (b + 1 < end) {
-          // NOTE: the weighted sums work from cache, so the memory would idle: the next request's
-          // rows go into L2 meanwhile, a share before each KV head's sums.
-          const int64_t next_n = lens[b + 1];
-          const int64_t* next = slots + (b + 1) * max_context;
-          for (int64_t t = g * next_n / kv_heads; t < (g + 1) * next_n / kv_heads; ++t) {
-            prefetch_row(k + next[t] * row, row * sizeof(T), 1);
-            prefetch_row(v + next[t] * row, row * sizeof(T), 1);
-          }
-        }
-        std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-        own_values(b, g, scores_b + g * group * stride, acc.data());
-        for (int64_t r = 0; r < group; ++r) {
-          const int64_t h = b * heads + g * group + r;
-          store_output<T, D>(acc.data() + r * kChunks, sums[h], o + h * D);
-        }
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+      const bool last = b + 1 == end;
+      own_values(b, scores_b, acc.data(), slots + (last ? b : b + 1) * max_context, last ? 0 : lens[b + 1]);
+      for (int64_t h = 0; h < heads; ++h) {
+        store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }
     }
   });
@@ -497,9 +504,7 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
     std::vector<__m512> acc(heads * kChunks);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < heads * kChunks; ++i) acc[i] = _mm512_loadu_ps(state.data() + b * heads * D + 16 * i);
-      for (int64_t g = 0; g < kv_heads; ++g) {
-        own_values(b, g, own_scores.data() + (b * heads + g * group) * stride, acc.data() + g * group * kChunks);
-      }
+      own_values(b, own_scores.data() + b * heads * stride, acc.data(), slots, 0);
       for (int64_t h = 0; h < heads; ++h) {
         store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }
