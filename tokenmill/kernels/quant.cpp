@@ -51,11 +51,14 @@
 // beside) computes that sequence. (quant_linear's layout, rows read in place with 16 lanes along k, would
 // pay for its sums of the lanes: plain bf16 rows that way ran 25-35% slower than oneDNN at K=576, M >= 64.)
 // Work: the blocks split over the threads (16 features at a time: N=576 splits 18/18), each thread taking x
-// in panels of about kPanelBytes (its L2 keeps a panel from one group of blocks to the next) through its
+// in panels of about kPanelBytes (of a chunk of k; its L2 keeps a panel from one group to the next) through its
 // blocks in groups of up to 3 (48 features), each group in passes of up to 8 rows of x: an 8 x 3 register
 // tile, 24 accumulators, each step 3 weight vectors and 8 broadcasts of x for 24 products (6 x 4 reads a
 // third more of the weight per product: fp32 at M=8 94 against 110 GFLOP/s, one thread, 576 x 3072 in
-// cache). Against oneDNN's packed GEMM (`OneDnnPackedLinear`): benchmarks/bench_plain_linear.py.
+// cache). Over K longer than kChunkBytes a row, a pass takes one chunk of k at a time (its sums kept in fp32
+// between chunks, which changes none of them): the group's chunk of the weight stays in L2 from one pass to
+// the next, where the whole of it would not (8192 x 2048 bf16, M=256: 8% slower than oneDNN, now 3%).
+// Against oneDNN's packed GEMM (`OneDnnPackedLinear`): benchmarks/bench_plain_linear.py.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -680,6 +683,7 @@ constexpr int kLanes = 16;        // features per block
 constexpr int kGroupBlocks = 3;   // blocks per pass
 constexpr int kMicroRows = 8;     // rows of x per pass
 constexpr int64_t kPanelBytes = 512 * 1024;
+constexpr int64_t kChunkBytes = 4096;  // of each row of x and each weight feature per pass (over longer K, passes)
 
 // The two value types: kPerStep values of k per lane and step; broadcast(p) gives every lane x's values at p
 // for one step, broadcast_last(p) those of the last step of an odd K (one value, then a zero).
@@ -711,13 +715,38 @@ struct Fp32 {
   static void store(Value* out, __m512 sums, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, sums); }
 };
 
-// MR rows of x times NB blocks (w: the first, each `block_values` apart), into out[m, 16 b + i] for the
-// features below N (`features` of them from the first).
+// One pass: rows of x (the first at x) times a group's blocks (w: the first, each block_values apart), over
+// the whole steps [first_step, last_step) of k, then the last half-empty step of an odd K where `tail`. Sums
+// start from zero, or from `partial` where `resume`; they end in out[m, 16 b + i] for the features below N
+// (`features` of them from the first) where `finish`, else in `partial` (row m at m * partial_stride).
+template <class V>
+struct Pass {
+  using Value = typename V::Value;
+  const Value* x;
+  int64_t x_stride;
+  const Value* w;
+  int64_t block_values, first_step, last_step;
+  bool tail, resume, finish;
+  float* partial;
+  int64_t partial_stride;
+  Value* out;
+  int64_t out_stride, features;
+};
+
+// NOTE: not inlined: inlined into dense's loops (24 copies), the accumulators and operands went to memory
+// (2.4x slower); a call per pass costs nothing next to its steps.
 template <class V, int MR, int NB>
-void dense_tile(const typename V::Value* x, int64_t x_stride, int64_t K, const typename V::Value* w,
-                int64_t block_values, typename V::Value* out, int64_t out_stride, int64_t features) {
+__attribute__((noinline)) void dense_tile(const Pass<V>& pass) {
+  const typename V::Value *x = pass.x, *w = pass.w;
+  const int64_t x_stride = pass.x_stride, block_values = pass.block_values;
+  float* const partial = pass.partial;
+  const int64_t partial_stride = pass.partial_stride;
   __m512 acc[MR][NB];
-  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    for (int b = 0; b < NB; ++b) {
+      acc[m][b] = pass.resume ? _mm512_loadu_ps(partial + m * partial_stride + b * kLanes) : _mm512_setzero_ps();
+    }
+  }
   const auto step = [&](int64_t s, auto&& broadcast) {
     __m512i wv[NB];
     for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * block_values + s * kLanes * V::kPerStep);
@@ -726,27 +755,31 @@ void dense_tile(const typename V::Value* x, int64_t x_stride, int64_t K, const t
       for (int b = 0; b < NB; ++b) acc[m][b] = V::multiply_add(acc[m][b], xv, wv[b]);
     }
   };
-  const int64_t whole_steps = K / V::kPerStep;
-  for (int64_t s = 0; s < whole_steps; ++s) step(s, V::broadcast);
-  if (whole_steps * V::kPerStep < K) step(whole_steps, V::broadcast_last);
+  for (int64_t s = pass.first_step; s < pass.last_step; ++s) step(s, V::broadcast);
+  if (pass.tail) step(pass.last_step, V::broadcast_last);
   for (int b = 0; b < NB; ++b) {
-    const __mmask16 mask = tail_mask(features - b * kLanes);
-    for (int m = 0; m < MR; ++m) V::store(out + m * out_stride + b * kLanes, acc[m][b], mask);
+    const __mmask16 mask = tail_mask(pass.features - b * kLanes);
+    for (int m = 0; m < MR; ++m) {
+      if (pass.finish) {
+        V::store(pass.out + m * pass.out_stride + b * kLanes, acc[m][b], mask);
+      } else {
+        _mm512_storeu_ps(partial + m * partial_stride + b * kLanes, acc[m][b]);
+      }
+    }
   }
 }
 
 template <class V, int NB>
-void dense_pass(int64_t rows, const typename V::Value* x, int64_t x_stride, int64_t K, const typename V::Value* w,
-                int64_t block_values, typename V::Value* out, int64_t out_stride, int64_t features) {
+void dense_pass(int64_t rows, const Pass<V>& pass) {
   switch (rows) {
-    case 1: return dense_tile<V, 1, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 2: return dense_tile<V, 2, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 3: return dense_tile<V, 3, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 4: return dense_tile<V, 4, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 5: return dense_tile<V, 5, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 6: return dense_tile<V, 6, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    case 7: return dense_tile<V, 7, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
-    default: return dense_tile<V, 8, NB>(x, x_stride, K, w, block_values, out, out_stride, features);
+    case 1: return dense_tile<V, 1, NB>(pass);
+    case 2: return dense_tile<V, 2, NB>(pass);
+    case 3: return dense_tile<V, 3, NB>(pass);
+    case 4: return dense_tile<V, 4, NB>(pass);
+    case 5: return dense_tile<V, 5, NB>(pass);
+    case 6: return dense_tile<V, 6, NB>(pass);
+    case 7: return dense_tile<V, 7, NB>(pass);
+    default: return dense_tile<V, 8, NB>(pass);
   }
 }
 
@@ -756,30 +789,49 @@ void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typena
   using Value = typename V::Value;
   const int64_t blocks = (N + kLanes - 1) / kLanes;
   const int64_t block_values = (K + V::kPerStep - 1) / V::kPerStep * V::kPerStep * kLanes;
+  const int64_t whole_steps = K / V::kPerStep;
+  const bool odd = whole_steps * V::kPerStep < K;
+  const int64_t chunk_steps = kChunkBytes / sizeof(Value) / V::kPerStep;
+  const int64_t chunks = std::max<int64_t>(1, (whole_steps + chunk_steps - 1) / chunk_steps);
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
   // Panels as even as they go (256 rows of at most 222: 128 + 128, not 222 + 34, where w is read again for 34).
-  const int64_t most_rows = std::max<int64_t>(kMicroRows, kPanelBytes / (K * sizeof(Value)));
+  const int64_t most_rows = std::max<int64_t>(kMicroRows, kPanelBytes / (std::min(K, chunk_steps * V::kPerStep) *
+                                                                         static_cast<int64_t>(sizeof(Value))));
   const int64_t panels = (M + most_rows - 1) / most_rows, panel_rows = (M + panels - 1) / panels;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t partial_stride = (end - begin) * kLanes;
+    std::vector<float> partial(chunks > 1 ? panel_rows * partial_stride : 0);
     for (int64_t panel_start = 0; panel_start < M; panel_start += panel_rows) {
       const int64_t rows = std::min(panel_rows, M - panel_start);
-      for (int64_t group = begin; group < end; group += kGroupBlocks) {
-        const int64_t group_blocks = std::min<int64_t>(kGroupBlocks, end - group);
-        const Value* w = packed + group * block_values;
-        const int64_t features = N - group * kLanes;
-        // Passes of at most 8 rows, as even as they go (10 rows: 5 + 5, not 8 + 2).
-        const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
-        for (int64_t p = 0, m = panel_start; p < passes; ++p) {
-          const int64_t left = panel_start + rows - m, here = (left + passes - p - 1) / (passes - p);
-          const Value* xm = x + m * x_stride;
-          Value* om = out + m * N + group * kLanes;
-          switch (group_blocks) {
-            case 1: dense_pass<V, 1>(here, xm, x_stride, K, w, block_values, om, N, features); break;
-            case 2: dense_pass<V, 2>(here, xm, x_stride, K, w, block_values, om, N, features); break;
-            default: dense_pass<V, 3>(here, xm, x_stride, K, w, block_values, om, N, features); break;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        for (int64_t group = begin; group < end; group += kGroupBlocks) {
+          Pass<V> pass;
+          pass.x_stride = x_stride;
+          pass.w = packed + group * block_values;
+          pass.block_values = block_values;
+          pass.first_step = chunk * chunk_steps;
+          pass.last_step = std::min(whole_steps, pass.first_step + chunk_steps);
+          pass.resume = chunk > 0;
+          pass.finish = chunk == chunks - 1;
+          pass.tail = pass.finish && odd;
+          pass.partial_stride = partial_stride;
+          pass.out_stride = N;
+          pass.features = N - group * kLanes;
+          // Passes of at most 8 rows, as even as they go (10 rows: 5 + 5, not 8 + 2).
+          const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
+          for (int64_t p = 0, m = panel_start; p < passes; ++p) {
+            const int64_t left = panel_start + rows - m, here = (left + passes - p - 1) / (passes - p);
+            pass.x = x + m * x_stride;
+            pass.partial = partial.data() + (m - panel_start) * partial_stride + (group - begin) * kLanes;
+            pass.out = out + m * N + group * kLanes;
+            switch (std::min<int64_t>(kGroupBlocks, end - group)) {
+              case 1: dense_pass<V, 1>(here, pass); break;
+              case 2: dense_pass<V, 2>(here, pass); break;
+              default: dense_pass<V, 3>(here, pass); break;
+            }
+            m += here;
           }
-          m += here;
         }
       }
     }
