@@ -88,6 +88,21 @@ def test_each_row_gets_the_same_bits_in_any_batch(dtype: torch.dtype, in_feature
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_thread_count_changes_no_bit(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    layer = loaded(torch.randn(1536, 576).to(dtype), None)
+    x = torch.randn(64, 576).to(dtype)
+    threads = torch.get_num_threads()
+    expected = layer(x)
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("in_features", "out_features"), SHAPES)
 def test_the_dense_kernel_is_as_close_as_its_sums_allow(dtype: torch.dtype, in_features: int,
                                                         out_features: int) -> None:

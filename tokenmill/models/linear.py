@@ -11,7 +11,8 @@ row's result depends on that row and the weight alone, bit for bit, never on the
 (a request's output must not depend on what it was batched with). `QuantizedLinear` (models/quantized.py)
 serves weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32 CPU weights, through
 tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32 sum per
-output, in order of k). It runs as fast as oneDNN's packed GEMM or faster (benchmarks/bench_plain_linear.py).
+output, in order of k): faster than oneDNN's packed GEMM up to M=64 (1.2-1.6x at M=1 and 8), up to 5%
+slower at M=256 and 2-8% at M=2048 (benchmarks/bench_plain_linear.py).
 
 `OneDnnPackedLinear`, where the kernels do not run (no AVX-512): oneDNN's GEMM with the weight reordered
 into its blocked layout once at load (the weight packing torch.compile's freezing does; bf16 linears
