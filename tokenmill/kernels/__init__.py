@@ -5,7 +5,8 @@
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
 - `quant.cpp`: weights kept in GGUF's quantized blocks: x W^T straight on the blocks (batch-invariant),
-  their dequantization to bf16 (bit for bit gguf's), and quantization of bf16/fp32 weights to Q8_0.
+  their dequantization to bf16 (bit for bit gguf's), and quantization of bf16/fp32 weights to Q8_0;
+  and x W^T on plain bf16/fp32 weights packed once at load (`dense_linear`), batch-invariant too.
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
 TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
@@ -53,6 +54,8 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K, out=None) -> [N, K] bf16
 #  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)
 # torch.ops.tokenmill.quantize_q8_0: (weight [N, K] fp32 or bf16) -> [N, K / 32 * 34] uint8 (Q8_0 blocks)
+# torch.ops.tokenmill.pack_dense: (weight [N, K] fp32 or bf16) -> the weight in dense_linear's layout, same dtype
+# torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N) -> [M, N] (batch-invariant)
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp", "quant.cpp")]
 # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
