@@ -170,12 +170,7 @@ def paged_batch(context: list[int], new: list[int], block_size: int, shared_bloc
         next_block += own
     max_blocks = max(map(len, tables))
     block_table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-    num_new, context_lens = torch.tensor(new), torch.tensor(context)
-    query_start = num_new.cumsum(0) - num_new
-    request = torch.repeat_interleave(torch.arange(len(new)), num_new)
-    pos = context_lens[request] - num_new[request] + torch.arange(int(num_new.sum())) - query_start[request]
-    slot_mapping = block_table[request, pos // block_size] * block_size + pos % block_size
-    return BatchLayout(query_start, num_new, context_lens, block_table, slot_mapping), tables
+    return BatchLayout.of(torch.tensor(new), torch.tensor(context), block_table, block_size)[0], tables
 
 
 def dense_causal(q: torch.Tensor, pool: torch.Tensor, batch: BatchLayout, tables: list,

@@ -49,6 +49,17 @@ class BatchLayout:
     block_table: torch.Tensor  # [B, max_blocks] each request's blocks, rows padded with 0
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes in the pool
 
+    @classmethod
+    def of(cls, num_queries: torch.Tensor, context_lens: torch.Tensor, block_table: torch.Tensor,
+           block_size: int) -> tuple[BatchLayout, torch.Tensor]:
+        """The layout of requests whose newest num_queries[i] of context_lens[i] tokens are this step's,
+        their tokens laid out request after request; and those tokens' positions, [T]."""
+        query_start = num_queries.cumsum(0) - num_queries
+        request = torch.repeat_interleave(torch.arange(len(num_queries)), num_queries)
+        positions = (context_lens - num_queries - query_start)[request] + torch.arange(len(request))
+        slot_mapping = block_table[request, positions // block_size] * block_size + positions % block_size
+        return cls(query_start, num_queries, context_lens, block_table, slot_mapping), positions
+
 
 @dataclass
 class AttentionMetadata:

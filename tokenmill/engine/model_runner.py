@@ -67,16 +67,11 @@ class ModelRunner:
         for seq, n in zip(seqs, batch.num_new_tokens):
             input_ids += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
         num_new = torch.tensor(batch.num_new_tokens)
-        start = torch.tensor([s.num_computed_tokens for s in seqs])
-        context_len = start + num_new
-        query_start = num_new.cumsum(0) - num_new
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), num_new)
-        positions = start[seq_of_token] + torch.arange(len(input_ids)) - query_start[seq_of_token]
+        context_len = torch.tensor([s.num_computed_tokens for s in seqs]) + num_new
         max_blocks = max(len(s.block_table) for s in seqs)
         block_table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
-        bs = self.block_size
-        slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
-        meta = self.attention.build_metadata(BatchLayout(query_start, num_new, context_len, block_table, slot_mapping))
+        layout, positions = BatchLayout.of(num_new, context_len, block_table, self.block_size)
+        meta = self.attention.build_metadata(layout)
         hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, self.attention, meta)
 
         # Logits only where they are used: each finished prompt's or decode's last token, and
@@ -85,7 +80,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         prompt_rows: list[int] = []
         prompt_spans: list[tuple[Sequence, int, int, int]] = []  # seq, first row, rows, first target
-        for seq, n, first in zip(seqs, batch.num_new_tokens, query_start.tolist()):
+        for seq, n, first in zip(seqs, batch.num_new_tokens, layout.query_start.tolist()):
             done = seq.num_computed_tokens
             if seq.request.prompt_logprobs is not None and seq.index == 0 and done < seq.num_prompt_tokens - 1:
                 count = min(done + n, seq.num_prompt_tokens - 1) - done

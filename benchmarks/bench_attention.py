@@ -1,0 +1,81 @@
+"""Attention alone: the kernel backend (batch-invariant) against the torch backend (gather + SDPA), per layer.
+
+    .venv/bin/python benchmarks/bench_attention.py [--threads N] [--heads smol 1b]
+
+Cases, each one layer's attention over a paged pool of random K/V (blocks placed at random, as a
+long-running engine leaves them): B decodes with ragged contexts; B decodes sharing a 512-token
+prefix (the prefix cache's blocks); one request's 256-token prompt chunk at contexts of 256 and
+1,024. Heads: SmolLM2's (9 query, 3 KV, D=64) and Llama-3.2-1B's (32 query, 8 KV, D=64), bf16.
+Times are the best of 30 alternated calls (milliseconds); the ratio is kernel / torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from tokenmill.attention import AttentionSpec, BatchLayout, CpuKernelAttentionBackend, TorchAttentionBackend
+
+HEADS = {"smol": (9, 3), "1b": (32, 8)}
+BLOCK = 16
+
+
+def layout(contexts: list[int], new: list[int], shared_blocks: int, pool_blocks: int) -> BatchLayout:
+    """Requests whose first `shared_blocks` blocks are the same ones; the rest placed at random."""
+    free = torch.randperm(pool_blocks - shared_blocks).add(shared_blocks).tolist()
+    tables = [list(range(shared_blocks)) + [free.pop() for _ in range((n + BLOCK - 1) // BLOCK - shared_blocks)]
+              for n in contexts]
+    width = max(map(len, tables))
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return BatchLayout.of(torch.tensor(new), torch.tensor(contexts), block_table, BLOCK)[0]
+
+
+def best_of(calls: list[Callable[[], object]], reps: int = 30) -> list[float]:
+    for call in calls:
+        call()
+    best = [float("inf")] * len(calls)
+    for _ in range(reps):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cases = [("64 decodes, ~210-token contexts", [210 + i * 7 % 30 for i in range(64)], [1] * 64, 0),
+             ("8 decodes, ~1,000-token contexts", [1000 + i * 7 % 30 for i in range(8)], [1] * 8, 0),
+             ("64 decodes sharing 512 tokens, ~40 own", [512 + 20 + i % 28 for i in range(64)], [1] * 64, 32),
+             ("a 256-token prompt chunk, context 256", [256], [256], 0),
+             ("a 256-token prompt chunk, context 1,024", [1024], [256], 0)]
+    print(f"threads {args.threads}; per layer, ms (best of 30)")
+    print("| heads | case | kernel | torch | kernel / torch |\n|---|---|---:|---:|---:|")
+    for name in args.heads:
+        heads, kv_heads = HEADS[name]
+        spec = AttentionSpec(heads, kv_heads, 64, BLOCK, torch.bfloat16, torch.device("cpu"))
+        if not CpuKernelAttentionBackend.supports(spec):  # builds the kernels, or says they cannot run here
+            raise SystemExit("tokenmill's attention kernels do not run on this machine")
+        kernel, reference = CpuKernelAttentionBackend(spec), TorchAttentionBackend(spec)
+        for label, contexts, new, shared in cases:
+            pool_blocks = shared + sum((n + BLOCK - 1) // BLOCK for n in contexts) + 8
+            batch = layout(contexts, new, shared, pool_blocks)
+            pool = torch.randn(2, pool_blocks * BLOCK, kv_heads, 64).to(torch.bfloat16)
+            q = torch.randn(sum(new), heads, 64).to(torch.bfloat16)
+            metas = [backend.build_metadata(batch) for backend in (kernel, reference)]
+            times = best_of([lambda b=b, m=m, q=q, pool=pool: b.forward(q, pool, m)
+                             for b, m in zip((kernel, reference), metas)])
+            print(f"| {name} | {label} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
