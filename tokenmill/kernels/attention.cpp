@@ -92,7 +92,8 @@ inline void transpose16(__m512i* r) {
   }
   for (int e = 0; e < 4; ++e) {
     const __m512i a = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), b = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
-    const __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88), d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
     t[e] = _mm512_shuffle_i32x4(a, c, 0x88);       // element e
     t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);   // element 4 + e
     t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);   // element 8 + e
@@ -183,7 +184,9 @@ inline void score_tile_direct(const uint32_t* const* q, HeadRows<T> keys, const 
     for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + u0);
     transpose16(r);
     for (int i = 0; i < 16; ++i) {
-      for (int h = 0; h < R; ++h) acc[h] = Units<T>::step(acc[h], _mm512_set1_epi32(static_cast<int>(q[h][u0 + i])), r[i]);
+      for (int h = 0; h < R; ++h) {
+        acc[h] = Units<T>::step(acc[h], _mm512_set1_epi32(static_cast<int>(q[h][u0 + i])), r[i]);
+      }
     }
   }
   for (int h = 0; h < R; ++h) _mm512_storeu_ps(out[h] + t0, _mm512_mul_ps(acc[h], scale));
@@ -354,7 +357,8 @@ void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, const 
         out_rows[r] = scores + (g * group + r) * stride;
       }
       for (int64_t t = t0; t < std::min(n, t0 + kBlockTokens); t += 16) {
-        score_rows_direct<T, D>(q_rows, static_cast<int>(group), {key_cache + g * D, row}, slots, t, n, scale, out_rows);
+        score_rows_direct<T, D>(q_rows, static_cast<int>(group), {key_cache + g * D, row}, slots, t, n, scale,
+                                out_rows);
       }
     }
   }
@@ -390,7 +394,8 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
     at::parallel_for(0, kv_heads * (prefix_pad / kBlockTokens), 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t g = task / (prefix_pad / kBlockTokens), t0 = task % (prefix_pad / kBlockTokens) * kBlockTokens;
-        pack_key_block<T, D>({k + g * D, row}, prefix_s, t0, prefix, packed_keys.data() + (g * prefix_pad + t0) * kUnits);
+        pack_key_block<T, D>({k + g * D, row}, prefix_s, t0, prefix,
+                             packed_keys.data() + (g * prefix_pad + t0) * kUnits);
         pack_values<T, D>({{v + g * D, row}, prefix_s, prefix}, t0 / kPer, (t0 + kBlockTokens) / kPer,
                           packed_values.data() + g * prefix_pad * kUnits);
       }
@@ -542,7 +547,9 @@ void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::T
   std::vector<int64_t> pack_tasks;  // (request, kv head, block) flattened
   for (int64_t i = 0; i < requests; ++i) {
     for (int64_t g = 0; g < kv_heads; ++g) {
-      for (int64_t t0 = 0; t0 < lens[i]; t0 += kBlockTokens) pack_tasks.push_back((i * kv_heads + g) * max_context + t0);
+      for (int64_t t0 = 0; t0 < lens[i]; t0 += kBlockTokens) {
+        pack_tasks.push_back((i * kv_heads + g) * max_context + t0);
+      }
     }
   }
   at::parallel_for(0, static_cast<int64_t>(pack_tasks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -663,7 +670,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   check_slots(prefix_slots, key_cache.size(0), "prefix_slots");
   check_contexts(context_slots, context_lens, query.size(0), 1, key_cache.size(0));
   at::Tensor out = at::empty(query.sizes(), query.options());
-  if (query.size(0) > 0) dispatch<Decode>(query, query, key_cache, value_cache, context_slots, context_lens, prefix_slots, out);
+  if (query.size(0) > 0) {
+    dispatch<Decode>(query, query, key_cache, value_cache, context_slots, context_lens, prefix_slots, out);
+  }
   return out;
 }
 
