@@ -6,17 +6,17 @@ Cases, each one layer's attention over a paged pool of random K/V (blocks placed
 long-running engine leaves them): B decodes with ragged contexts; B decodes sharing a 512-token
 prefix (the prefix cache's blocks); one request's 256-token prompt chunk at contexts of 256 and
 1,024. Heads: SmolLM2's (9 query, 3 KV, D=64) and Llama-3.2-1B's (32 query, 8 KV, D=64), bf16.
-Times are the best of 30 alternated calls (milliseconds); the ratio is kernel / torch.
+Times are the best of calls alternated for --min-time seconds (milliseconds); the ratio is kernel / torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
+from functools import partial
 
 import torch
+from bench_quant_kernels import best_times
 
 from tokenmill.attention import AttentionSpec, BatchLayout, CpuKernelAttentionBackend, TorchAttentionBackend
 
@@ -34,22 +34,11 @@ def layout(contexts: list[int], new: list[int], shared_blocks: int, pool_blocks:
     return BatchLayout.of(torch.tensor(new), torch.tensor(contexts), block_table, BLOCK)[0]
 
 
-def best_of(calls: list[Callable[[], object]], reps: int = 30) -> list[float]:
-    for call in calls:
-        call()
-    best = [float("inf")] * len(calls)
-    for _ in range(reps):
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            call()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [b * 1e3 for b in best]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 3 turns)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,7 +47,7 @@ def main() -> None:
              ("64 decodes sharing 512 tokens, ~40 own", [512 + 20 + i % 28 for i in range(64)], [1] * 64, 32),
              ("a 256-token prompt chunk, context 256", [256], [256], 0),
              ("a 256-token prompt chunk, context 1,024", [1024], [256], 0)]
-    print(f"threads {args.threads}; per layer, ms (best of 30)")
+    print(f"threads {args.threads}; per layer, ms (best of the turns alternated for --min-time s)")
     print("| heads | case | kernel | torch | kernel / torch |\n|---|---|---:|---:|---:|")
     for name in args.heads:
         heads, kv_heads = HEADS[name]
@@ -71,10 +60,12 @@ def main() -> None:
             batch = layout(contexts, new, shared, pool_blocks)
             pool = torch.randn(2, pool_blocks * BLOCK, kv_heads, 64).to(torch.bfloat16)
             q = torch.randn(sum(new), heads, 64).to(torch.bfloat16)
-            metas = [backend.build_metadata(batch) for backend in (kernel, reference)]
-            times = best_of([lambda b=b, m=m, q=q, pool=pool: b.forward(q, pool, m)
-                             for b, m in zip((kernel, reference), metas)])
-            print(f"| {name} | {label} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} |")
+            metas = {"kernel": kernel.build_metadata(batch), "torch": reference.build_metadata(batch)}
+            best = best_times(args.min_time, {
+                "kernel": partial(kernel.forward, q, pool, metas["kernel"]),
+                "torch": partial(reference.forward, q, pool, metas["torch"])})
+            kernel_ms, torch_ms = best["kernel"] * 1e3, best["torch"] * 1e3
+            print(f"| {name} | {label} | {kernel_ms:.3f} | {torch_ms:.3f} | {kernel_ms / torch_ms:.2f} |")
 
 
 if __name__ == "__main__":

@@ -388,6 +388,10 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   std::vector<float> prefix_scores(batch * heads * prefix_pad);
   std::vector<float> state;  // [B * heads][D]: each row's weighted sum over the prefix (then on)
   std::vector<uint32_t> packed_keys, packed_values;  // the prefix's, per KV head
+  // The prefix's GEMMs take each KV head's B x group query rows, kRowsPerTask a task: row i of KV
+  // head g is query head g * group + i % group of request i / group.
+  const int64_t rows_per_head = batch * group, tasks_per_head = (rows_per_head + kRowsPerTask - 1) / kRowsPerTask;
+  auto prefix_row = [&](int64_t g, int64_t i) { return i / group * heads + g * group + i % group; };
   if (prefix > 0) {
     packed_keys.resize(kv_heads * prefix_pad * kUnits);
     packed_values.resize(kv_heads * prefix_pad * kUnits);
@@ -400,7 +404,6 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
                           packed_values.data() + g * prefix_pad * kUnits);
       }
     });
-    const int64_t rows_per_head = batch * group, tasks_per_head = (rows_per_head + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t g = task / tasks_per_head, first = task % tasks_per_head * kRowsPerTask;
@@ -408,9 +411,8 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
         const uint32_t* q_rows[kRowsPerTask];
         float* out_rows[kRowsPerTask];
         for (int r = 0; r < count; ++r) {
-          const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
-          q_rows[r] = q + index * kUnits;
-          out_rows[r] = prefix_scores.data() + index * prefix_pad;
+          q_rows[r] = q + prefix_row(g, first + r) * kUnits;
+          out_rows[r] = prefix_scores.data() + prefix_row(g, first + r) * prefix_pad;
         }
         for (int64_t t0 = 0; t0 < prefix_pad; t0 += kBlockTokens) {
           float* block_rows[kRowsPerTask];
@@ -485,7 +487,6 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   });
   if (prefix == 0) return;
 
-  const int64_t rows_per_head = batch * group, tasks_per_head = (rows_per_head + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m512> acc(kRowsPerTask * kChunks);
     for (int64_t task = begin; task < end; ++task) {
@@ -493,15 +494,14 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
       const int count = static_cast<int>(std::min(kRowsPerTask, rows_per_head - first));
       const uint32_t* p_rows[kRowsPerTask];
       for (int r = 0; r < count; ++r) {
-        const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
-        p_rows[r] = reinterpret_cast<const uint32_t*>(prefix_scores.data() + index * prefix_pad);
+        p_rows[r] = reinterpret_cast<const uint32_t*>(prefix_scores.data() + prefix_row(g, first + r) * prefix_pad);
       }
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       const PackedValues<D> values{packed_values.data() + g * prefix_pad * kUnits};
       value_rows<T, D>(p_rows, count, 0, (prefix + kPer - 1) / kPer, values, acc.data());
       for (int r = 0; r < count; ++r) {
-        const int64_t index = (first + r) / group * heads + g * group + (first + r) % group;
-        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(state.data() + index * D + 16 * c, acc[r * kChunks + c]);
+        float* row_state = state.data() + prefix_row(g, first + r) * D;
+        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(row_state + 16 * c, acc[r * kChunks + c]);
       }
     }
   });
