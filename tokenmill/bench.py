@@ -116,10 +116,10 @@ def lockstep_requests(client: EngineClient, prompts: dict[str, list[int]], param
     """
     config, block = client.frontend.config, client.frontend.config.block_size
     first_step = sum(len(p) % block + 1 for p in prompts.values())
-    if len(prompts) > config.max_num_seqs or first_step > config.max_num_batched_tokens:
+    if len(prompts) > config.max_num_seqs or first_step > config.step_tokens("generate"):
         raise ValueError(f"{len(prompts)} sequences, whose first decode step takes {first_step} tokens, do not fit "
                          f"one step: raise max_num_seqs ({config.max_num_seqs}) or max_num_batched_tokens "
-                         f"({config.max_num_batched_tokens})")
+                         f"({config.step_tokens('generate')})")
     if not config.enable_prefix_caching:
         raise ValueError("a lockstep decode measurement needs the prefix cache")
     first = run_to_completion(client, [Submission(i + "-pp", None, p, SamplingParams(temperature=0, max_tokens=1))

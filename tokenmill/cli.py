@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.batch.runner import BatchJob, JobSummary, default_errors_path, summary_path, write_summary
-from tokenmill.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
+from tokenmill.engine.config import DEFAULT_STEP_TOKENS, DTYPES, QUANTIZATIONS, TASKS, EngineConfig
 
 
 def _fatal(message: str) -> int:
@@ -20,7 +20,7 @@ def _fatal(message: str) -> int:
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings given on the command line; raises ValueError for a bad one."""
-    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, task=args.task,
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
 
@@ -54,10 +54,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.ray_address or args.replicas or args.cpus_per_replica or args.batch_lines:
         return _fatal("--ray-address, --replicas, --cpus-per-replica and --batch-lines go with --ray")
     from tokenmill.engine.client import LocalClient
-    from tokenmill.engine.engine import Engine
+    from tokenmill.engine.create import create_engine
 
     try:
-        job = BatchJob(LocalClient(Engine(config)), input_path, output, errors, prefix_order=not args.input_order)
+        job = BatchJob(LocalClient(create_engine(config)), input_path, output, errors,
+                       prefix_order=not args.input_order)
         summary = job.run(overwrite=args.overwrite, sort=args.sorted)
     except ValueError as e:  # model that cannot load, another job's output, a locked output
         return _fatal(str(e))
@@ -89,7 +90,7 @@ def _run_on_ray(args: argparse.Namespace, config: EngineConfig, input_path: Path
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tokenmill.engine.engine import Engine
+    from tokenmill.engine.create import create_engine
     from tokenmill.engine.threaded import EngineThread
     from tokenmill.server.app import create_app
     from tokenmill.server.batches import BatchManager
@@ -98,7 +99,7 @@ def serve_command(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY")
     data_dir = Path(args.data_dir).expanduser()
     try:
-        engine = Engine(_engine_config(args))
+        engine = create_engine(_engine_config(args))
         store = Store(data_dir)
     except (ValueError, OSError) as e:
         return _fatal(str(e))
@@ -204,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                               "in --dtype; int8: linear weights as Q8_0 blocks (default: %(default)s)")
         sub.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                          help="sequences in flight (default: %(default)s)")
+        sub.add_argument("--task", default=EngineConfig.task, choices=TASKS,
+                         help="auto: embed with a sentence-transformers folder or a BERT model, else generate; "
+                              "embed: use a Llama-family model as an embedder (default: %(default)s)")
         sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
-                         help="tokens of one step (default: %(default)s)")
+                         help="tokens of one step (default: %s for generation, %s for embeddings)"
+                              % (DEFAULT_STEP_TOKENS["generate"], DEFAULT_STEP_TOKENS["embed"]))
         sub.add_argument("--kv-cache-memory", default=EngineConfig.kv_cache_memory,
                          help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
                               "(0.2, 20%%; default: %(default)s)")

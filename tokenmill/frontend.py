@@ -1,5 +1,6 @@
-"""What the faces need of a model besides the engine's step loop: its tokenizer and chat template,
-its name, context length and vocabulary, the engine's settings, and its grammar compiler.
+"""What the faces need of a model besides the engine's step loop: what it does (generate or embed),
+its tokenizer and chat template, its name, context length and vocabulary, the engine's settings,
+and its grammar compiler.
 
 One `Frontend` is built per engine (`Frontend.from_engine`, in the thread that built the engine)
 and handed out by its clients (`EngineClient.frontend`). Everything in it is safe to use from any
@@ -21,27 +22,37 @@ from tokenmill.errors import RequestError
 from tokenmill.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
-    from tokenmill.engine.engine import Engine
+    from tokenmill.engine.create import AnyEngine
 
 
 @dataclass(frozen=True)
 class Frontend:
+    task: str  # "generate" or "embed"
     tokenizer: PreTrainedTokenizerBase
     model_name: str  # what responses report as the model
     quantization: str  # what the weights run as: "none", or the ggml block types kept ("Q4_K, Q6_K")
     max_model_len: int  # the context, prompt and generated tokens together
     vocab_size: int
     config: EngineConfig
-    structured: StructuredOutputs
+    structured: StructuredOutputs | None  # None for an embedding model
 
     @classmethod
-    def from_engine(cls, engine: Engine) -> Frontend:
-        return cls(engine.tokenizer, engine.model_name, engine.quantization, engine.max_model_len,
+    def from_engine(cls, engine: AnyEngine) -> Frontend:
+        return cls(engine.task, engine.tokenizer, engine.model_name, engine.quantization, engine.max_model_len,
                    engine.vocab_size, engine.config, engine.structured)
 
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """A prompt's text (None for token ids) and token ids."""
-        return (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+    def tokenize(self, prompt: str | list[int],
+                 truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
+        """A prompt's text (None for token ids) and token ids; with `truncate_prompt_tokens` (-1: the
+        model's context), cut to that many tokens as the tokenizer truncates: its special tokens kept,
+        on its truncation side (token ids are cut on that side too)."""
+        if truncate_prompt_tokens is None:
+            return (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        limit = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, truncation=True, max_length=limit)
+        ids = list(prompt)
+        return None, ids[-limit:] if self.tokenizer.truncation_side == "left" else ids[:limit]
 
     def tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                       chat_template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
@@ -60,6 +71,9 @@ class Frontend:
     def compile(self, spec: StructuredOutputsParams) -> None:
         """Compiles a structured-output constraint into the grammar compiler's cache, where the
         engine then finds it. One that cannot compile raises RequestError (param "response_format")."""
+        if self.structured is None:
+            raise RequestError("wrong_task", f"model {self.model_name} embeds text: it has no structured outputs",
+                               "response_format")
         try:
             self.structured.compile(spec)
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""What the engine hands back, shaped like vLLM's outputs."""
+"""What the engine hands back, shaped like vLLM's outputs: `RequestOutput` for generation,
+`EmbeddingRequestOutput` for embeddings."""
 
 from __future__ import annotations
 
@@ -44,3 +45,29 @@ class RequestOutput:
     # Set when this request failed (on its own, e.g. an over-long prompt, or inside the engine: see
     # `RequestError.internal`); the others go on.
     error: RequestError | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # pooled, then normalised and cut to `dimensions` as the request asked
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One prompt's embedding (vLLM's name); `outputs` is None when the request failed (`error`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput | None = None
+    error: RequestError | None = None
+    finished: bool = True  # an embedding is never streamed: reported once, finished
+    num_cached_tokens: int = 0  # no prefix cache for embeddings: kept so that faces count tokens alike
+
+
+# What an engine's step hands back: a generation's or an embedding's output.
+EngineOutput = RequestOutput | EmbeddingRequestOutput

@@ -12,22 +12,24 @@ import queue
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
-from tokenmill.engine.engine import Engine, EngineMetrics
+from tokenmill.engine.create import AnyEngine
+from tokenmill.engine.engine import EngineMetrics
 from tokenmill.engine.threaded import EngineThread, Sink
 from tokenmill.frontend import Frontend
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EngineOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
 class EngineClient(Protocol):
     frontend: Frontend  # the engine's tokenizer, chat template, model name, settings, grammar compiler
 
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams | PoolingParams,
             stream: bool = False) -> None:
         """Queues a request. One that cannot run comes back from `next_outputs` as a finished output
         with its `RequestError`. A `stream` request reports after every step that adds to it."""
 
-    def next_outputs(self, timeout: float = 0.5) -> list[RequestOutput]:
+    def next_outputs(self, timeout: float = 0.5) -> list[EngineOutput]:
         """The outputs ready now: after one engine step (in-thread), or whatever arrived within
         `timeout` (threaded; maybe none, so that callers can check for a cancel)."""
 
@@ -40,18 +42,18 @@ class EngineClient(Protocol):
 class LocalClient:
     """Drives the engine in the caller's thread (`LLM`, `tokenmill run`, `tokenmill bench`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: AnyEngine) -> None:
         self.engine = engine
         self.frontend = Frontend.from_engine(engine)
-        self._failed: list[RequestOutput] = []  # requests that could not run, reported by the next call
+        self._failed: list[EngineOutput] = []  # requests that could not run, reported by the next call
 
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams | PoolingParams,
             stream: bool = False) -> None:
         failed = self.engine.add_request(request_id, prompt, token_ids, params, stream=stream)
         if failed is not None:
             self._failed.append(failed)
 
-    def next_outputs(self, timeout: float = 0.5) -> list[RequestOutput]:
+    def next_outputs(self, timeout: float = 0.5) -> list[EngineOutput]:
         failed, self._failed = self._failed, []
         return failed + self.engine.step()
 
@@ -75,14 +77,14 @@ class ThreadClient:
         self.engine_thread = engine_thread
         self.frontend = engine_thread.frontend
         self.priority = priority
-        self._outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._outputs: queue.SimpleQueue[EngineOutput] = queue.SimpleQueue()
         self._sink = sink or self._outputs.put
 
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams | PoolingParams,
             stream: bool = False) -> None:
         self.engine_thread.add(request_id, prompt, token_ids, params, self._sink, self.priority, stream)
 
-    def next_outputs(self, timeout: float = 0.5) -> list[RequestOutput]:
+    def next_outputs(self, timeout: float = 0.5) -> list[EngineOutput]:
         try:
             outputs = [self._outputs.get(timeout=timeout)]
         except queue.Empty:
@@ -104,11 +106,11 @@ class Submission(NamedTuple):
     request_id: str
     prompt: str | None  # the text the token ids came from, if any; only handed back in outputs
     token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
 
 
 def drive(client: EngineClient, requests: Iterator[Submission],
-          window: int | None = None) -> Iterator[list[RequestOutput]]:
+          window: int | None = None) -> Iterator[list[EngineOutput]]:
     """Runs requests through client with at most `window` of them in flight (default: twice
     max_num_seqs, enough to keep the batch full and few enough to bound memory), pulling the next
     from `requests` only when one finishes, so a lazy input is read as it is needed.

@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 QUANTIZATIONS = ("auto", "none", "int8")  # what each means: tokenmill/models/loader.py
+TASKS = ("auto", "generate", "embed")
+# Tokens per step by default. Generation: measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md),
+# 256 runs a mixed job 1-4% and a prompt-only job 5-14% faster than 1024 on this class of CPU.
+# Embeddings: whole prompts only, no decode to interleave; GEMMs need rows (benchmarks/bench_embeddings.py).
+DEFAULT_STEP_TOKENS = {"generate": 256, "embed": 4096}
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -80,10 +85,12 @@ class EngineConfig:
     # "auto": a GGUF's quantized blocks kept, a folder's weights as they are; "none": all in dtype;
     # "int8": linear weights and the embedding as Q8_0 blocks.
     quantization: str = "auto"
+    # "auto": what the model is (a sentence-transformers folder or a BERT config embeds, the rest
+    # generates); "embed" makes a Llama-family model an embedder (models/embedder_loader.py).
+    task: str = "auto"
     max_num_seqs: int = 128
-    # Measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md): 256 runs a mixed job 1-4% and a
-    # prompt-only job 5-14% faster than 1024 on this class of CPU.
-    max_num_batched_tokens: int = 256
+    # Tokens per step; None: the task's default (`step_tokens`).
+    max_num_batched_tokens: int | None = None
     # Bytes (an int, or a string with a unit: "4GiB") or a fraction of the RAM available at start
     # (a float, "0.2" or "20%"); normalised by `parse_memory` to an int or a float.
     kv_cache_memory: str | int | float = 0.2
@@ -98,14 +105,22 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
+            if name == "max_num_batched_tokens" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         self.kv_cache_memory = parse_memory(self.kv_cache_memory)
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             logger.warning("max_num_batched_tokens=%d < max_num_seqs=%d: a step decodes at most %d sequences, "
                            "the others wait", self.max_num_batched_tokens, self.max_num_seqs,
                            self.max_num_batched_tokens)
+
+    def step_tokens(self, task: str) -> int:
+        """The token budget of a step of the engine serving `task` ("generate" or "embed")."""
+        return self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[task]

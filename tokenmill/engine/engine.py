@@ -23,11 +23,23 @@ from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.kv.manager import KVCacheManager, cdiv
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput, TokenLogprobs
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20  # top logprobs per token, as vLLM's default and OpenAI's limit
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int) -> RequestError | None:
+    """Why a prompt's token ids cannot run, if they cannot: empty, not integers, or out of the vocabulary."""
+    if not token_ids:
+        return RequestError("invalid_value", "the prompt is empty", "prompt")
+    if not all(type(t) is int for t in token_ids):
+        return RequestError("invalid_type", "prompt token ids must be integers", "prompt")
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        return RequestError("invalid_value", f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    return None
 
 
 @dataclass
@@ -58,13 +70,15 @@ class EngineMetrics:
 
 
 class Engine:
-    """Not thread-safe: one thread drives it (the caller's, or an `EngineThread`'s step loop).
+    """Generates. Not thread-safe: one thread drives it (the caller's, or an `EngineThread`'s step loop).
 
     NOTE: other threads may call `metrics()` (plain counters copied at once; a snapshot taken
     mid-step may mix two steps) and read the attributes set in `__init__` that never change after it:
     config, dtype, model_name, model_path, quantization, tokenizer, eos_token_ids, max_model_len, vocab_size, structured
     (whose grammar compiler is itself thread-safe). Nothing else.
     """
+
+    task = "generate"
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -93,7 +107,7 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.step_tokens(self.task))
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         logger.info("KV pool: %d blocks of %d tokens (%.0f MiB)", num_blocks, config.block_size,
@@ -107,8 +121,9 @@ class Engine:
         return EngineMetrics(replace(self.stats), len(self.scheduler.running), len(self.scheduler.waiting),
                              self.kv.usage, self.kv_capacity_tokens, self.scheduler.num_preemptions)
 
-    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, stream: bool = False) -> RequestOutput | None:
+    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int],
+                    params: SamplingParams | PoolingParams, priority: int = 0,
+                    stream: bool = False) -> RequestOutput | None:
         """Queues a request. Returns a finished output carrying a `RequestError` if it cannot run at all.
 
         `prompt` is the text the token ids came from, if any; it is only handed back in outputs.
@@ -117,6 +132,9 @@ class Engine:
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            error = RequestError("wrong_task", f"model {self.model_name} generates text; it cannot embed")
+            return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
         max_total = min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
         # NOTE: checked before the Request is built: its detokenizer rejects out-of-range ids by raising.
         error = self._check_prompt(token_ids, params, max_total)
@@ -135,17 +153,13 @@ class Engine:
         return None
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams, max_total: int) -> RequestError | None:
-        if not token_ids:
-            return RequestError("invalid_value", "the prompt is empty", "prompt")
-        if not all(type(t) is int for t in token_ids):
-            return RequestError("invalid_type", "prompt token ids must be integers", "prompt")
+        if error := check_token_ids(token_ids, self.vocab_size):
+            return error
         if len(token_ids) >= self.max_model_len:
             return RequestError("context_length_exceeded",
                                 f"the prompt has {len(token_ids)} tokens; the model's context is "
                                 f"{self.max_model_len} tokens, including at least one generated", "prompt")
         vocab = self.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            return RequestError("invalid_value", f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(t >= vocab for t in params.stop_token_ids):
             return RequestError("invalid_value", f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         for name in ("logprobs", "prompt_logprobs"):

@@ -14,15 +14,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.engine.engine import Engine, EngineMetrics
+from tokenmill.engine.create import AnyEngine
+from tokenmill.engine.engine import EngineMetrics
 from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.frontend import Frontend
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EngineOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[RequestOutput], None]
+Sink = Callable[[EngineOutput], None]
 
 
 @dataclass
@@ -30,14 +32,14 @@ class _Add:
     request_id: str
     prompt: str | None
     token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     priority: int
     stream: bool
     sink: Sink
 
 
 class EngineThread:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: AnyEngine) -> None:
         self.engine = engine
         self.frontend = Frontend.from_engine(engine)  # built here, before the loop owns the engine
         self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
@@ -45,7 +47,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
-    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+    def add(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams | PoolingParams,
             sink: Sink, priority: int = 0, stream: bool = False) -> None:
         """Queues a request; its outputs (and an immediate error, if any) go to sink, in this thread."""
         self._commands.put(_Add(request_id, prompt, token_ids, params, priority, stream, sink))

@@ -175,10 +175,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, Weight]) -> None:
+def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, Weight], lm_head: bool = True) -> None:
     """Loads a transformers state dict into the model, fusing q/k/v and gate/up; each linear layer
     prepares its weight for its method there. Plain tensors are cast to the model's dtype;
-    quantized ones are kept as they are."""
+    quantized ones are kept as they are. Without `lm_head` (a model used as an embedder), the
+    checkpoint's head, if any, is dropped and the model's is left unloaded."""
     def take(name: str) -> Weight:
         try:
             return tensors.pop(name)
@@ -212,11 +213,12 @@ def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, Weight]) -> N
     with torch.no_grad():
         model.embed_tokens.load(cast(take("model.embed_tokens.weight")))
         params["norm.weight"].copy_(plain("model.norm.weight"))
-        if model.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-            model.lm_head.load(model.embed_tokens.weight, None)
-        else:
+        if lm_head and not model.config.tie_word_embeddings:
             load_linear(model.lm_head, ["lm_head"])
+        else:
+            tensors.pop("lm_head.weight", None)
+            if lm_head:
+                model.lm_head.load(model.embed_tokens.weight, None)
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn

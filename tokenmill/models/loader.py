@@ -88,7 +88,7 @@ def model_name(model: str | os.PathLike | None) -> str:
     return Path(model).name.removesuffix(".gguf") if model is not None else DEFAULT_MODEL_FILE.split(".")[0]
 
 
-def _read_gguf(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
+def read_gguf(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
     try:
         gguf = GGUFFile(path)
         return gguf.config, gguf.tokenizer(), gguf.tensors()
@@ -96,15 +96,16 @@ def _read_gguf(path: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, d
         raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {e}") from e
 
 
-def _read_folder(folder: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
+def read_folder(folder: Path, supported: tuple[str, ...] = SUPPORTED_ARCHITECTURES,
+                 ) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, dict[str, Weight]]:
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of {str(folder)!r}: {e}") from e
     architectures = getattr(config, "architectures", None) or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):  # a GGUF's is checked by GGUFFile
+    if not any(a in supported for a in architectures):  # a GGUF's is checked by GGUFFile
         raise ModelLoadError(f"unsupported architecture {architectures} in {str(folder)!r}; "
-                             f"tokenmill runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"tokenmill runs {', '.join(supported)}")
     tensors: dict[str, Weight] = {}
     try:
         if files := sorted(folder.glob("*.safetensors")):
@@ -157,30 +158,41 @@ def release_freed_memory() -> None:
         ctypes.CDLL(libc).malloc_trim(0)
 
 
-def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
-               quantization: str = "auto") -> LoadedModel:
-    path = resolve_model_path(model)
-    config, tokenizer, tensors = _read_gguf(path) if path.is_file() else _read_folder(path)
+def decoder_context(config: PretrainedConfig, max_model_len: int | None) -> int:
+    """The context a Llama-family model runs with: max_model_len, if given, within what the model allows."""
     limit = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)) and window < limit:
         # NOTE: within the window, sliding-window attention equals full attention.
         logger.warning("sliding-window attention is not implemented: context capped at %d tokens", window)
         limit = window
-    max_model_len = min(max_model_len or limit, limit)
+    return min(max_model_len or limit, limit)
 
-    running = prepare_weights(tensors, quantization)
+
+def build_llama(config: PretrainedConfig, tensors: dict[str, Weight], dtype: torch.dtype, max_model_len: int,
+                path: Path, lm_head: bool = True) -> LlamaForCausalLM:
+    """The Llama-family model on the CPU with the checkpoint's weights (see load_llama_weights)."""
     device = torch.device("cpu")
     with torch.device("meta"):
-        model_ = LlamaForCausalLM(config, max_model_len, dtype, device)
-    model_ = model_.to_empty(device=device).to(dtype)
-    model_.reset_buffers()
+        model = LlamaForCausalLM(config, max_model_len, dtype, device)
+    model = model.to_empty(device=device).to(dtype)
+    model.reset_buffers()
     try:
-        load_llama_weights(model_, tensors)  # each linear layer's method is chosen there, for its weight
+        load_llama_weights(model, tensors, lm_head)  # each linear layer's method is chosen there, for its weight
     except ValueError as e:
         raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {e}") from e
-    model_.eval()
+    model.eval()
     release_freed_memory()
+    return model
+
+
+def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
+               quantization: str = "auto") -> LoadedModel:
+    path = resolve_model_path(model)
+    config, tokenizer, tensors = read_gguf(path) if path.is_file() else read_folder(path)
+    max_model_len = decoder_context(config, max_model_len)
+    running = prepare_weights(tensors, quantization)
+    model_ = build_llama(config, tensors, dtype, max_model_len, path)
 
     eos = set()
     if path.is_dir() and (path / "generation_config.json").is_file():

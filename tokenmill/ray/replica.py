@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from tokenmill.batch.format import BatchLine, LineError, parse_line
-from tokenmill.batch.runner import LineExecutor, line_tokens
+from tokenmill.batch.runner import LineExecutor, LineTokens
 from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.config import EngineConfig
-from tokenmill.engine.engine import Engine
+from tokenmill.engine.create import create_engine
 from tokenmill.engine.threaded import EngineThread
-from tokenmill.outputs import RequestOutput
 
 # A finished line's LineTokens, as three result columns (zeros if it failed).
 TOKEN_COLUMNS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens")
@@ -38,7 +37,7 @@ RESULT_COLUMNS = ("record", "replica", "failed", "internal_error", *TOKEN_COLUMN
 class EngineReplica:
     def __init__(self, engine_config: EngineConfig, fingerprint: str, threads: int, prefix_order: bool) -> None:
         torch.set_num_threads(threads)
-        self.engine_thread = EngineThread(Engine(engine_config))
+        self.engine_thread = EngineThread(create_engine(engine_config))
         self.fingerprint = fingerprint
         self.prefix_order = prefix_order
         # NOTE: a restarted actor is a new process, so it shows as another replica in the summary.
@@ -51,9 +50,8 @@ class EngineReplica:
             for name, value in zip(RESULT_COLUMNS, (record, self.name, failed, internal_error, *tokens)):
                 results[name].append(value)
 
-        def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
-            add_row(json.dumps(record, ensure_ascii=False), output is None, False,
-                    (0, 0, 0) if output is None else line_tokens(output))
+        def sink(line_no: int, record: dict[str, Any], tokens: LineTokens) -> None:
+            add_row(json.dumps(record, ensure_ascii=False), tokens is None, False, tokens or (0, 0, 0))
 
         def undone(line_no: int) -> None:
             add_row("", False, True, (0, 0, 0))

@@ -1,0 +1,64 @@
+"""Runs one step of embedding requests: whole prompts, packed end to end, in; one pooled vector each out.
+
+No padding: the prompts' tokens lie one after another in one row, and attention keeps each to
+its own sequence. Two runners, chosen by the model:
+- `EncoderRunner` (BERT family): bidirectional attention over the packed batch (attention/encoder.py).
+- `DecoderRunner` (a Llama-family model as an embedder): causal attention through the same paged
+  attention backend as generation, over a scratch KV pool that holds one step and is overwritten
+  by the next (an embedding request has no decode, so nothing is kept and nothing is cached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.attention import AttentionSpec, BatchLayout, select_attention_backend
+from tokenmill.attention.encoder import seq_starts_of
+from tokenmill.engine.model_runner import lazily_committed_zeros
+from tokenmill.kv.manager import cdiv
+from tokenmill.models.bert import BertModel
+from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.pooling import pool
+
+
+class EncoderRunner:
+    def __init__(self, model: BertModel, pooling_mode: str) -> None:
+        self.model = model
+        self.pooling_mode = pooling_mode
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]]) -> torch.Tensor:
+        """The prompts' pooled last hidden states, [len(prompts), hidden] in fp32."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        batch = self.model.attention.build(lengths)
+        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(batch.seq_starts[:-1], lengths)
+        input_ids = torch.tensor([t for p in prompts for t in p])
+        hidden = self.model(input_ids, positions, batch)
+        return pool(hidden, batch.seq_starts, self.pooling_mode)
+
+
+class DecoderRunner:
+    def __init__(self, model: LlamaForCausalLM, pooling_mode: str, max_step_tokens: int, max_step_seqs: int,
+                 block_size: int) -> None:
+        self.model = model
+        self.pooling_mode = pooling_mode
+        self.block_size = block_size
+        attn = model.layers[0].self_attn
+        # Enough blocks for any step: each sequence wastes less than one block.
+        num_blocks = cdiv(max_step_tokens, block_size) + max_step_seqs
+        shape = (model.config.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = lazily_committed_zeros(shape, model.dtype)
+        self.attention = select_attention_backend(AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                                block_size, model.dtype, self.kv_cache.device))
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]]) -> torch.Tensor:
+        lengths = torch.tensor([len(p) for p in prompts])
+        blocks = (lengths + self.block_size - 1) // self.block_size
+        first_block = blocks.cumsum(0) - blocks
+        block_table = first_block[:, None] + torch.arange(int(blocks.max()))  # each sequence's own blocks, in a row
+        layout, positions = BatchLayout.of(lengths, lengths, block_table, self.block_size)
+        meta = self.attention.build_metadata(layout)
+        input_ids = torch.tensor([t for p in prompts for t in p])
+        hidden = self.model(input_ids, positions, self.kv_cache, self.attention, meta)
+        return pool(hidden, seq_starts_of(lengths), self.pooling_mode)
