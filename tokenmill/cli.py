@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="auto: embed with a sentence-transformers folder or a BERT model, else generate; "
                               "embed: use a Llama-family model as an embedder (default: %(default)s)")
         sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
-                         help="tokens of one step (default: %s for generation, %s for embeddings)"
-                              % (DEFAULT_STEP_TOKENS["generate"], DEFAULT_STEP_TOKENS["embed"]))
+                         help=f"tokens of one step (default: {DEFAULT_STEP_TOKENS['generate']} for generation, "
+                              f"{DEFAULT_STEP_TOKENS['embed']} for embeddings)")
         sub.add_argument("--kv-cache-memory", default=EngineConfig.kv_cache_memory,
                          help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
                               "(0.2, 20%%; default: %(default)s)")
