@@ -1,8 +1,9 @@
 """Which task a model serves (generate or embed), and the loading of embedding models.
 
 A model embeds when its folder is a sentence-transformers folder (`modules.json`) or its config
-names a BERT-family encoder or a bare decoder body (Qwen3Model...); `task="embed"` makes any Llama-family model an embedder (its last
-hidden states pooled, last token by default, as Qwen3-Embedding and gte-Qwen). A model may be cut
+names a BERT-family encoder or a bare decoder body (Qwen3Model...); `task="embed"` makes any
+Llama-family model an embedder (its last hidden states pooled, last token by default, as
+Qwen3-Embedding and gte-Qwen). A model may be cut
 to fewer `dimensions` per request only when its config says it was trained for it
 (`matryoshka_dimensions` or `is_matryoshka`, as vLLM reads them).
 """
