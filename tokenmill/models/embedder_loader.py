@@ -34,7 +34,6 @@ from tokenmill.models.loader import (
 )
 from tokenmill.models.pooling import PoolingConfig, read_pooling_config
 
-
 # Checkpoints of the bare decoder, without a head: embedders only (e5-mistral's MistralModel...).
 DECODER_BODIES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
 
