@@ -53,7 +53,7 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
         {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
         {**chat_line("chat-0", SYSTEMS[0], "again"), "custom_id": "chat-0"},
         {**chat_line("get", SYSTEMS[0], "x"), "method": "GET"},
-        {**chat_line("embed", SYSTEMS[0], "x"), "url": "/v1/embeddings"},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # a generative model
         {"custom_id": "string-body", "method": "POST", "url": "/v1/completions", "body": "prompt"},
         chat_line("negative", SYSTEMS[0], "x", max_tokens=-5),
         chat_line("hot", SYSTEMS[0], "x", temperature="hot"),
@@ -62,7 +62,7 @@ def test_bad_lines_become_errors_and_good_lines_succeed(tmp_path: Path, tiny_mod
         chat_line("too-long", SYSTEMS[0], "word " * 600),
         {"custom_id": "", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},
     ]
-    expected_codes = ["invalid_json", "missing_custom_id", "duplicate_custom_id", "invalid_method", "invalid_url",
+    expected_codes = ["invalid_json", "missing_custom_id", "duplicate_custom_id", "invalid_method", "wrong_task",
                       "invalid_body", "invalid_value", "invalid_type", "invalid_type", "invalid_value",
                       "context_length_exceeded", "missing_custom_id"]
     lines = good[:3] + bad[:6] + [""] + good[3:] + bad[6:]

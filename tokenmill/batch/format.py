@@ -1,7 +1,8 @@
 """The OpenAI Batch file format: one input line in, one output or error record out.
 
 Each line is validated alone; whatever is wrong with it becomes a `LineError` naming the line and
-the field, and the job goes on.
+the field, and the job goes on. Chat and completions bodies are checked here, embeddings bodies in
+embeddings.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.batch.embeddings import EMBEDDINGS_URL, EmbeddingRequest, parse_embedding_body
 from tokenmill.errors import RequestError
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 
 
 class LineError(RequestError):
@@ -36,7 +39,8 @@ class BatchLine:
     custom_id: str
     url: str
     body: dict[str, Any]
-    params: SamplingParams
+    # A chat or completions body's sampling settings; an embeddings body's inputs and pooling settings.
+    params: SamplingParams | EmbeddingRequest
 
 
 def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...]) -> Any:
@@ -123,7 +127,7 @@ def _check_messages(messages: Any) -> None:
 
 
 def validate_body(url: str, body: Any) -> SamplingParams:
-    """Checks an endpoint's request body; returns its sampling settings or raises LineError."""
+    """Checks a chat or completions request body; returns its sampling settings or raises LineError."""
     if not isinstance(body, dict):
         raise LineError("invalid_body", "body must be a JSON object")
     if url == CHAT_URL:
@@ -148,14 +152,27 @@ def prepare_request(frontend: Frontend, url: str, body: dict[str, Any],
     return text, token_ids
 
 
+def _line_params(url: str, body: Any) -> SamplingParams | EmbeddingRequest:
+    if url != EMBEDDINGS_URL:
+        return validate_body(url, body)
+    try:
+        return parse_embedding_body(body)
+    except RequestError as e:
+        raise LineError(e.code, e.message, param=e.param) from None
+
+
 def blamed_param(url: str, param: str | None) -> str | None:
-    """The request field an error names: a chat request's prompt is its messages."""
-    return "messages" if param == "prompt" and url == CHAT_URL else param
+    """The request field an error names: a chat request's prompt is its messages, an embeddings
+    request's its input."""
+    if param != "prompt":
+        return param
+    return {CHAT_URL: "messages", EMBEDDINGS_URL: "input"}.get(url, param)
 
 
 def request_id_prefix(url: str) -> str:
-    """As OpenAI names its ids: chatcmpl-... for chat completions, cmpl-... for completions."""
-    return "chatcmpl" if url == CHAT_URL else "cmpl"
+    """As OpenAI names its ids: chatcmpl-... for chat completions, cmpl-... for completions (and
+    embd-... for embeddings, which OpenAI leaves unnamed)."""
+    return {CHAT_URL: "chatcmpl", EMBEDDINGS_URL: "embd"}.get(url, "cmpl")
 
 
 def parse_line(text: str, line_no: int) -> BatchLine:
@@ -175,10 +192,11 @@ def parse_line(text: str, line_no: int) -> BatchLine:
         if record.get("method") != "POST":
             raise LineError("invalid_method", f"method must be POST, got {record.get('method')!r}")
         url = record.get("url")
-        if url not in (CHAT_URL, COMPLETIONS_URL):
-            raise LineError("invalid_url", f"url must be {CHAT_URL} or {COMPLETIONS_URL}, got {url!r}")
+        if url not in URLS:
+            raise LineError("invalid_url", f"url must be {CHAT_URL}, {COMPLETIONS_URL} or {EMBEDDINGS_URL}, "
+                                           f"got {url!r}")
         body = record.get("body")
-        return BatchLine(line_no, custom_id, url, body, validate_body(url, body))
+        return BatchLine(line_no, custom_id, url, body, _line_params(url, body))
     except LineError as e:
         e.message = f"line {line_no}: {e.message}"
         e.custom_id = custom_id
@@ -249,10 +267,10 @@ def response_body(url: str, params: SamplingParams, output: RequestOutput, model
     }
 
 
-def output_record(record_id: str, line: BatchLine, output: RequestOutput, model: str) -> dict[str, Any]:
+def output_record(record_id: str, line: BatchLine, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A line's record, with its response body (`response_body`, or embeddings.py's)."""
     return {"id": record_id, "custom_id": line.custom_id,
-            "response": {"status_code": 200, "request_id": output.request_id,
-                         "body": response_body(line.url, line.params, output, model)},
+            "response": {"status_code": 200, "request_id": request_id, "body": body},
             "error": None}
 
 

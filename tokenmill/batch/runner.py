@@ -5,6 +5,9 @@ by prompt token ids, so requests that share a prompt prefix are admitted togethe
 shared blocks are computed once and stay cached while the group runs (BatchLLM's global prefix
 sharing, within the window). Results are appended as they finish (see journal.py for why that
 is exactly once across crashes).
+
+An embeddings line asks for k inputs: they run as k engine requests, and the line's record is
+written when the last of them finishes, with every vector in input order.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.batch.dedup import CustomIds
+from tokenmill.batch.embeddings import (
+    EmbeddingRequest,
+    check_task,
+    embedding_response,
+    first_failure,
+    prompt_tokens,
+    tokenize_inputs,
+)
 from tokenmill.batch.format import (
     BatchLine,
     LineError,
@@ -33,6 +44,7 @@ from tokenmill.batch.format import (
     parse_line,
     prepare_request,
     request_id_prefix,
+    response_body,
 )
 from tokenmill.batch.journal import (
     DurableAppender,
@@ -45,7 +57,7 @@ from tokenmill.batch.journal import (
 )
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutput
 
 # A finished line's prompt, cached prompt and completion tokens; None for a failed line.
 LineTokens = tuple[int, int, int] | None
@@ -120,13 +132,26 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+# One engine request's prompt: its text (None for token ids) and token ids.
+Prompt = tuple[str | None, list[int]]
+
+
 @dataclass(order=True)
 class _Pending:
     order_key: list[int]  # the prompt's token ids to group shared prefixes; [] keeps input order
     line_no: int
     line: BatchLine = field(compare=False)
-    prompt: str | None = field(compare=False)
-    token_ids: list[int] = field(compare=False)
+    prompts: list[Prompt] = field(compare=False)  # one per engine request: an embeddings line's k inputs
+
+
+@dataclass
+class _Gathering:
+    """A line whose requests are in the engine: their outputs, by input index, as they finish."""
+
+    line: BatchLine
+    request_id: str  # the line's; its k requests (embeddings) are this + "-<index>"
+    outputs: list[EngineOutput | None]
+    remaining: int
 
 
 def read_lines(path: Path, custom_ids: Path,
@@ -154,20 +179,20 @@ def read_lines(path: Path, custom_ids: Path,
             yield line_no, item
 
 
-# Where each finished line goes: (line number, its output or error record, the engine's output, or
-# None for an error).
-RecordSink = Callable[[int, dict[str, Any], RequestOutput | None], None]
+# Where each finished line goes: (line number, its output or error record, its tokens, or None for
+# an error record).
+RecordSink = Callable[[int, dict[str, Any], LineTokens], None]
 
 
 class LineExecutor:
     """Runs validated lines through an engine client and hands each one's record to `sink`.
 
-    Tokenizes as it reads, keeps up to `window` requests waiting in a heap ordered by prompt token
-    ids (so requests sharing a prefix are admitted together), and `drive`s them through `client`:
-    in this thread, or through a shared engine thread (the server; a Ray replica). A line whose
-    request failed inside the engine gets no record: it goes to `undone`, and runs again on the
-    next run of the job. Setting `cancel` stops it after the requests in flight are aborted. Used
-    by BatchJob here and by each Ray replica.
+    Tokenizes as it reads, keeps up to `window` engine requests waiting in a heap ordered by prompt
+    token ids (so requests sharing a prefix are admitted together), and `drive`s them through
+    `client`: in this thread, or through a shared engine thread (the server; a Ray replica). A line
+    whose request failed inside the engine gets no record: it goes to `undone`, and runs again on
+    the next run of the job. Setting `cancel` stops it after the requests in flight are aborted.
+    Used by BatchJob here and by each Ray replica.
     """
 
     def __init__(self, client: EngineClient, fingerprint: str, sink: RecordSink, undone: Callable[[int], None], *,
@@ -186,19 +211,38 @@ class LineExecutor:
     def _fail(self, line_no: int, error: LineError) -> None:
         self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
 
-    def _prepare(self, line: BatchLine) -> tuple[str | None, list[int]]:
+    def _prepare(self, line: BatchLine) -> list[Prompt]:
+        """The line's engine requests' prompts (one, or an embeddings line's k), checked against the
+        model (a line it cannot serve fails) and tokenized; a chat line's grammar compiled."""
+        frontend = self.client.frontend
         try:
-            return prepare_request(self.client.frontend, line.url, line.body, line.params)
+            check_task(frontend, line.url)
+            if isinstance(line.params, EmbeddingRequest):
+                return tokenize_inputs(frontend, line.params)
+            return [prepare_request(frontend, line.url, line.body, line.params)]
         except RequestError as e:
-            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id, e.param) from None
+            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id,
+                            blamed_param(line.url, e.param)) from None
+
+    def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> list[int]:
+        # NOTE: embeddings keep input order: with no KV cache there is no prefix to share, and the
+        # engine packs sequences without padding (and orders its own window by length), so an order
+        # here would gain nothing and would spread a line's inputs apart, holding its finished
+        # vectors longer.
+        if not self.prefix_order or isinstance(line.params, EmbeddingRequest):
+            return []
+        return prompts[0][1]
 
     def _requests(self, lines: Iterator[tuple[int, BatchLine | LineError]],
-                  in_flight: dict[str, BatchLine]) -> Iterator[Submission]:
-        """The lines' requests, each the first in prompt order among up to `window` read ahead."""
+                  in_flight: dict[str, tuple[_Gathering, int]]) -> Iterator[Submission]:
+        """The lines' requests, each line's the first in prompt order among up to `window` requests
+        read ahead. A line is read whenever fewer than `window` wait, however many requests it
+        brings, so a line of more than `window` inputs cannot stall the job."""
         pending: list[_Pending] = []
+        waiting = 0  # engine requests in `pending`
         exhausted = False
         while not self.cancel.is_set():
-            while not exhausted and len(pending) < self.window:
+            while not exhausted and waiting < self.window:
                 item = next(lines, None)
                 if item is None:
                     exhausted = True
@@ -207,39 +251,65 @@ class LineExecutor:
                 try:
                     if isinstance(line, LineError):
                         raise line
-                    prompt, token_ids = self._prepare(line)
+                    prompts = self._prepare(line)
                 except LineError as e:
                     self._fail(line_no, e)
                     continue
-                order_key = token_ids if self.prefix_order else []
-                heapq.heappush(pending, _Pending(order_key, line_no, line, prompt, token_ids))
+                heapq.heappush(pending, _Pending(self._order_key(line, prompts), line_no, line, prompts))
+                waiting += len(prompts)
             if not pending:
                 return
             entry = heapq.heappop(pending)
-            request_id = f"{request_id_prefix(entry.line.url)}-{self.run_id}-{entry.line_no}"
-            in_flight[request_id] = entry.line
-            yield Submission(request_id, entry.prompt, entry.token_ids, entry.line.params)
+            waiting -= len(entry.prompts)
+            line = entry.line
+            request_id = f"{request_id_prefix(line.url)}-{self.run_id}-{line.line_no}"
+            gathering = _Gathering(line, request_id, [None] * len(entry.prompts), len(entry.prompts))
+            embeds = isinstance(line.params, EmbeddingRequest)
+            params = line.params.params if isinstance(line.params, EmbeddingRequest) else line.params
+            for index, (prompt, token_ids) in enumerate(entry.prompts):
+                one_id = f"{request_id}-{index}" if embeds else request_id  # a chat id as OpenAI's, unsuffixed
+                in_flight[one_id] = (gathering, index)
+                yield Submission(one_id, prompt, token_ids, params)
 
-    def _finish(self, line: BatchLine, output: RequestOutput) -> None:
-        error = output.error
+    def _finish(self, gathering: _Gathering) -> None:
+        line, model = gathering.line, self.client.frontend.model_name
+        if isinstance(line.params, EmbeddingRequest):
+            embeddings = [o for o in gathering.outputs if isinstance(o, EmbeddingRequestOutput)]
+            error = first_failure(embeddings)
+            if error is None:
+                self._succeed(gathering, embedding_response(embeddings, line.params.encoding_format, model),
+                              (prompt_tokens(embeddings), 0, 0))
+        else:
+            output = gathering.outputs[0]
+            assert isinstance(output, RequestOutput)
+            error = output.error
+            if error is None:
+                self._succeed(gathering, response_body(line.url, line.params, output, model), line_tokens(output))
         if error is None:
-            record = output_record(record_id(self.fingerprint, line.line_no), line, output,
-                                   self.client.frontend.model_name)
-            self.sink(line.line_no, record, output)
-        elif error.internal:
+            return
+        if error.internal:
             self.undone(line.line_no)
         else:
             self._fail(line.line_no, LineError(error.code, f"line {line.line_no}: {error.message}", line.custom_id,
                                                blamed_param(line.url, error.param)))
 
+    def _succeed(self, gathering: _Gathering, body: dict[str, Any], tokens: LineTokens) -> None:
+        line_no = gathering.line.line_no
+        self.sink(line_no, output_record(record_id(self.fingerprint, line_no), gathering.line, gathering.request_id,
+                                         body), tokens)
+
     def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
         if self.cancel.is_set():
             return
-        in_flight: dict[str, BatchLine] = {}
+        in_flight: dict[str, tuple[_Gathering, int]] = {}
         with contextlib.closing(drive(self.client, self._requests(lines, in_flight))) as steps:
             for outputs in steps:
                 for output in outputs:
-                    self._finish(in_flight.pop(output.request_id), output)
+                    gathering, index = in_flight.pop(output.request_id)
+                    gathering.outputs[index] = output
+                    gathering.remaining -= 1
+                    if not gathering.remaining:
+                        self._finish(gathering)
                 if self.cancel.is_set():
                     break  # closing `steps` aborts the requests in flight
 
@@ -299,12 +369,14 @@ class BatchJob:
                    disable=not self.use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
 
-        def sink(line_no: int, record: dict[str, Any], output: RequestOutput | None) -> None:
-            writer.append(self.errors if output is None else self.output, record)
-            summary.count(None if output is None else line_tokens(output))
+        def sink(line_no: int, record: dict[str, Any], tokens: LineTokens) -> None:
+            writer.append(self.errors if tokens is None else self.output, record)
+            summary.count(tokens)
             bar.update(1)
-            if output is not None:
-                bar.set_postfix_str(f"out {summary.completion_tokens / (time.perf_counter() - start):.0f} tok/s, "
+            if tokens is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"in {summary.prompt_tokens / elapsed:.0f} tok/s, "
+                                    f"out {summary.completion_tokens / elapsed:.0f} tok/s, "
                                     f"prefix hits {summary.hit_rate():.0%}", refresh=False)
 
         def not_done() -> Iterator[tuple[int, BatchLine | LineError]]:
