@@ -3,8 +3,10 @@
 Every completion request becomes an engine request at interactive priority, through a
 `ThreadClient` of the shared engine thread; streamed ones are sent as server-sent events as the
 engine produces tokens, and a client that disconnects has its request aborted at once (its KV
-blocks freed). Errors have OpenAI's shape and status codes: a request's own fault is a 400 naming
-its code and field, a failure inside the engine a 500 `server_error`.
+blocks freed). An embeddings request's k inputs become k engine requests, submitted together and
+answered together. Errors have OpenAI's shape and status codes: a request's own fault is a 400
+naming its code and field (an endpoint the loaded model cannot serve included), a failure inside
+the engine a 500 `server_error`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenmill.batch.embeddings import (
+    EMBEDDINGS_URL,
+    check_task,
+    embedding_response,
+    first_failure,
+    parse_embedding_body,
+    tokenize_inputs,
+)
 from tokenmill.batch.format import (
     CHAT_URL,
     COMPLETIONS_URL,
@@ -38,7 +48,7 @@ from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.engine import EngineMetrics
 from tokenmill.engine.threaded import EngineThread
 from tokenmill.errors import RequestError
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.batches import BatchError, BatchManager
 from tokenmill.server.store import Store
@@ -67,6 +77,14 @@ class APIError(Exception):
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+async def until_gone(request: Request) -> None:
+    """Returns once the client of a request whose body has been read disconnects."""
+    # NOTE: not `request.is_disconnected()`, which never sees the disconnect through the
+    # middleware's receive; after the body, receive() waits for the disconnect itself.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class MetricsCollector:
@@ -152,11 +170,18 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "tokenmill", "quantization": frontend.quantization}]}
 
-    async def complete(request: Request, url: str) -> Response:
-        body = await json_body(request)
+    def check_model(body: dict[str, Any], url: str) -> None:
         if body.get("model") != model_name:
             raise APIError(404, f"model {body.get('model')!r} not found; this server runs {model_name!r}",
                            param="model", code="model_not_found")
+        try:
+            check_task(frontend, url)
+        except RequestError as e:
+            raise APIError.of_request(e, url) from None
+
+    async def complete(request: Request, url: str) -> Response:
+        body = await json_body(request)
+        check_model(body, url)
         try:
             params = validate_request(url, body)
             text, token_ids = await asyncio.to_thread(prepare_request, frontend, url, body, params)
@@ -250,6 +275,51 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await complete(request, COMPLETIONS_URL)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await json_body(request)
+        check_model(body, EMBEDDINGS_URL)
+        try:
+            embedding_request = parse_embedding_body(body)
+            prompts = await asyncio.to_thread(tokenize_inputs, frontend, embedding_request)
+        except RequestError as e:
+            raise APIError.of_request(e, EMBEDDINGS_URL) from None
+        request_id = f"embd-{secrets.token_hex(12)}"
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        index = {one_id: i for i, one_id in enumerate(ids)}
+        arrived: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        client = ThreadClient(engine_thread, INTERACTIVE_PRIORITY,
+                              sink=lambda out: loop.call_soon_threadsafe(arrived.put_nowait, out))
+        for one_id, (text, token_ids) in zip(ids, prompts):
+            client.add(one_id, text, token_ids, embedding_request.params)
+        outputs: list[EmbeddingRequestOutput | None] = [None] * len(ids)
+
+        async def gather() -> None:
+            for _ in ids:
+                output = await arrived.get()
+                assert isinstance(output, EmbeddingRequestOutput)
+                outputs[index[output.request_id]] = output
+
+        gathering, client_gone = asyncio.ensure_future(gather()), asyncio.ensure_future(until_gone(request))
+        try:
+            # NOTE: a non-streamed handler is not cancelled when its client leaves: this notices, so
+            # that a large request does not run on for nobody.
+            await asyncio.wait((gathering, client_gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gathering.cancel()
+            client_gone.cancel()
+            for one_id, done in zip(ids, outputs):
+                if done is None:  # the client went away: free the engine of what is left
+                    client.abort(one_id)
+        finished = [o for o in outputs if o is not None]
+        if len(finished) < len(ids):
+            return Response(status_code=499)  # nobody reads it
+        error = first_failure(finished)
+        if error is not None:
+            raise APIError.of_request(error, EMBEDDINGS_URL)
+        return JSONResponse(embedding_response(finished, embedding_request.encoding_format, model_name))
 
     # -- files
     @app.post("/v1/files")

@@ -15,16 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokenmill.batch.format import CHAT_URL, COMPLETIONS_URL
+from tokenmill.batch.embeddings import check_task
+from tokenmill.batch.format import URLS
 from tokenmill.batch.runner import BatchJob, count_lines
 from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.threaded import EngineThread
+from tokenmill.errors import RequestError
 from tokenmill.server.store import Store, new_id
 
 logger = logging.getLogger(__name__)
 
 BATCH_PRIORITY = 1  # interactive requests are 0: admitted first, preempted last
-ENDPOINTS = (CHAT_URL, COMPLETIONS_URL)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = 24 * 3600  # the only window OpenAI offers, "24h"
 MAX_RUNS = 3  # of a batch's job, while lines fail inside the engine
@@ -54,8 +55,12 @@ class BatchManager:
     def create(self, input_file_id: Any, endpoint: Any, completion_window: Any, metadata: Any) -> dict[str, Any]:
         if not isinstance(input_file_id, str) or self.store.get_file(input_file_id) is None:
             raise BatchError(404, f"no file with id {input_file_id!r}", "input_file_id")
-        if endpoint not in ENDPOINTS:
-            raise BatchError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint")
+        if endpoint not in URLS:
+            raise BatchError(400, f"endpoint must be one of {', '.join(URLS)}", "endpoint")
+        try:  # refused now rather than failing every line
+            check_task(self.engine_thread.frontend, endpoint)
+        except RequestError as e:
+            raise BatchError(400, e.message, "endpoint") from None
         if completion_window != "24h":
             raise BatchError(400, "completion_window must be '24h'", "completion_window")
         if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
