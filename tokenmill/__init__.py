@@ -3,8 +3,10 @@
 from tokenmill.engine.config import EngineConfig
 from tokenmill.errors import RequestError
 from tokenmill.llm import LLM
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestError", "RequestOutput", "SamplingParams",
+__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "EngineConfig", "Logprob",
+           "PoolingParams", "RequestError", "RequestOutput", "SamplingParams",
            "StructuredOutputsParams"]
