@@ -16,6 +16,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, Qwen3C
 
 from tests.conftest import TOKENIZER_FILES, VOCAB
 from tokenmill import LLM
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.embedder import EmbeddingEngine
 from tokenmill.outputs import EmbeddingRequestOutput
 from tokenmill.pooling_params import PoolingParams
 
@@ -176,3 +178,12 @@ def test_task_embed_makes_a_generative_llama_an_embedder(tiny_models: dict[str, 
     assert torch.allclose(ours, F.normalize(_hf_last_token(folder, prompts), dim=1), atol=1e-5)
     refused = llm.embed({"prompt_token_ids": [5]}, PoolingParams(dimensions=8), use_tqdm=False)[0]
     assert refused.error is not None and refused.error.param == "dimensions"
+
+
+def test_a_step_passes_over_a_prompt_that_does_not_fit_for_later_ones_that_do(minilm_path: Path) -> None:
+    engine = EmbeddingEngine(EngineConfig(model=str(minilm_path), dtype="float32", max_num_batched_tokens=256))
+    for name, length in (("a", 200), ("b", 150), ("c", 50)):
+        assert engine.add_request(name, None, [101] + [2000] * (length - 2) + [102], PoolingParams()) is None
+    assert [o.request_id for o in engine.step()] == ["a", "c"]
+    assert [o.request_id for o in engine.step()] == ["b"]
+    assert not engine.has_unfinished_requests() and engine.metrics().stats.prompt_tokens == 400

@@ -4,8 +4,9 @@ An embedding request is one prompt, run whole in one step (no chunks: an encoder
 bidirectional; no decode, so no KV cache is kept and no prefix cache applies). Each step packs
 waiting prompts end to end, lower priority values and then older requests first, up to the
 step's token budget and `max_num_seqs` (a budget below the model's context is raised to it, so
-any valid prompt fits), runs them through the model once, pools, and reports every one
-finished. Faces reach it through the same `EngineClient`s as the generating engine.
+any valid prompt fits; one that does not fit what is left is passed over for later ones that
+do), runs them through the model once, pools, and reports every one finished. Faces reach it
+through the same `EngineClient`s as the generating engine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Requests a step passes over for not fitting its budget before it stops looking: a full step is
+# near at hand, and scanning the whole queue each step would cost more than the last tokens gain.
+MAX_PASSED_OVER = 32
 
 
 @dataclass
@@ -123,18 +128,24 @@ class EmbeddingEngine:
         return bool(self.requests)
 
     def _schedule(self) -> list[_EmbeddingRequest]:
+        """Waiting requests in order, first fit: one that does not fit what is left of the budget is
+        passed over (it keeps its place) for later ones that do, so steps run full."""
         batch: list[_EmbeddingRequest] = []
+        passed_over: list[tuple[int, int, str]] = []
         tokens = 0
-        while self._waiting and len(batch) < self.config.max_num_seqs:
-            request = self.requests.get(self._waiting[0][2])
+        while (self._waiting and len(batch) < self.config.max_num_seqs and len(passed_over) < MAX_PASSED_OVER
+               and tokens < self.step_tokens):
+            entry = heapq.heappop(self._waiting)
+            request = self.requests.get(entry[2])
             if request is None:  # aborted
-                heapq.heappop(self._waiting)
                 continue
             if tokens + len(request.token_ids) > self.step_tokens:
-                break
-            heapq.heappop(self._waiting)
+                passed_over.append(entry)
+                continue
             batch.append(request)
             tokens += len(request.token_ids)
+        for entry in passed_over:
+            heapq.heappush(self._waiting, entry)
         return batch
 
     def step(self) -> list[EmbeddingRequestOutput]:
