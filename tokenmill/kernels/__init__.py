@@ -2,6 +2,8 @@
 
 - `attention.cpp`: batch-invariant attention over the paged KV pool: decodes read in place (a
   shared prefix read once for all, Hydragen), prompt chunks as small GEMMs; one order of sums for all.
+- `encoder_attention.cpp`: bidirectional attention over packed sequences of any lengths (BERT-style
+  encoders): each token attends to all of its own sequence's; a sequence's result is the same in any batch.
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
   residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
 - `quant.cpp`: weights kept in GGUF's quantized blocks: x W^T straight on the blocks (batch-invariant),
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's and chunk_attention's
 ATTENTION_HEAD_DIMS = (64, 128)
 MAX_QUERIES_PER_KV_HEAD = 64  # the attention kernels' per-request scratch
+ENCODER_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+ENCODER_ATTENTION_HEAD_DIM_MULTIPLE = 16  # any head_dim that is a multiple of this; any sequence length
 ELEMENTWISE_DTYPES = (torch.bfloat16,)
 ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane vectors
 # gguf.GGMLQuantizationType values that quant_linear and dequantize take:
@@ -50,6 +54,10 @@ DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torc
 #  (rows no request owns are 0).
 ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor], torch.Tensor]
+# torch.ops.tokenmill.encoder_attention:
+# (query [T, heads, D], key, value (views allowed: the last dim contiguous), seq_starts [B + 1] int64 (0, ..., T),
+#  scale) -> out [T, heads, D] contiguous, of query's dtype: softmax(scale q k^T) v within each sequence
+#  seq_starts[i]..seq_starts[i + 1], in fp32.
 # torch.ops.tokenmill.quant_linear: (x [M, K] bf16 or fp32, blocks [N, row_bytes] uint8, qtype) -> [M, N] of x's dtype
 # torch.ops.tokenmill.dequantize: (blocks [N, row_bytes] uint8, qtype, in_features K, out=None) -> [N, K] bf16
 #  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)
@@ -57,7 +65,8 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.pack_dense: (weight [N, K] fp32 or bf16) -> the weight in dense_linear's layout, same dtype
 # torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N) -> [M, N] (batch-invariant)
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("attention.cpp", "elementwise.cpp", "quant.cpp")]
+SOURCES = [str(Path(__file__).with_name(name))
+           for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp")]
 # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
 # -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

@@ -77,31 +77,6 @@ struct Units<float> {
   static void to_units(float*, int64_t) {}
 };
 
-// 16 x 16 32-bit elements transposed in registers: r[i] lane j becomes r[j] lane i.
-inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + e], 128-bit lane L: element 4L + e of rows 4i..4i+3
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int e = 0; e < 4; ++e) {
-    const __m512i a = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), b = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
-    const __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
-    const __m512i d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
-    t[e] = _mm512_shuffle_i32x4(a, c, 0x88);       // element e
-    t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);   // element 4 + e
-    t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);   // element 8 + e
-    t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);  // element 12 + e
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 template <typename T>
 inline void prefetch_row(const T* row, int64_t bytes, int hint_l2) {
   const char* p = reinterpret_cast<const char*>(row);
