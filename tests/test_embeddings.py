@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, Qwen3Config, Qwen3Model
 
 from tests.conftest import TOKENIZER_FILES, VOCAB
-from tokenmill import LLM
+from tokenmill import LLM, kernels
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.embedder import EmbeddingEngine
 from tokenmill.outputs import EmbeddingRequestOutput
@@ -66,6 +66,17 @@ def test_embed_takes_vllm_prompt_forms_lazily_and_in_order(minilm: LLM) -> None:
     assert outputs[0].prompt == texts[0] and outputs[2].prompt is None
     single = minilm.embed("first sentence", use_tqdm=False)
     assert torch.equal(vectors(single)[0], vectors(outputs)[0])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="batch invariance holds on tokenmill's AVX-512 kernels")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_sequence_embeds_the_same_bits_alone_and_in_any_batch(minilm_path: Path, dtype: str) -> None:
+    texts = random_sentences(AutoTokenizer.from_pretrained(minilm_path), 60, 200, seed=1)
+    batched = vectors(LLM(str(minilm_path), dtype=dtype).embed(texts, use_tqdm=False))
+    small_steps = LLM(str(minilm_path), dtype=dtype, max_num_batched_tokens=300, max_num_seqs=3)
+    assert torch.equal(vectors(small_steps.embed(texts, use_tqdm=False)), batched)
+    alone = torch.cat([vectors(small_steps.embed([t], use_tqdm=False)) for t in texts[:4]])
+    assert torch.equal(alone, batched[:4])
 
 
 def test_too_long_inputs_fail_alone_or_are_truncated_when_asked(minilm: LLM) -> None:

@@ -57,7 +57,7 @@ def seq_starts_of(seq_lens: torch.Tensor) -> torch.Tensor:
 class KernelEncoderAttention(EncoderAttention):
     @classmethod
     def supports(cls, num_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
-        return (dtype in kernels.ENCODER_ATTENTION_DTYPES and head_dim <= kernels.ENCODER_ATTENTION_MAX_HEAD_DIM
+        return (dtype in kernels.ENCODER_ATTENTION_DTYPES
                 and head_dim % kernels.ENCODER_ATTENTION_HEAD_DIM_MULTIPLE == 0 and kernels.available())
 
     def build(self, seq_lens: torch.Tensor) -> EncoderBatch:
@@ -95,7 +95,7 @@ class TorchEncoderAttention(EncoderAttention):
 
 
 # In order of preference; the torch version runs everywhere.
-ENCODER_ATTENTIONS: tuple[type[EncoderAttention], ...] = (TorchEncoderAttention,)  # TODO(lead): kernel
+ENCODER_ATTENTIONS: tuple[type[EncoderAttention], ...] = (KernelEncoderAttention, TorchEncoderAttention)
 
 
 def select_encoder_attention(num_heads: int, head_dim: int, dtype: torch.dtype) -> EncoderAttention:

@@ -226,9 +226,9 @@ class LineExecutor:
 
     def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> list[int]:
         # NOTE: embeddings keep input order: with no KV cache there is no prefix to share, and the
-        # engine packs sequences without padding (and orders its own window by length), so an order
-        # here would gain nothing and would spread a line's inputs apart, holding its finished
-        # vectors longer.
+        # engine packs whole prompts without padding, first fit, so its steps run full in any order;
+        # an order here would gain nothing and would spread a line's inputs apart, holding its
+        # finished vectors longer.
         if not self.prefix_order or isinstance(line.params, EmbeddingRequest):
             return []
         return prompts[0][1]
