@@ -43,8 +43,11 @@
 //   blocks of 16 output features, each a run over k of 64-byte vectors, lane i holding feature 16b + i.
 //   bf16: [ceil(N / 16), ceil(K / 2), 16, 2], a lane's pair w[n, 2j], w[n, 2j + 1] (vdpbf16ps's pairs);
 //   fp32: [ceil(N / 16), K, 16, 1]. Zeros past N and K.
-// - dense_linear(x [M, K] of the weight's dtype, rows contiguous, packed, out_features N) -> [M, N] of x's
-//   dtype: x W^T, batch-invariant as quant_linear is.
+// - dense_linear(x [M, K] of the weight's dtype, rows contiguous, packed, out_features N, bias=None [N] fp32 or
+//   bf16, activation "none" | "gelu" | "gelu_tanh") -> [M, N] of x's dtype: act(x W^T + b), batch-invariant as
+//   quant_linear is. The bias and the activation are applied in fp32 where each output's sum ends (the epilogue),
+//   rounded once to x's dtype: one pass over the output where torch makes three (the GEMM's, the bias add's, the
+//   activation's), and no bf16 rounding in between. The activations are common.h's gelu16 and gelu_tanh16.
 // Each output is one lane's sum over k in order, from zero: on bf16 one dot_pairs (the odd product added,
 // then the even; bf16 products are exact in fp32) per pair of k, an odd K's last pair with a zero, then
 // rounded to bf16 as torch rounds; on fp32 one FMA per k. No sum across lanes: every path (any M, any rows
@@ -717,10 +720,28 @@ struct Fp32 {
   static void store(Value* out, __m512 sums, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, sums); }
 };
 
+enum class Activation { kNone, kGelu, kGeluTanh };
+
+// The epilogue: a finished sum (fp32) plus the feature's bias, through the activation, before its one rounding.
+struct Epilogue {
+  const float* bias;  // the pass's first feature's, or null
+  Activation activation;
+
+  __m512 apply(__m512 sums, __m512 bias_values) const {
+    if (bias != nullptr) sums = _mm512_add_ps(sums, bias_values);  // (adding a zero bias would turn -0 into 0)
+    switch (activation) {
+      case Activation::kGelu: return gelu16(sums);
+      case Activation::kGeluTanh: return gelu_tanh16(sums);
+      default: return sums;
+    }
+  }
+};
+
 // One pass: rows of x (the first at x) times a group's blocks (w: the first, each block_values apart), over
 // the whole steps [first_step, last_step) of k, then the last half-empty step of an odd K where `tail`. Sums
-// start from zero, or from `partial` where `resume`; they end in out[m, 16 b + i] for the features below N
-// (`features` of them from the first) where `finish`, else in `partial` (row m at m * partial_stride).
+// start from zero, or from `partial` where `resume`; they end, through the epilogue, in out[m, 16 b + i] for the
+// features below N (`features` of them from the first) where `finish`, else in `partial` (row m at
+// m * partial_stride).
 template <class V>
 struct Pass {
   using Value = typename V::Value;
@@ -733,6 +754,7 @@ struct Pass {
   int64_t partial_stride;
   Value* out;
   int64_t out_stride, features;
+  Epilogue epilogue;
 };
 
 // NOTE: not inlined: inlined into dense's loops (24 copies), the accumulators and operands went to memory
@@ -761,12 +783,15 @@ __attribute__((noinline)) void dense_tile(const Pass<V>& pass) {
   if (pass.tail) step(pass.last_step, V::broadcast_last);
   for (int b = 0; b < NB; ++b) {
     const __mmask16 mask = tail_mask(pass.features - b * kLanes);
-    for (int m = 0; m < MR; ++m) {
-      if (pass.finish) {
-        V::store(pass.out + m * pass.out_stride + b * kLanes, acc[m][b], mask);
-      } else {
-        _mm512_storeu_ps(partial + m * partial_stride + b * kLanes, acc[m][b]);
+    if (pass.finish) {
+      const Epilogue& epilogue = pass.epilogue;
+      const __m512 bias = epilogue.bias == nullptr ? _mm512_setzero_ps()
+                                                   : _mm512_maskz_loadu_ps(mask, epilogue.bias + b * kLanes);
+      for (int m = 0; m < MR; ++m) {
+        V::store(pass.out + m * pass.out_stride + b * kLanes, epilogue.apply(acc[m][b], bias), mask);
       }
+    } else {
+      for (int m = 0; m < MR; ++m) _mm512_storeu_ps(partial + m * partial_stride + b * kLanes, acc[m][b]);
     }
   }
 }
@@ -787,7 +812,7 @@ void dense_pass(int64_t rows, const Pass<V>& pass) {
 
 template <class V>
 void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typename V::Value* packed, int64_t N,
-           int64_t K, typename V::Value* out) {
+           int64_t K, const float* bias, Activation activation, typename V::Value* out) {
   using Value = typename V::Value;
   const int64_t blocks = (N + kLanes - 1) / kLanes;
   const int64_t block_values = (K + V::kPerStep - 1) / V::kPerStep * V::kPerStep * kLanes;
@@ -820,6 +845,7 @@ void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typena
           pass.partial_stride = partial_stride;
           pass.out_stride = N;
           pass.features = N - group * kLanes;
+          pass.epilogue = {bias == nullptr ? nullptr : bias + group * kLanes, activation};
           // Passes of at most 8 rows, as even as they go (10 rows: 5 + 5, not 8 + 2).
           const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
           for (int64_t p = 0, m = panel_start; p < passes; ++p) {
@@ -875,7 +901,15 @@ at::Tensor pack_dense(const at::Tensor& weight) {
   return packed;
 }
 
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+Activation activation_named(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK(false, "activation must be \"none\", \"gelu\" or \"gelu_tanh\", not \"", name, "\"");
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                        const c10::optional<at::Tensor>& bias, c10::string_view activation) {
   TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
               x.stride(1) == 1, "x must be bf16 or fp32 [M, K] with contiguous rows, not ", x.scalar_type(), " ",
               x.sizes(), " of strides ", x.strides());
@@ -885,12 +919,21 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
   TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.is_contiguous() && packed.sizes() == expected,
               "packed must be pack_dense's ", x.scalar_type(), " ", at::IntArrayRef(expected), " for ", N, " x ", K,
               ", not ", packed.scalar_type(), " ", packed.sizes());
+  const Activation act = activation_named(activation);
+  at::Tensor bias_fp32;  // the bias widened to fp32 (a copy only where it is not already)
+  if (bias.has_value()) {
+    TORCH_CHECK((bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16) && bias->dim() == 1 &&
+                bias->size(0) == N, "bias must be fp32 or bf16 [", N, "], not ", bias->scalar_type(), " ",
+                bias->sizes());
+    bias_fp32 = bias->to(at::kFloat).contiguous();
+  }
+  const float* b = bias.has_value() ? bias_fp32.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   if (x.scalar_type() == at::kFloat) {
-    dense<Fp32>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), N, K, out.data_ptr<float>());
+    dense<Fp32>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), N, K, b, act, out.data_ptr<float>());
   } else {
-    dense<Bf16>(x.data_ptr<bf16>(), x.stride(0), M, packed.data_ptr<bf16>(), N, K, out.data_ptr<bf16>());
+    dense<Bf16>(x.data_ptr<bf16>(), x.stride(0), M, packed.data_ptr<bf16>(), N, K, b, act, out.data_ptr<bf16>());
   }
   return out;
 }
@@ -904,5 +947,6 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype) -> Tensor", &quant_linear);
   m.def("quantize_q8_0(Tensor weight) -> Tensor", &quantize_q8_0);
   m.def("pack_dense(Tensor weight) -> Tensor", &dense::pack_dense);
-  m.def("dense_linear(Tensor x, Tensor packed, int out_features) -> Tensor", &dense::dense_linear);
+  m.def("dense_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None, str activation=\"none\") -> "
+        "Tensor", &dense::dense_linear);
 }

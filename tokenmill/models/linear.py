@@ -1,7 +1,8 @@
 """Linear layers, each multiplying through the method chosen at load for its weight's format.
 
 A `LinearMethod` holds one layer's weight in its format, prepared once at load, and computes
-x W^T + b. `Linear.load` takes, for each weight, the first method in `LINEAR_METHODS` that serves it
+act(x W^T + b), the activation (none, or a GELU) given when the model is built (`Linear(..., activation=)`).
+`Linear.load` takes, for each weight, the first method in `LINEAR_METHODS` that serves it
 (by its format, dtype and device, and what this machine's libraries support): a new weight format
 (a quantized one with its own kernel) is one method class and one entry there. Code that counts
 weights reads `Linear.in_features` and `out_features`, never a method's storage.
@@ -12,7 +13,9 @@ row's result depends on that row and the weight alone, bit for bit, never on the
 serves weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32 CPU weights, through
 tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32 sum per
 output, in order of k): faster than oneDNN's packed GEMM up to M=64 (1.2-1.6x at M=1 and 8), up to 5%
-slower at M=256 and 2-8% at M=2048 (benchmarks/bench_plain_linear.py).
+slower at M=256 and 2-8% at M=2048 (benchmarks/bench_plain_linear.py). It adds the bias and applies the
+activation where each sum ends, in fp32, rounding once (no passes over the output after the product);
+every other method applies the activation after its product, through torch (`activate`).
 
 `OneDnnPackedLinear`, where the kernels do not run (no AVX-512): oneDNN's GEMM with the weight reordered
 into its blocked layout once at load (the weight packing torch.compile's freezing does; bf16 linears
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import kernels
-from tokenmill.models.linear_method import LinearMethod
+from tokenmill.models.linear_method import Activation, LinearMethod, activate
 from tokenmill.models.quantized import QuantizedLinear, Weight
 
 
@@ -38,11 +41,11 @@ class TorchLinear(LinearMethod):
     def supports(cls, weight: torch.Tensor) -> bool:
         return True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation = None) -> None:
+        self.weight, self.bias, self.activation = weight, bias, activation
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return activate(F.linear(x, self.weight, self.bias), self.activation)
 
 
 class OneDnnPackedLinear(LinearMethod):
@@ -54,15 +57,15 @@ class OneDnnPackedLinear(LinearMethod):
         return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and
                                                  torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation = None) -> None:
         self.out_features = weight.shape[0]
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = bias
+        self.bias, self.activation = bias, activation
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, "none", [], "")
-        return y.view(*shape[:-1], self.out_features)
+        return activate(y.view(*shape[:-1], self.out_features), self.activation)
 
 
 DENSE_DTYPES = (torch.float32, torch.bfloat16)  # torch.ops.tokenmill.dense_linear's (x of the weight's dtype)
@@ -73,18 +76,17 @@ class InvariantPlainLinear(LinearMethod):
     def supports(cls, weight: torch.Tensor) -> bool:
         return weight.device.type == "cpu" and weight.dtype in DENSE_DTYPES and kernels.available()
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation = None) -> None:
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.packed = torch.ops.tokenmill.pack_dense(weight)
-        self.bias = bias
+        self.bias = None if bias is None else bias.float()  # the kernel adds it in fp32 (bf16 widens exactly)
+        self.activation = activation or "none"
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features).to(self.packed.dtype).contiguous()
-        y = torch.ops.tokenmill.dense_linear(rows, self.packed, self.out_features).to(x.dtype)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*shape[:-1], self.out_features)
+        y = torch.ops.tokenmill.dense_linear(rows, self.packed, self.out_features, self.bias, self.activation)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
 # In order of preference; the torch method serves every plain weight.
@@ -97,15 +99,16 @@ def select_linear_method(weight: Weight) -> type[LinearMethod]:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, through the method `load` chose for W. No weight until loaded."""
+    """y = act(x W^T + b), through the method `load` chose for W. No weight until loaded."""
 
     method: LinearMethod
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: Activation = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.has_bias = bias
+        self.activation = activation
 
     def load(self, weight: Weight, bias: torch.Tensor | None) -> None:
         """Takes the layer's weight (and bias) as loaded, in the model's dtype or quantized, and prepares it once."""
@@ -113,11 +116,13 @@ class Linear(nn.Module):
                 (bias is not None and bias.shape != (self.out_features,)):
             raise ValueError(f"weight {tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)} "
                              f"for a linear layer of {self.in_features} -> {self.out_features}")
-        self.method = select_linear_method(weight)(weight, bias)
+        self.method = select_linear_method(weight)(weight, bias, self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(x)
 
     def extra_repr(self) -> str:
         method = type(self.method).__name__ if hasattr(self, "method") else "not loaded"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, {method}"
+        activation = f", activation={self.activation}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
+                f"{activation}, {method}")

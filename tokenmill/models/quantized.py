@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from tokenmill.models.linear_method import LinearMethod
+from tokenmill.models.linear_method import Activation, LinearMethod, activate
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,11 @@ class QuantizedLinear(LinearMethod):
     def supports(cls, weight: object) -> bool:
         return isinstance(weight, (QuantizedWeight, StackedQuantizedWeight))
 
-    def __init__(self, weight: QuantizedWeight | StackedQuantizedWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: QuantizedWeight | StackedQuantizedWeight, bias: torch.Tensor | None,
+                 activation: Activation = None) -> None:
         self.parts = weight.parts if isinstance(weight, StackedQuantizedWeight) else (weight,)
         self.in_features = weight.shape[1]
-        self.bias = bias
+        self.bias, self.activation = bias, activation
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -89,7 +90,7 @@ class QuantizedLinear(LinearMethod):
         y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).to(x.dtype)
         if self.bias is not None:
             y += self.bias
-        return y.view(*shape[:-1], y.shape[-1])
+        return activate(y.view(*shape[:-1], y.shape[-1]), self.activation)
 
 
 def dequantize_rows(weight: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
