@@ -1,5 +1,5 @@
-"""The fused bf16 elementwise kernels give bit for bit what the torch ops they replace give, and each model
-gets them where they serve."""
+"""The fused bf16 elementwise kernels give bit for bit what the torch ops they replace give, the encoder's
+add + LayerNorm is within rounding of torch's, and each model gets them where they serve."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_exactness import QUESTIONS
 
 from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.models import llama
-from tokenmill.models.elementwise import TORCH_OPS, apply_rope, rope_store, select_elementwise_ops, signed_sin
+from tokenmill.models.elementwise import (
+    TORCH_OPS,
+    add_layer_norm,
+    apply_rope,
+    rope_store,
+    select_add_layer_norm,
+    select_elementwise_ops,
+    signed_sin,
+)
 from tokenmill.models.llama import RMSNorm
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no AVX-512 (or no compiler): torch ops are used")
@@ -145,8 +154,101 @@ def test_each_fused_op_is_chosen_where_it_serves(device: str, dtype: torch.dtype
 def test_a_cpu_without_avx512_gets_the_torch_ops() -> None:
     """ATEN_CPU_CAPABILITY=avx2 makes torch (and so tokenmill) see a CPU without AVX-512."""
     code = ("import torch\n"
-            "from tokenmill.models.elementwise import TORCH_OPS, select_elementwise_ops\n"
-            "print(select_elementwise_ops(torch.device('cpu'), torch.bfloat16, 64) is TORCH_OPS)\n")
+            "from tokenmill.models.elementwise import TORCH_OPS, add_layer_norm, select_add_layer_norm, "
+            "select_elementwise_ops\n"
+            "print(select_elementwise_ops(torch.device('cpu'), torch.bfloat16, 64) is TORCH_OPS)\n"
+            "print(select_add_layer_norm(torch.device('cpu'), torch.float32) is add_layer_norm)\n")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
                             capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True"]
+    assert result.stdout.split() == ["True", "True"]
+
+
+def layer_norm_bound(summed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of the fp32 sums in float64, and the scale errors are measured against: |w| (1 + |xhat|) + |b|."""
+    s = summed.double()
+    normed = (s - s.mean(-1, keepdim=True)) / (s.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return normed * weight.double() + bias.double(), weight.double().abs() * (1 + normed.abs()) + bias.double().abs()
+
+
+# Widths below one vector, with a tail, MiniLM's, and long rows.
+@needs_kernels
+@pytest.mark.parametrize("width", [1, 5, 100, 384, 1000, 20000])
+def test_add_layer_norm_in_fp32_is_within_1e_6_of_layer_norm(width: int) -> None:
+    """Within 1e-6 (relative to |w| (1 + |xhat|) + |b|) of the exact LayerNorm of the fp32 sum x + residual,
+    even for rows whose mean is far above their spread (where torch's, which rounds its mean, is off by 1e-5);
+    and of torch's F.layer_norm(x + residual) on rows of zero mean."""
+    torch.manual_seed(width)
+    x, residual = torch.randn(2, 33, width)
+    x[1:4] *= 1000
+    x[4:8] += 1000  # a large mean
+    weight, bias = torch.randn(width), torch.randn(width)
+    got = ops.add_layer_norm(x, residual, weight, bias, 1e-12)
+    exact, scale = layer_norm_bound(x + residual, weight, bias, 1e-12)
+    assert ((got.double() - exact).abs() <= 1e-6 * scale).all()
+    centred = slice(8, None)
+    assert ((got[centred] - F.layer_norm(x + residual, (width,), weight, bias, 1e-12)[centred]).abs().double() <=
+            1e-6 * scale[centred]).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [5, 384, 1000])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_add_layer_norm_in_bf16_rounds_the_fp32_result(width: int, weight_dtype: torch.dtype) -> None:
+    """bf16 rows: the sum and the norm in fp32 (the sum not rounded to bf16 as torch's x + residual is),
+    then one rounding: within bf16's half ulp of the exact result (plus the fp32 steps' 1e-6)."""
+    torch.manual_seed(width)
+    x, residual = (torch.randn(2, 33, width) * 4).to(torch.bfloat16)
+    weight, bias = torch.randn(width).to(weight_dtype), torch.randn(width).to(weight_dtype)
+    got = ops.add_layer_norm(x, residual, weight, bias, 1e-5)
+    assert got.dtype == torch.bfloat16
+    exact, scale = layer_norm_bound(x.float() + residual.float(), weight, bias, 1e-5)
+    assert ((got.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6 * scale).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_layer_norm_gives_a_row_the_same_bits_in_any_batch(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 300, 384).to(dtype)
+    weight, bias = torch.randn(384).to(dtype), torch.randn(384).to(dtype)
+    whole = ops.add_layer_norm(x, residual, weight, bias, 1e-12)
+    alone = torch.cat([ops.add_layer_norm(x[i:i + 1], residual[i:i + 1], weight, bias, 1e-12) for i in range(300)])
+    assert torch.equal(alone, whole)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.add_layer_norm(x, residual, weight, bias, 1e-12), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_add_layer_norm_reads_strided_rows_and_refuses_bad_input() -> None:
+    x, residual = torch.randn(2, 4, 64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    wide = torch.randn(4, 80)
+    assert torch.equal(ops.add_layer_norm(wide[:, :64], residual, weight, bias, 1e-5),
+                       ops.add_layer_norm(wide[:, :64].contiguous(), residual, weight, bias, 1e-5))
+    with pytest.raises(RuntimeError, match="x must be bf16 or fp32, not Half"):
+        ops.add_layer_norm(x.half(), residual.half(), weight, bias, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be \\[rows, n\\] with contiguous rows"):
+        ops.add_layer_norm(x.T, residual.T, weight, bias, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must be x's Float \\[4, 64\\]"):
+        ops.add_layer_norm(x, residual[:3], weight, bias, 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias must be \\[64\\] of one dtype, fp32 or x's"):
+        ops.add_layer_norm(x, residual, weight.to(torch.bfloat16), bias, 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias must be \\[64\\]"):
+        ops.add_layer_norm(x, residual, weight[:63], bias[:63], 1e-5)
+    assert ops.add_layer_norm(x[:0], residual[:0], weight, bias, 1e-5).shape == (0, 64)
+
+
+@pytest.mark.parametrize(("device", "dtype", "fused"), [
+    ("cpu", torch.bfloat16, True),
+    ("cpu", torch.float32, True),
+    ("cpu", torch.float16, False),  # the kernel takes bf16 and fp32
+    ("meta", torch.float32, False),  # not a CPU tensor
+])
+def test_add_layer_norm_is_chosen_where_it_serves(device: str, dtype: torch.dtype, fused: bool) -> None:
+    chosen = select_add_layer_norm(torch.device(device), dtype)
+    assert chosen == (ops.add_layer_norm if fused and kernels.available() else add_layer_norm)

@@ -5,10 +5,12 @@
 - `encoder_attention.cpp`: bidirectional attention over packed sequences of any lengths (BERT-style
   encoders): each token attends to all of its own sequence's; a sequence's result is the same in any batch.
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
-  residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up.
+  residual add + RMSNorm, rope + the K/V writes into the pool, SiLU(gate) * up; and an encoder's
+  residual add + LayerNorm (bf16 and fp32).
 - `quant.cpp`: weights kept in GGUF's quantized blocks: x W^T straight on the blocks (batch-invariant),
   their dequantization to bf16 (bit for bit gguf's), and quantization of bf16/fp32 weights to Q8_0;
-  and x W^T on plain bf16/fp32 weights packed once at load (`dense_linear`), batch-invariant too.
+  and x W^T on plain bf16/fp32 weights packed once at load (`dense_linear`), batch-invariant too, with
+  the bias and a GELU applied where each sum ends.
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
 TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
@@ -36,6 +38,7 @@ MAX_QUERIES_PER_KV_HEAD = 64  # the attention kernels' per-request scratch
 ENCODER_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 ENCODER_ATTENTION_HEAD_DIM_MULTIPLE = 16  # any head_dim that is a multiple of this; any sequence length
 ELEMENTWISE_DTYPES = (torch.bfloat16,)
+LAYER_NORM_DTYPES = (torch.float32, torch.bfloat16)  # add_layer_norm's
 ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane vectors
 # gguf.GGMLQuantizationType values that quant_linear and dequantize take:
 # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
@@ -63,7 +66,10 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 #  (into `out` when given: a whole weight's fresh tensor costs more in page faults than the decoding)
 # torch.ops.tokenmill.quantize_q8_0: (weight [N, K] fp32 or bf16) -> [N, K / 32 * 34] uint8 (Q8_0 blocks)
 # torch.ops.tokenmill.pack_dense: (weight [N, K] fp32 or bf16) -> the weight in dense_linear's layout, same dtype
-# torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N) -> [M, N] (batch-invariant)
+# torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N, bias=None [N] fp32 or bf16,
+#  activation="none" | "gelu" | "gelu_tanh") -> [M, N]: act(x W^T + b), in fp32 then rounded once (batch-invariant)
+# torch.ops.tokenmill.add_layer_norm: (x [rows, n] bf16 or fp32 with contiguous rows, residual like x, weight [n],
+#  bias [n] (fp32 or x's dtype), eps) -> LayerNorm(x + residual) [rows, n], the sum kept in fp32
 
 SOURCES = [str(Path(__file__).with_name(name))
            for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp")]

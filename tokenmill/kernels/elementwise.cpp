@@ -4,6 +4,9 @@
 // Each rounds to bf16 exactly where the torch ops it replaces do, with the same fp32 arithmetic
 // in between, so outputs match those ops bit for bit except where the order of RMSNorm's fp32 sum
 // or a 1-ulp difference of exp moves a rounding.
+// And an encoder layer's residual add with the LayerNorm after it (add_layer_norm, bf16 or fp32): one
+// pass where torch makes two over memory (plus LayerNorm's own), the sum kept in fp32, so close to the
+// torch ops but not their bits (they round the sum to bf16 first, and order LayerNorm's sums their way).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -134,6 +138,94 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return normalize(x, residual, weight, eps);
 }
 
+// Rows of bf16 or fp32, 16 values at a time widened to fp32 (zeros past the mask), and back.
+inline __m512 load_fp32(const bf16* p, __mmask16 mask) { return load_bf16(p, mask); }
+inline __m512 load_fp32(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline void store_fp32(bf16* p, __m512 x, __mmask16 mask) { store_bf16(p, x, mask); }
+inline void store_fp32(float* p, __m512 x, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, x); }
+
+// LayerNorm(x + residual) of one row of n: the sum in fp32 (kept in `summed`, n floats), its mean, then the
+// deviations from that mean, their sum correcting it and their squares' the variance (the corrected two-pass
+// algorithm: no cancellation, as sums of squares would have, and the first mean's error taken out);
+// each sum over 16 lanes in order of the row, the lanes then added by one fixed tree. Then
+// (sum - mean) / sqrt(variance + eps) * weight + bias, rounded once. The same operations for a row whatever
+// the rows beside it: batch-invariant.
+template <class T, class W>
+void layer_norm_row(const T* x, const T* residual, const W* weight, const W* bias, int64_t n, float eps,
+                    float* summed, T* out) {
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 s = _mm512_add_ps(load_fp32(x + i, m), load_fp32(residual + i, m));
+    _mm512_storeu_ps(summed + i, s);
+    total = _mm512_add_ps(total, s);
+  }
+  const float first_mean = _mm512_reduce_add_ps(total) / static_cast<float>(n);
+  __m512 deviations = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 deviation =
+        _mm512_maskz_sub_ps(tail_mask(n - i), _mm512_loadu_ps(summed + i), _mm512_set1_ps(first_mean));
+    deviations = _mm512_add_ps(deviations, deviation);
+    squares = _mm512_fmadd_ps(deviation, deviation, squares);
+  }
+  const float correction = _mm512_reduce_add_ps(deviations) / static_cast<float>(n);
+  const float variance =  // (rounding could make it a hair below 0 on a constant row)
+      std::max(0.0f, _mm512_reduce_add_ps(squares) / static_cast<float>(n) - correction * correction);
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(variance + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    // (sum - first_mean) - correction: the mean never rounded as one float (its ulp can be far above the
+    // deviations'); sum - first_mean is exact for the sums near the mean (Sterbenz).
+    const __m512 deviation = _mm512_sub_ps(_mm512_loadu_ps(summed + i), _mm512_set1_ps(first_mean));
+    const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(deviation, _mm512_set1_ps(correction)), scale);
+    store_fp32(out + i, _mm512_fmadd_ps(normed, load_fp32(weight + i, m), load_fp32(bias + i, m)), m);
+  }
+}
+
+// x, residual: [rows, n] of one dtype (bf16 or fp32), rows contiguous; weight, bias: [n], fp32 or x's dtype.
+at::Tensor add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                          const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bf16 or fp32, not ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0, "x must be [rows, n] with contiguous rows, not ",
+              x.sizes(), " of strides ", x.strides());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.sizes() == x.sizes() && residual.stride(1) == 1,
+              "residual must be x's ", x.scalar_type(), " ", x.sizes(), " with contiguous rows, not ",
+              residual.scalar_type(), " ", residual.sizes());
+  const int64_t rows = x.size(0), n = x.size(1);
+  const auto param_type = weight.scalar_type();
+  TORCH_CHECK((param_type == at::kFloat || param_type == x.scalar_type()) && bias.scalar_type() == param_type &&
+              weight.is_contiguous() && bias.is_contiguous() && weight.dim() == 1 && bias.dim() == 1 &&
+              weight.size(0) == n && bias.size(0) == n,
+              "weight and bias must be [", n, "] of one dtype, fp32 or x's, not ", weight.scalar_type(), " ",
+              weight.sizes(), " and ", bias.scalar_type(), " ", bias.sizes());
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const auto run = [&](auto value, auto param) {
+    using T = decltype(value);
+    using W = decltype(param);
+    const T* xs = static_cast<const T*>(x.data_ptr());
+    const T* rs = static_cast<const T*>(residual.data_ptr());
+    const W* w = static_cast<const W*>(weight.data_ptr());
+    const W* b = static_cast<const W*>(bias.data_ptr());
+    T* o = static_cast<T*>(out.data_ptr());
+    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<float> summed((n + 15) / 16 * 16);
+      for (int64_t r = begin; r < end; ++r) {
+        layer_norm_row(xs + r * x.stride(0), rs + r * residual.stride(0), w, b, n, static_cast<float>(eps),
+                       summed.data(), o + r * n);
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float(), float());
+  } else if (param_type == at::kFloat) {
+    run(bf16(), float());
+  } else {
+    run(bf16(), bf16());
+  }
+  return out;
+}
+
 // Rope on the query and key heads of each token (transformers' rotate-half form, with the sin table's
 // first half negated: x * cos + rotate(x) * sin, each product and the sum rounded to bf16 as the
 // torch ops do); the roped keys and the values go into the pool at the token's slot, the roped
@@ -215,4 +307,5 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("rope_store(Tensor qk, Tensor v, Tensor cos, Tensor sin_signed, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> Tensor", &rope_store);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor", &add_layer_norm);
 }

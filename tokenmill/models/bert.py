@@ -3,7 +3,8 @@
 It takes the embedding engine's packed batch: every token of every sequence in one row, no padding;
 attention is bidirectional within each sequence (attention/encoder.py). Absolute position
 embeddings, post-layer LayerNorms, the activation the config names. The token type is always 0,
-as sentence-transformers feeds single texts.
+as sentence-transformers feeds single texts. Where the kernels run, the GELUs are fused into the
+up-projection's product and each residual add into the LayerNorm after it (models/elementwise.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from tokenmill.attention.encoder import EncoderAttention, EncoderBatch, select_encoder_attention
+from tokenmill.models.elementwise import AddLayerNorm, select_add_layer_norm
 from tokenmill.models.linear import Linear
+from tokenmill.models.linear_method import Activation
 
 SUPPORTED_ENCODERS = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
+# config.hidden_act values a Linear applies itself (fused into the product where it can); others go through ACT2FN.
+LINEAR_ACTIVATIONS: dict[str, Activation] = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class LayerNorm(nn.Module):
@@ -31,27 +36,42 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class ResidualLayerNorm(nn.Module):
+    """LayerNorm(x + residual): a post-norm, through the op chosen for the model."""
+
+    def __init__(self, size: int, eps: float, add_layer_norm: AddLayerNorm) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+        self.add_layer_norm = add_layer_norm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
 class EncoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, attention: EncoderAttention) -> None:
+    def __init__(self, config: PretrainedConfig, attention: EncoderAttention, add_layer_norm: AddLayerNorm) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
         self.qkv_proj = Linear(hidden, 3 * hidden, bias=True)
         self.o_proj = Linear(hidden, hidden, bias=True)
-        self.attention_norm = LayerNorm(hidden, config.layer_norm_eps)
-        self.up_proj = Linear(hidden, config.intermediate_size, bias=True)
+        self.attention_norm = ResidualLayerNorm(hidden, config.layer_norm_eps, add_layer_norm)
+        activation = LINEAR_ACTIVATIONS.get(config.hidden_act)
+        self.up_proj = Linear(hidden, config.intermediate_size, bias=True, activation=activation)
         self.down_proj = Linear(config.intermediate_size, hidden, bias=True)
-        self.mlp_norm = LayerNorm(hidden, config.layer_norm_eps)
-        self.act = ACT2FN[config.hidden_act]
+        self.mlp_norm = ResidualLayerNorm(hidden, config.layer_norm_eps, add_layer_norm)
+        self.act = nn.Identity() if activation else ACT2FN[config.hidden_act]
         self.attention = attention
 
     def forward(self, x: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         attended = self.attention.forward(q, k, v, batch).reshape(tokens, -1)
-        x = self.attention_norm(self.o_proj(attended) + x)
-        return self.mlp_norm(self.down_proj(self.act(self.up_proj(x))) + x)
+        x = self.attention_norm(self.o_proj(attended), x)
+        return self.mlp_norm(self.down_proj(self.act(self.up_proj(x))), x)
 
 
 class BertModel(nn.Module):
@@ -68,7 +88,9 @@ class BertModel(nn.Module):
         self.embedding_norm = LayerNorm(hidden, config.layer_norm_eps)
         attention = select_encoder_attention(config.num_attention_heads, hidden // config.num_attention_heads, dtype)
         self.attention = attention
-        self.layers = nn.ModuleList(EncoderLayer(config, attention) for _ in range(config.num_hidden_layers))
+        add_layer_norm = select_add_layer_norm(self.word_embeddings.device, dtype)
+        self.layers = nn.ModuleList(EncoderLayer(config, attention, add_layer_norm)
+                                    for _ in range(config.num_hidden_layers))
 
     @property
     def hidden_size(self) -> int:
@@ -97,7 +119,7 @@ def load_bert_weights(model: BertModel, tensors: dict[str, torch.Tensor]) -> Non
     def load_linear(linear: Linear, names: list[str]) -> None:
         linear.load(torch.cat([take(f"{n}.weight") for n in names]), torch.cat([take(f"{n}.bias") for n in names]))
 
-    def load_norm(norm: LayerNorm, name: str) -> None:
+    def load_norm(norm: LayerNorm | ResidualLayerNorm, name: str) -> None:
         norm.weight.copy_(take(f"{name}.weight"))
         norm.bias.copy_(take(f"{name}.bias"))
 

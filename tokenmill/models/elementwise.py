@@ -1,9 +1,12 @@
-"""A decoder layer's elementwise steps, chosen once per model: tokenmill's fused kernels or torch ops.
+"""A layer's elementwise steps, chosen once per model: tokenmill's fused kernels or torch ops.
 
-`select_elementwise_ops` is the one place that says where each fused op serves; the model calls
-the `ElementwiseOps` it returns without checks. The fused ops (`tokenmill/kernels/elementwise.cpp`,
-one pass each) round to bf16 where and as the torch ops below do, so they give the same results bit
-for bit (tests/test_elementwise.py): the choice changes speed, never tokens.
+`select_elementwise_ops` (a decoder layer's) and `select_add_layer_norm` (an encoder's post-norm) are the
+one place that says where each fused op serves; the model calls what they return without checks. The
+decoder's fused ops (`tokenmill/kernels/elementwise.cpp`, one pass each) round to bf16 where and as the
+torch ops below do, so they give the same results bit for bit (tests/test_elementwise.py): the choice
+changes speed, never tokens. The encoder's add + LayerNorm does not round the sum before the norm and
+orders its sums its own way: within rounding of the torch ops, not their bits (embeddings are compared
+by cosine, and are the same bits for a text in any batch either way).
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """(RMSNorm of residual + x, residual + x)."""
     summed = residual + x
     return rms_norm(summed, weight, eps), summed
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dim (the sum rounded to x's dtype first)."""
+    return F.layer_norm(x + residual, weight.shape, weight, bias, eps)
+
+
+AddLayerNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def select_add_layer_norm(device: torch.device, dtype: torch.dtype) -> AddLayerNorm:
+    """The fused kernel where the kernels run (AVX-512 CPUs; x [rows, n] with contiguous rows, bf16 or fp32),
+    `add_layer_norm` elsewhere."""
+    if device.type != "cpu" or dtype not in kernels.LAYER_NORM_DTYPES or not kernels.available():
+        return add_layer_norm
+    return torch.ops.tokenmill.add_layer_norm
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
