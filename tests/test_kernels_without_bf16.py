@@ -69,3 +69,20 @@ def test_dense_kernel_equals_the_bf16_build(without_bf16: object) -> None:
     x, weight = torch.randn(9, 97).to(torch.bfloat16), torch.randn(37, 97).to(torch.bfloat16)
     packed = torch.ops.tokenmill.pack_dense(weight)
     assert torch.equal(without_bf16.dense_linear(x, packed, 37), torch.ops.tokenmill.dense_linear(x, packed, 37))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_encoder_kernels_equal_the_bf16_build(without_bf16: object, head_dim: int) -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(150, 3, 4, head_dim).to(torch.bfloat16)
+    seq_starts = torch.tensor([0, 1, 40, 150])
+    assert torch.equal(without_bf16.encoder_attention(*qkv.unbind(1), seq_starts, head_dim ** -0.5),
+                       torch.ops.tokenmill.encoder_attention(*qkv.unbind(1), seq_starts, head_dim ** -0.5))
+    x, residual = torch.randn(2, 33, 384).to(torch.bfloat16)
+    weight, bias = torch.randn(2, 384).to(torch.bfloat16)
+    assert torch.equal(without_bf16.add_layer_norm(x, residual, weight, bias, 1e-12),
+                       torch.ops.tokenmill.add_layer_norm(x, residual, weight, bias, 1e-12))
+    w = torch.randn(100, 384).to(torch.bfloat16)
+    packed, b = torch.ops.tokenmill.pack_dense(w), torch.randn(100).to(torch.bfloat16)
+    assert torch.equal(without_bf16.dense_linear(x, packed, 100, b, "gelu"),
+                       torch.ops.tokenmill.dense_linear(x, packed, 100, b, "gelu"))
