@@ -1,15 +1,18 @@
 """Times the batch-invariant kernel on plain bf16/fp32 weights against oneDNN's packed GEMM, in one run.
 
     .venv/bin/python benchmarks/bench_plain_linear.py [--dtypes bfloat16 float32] [--rows 1 8 64 256]
-                                                       [--shapes smol.qkv ... llama1b.down] [--min-time 0.3]
+                                                       [--shapes smol.qkv ... minilm.down] [--min-time 0.3]
 
-For each dtype, shape (K -> N) of SmolLM2-135M's and Llama-3.2-1B's linear layers and M rows of x, the time
-per call of:
+For each dtype, shape (K -> N) of SmolLM2-135M's, Llama-3.2-1B's and all-MiniLM-L6-v2's linear layers and M
+rows of x, the time per call of:
 - `onednn`: `OneDnnPackedLinear` (the weight reordered into oneDNN's blocked layout once, as at load);
 - `invariant`: `InvariantPlainLinear`, torch.ops.tokenmill.dense_linear on the weight packed at load
   (kernels/quant.cpp): out[m, n] the same bits for every M.
 Printed: ms per call, GFLOP/s, and invariant's time over onednn's (> 1: slower), per shape and summed over
-each model's layer shapes (one decoder layer and the lm_head, each once).
+each model's layer shapes (one decoder layer and the lm_head, each once; one encoder layer). MiniLM's layers
+(an encoder's: packed steps of thousands of tokens, `--shapes minilm.qkv minilm.o minilm.up minilm.down
+--rows 1024 4096`) have biases, and its up projection a GELU: fused into the kernel's epilogue, F.gelu after
+oneDNN's product.
 
 NOTE: as in bench_quant_kernels.py, each time is the best of calls taken in turns for MIN_TIME seconds (the
 2 cores are shared), and the calls cycle through copies of each weight totalling at least 96 MB, so that
@@ -34,6 +37,7 @@ SHAPES = {  # K -> N
     "smol.lm_head": (576, 49152),
     "llama1b.qkv": (2048, 3072), "llama1b.o": (2048, 2048), "llama1b.gate_up": (2048, 16384),
     "llama1b.down": (8192, 2048),
+    "minilm.qkv": (384, 1152), "minilm.o": (384, 384), "minilm.up": (384, 1536), "minilm.down": (1536, 384),
 }
 COPIES_BYTES = 96 * 2**20
 
@@ -55,8 +59,10 @@ def main() -> None:
             k, n = SHAPES[name]
             copies = math.ceil(COPIES_BYTES / (n * k * dtype.itemsize))
             weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
-            onednn = [OneDnnPackedLinear(w, None) for w in weights]
-            invariant = [InvariantPlainLinear(w, None) for w in weights]
+            bias = torch.randn(n).to(dtype) if name.startswith("minilm") else None
+            activation = "gelu" if name == "minilm.up" else None
+            onednn = [OneDnnPackedLinear(w, bias, activation) for w in weights]
+            invariant = [InvariantPlainLinear(w, bias, activation) for w in weights]
             for m in args.rows:
                 x = torch.randn(m, k).to(dtype)
                 times = best_times(args.min_time, {

@@ -53,17 +53,30 @@
 // rounded to bf16 as torch rounds; on fp32 one FMA per k. No sum across lanes: every path (any M, any rows
 // beside) computes that sequence. (quant_linear's layout, rows read in place with 16 lanes along k, would
 // pay for its sums of the lanes: plain bf16 rows that way ran 25-35% slower than oneDNN at K=576, M >= 64.)
-// Work: the blocks split over the threads (16 features at a time: N=576 splits 18/18), each thread taking x
-// in panels of about kPanelBytes (of a chunk of k; its L2 keeps a panel from one group to the next) through its
-// blocks in groups of up to 3 (48 features), each group in passes of up to 8 rows of x: an 8 x 3 register
-// tile, 24 accumulators, each step 3 weight vectors and 8 broadcasts of x for 24 products (6 x 4 reads a
-// third more of the weight per product: fp32 at M=8 94 against 110 GFLOP/s, one thread, 576 x 3072 in
-// cache). Over K longer than kChunkBytes a row, a pass takes one chunk of k at a time (its sums kept in fp32
-// between chunks, which changes none of them): the group's chunk of the weight stays in L2 from one pass to
-// the next, where the whole of it would not (8192 x 2048 bf16, M=256: 8% slower than oneDNN, now 3%).
-// Against oneDNN's packed GEMM (`OneDnnPackedLinear`, benchmarks/bench_plain_linear.py, 2 threads, SmolLM2's and
-// Llama-3.2-1B's shapes, weights from memory): M=1 and 8 in 0.63-0.83 of its time, M=64 0.82-1.02, M=256
-// 0.94-1.05 (the worst the lm_head, 576 -> 49152), M=2048 1.02-1.08.
+// Work: the blocks split into one column per thread (16 features at a time: N=576 splits 18/18) and the rows of x
+// into units of up to kUnitRows (fewer where a unit's rows of a chunk of k would pass kPanelBytes: its L2 keeps
+// them from one group to the next). Each thread takes the units of its own column in order (its weights stay in
+// its L2), then what the other columns have left (work stealing: the 2 cores are shared, and a thread slowed by
+// another process kept the other waiting; with a loop busy half the time on one core, 4096 x 384 -> 1152 bf16 ran
+// at ~200 GFLOP/s, median, and now ~290). A unit goes through its column's blocks in groups of up to 3 (48
+// features), each group in passes of up to 8 rows of x: an 8 x 3 register tile, 24 accumulators, each step 3
+// weight vectors and 8 broadcasts of x for 24 products (6 x 4 reads a third more of the weight per product: fp32
+// at M=8 94 against 110 GFLOP/s, one thread, 576 x 3072 in cache; at M=4096, K=384, bf16, 6 x 4, 7 x 4, 9 x 3
+// and 5 x 5 ran within 1% of 8 x 3, 12 x 2 and 14 x 2 4-7% slower). Over K longer than kChunkBytes a row, a
+// pass takes one chunk of k at a time (its sums kept in fp32 between chunks, which changes none of them): the
+// group's chunk of the weight stays in L2 from one pass to the next, where the whole of it would not (8192 x 2048
+// bf16, M=256: 8% slower than oneDNN, now 3%). A pass that finishes its sums first prefetches its output's lines
+// for writing (at M=4096 they come from memory, and the stores waited: 3-4% at K=384), and rounds bf16 sums two
+// blocks per vcvtne2ps2bf16 (~8 instructions a block before; the epilogue was 3% of a pass at K=384, 1.5% now).
+// One thread, data in cache, a pass costs ~200 cycles besides its steps (~24 cycles each, vdpbf16ps' own
+// throughput; 230 before): 4% at K=384.
+// Against oneDNN's packed GEMM (`OneDnnPackedLinear`, benchmarks/bench_plain_linear.py, 2 threads, weights from
+// memory): on SmolLM2's and Llama-3.2-1B's shapes, M=1 and 8 in 0.63-0.83 of its time, M=64 0.82-1.02, M=256
+// 0.94-1.05 (the worst the lm_head, 576 -> 49152), M=2048 1.02-1.08 (before the units, the stealing and the
+// epilogue above, which took 0.96-1.00 of the time at M=2048 and changed nothing up to M=256); on
+// all-MiniLM-L6-v2's (with its biases; up_proj's GELU fused here, F.gelu after oneDNN's product), M=1024 to 4096,
+// bf16 0.97-1.03 per shape and 0.99-1.01 per layer (~420 GFLOP/s, the GELU included; 1.03 at M=4096 before, qkv
+// and o 1.07-1.08), fp32 0.98-1.00.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -73,6 +86,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -688,10 +702,12 @@ constexpr int kLanes = 16;        // features per block
 constexpr int kGroupBlocks = 3;   // blocks per pass
 constexpr int kMicroRows = 8;     // rows of x per pass
 constexpr int64_t kPanelBytes = 512 * 1024;
+constexpr int64_t kUnitRows = 256;     // rows of x per unit of work (at most; see dense)
 constexpr int64_t kChunkBytes = 4096;  // of each row of x and each weight feature per pass (over longer K, passes)
 
 // The two value types: kPerStep values of k per lane and step; broadcast(p) gives every lane x's values at p
-// for one step, broadcast_last(p) those of the last step of an odd K (one value, then a zero).
+// for one step, broadcast_last(p) those of the last step of an odd K (one value, then a zero); store_tile rounds
+// a pass's finished sums (MR rows of NB blocks) to the values' type and stores the features below `features`.
 struct Bf16 {
   using Value = bf16;
   static constexpr int kPerStep = 2;
@@ -706,7 +722,39 @@ struct Bf16 {
     return _mm512_set1_epi32(value);
   }
   static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) { return dot_pairs(acc, x, w); }
-  static void store(Value* out, __m512 sums, __mmask16 mask) { _mm256_mask_storeu_epi16(out, mask, round_bf16(sums)); }
+  template <int MR, int NB>
+  __attribute__((always_inline)) static void store_tile(Value* out, int64_t out_stride, int64_t features,
+                                                        const __m512 (&sums)[MR][NB]) {
+#ifdef __AVX512BF16__
+    // vcvtne2ps2bf16 rounds two blocks in one instruction, as torch rounds, except NaNs and fp32 denormals (it
+    // flushes those): a pass with any of them takes round_bf16 (~8 instructions a block) instead.
+    __mmask16 special = 0;
+    for (int m = 0; m < MR; ++m) {
+      for (int b = 0; b < NB; ++b) special |= _mm512_fpclass_ps_mask(sums[m][b], 0x01 | 0x20 | 0x80);
+    }
+    if (__builtin_expect(special == 0, 1)) {
+      for (int m = 0; m < MR; ++m) {
+        Value* row = out + m * out_stride;
+        for (int b = 0; b + 1 < NB; b += 2) {
+          const __mmask32 mask = tail_mask(features - b * kLanes) |
+                                 static_cast<__mmask32>(tail_mask(features - (b + 1) * kLanes)) << 16;
+          _mm512_mask_storeu_epi16(row + b * kLanes, mask, (__m512i)_mm512_cvtne2ps_pbh(sums[m][b + 1], sums[m][b]));
+        }
+        if constexpr (NB % 2 == 1) {
+          _mm256_mask_storeu_epi16(row + (NB - 1) * kLanes, tail_mask(features - (NB - 1) * kLanes),
+                                   (__m256i)_mm512_cvtneps_pbh(sums[m][NB - 1]));
+        }
+      }
+      return;
+    }
+#endif
+    for (int m = 0; m < MR; ++m) {
+      for (int b = 0; b < NB; ++b) {
+        _mm256_mask_storeu_epi16(out + m * out_stride + b * kLanes, tail_mask(features - b * kLanes),
+                                 round_bf16(sums[m][b]));
+      }
+    }
+  }
 };
 
 struct Fp32 {
@@ -717,7 +765,15 @@ struct Fp32 {
   static __m512 multiply_add(__m512 acc, __m512i x, __m512i w) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   }
-  static void store(Value* out, __m512 sums, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, sums); }
+  template <int MR, int NB>
+  __attribute__((always_inline)) static void store_tile(Value* out, int64_t out_stride, int64_t features,
+                                                        const __m512 (&sums)[MR][NB]) {
+    for (int m = 0; m < MR; ++m) {
+      for (int b = 0; b < NB; ++b) {
+        _mm512_mask_storeu_ps(out + m * out_stride + b * kLanes, tail_mask(features - b * kLanes), sums[m][b]);
+      }
+    }
+  }
 };
 
 enum class Activation { kNone, kGelu, kGeluTanh };
@@ -726,15 +782,6 @@ enum class Activation { kNone, kGelu, kGeluTanh };
 struct Epilogue {
   const float* bias;  // the pass's first feature's, or null
   Activation activation;
-
-  __m512 apply(__m512 sums, __m512 bias_values) const {
-    if (bias != nullptr) sums = _mm512_add_ps(sums, bias_values);  // (adding a zero bias would turn -0 into 0)
-    switch (activation) {
-      case Activation::kGelu: return gelu16(sums);
-      case Activation::kGeluTanh: return gelu_tanh16(sums);
-      default: return sums;
-    }
-  }
 };
 
 // One pass: rows of x (the first at x) times a group's blocks (w: the first, each block_values apart), over
@@ -757,6 +804,29 @@ struct Pass {
   Epilogue epilogue;
 };
 
+// A pass's sums (rows of `blocks` vectors) plus the bias, through the activation, in place: the activations' path,
+// out of line (a GELU costs ~5 ns a vector, the sums' trip through memory nothing next to it).
+template <class V>
+__attribute__((noinline)) void activate(__m512* sums, int rows, int blocks, const Pass<V>& pass) {
+  const auto finish = [&](auto&& activation) {
+    for (int b = 0; b < blocks; ++b) {
+      const float* bias = pass.epilogue.bias;
+      const __mmask16 mask = tail_mask(pass.features - b * kLanes);
+      const __m512 bias_values = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + b * kLanes);
+      for (int m = 0; m < rows; ++m) {
+        __m512& values = sums[m * blocks + b];
+        if (bias != nullptr) values = _mm512_add_ps(values, bias_values);  // (a zero bias would turn -0 into 0)
+        values = activation(values);
+      }
+    }
+  };
+  if (pass.epilogue.activation == Activation::kGelu) {
+    finish([](__m512 values) { return gelu16(values); });
+  } else {
+    finish([](__m512 values) { return gelu_tanh16(values); });
+  }
+}
+
 // NOTE: not inlined: inlined into dense's loops (24 copies), the accumulators and operands went to memory
 // (2.4x slower); a call per pass costs nothing next to its steps.
 template <class V, int MR, int NB>
@@ -765,6 +835,16 @@ __attribute__((noinline)) void dense_tile(const Pass<V>& pass) {
   const int64_t x_stride = pass.x_stride, block_values = pass.block_values;
   float* const partial = pass.partial;
   const int64_t partial_stride = pass.partial_stride;
+  if (pass.finish) {
+    // The output's lines, fetched for writing while the sums run: at M = 4096 they come from memory, and the
+    // stores at the end waited for them (3-4% of a pass at K = 384, 2 threads).
+    for (int m = 0; m < MR; ++m) {
+      const char* row = reinterpret_cast<const char*>(pass.out + m * pass.out_stride);
+      constexpr int kBytes = NB * kLanes * sizeof(typename V::Value);
+      for (int byte = 0; byte < kBytes; byte += 64) __builtin_prefetch(row + byte, 1);
+      __builtin_prefetch(row + kBytes - 1, 1);
+    }
+  }
   __m512 acc[MR][NB];
   for (int m = 0; m < MR; ++m) {
     for (int b = 0; b < NB; ++b) {
@@ -781,18 +861,27 @@ __attribute__((noinline)) void dense_tile(const Pass<V>& pass) {
   };
   for (int64_t s = pass.first_step; s < pass.last_step; ++s) step(s, V::broadcast);
   if (pass.tail) step(pass.last_step, V::broadcast_last);
-  for (int b = 0; b < NB; ++b) {
-    const __mmask16 mask = tail_mask(pass.features - b * kLanes);
-    if (pass.finish) {
-      const Epilogue& epilogue = pass.epilogue;
-      const __m512 bias = epilogue.bias == nullptr ? _mm512_setzero_ps()
-                                                   : _mm512_maskz_loadu_ps(mask, epilogue.bias + b * kLanes);
-      for (int m = 0; m < MR; ++m) {
-        V::store(pass.out + m * pass.out_stride + b * kLanes, epilogue.apply(acc[m][b], bias), mask);
-      }
-    } else {
-      for (int m = 0; m < MR; ++m) _mm512_storeu_ps(partial + m * partial_stride + b * kLanes, acc[m][b]);
+  if (!pass.finish) {
+    for (int m = 0; m < MR; ++m) {
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(partial + m * partial_stride + b * kLanes, acc[m][b]);
     }
+  } else if (pass.epilogue.activation != Activation::kNone) {
+    __m512 sums[MR][NB];  // (a copy: acc's address taken, the compiler would keep it in memory throughout)
+    for (int m = 0; m < MR; ++m) {
+      for (int b = 0; b < NB; ++b) sums[m][b] = acc[m][b];
+    }
+    activate<V>(&sums[0][0], MR, NB, pass);
+    V::template store_tile<MR, NB>(pass.out, pass.out_stride, pass.features, sums);
+  } else {
+    // Bias only: in registers.
+    if (pass.epilogue.bias != nullptr) {
+      for (int b = 0; b < NB; ++b) {
+        const __mmask16 mask = tail_mask(pass.features - b * kLanes);
+        const __m512 bias = _mm512_maskz_loadu_ps(mask, pass.epilogue.bias + b * kLanes);
+        for (int m = 0; m < MR; ++m) acc[m][b] = _mm512_add_ps(acc[m][b], bias);
+      }
+    }
+    V::template store_tile<MR, NB>(pass.out, pass.out_stride, pass.features, acc);
   }
 }
 
@@ -822,45 +911,60 @@ void dense(const typename V::Value* x, int64_t x_stride, int64_t M, const typena
   const int64_t chunks = std::max<int64_t>(1, (whole_steps + chunk_steps - 1) / chunk_steps);
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
-  // Panels as even as they go (256 rows of at most 222: 128 + 128, not 222 + 34, where w is read again for 34).
-  const int64_t most_rows = std::max<int64_t>(kMicroRows, kPanelBytes / (std::min(K, chunk_steps * V::kPerStep) *
-                                                                         static_cast<int64_t>(sizeof(Value))));
-  const int64_t panels = (M + most_rows - 1) / most_rows, panel_rows = (M + panels - 1) / panels;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    const int64_t partial_stride = (end - begin) * kLanes;
-    std::vector<float> partial(chunks > 1 ? panel_rows * partial_stride : 0);
-    for (int64_t panel_start = 0; panel_start < M; panel_start += panel_rows) {
-      const int64_t rows = std::min(panel_rows, M - panel_start);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        for (int64_t group = begin; group < end; group += kGroupBlocks) {
-          Pass<V> pass;
-          pass.x_stride = x_stride;
-          pass.w = packed + group * block_values;
-          pass.block_values = block_values;
-          pass.first_step = chunk * chunk_steps;
-          pass.last_step = std::min(whole_steps, pass.first_step + chunk_steps);
-          pass.resume = chunk > 0;
-          pass.finish = chunk == chunks - 1;
-          pass.tail = pass.finish && odd;
-          pass.partial_stride = partial_stride;
-          pass.out_stride = N;
-          pass.features = N - group * kLanes;
-          pass.epilogue = {bias == nullptr ? nullptr : bias + group * kLanes, activation};
-          // Passes of at most 8 rows, as even as they go (10 rows: 5 + 5, not 8 + 2).
-          const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
-          for (int64_t p = 0, m = panel_start; p < passes; ++p) {
-            const int64_t left = panel_start + rows - m, here = (left + passes - p - 1) / (passes - p);
-            pass.x = x + m * x_stride;
-            pass.partial = partial.data() + (m - panel_start) * partial_stride + (group - begin) * kLanes;
-            pass.out = out + m * N + group * kLanes;
-            switch (std::min<int64_t>(kGroupBlocks, end - group)) {
-              case 1: dense_pass<V, 1>(here, pass); break;
-              case 2: dense_pass<V, 2>(here, pass); break;
-              default: dense_pass<V, 3>(here, pass); break;
-            }
-            m += here;
+  // Units of rows as even as they go (256 rows of at most 222: 128 + 128, not 222 + 34, where w is read again
+  // for 34).
+  const int64_t most_rows = std::min(kUnitRows, std::max<int64_t>(kMicroRows, kPanelBytes /
+      (std::min(K, chunk_steps * V::kPerStep) * static_cast<int64_t>(sizeof(Value)))));
+  const int64_t units = (M + most_rows - 1) / most_rows, unit_rows = (M + units - 1) / units;
+  // One unit of work: rows [row_begin, row_end) of x times blocks [begin, end), group by group, each group in
+  // passes of at most 8 rows (as even as they go: 10 rows are 5 + 5, not 8 + 2).
+  const auto run = [&](int64_t begin, int64_t end, int64_t row_begin, int64_t row_end, std::vector<float>& partial) {
+    const int64_t partial_stride = (end - begin) * kLanes, rows = row_end - row_begin;
+    if (chunks > 1) partial.resize(rows * partial_stride);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t group = begin; group < end; group += kGroupBlocks) {
+        Pass<V> pass;
+        pass.x_stride = x_stride;
+        pass.w = packed + group * block_values;
+        pass.block_values = block_values;
+        pass.first_step = chunk * chunk_steps;
+        pass.last_step = std::min(whole_steps, pass.first_step + chunk_steps);
+        pass.resume = chunk > 0;
+        pass.finish = chunk == chunks - 1;
+        pass.tail = pass.finish && odd;
+        pass.partial_stride = partial_stride;
+        pass.out_stride = N;
+        pass.features = N - group * kLanes;
+        pass.epilogue = {bias == nullptr ? nullptr : bias + group * kLanes, activation};
+        const int64_t passes = (rows + kMicroRows - 1) / kMicroRows;
+        for (int64_t p = 0, m = row_begin; p < passes; ++p) {
+          const int64_t left = row_end - m, here = (left + passes - p - 1) / (passes - p);
+          pass.x = x + m * x_stride;
+          pass.partial = partial.data() + (m - row_begin) * partial_stride + (group - begin) * kLanes;
+          pass.out = out + m * N + group * kLanes;
+          switch (std::min<int64_t>(kGroupBlocks, end - group)) {
+            case 1: dense_pass<V, 1>(here, pass); break;
+            case 2: dense_pass<V, 2>(here, pass); break;
+            default: dense_pass<V, 3>(here, pass); break;
           }
+          m += here;
         }
+      }
+    }
+  };
+  // The blocks split into one column per thread; each thread takes the units of its own column (its weights stay
+  // in its L2), then of the others' where they are left: a thread slowed by another process (2 cores shared)
+  // leaves its last units to the other instead of keeping it waiting.
+  const int64_t columns = std::min<int64_t>(at::get_num_threads(), (blocks + grain - 1) / grain);
+  const int64_t column_blocks = (blocks + columns - 1) / columns;
+  std::vector<std::atomic<int64_t>> next_unit(columns);
+  at::parallel_for(0, columns, 1, [&](int64_t home, int64_t) {
+    std::vector<float> partial;
+    for (int64_t k = 0; k < columns; ++k) {
+      const int64_t column = (home + k) % columns;
+      const int64_t begin = column * column_blocks, end = std::min(blocks, begin + column_blocks);
+      for (int64_t unit; begin < end && (unit = next_unit[column].fetch_add(1)) < units;) {
+        run(begin, end, unit * unit_rows, std::min(M, (unit + 1) * unit_rows), partial);
       }
     }
   });
@@ -950,3 +1054,6 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("dense_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None, str activation=\"none\") -> "
         "Tensor", &dense::dense_linear);
 }
+
+
+
