@@ -13,7 +13,8 @@ row's result depends on that row and the weight alone, bit for bit, never on the
 serves weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32 CPU weights, through
 tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32 sum per
 output, in order of k): faster than oneDNN's packed GEMM up to M=64 (1.2-1.6x at M=1 and 8), up to 5%
-slower at M=256 and 2-8% at M=2048 (benchmarks/bench_plain_linear.py). It adds the bias and applies the
+slower at M=256, and within 3% of it at M=1024-4096 on an encoder's shapes (K=384/1536;
+benchmarks/bench_plain_linear.py). It adds the bias and applies the
 activation where each sum ends, in fp32, rounding once (no passes over the output after the product);
 every other method applies the activation after its product, through torch (`activate`).
 
