@@ -110,7 +110,7 @@ def main() -> None:
     for name, (seconds, dtype) in results.items():
         rate = total_flops / seconds
         print(f"{name:<12} {seconds:8.1f} {len(sentences) / seconds:8.1f} {sum(lengths) / seconds:8.0f} "
-              f"{rate / 1e9:8.0f} {rate / peaks[dtype]:8.0%} {seconds / results['tokenmill'][0]:12.2f}")
+              f"{rate / 1e9:8.0f} {rate / peaks[dtype]:8.0%} {seconds / results['tokenmill'][0]:12.3f}")
     if reference is not None:
         cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
         print(f"tokenmill (bf16) vs sentence-transformers (fp32): cosine min {cosine.min():.5f}, "
