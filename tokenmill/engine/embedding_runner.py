@@ -10,6 +10,8 @@ its own sequence. Two runners, chosen by the model:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from tokenmill.attention import AttentionSpec, BatchLayout, select_attention_backend
@@ -21,6 +23,11 @@ from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.pooling import pool
 
 
+def packed(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' token ids end to end, [T], and their lengths, [B]."""
+    return torch.tensor(list(itertools.chain.from_iterable(prompts))), torch.tensor([len(p) for p in prompts])
+
+
 class EncoderRunner:
     def __init__(self, model: BertModel, pooling_mode: str) -> None:
         self.model = model
@@ -29,10 +36,9 @@ class EncoderRunner:
     @torch.inference_mode()
     def run(self, prompts: list[list[int]]) -> torch.Tensor:
         """The prompts' pooled last hidden states, [len(prompts), hidden] in fp32."""
-        lengths = torch.tensor([len(p) for p in prompts])
+        input_ids, lengths = packed(prompts)
         batch = self.model.attention.build(lengths)
-        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(batch.seq_starts[:-1], lengths)
-        input_ids = torch.tensor([t for p in prompts for t in p])
+        positions = torch.arange(len(input_ids)) - torch.repeat_interleave(batch.seq_starts[:-1], lengths)
         hidden = self.model(input_ids, positions, batch)
         return pool(hidden, batch.seq_starts, self.pooling_mode)
 
@@ -53,12 +59,11 @@ class DecoderRunner:
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]]) -> torch.Tensor:
-        lengths = torch.tensor([len(p) for p in prompts])
+        input_ids, lengths = packed(prompts)
         blocks = (lengths + self.block_size - 1) // self.block_size
         first_block = blocks.cumsum(0) - blocks
         block_table = first_block[:, None] + torch.arange(int(blocks.max()))  # each sequence's own blocks, in a row
         layout, positions = BatchLayout.of(lengths, lengths, block_table, self.block_size)
         meta = self.attention.build_metadata(layout)
-        input_ids = torch.tensor([t for p in prompts for t in p])
         hidden = self.model(input_ids, positions, self.kv_cache, self.attention, meta)
         return pool(hidden, seq_starts_of(lengths), self.pooling_mode)

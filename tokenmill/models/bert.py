@@ -92,10 +92,6 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config, attention, add_layer_norm)
                                     for _ in range(config.num_hidden_layers))
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
         """input_ids, positions: [T], the sequences one after another; returns the last hidden states [T, hidden]."""
         x = self.word_embeddings[input_ids] + self.position_embeddings[positions] + self.token_type_embedding

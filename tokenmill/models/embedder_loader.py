@@ -63,10 +63,6 @@ class LoadedEmbedder:
     quantization: str  # what the weights run as (LoadedModel's)
     matryoshka: bool  # whether requests may ask for fewer dimensions
 
-    @property
-    def encoder(self) -> bool:
-        return isinstance(self.model, BertModel)
-
 
 def load_embedder(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
                   quantization: str = "auto") -> LoadedEmbedder:
