@@ -33,7 +33,7 @@ from test_batch import read_jsonl, run_cli, write_jsonl
 from test_ray import needs_ray, shard_records
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.batch.format import parse_line, prepare_request, response_body
+from tokenmill.batch.format import BatchLine, parse_line
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 
@@ -108,11 +108,16 @@ def answer(output: RequestOutput) -> Answer:
     return [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in output.outputs]
 
 
+def prepared(llm: LLM, line: BatchLine) -> BatchLine:
+    line.endpoint.prepare(llm.frontend, line.call)
+    return line
+
+
 def run_lines(llm: LLM, lines: list[dict[str, Any]]) -> dict[str, RequestOutput]:
     """The lines as `tokenmill run` reads them (same params, same tokens), in one generate call."""
-    parsed = [parse_line(json.dumps(line), number) for number, line in enumerate(lines, 1)]
-    prompts = [prepare_request(llm.frontend, p.url, p.body, p.params)[1] for p in parsed]
-    outputs = llm.generate(prompts, [p.params for p in parsed], use_tqdm=False)
+    parsed = [prepared(llm, parse_line(json.dumps(line), number)) for number, line in enumerate(lines, 1)]
+    prompts = [p.call.prompts[0][1] for p in parsed]
+    outputs = llm.generate(prompts, [p.call.params for p in parsed], use_tqdm=False)
     return {p.custom_id: output for p, output in zip(parsed, outputs)}
 
 
@@ -127,7 +132,8 @@ class Reference:
     def choices(self) -> dict[str, list[dict]]:
         """Each line's choices as a `tokenmill run` record would hold them."""
         lines = {line["custom_id"]: parse_line(json.dumps(line), 1) for line in LINES}
-        return {custom_id: response_body(lines[custom_id].url, lines[custom_id].params, output, "m")["choices"]
+        return {custom_id: lines[custom_id].endpoint.respond(prepared(self.llm, lines[custom_id]).call, [output],
+                                                             "r", "m")["choices"]
                 for custom_id, output in self.outputs.items()}
 
 
@@ -166,8 +172,8 @@ def assert_same_answers(expected: dict[str, Answer], outputs: dict[str, RequestO
 def test_long_prompts_are_long(reference: Callable[..., Reference]) -> None:
     """The long prompts are longer than the default step budget, 256 tokens."""
     frontend = reference("bfloat16").llm.frontend
-    lengths = {name: len(prepare_request(frontend, url, body, SamplingParams())[1])
-               for name, (url, body) in PROMPTS.items()}
+    lengths = {name: len(frontend.tokenize_chat(body["messages"])[1] if "messages" in body
+                         else frontend.tokenize(body["prompt"])[1]) for name, (url, body) in PROMPTS.items()}
     assert 280 < lengths["inventory-300"] < 350 and 350 < lengths["inventory-400"] < 450, lengths
 
 

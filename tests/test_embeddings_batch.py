@@ -15,8 +15,8 @@ from sentence_transformers import SentenceTransformer
 from test_batch import kill_job_when, read_jsonl, run_cli, write_jsonl
 from test_ray import needs_ray, run_ray, shard_records
 
-from tokenmill.batch.embeddings import MAX_INPUTS, embedding_response
 from tokenmill.batch.format import LineError, parse_line
+from tokenmill.endpoints.embeddings import MAX_INPUTS, EmbeddingCall, Embeddings
 from tokenmill.outputs import EmbeddingOutput, EmbeddingRequestOutput
 
 SENTENCES = [
@@ -63,7 +63,7 @@ def assert_same_directions(ours: list[np.ndarray], theirs: np.ndarray) -> None:
 def test_bodies_are_checked_as_openai_checks_them() -> None:
     def params(body: dict) -> object:
         return parse_line(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": body}),
-                          7).params
+                          7).call
 
     assert params({"input": "hi"}).inputs == ["hi"]
     assert params({"input": ["a", "b"], "user": "u", "model": "any"}).inputs == ["a", "b"]
@@ -100,6 +100,12 @@ def test_bodies_are_checked_as_openai_checks_them() -> None:
         error = caught.value
         assert (error.code, error.param, error.custom_id) == (code, param, "x"), body
         assert error.message.startswith("line 7: ") and words in error.message, (body, error.message)
+
+
+def embedding_response(outputs: list[EmbeddingRequestOutput], encoding_format: str, model: str) -> dict:
+    call = Embeddings().parse({"input": ["a", "b"], "encoding_format": encoding_format})
+    assert isinstance(call, EmbeddingCall)
+    return Embeddings().respond(call, outputs, "r", model)
 
 
 def test_base64_is_little_endian_float32_as_the_client_decodes() -> None:

@@ -6,8 +6,8 @@ shared blocks are computed once and stay cached while the group runs (BatchLLM's
 sharing, within the window). Results are appended as they finish (see journal.py for why that
 is exactly once across crashes).
 
-An embeddings line asks for k inputs: they run as k engine requests, and the line's record is
-written when the last of them finishes, with every vector in input order.
+A line may ask for k prompts (an embeddings line's inputs, a completions line's prompt list): they
+run as k engine requests, and the line's record is written when the last of them finishes.
 """
 
 from __future__ import annotations
@@ -27,25 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.batch.dedup import CustomIds
-from tokenmill.batch.embeddings import (
-    EmbeddingRequest,
-    check_task,
-    embedding_response,
-    first_failure,
-    prompt_tokens,
-    tokenize_inputs,
-)
-from tokenmill.batch.format import (
-    BatchLine,
-    LineError,
-    blamed_param,
-    error_record,
-    output_record,
-    parse_line,
-    prepare_request,
-    request_id_prefix,
-    response_body,
-)
+from tokenmill.batch.format import BatchLine, LineError, error_record, output_record, parse_line
 from tokenmill.batch.journal import (
     DurableAppender,
     JobLock,
@@ -55,16 +37,19 @@ from tokenmill.batch.journal import (
     line_of,
     record_id,
 )
+from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
-from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutput
+from tokenmill.outputs import EngineOutput, RequestOutput
 
 # A finished line's prompt, cached prompt and completion tokens; None for a failed line.
 LineTokens = tuple[int, int, int] | None
 
 
-def line_tokens(output: RequestOutput) -> tuple[int, int, int]:
-    return len(output.prompt_token_ids), output.num_cached_tokens, sum(len(c.token_ids) for c in output.outputs)
+def line_tokens(outputs: list[EngineOutput]) -> tuple[int, int, int]:
+    """A finished line's prompt, cached prompt and completion tokens, over its k requests."""
+    return (sum(len(o.prompt_token_ids) for o in outputs), sum(o.num_cached_tokens for o in outputs),
+            sum(len(c.token_ids) for o in outputs if isinstance(o, RequestOutput) for c in o.outputs))
 
 
 @dataclass
@@ -132,16 +117,12 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-# One engine request's prompt: its text (None for token ids) and token ids.
-Prompt = tuple[str | None, list[int]]
-
-
 @dataclass(order=True)
 class _Pending:
     order_key: list[int]  # the prompt's token ids to group shared prefixes; [] keeps input order
     line_no: int
     line: BatchLine = field(compare=False)
-    prompts: list[Prompt] = field(compare=False)  # one per engine request: an embeddings line's k inputs
+    prompts: list[Prompt] = field(compare=False)  # one per engine request
 
 
 @dataclass
@@ -149,7 +130,7 @@ class _Gathering:
     """A line whose requests are in the engine: their outputs, by input index, as they finish."""
 
     line: BatchLine
-    request_id: str  # the line's; its k requests (embeddings) are this + "-<index>"
+    request_id: str  # the line's; its k requests, if k > 1, are this + "-<index>"
     outputs: list[EngineOutput | None]
     remaining: int
 
@@ -212,24 +193,19 @@ class LineExecutor:
         self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
 
     def _prepare(self, line: BatchLine) -> list[Prompt]:
-        """The line's engine requests' prompts (one, or an embeddings line's k), checked against the
-        model (a line it cannot serve fails) and tokenized; a chat line's grammar compiled."""
+        """The line's engine requests' prompts, checked against the model (a line it cannot serve
+        fails) and tokenized; grammars compiled."""
         frontend = self.client.frontend
         try:
-            check_task(frontend, line.url)
-            if isinstance(line.params, EmbeddingRequest):
-                return tokenize_inputs(frontend, line.params)
-            return [prepare_request(frontend, line.url, line.body, line.params)]
+            check_task(frontend, line.endpoint)
+            line.endpoint.prepare(frontend, line.call)
+            return line.call.prompts
         except RequestError as e:
             raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id,
-                            blamed_param(line.url, e.param)) from None
+                            line.endpoint.blamed_param(e.param)) from None
 
     def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> list[int]:
-        # NOTE: embeddings keep input order: with no KV cache there is no prefix to share, and the
-        # engine packs whole prompts without padding, first fit, so its steps run full in any order;
-        # an order here would gain nothing and would spread a line's inputs apart, holding its
-        # finished vectors longer.
-        if not self.prefix_order or isinstance(line.params, EmbeddingRequest):
+        if not self.prefix_order or not line.endpoint.prefix_ordered:
             return []
         return prompts[0][1]
 
@@ -262,36 +238,26 @@ class LineExecutor:
             entry = heapq.heappop(pending)
             waiting -= len(entry.prompts)
             line = entry.line
-            request_id = f"{request_id_prefix(line.url)}-{self.run_id}-{line.line_no}"
-            gathering = _Gathering(line, request_id, [None] * len(entry.prompts), len(entry.prompts))
-            embeds = isinstance(line.params, EmbeddingRequest)
-            params = line.params.params if isinstance(line.params, EmbeddingRequest) else line.params
+            request_id = f"{line.endpoint.id_prefix}-{self.run_id}-{line.line_no}"
+            count = len(entry.prompts)
+            gathering = _Gathering(line, request_id, [None] * count, count)
             for index, (prompt, token_ids) in enumerate(entry.prompts):
-                one_id = f"{request_id}-{index}" if embeds else request_id  # a chat id as OpenAI's, unsuffixed
+                one_id = f"{request_id}-{index}" if count > 1 else request_id  # a single one as OpenAI's id
                 in_flight[one_id] = (gathering, index)
-                yield Submission(one_id, prompt, token_ids, params)
+                yield Submission(one_id, prompt, token_ids, line.call.params)
 
     def _finish(self, gathering: _Gathering) -> None:
-        line, model = gathering.line, self.client.frontend.model_name
-        if isinstance(line.params, EmbeddingRequest):
-            embeddings = [o for o in gathering.outputs if isinstance(o, EmbeddingRequestOutput)]
-            error = first_failure(embeddings)
-            if error is None:
-                self._succeed(gathering, embedding_response(embeddings, line.params.encoding_format, model),
-                              (prompt_tokens(embeddings), 0, 0))
-        else:
-            output = gathering.outputs[0]
-            assert isinstance(output, RequestOutput)
-            error = output.error
-            if error is None:
-                self._succeed(gathering, response_body(line.url, line.params, output, model), line_tokens(output))
+        line, endpoint = gathering.line, gathering.line.endpoint
+        outputs = [o for o in gathering.outputs if o is not None]
+        error = endpoint.failure(outputs)
         if error is None:
-            return
-        if error.internal:
+            body = endpoint.respond(line.call, outputs, gathering.request_id, self.client.frontend.model_name)
+            self._succeed(gathering, body, line_tokens(outputs))
+        elif error.internal:
             self.undone(line.line_no)
         else:
             self._fail(line.line_no, LineError(error.code, f"line {line.line_no}: {error.message}", line.custom_id,
-                                               blamed_param(line.url, error.param)))
+                                               endpoint.blamed_param(error.param)))
 
     def _succeed(self, gathering: _Gathering, body: dict[str, Any], tokens: LineTokens) -> None:
         line_no = gathering.line.line_no

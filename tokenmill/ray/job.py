@@ -25,7 +25,6 @@ import ray
 import ray.data
 import ray.exceptions
 
-from tokenmill.batch.embeddings import EMBEDDINGS_URL
 from tokenmill.batch.format import BatchLine, LineError, error_record
 from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
 from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines, write_summary
@@ -57,11 +56,11 @@ def _encode(line: BatchLine) -> str:
 
 
 def _order_key(line: BatchLine) -> str:
-    # NOTE: embeddings lines keep input order (as the local runner keeps them): no KV cache, so no
-    # prefix to share.
-    if line.url == EMBEDDINGS_URL:
+    # NOTE: lines whose endpoint gains nothing from prompt order (embeddings) keep input order, as
+    # the local runner keeps them.
+    if not line.endpoint.prefix_ordered:
         return ""
-    prompt = line.body.get("messages", line.body.get("prompt"))
+    prompt = line.body.get(line.endpoint.prompt_field)
     return json.dumps(prompt, ensure_ascii=False)[:ORDER_KEY_CHARS]
 
 

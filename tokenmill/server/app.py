@@ -1,12 +1,13 @@
 """`tokenmill serve`: an OpenAI-compatible HTTP API over the shared engine thread.
 
-Every completion request becomes an engine request at interactive priority, through a
-`ThreadClient` of the shared engine thread; streamed ones are sent as server-sent events as the
-engine produces tokens, and a client that disconnects has its request aborted at once (its KV
-blocks freed). An embeddings request's k inputs become k engine requests, submitted together and
-answered together. Errors have OpenAI's shape and status codes: a request's own fault is a 400
-naming its code and field (an endpoint the loaded model cannot serve included), a failure inside
-the engine a 500 `server_error`.
+Every endpoint (tokenmill/endpoints/) is served by one handler: the body parsed and prepared by
+its endpoint, its k prompts (one, or an embeddings or completions request's list) submitted as k
+engine requests at interactive priority through a `ThreadClient` of the shared engine thread, and
+answered together. Streamed ones are sent as server-sent events as the engine produces tokens. A
+client that disconnects, streamed or not, has its requests aborted at once (their KV blocks
+freed). Errors have OpenAI's shape and status codes: a request's own fault is a 400 naming its
+code and field (an endpoint the loaded model cannot serve included), a failure inside the engine
+a 500 `server_error`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,31 +25,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.batch.embeddings import (
-    EMBEDDINGS_URL,
-    check_task,
-    embedding_response,
-    first_failure,
-    parse_embedding_body,
-    tokenize_inputs,
-)
-from tokenmill.batch.format import (
-    CHAT_URL,
-    COMPLETIONS_URL,
-    blamed_param,
-    choice_logprobs,
-    prepare_request,
-    request_id_prefix,
-    response_body,
-    usage,
-)
-from tokenmill.batch.format import validate_body as validate_request
+from tokenmill.endpoints import ENDPOINTS, Endpoint, Streamer, check_task
 from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.engine import EngineMetrics
 from tokenmill.engine.threaded import EngineThread
 from tokenmill.errors import RequestError
-from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import EngineOutput, RequestOutput
 from tokenmill.server.batches import BatchError, BatchManager
 from tokenmill.server.store import Store
 
@@ -65,11 +46,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     @classmethod
-    def of_request(cls, error: RequestError, url: str) -> APIError:
+    def of_request(cls, error: RequestError, endpoint: Endpoint) -> APIError:
         """A failed request's error: 500 for a failure inside the engine, else 400 naming the field."""
         if error.internal:
             return cls(500, error.message, "server_error", None, error.code)
-        return cls(400, error.message, "invalid_request_error", blamed_param(url, error.param), error.code)
+        return cls(400, error.message, "invalid_request_error", endpoint.blamed_param(error.param), error.code)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -170,156 +151,112 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "tokenmill", "quantization": frontend.quantization}]}
 
-    def check_model(body: dict[str, Any], url: str) -> None:
+    def check_model(body: dict[str, Any], endpoint: Endpoint) -> None:
         if body.get("model") != model_name:
             raise APIError(404, f"model {body.get('model')!r} not found; this server runs {model_name!r}",
                            param="model", code="model_not_found")
         try:
-            check_task(frontend, url)
+            check_task(frontend, endpoint)
         except RequestError as e:
-            raise APIError.of_request(e, url) from None
+            raise APIError.of_request(e, endpoint) from None
 
-    async def complete(request: Request, url: str) -> Response:
+    async def serve(request: Request, endpoint: Endpoint) -> Response:
         body = await json_body(request)
-        check_model(body, url)
+        check_model(body, endpoint)
+        request_id = f"{endpoint.id_prefix}-{secrets.token_hex(12)}"
         try:
-            params = validate_request(url, body)
-            text, token_ids = await asyncio.to_thread(prepare_request, frontend, url, body, params)
+            call = endpoint.parse(body)
+            await asyncio.to_thread(endpoint.prepare, frontend, call)
+            streamer = endpoint.streamer(call, request_id, model_name) if endpoint.streams(call) else None
         except RequestError as e:
-            raise APIError.of_request(e, url) from None
-        stream = body.get("stream") is True
-        options = body.get("stream_options") or {}
-        request_id = f"{request_id_prefix(url)}-{secrets.token_hex(12)}"
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        client = ThreadClient(engine_thread, INTERACTIVE_PRIORITY,
-                              sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        client.add(request_id, text, token_ids, params, stream=stream)
-        output: RequestOutput | None = None
-        streaming = False
-        try:
-            # NOTE: a stream starts with the request's first output, so that a request that cannot
-            # run gets its status code (400 or 500) as a non-streamed one does.
-            output = await outputs.get()
-            if output.error is not None:
-                raise APIError.of_request(output.error, url)
-            if stream:
-                streaming = True  # the stream aborts the request if its client leaves
-                events = stream_events(url, client, request_id, params, output, outputs,
-                                       bool(options.get("include_usage")))
-                return StreamingResponse(events, media_type="text/event-stream")
-            while not output.finished:
-                output = await outputs.get()
-        finally:
-            if not streaming and (output is None or not output.finished):  # the client went away
-                client.abort(request_id)
-        if output.error is not None:
-            raise APIError.of_request(output.error, url)
-        return JSONResponse(response_body(url, params, output, model_name))
-
-    async def stream_events(url: str, client: ThreadClient, request_id: str, params: SamplingParams,
-                            first: RequestOutput, outputs: asyncio.Queue[RequestOutput],
-                            include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        kind = "chat.completion.chunk" if url == CHAT_URL else "text_completion"
-        # NOTE: text that could be the start of a stop string is held back until it is not.
-        hold = max((len(s) for s in params.stop_strings), default=1) - 1
-        sent_chars = [0] * params.n
-        sent_tokens = [0] * params.n
-        reported_finish = [False] * params.n  # finish_reason goes out once per choice
-        finished = False
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            data = {"id": request_id, "object": kind, "created": created, "model": model_name,
-                    "choices": choices, **extra}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        try:
-            if url == CHAT_URL:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None} for i in range(params.n)])
-            output: RequestOutput | None = None
-            while not finished:
-                output = first if output is None else await outputs.get()
-                finished = output.finished
-                if output.error is not None:  # failed mid-stream, inside the engine
-                    yield f"data: {json.dumps(APIError.of_request(output.error, url).body())}\n\n"
-                    break
-                choices = []
-                for c in output.outputs:
-                    if reported_finish[c.index]:
-                        continue
-                    reported_finish[c.index] = c.finished
-                    end = len(c.text) if c.finished else max(sent_chars[c.index], len(c.text) - hold)
-                    delta = c.text[sent_chars[c.index]:end]
-                    if not delta and not c.finished:
-                        continue
-                    logprobs = choice_logprobs(url, c, params.logprobs or 0, sent_tokens[c.index])
-                    sent_chars[c.index], sent_tokens[c.index] = end, len(c.token_ids)
-                    choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": logprobs}
-                    choice.update({"delta": {"content": delta}} if url == CHAT_URL else {"text": delta})
-                    choices.append(choice)
-                if choices:
-                    yield chunk(choices)
-                if finished and include_usage:
-                    yield chunk([], usage=usage(output))
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:  # the client disconnected mid-stream: free its KV and compute now
-                client.abort(request_id)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await complete(request, CHAT_URL)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await complete(request, COMPLETIONS_URL)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        body = await json_body(request)
-        check_model(body, EMBEDDINGS_URL)
-        try:
-            embedding_request = parse_embedding_body(body)
-            prompts = await asyncio.to_thread(tokenize_inputs, frontend, embedding_request)
-        except RequestError as e:
-            raise APIError.of_request(e, EMBEDDINGS_URL) from None
-        request_id = f"embd-{secrets.token_hex(12)}"
-        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+            raise APIError.of_request(e, endpoint) from None
+        count = len(call.prompts)
+        ids = [request_id] if count == 1 else [f"{request_id}-{i}" for i in range(count)]
         index = {one_id: i for i, one_id in enumerate(ids)}
         arrived: asyncio.Queue[EngineOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         client = ThreadClient(engine_thread, INTERACTIVE_PRIORITY,
                               sink=lambda out: loop.call_soon_threadsafe(arrived.put_nowait, out))
-        for one_id, (text, token_ids) in zip(ids, prompts):
-            client.add(one_id, text, token_ids, embedding_request.params)
-        outputs: list[EmbeddingRequestOutput | None] = [None] * len(ids)
+        for one_id, (text, token_ids) in zip(ids, call.prompts):
+            client.add(one_id, text, token_ids, call.params, stream=streamer is not None)
+        latest: list[EngineOutput | None] = [None] * count  # each prompt's newest output
 
-        async def gather() -> None:
-            for _ in ids:
+        async def receive(until: Callable[[], bool]) -> None:
+            while not until():
                 output = await arrived.get()
-                assert isinstance(output, EmbeddingRequestOutput)
-                outputs[index[output.request_id]] = output
+                latest[index[output.request_id]] = output
 
-        gathering, client_gone = asyncio.ensure_future(gather()), asyncio.ensure_future(until_gone(request))
+        def unfinished() -> list[str]:
+            return [one_id for one_id, o in zip(ids, latest) if o is None or not o.finished]
+
+        def answerable() -> bool:
+            # NOTE: a stream starts once every prompt has its first output, so that a request that
+            # cannot run gets its status code (400 or 500) as a non-streamed one does.
+            if any(o is not None and o.error is not None for o in latest):
+                return True
+            return not unfinished() or (streamer is not None and all(o is not None for o in latest))
+
+        receiving = asyncio.ensure_future(receive(answerable))
+        client_gone = asyncio.ensure_future(until_gone(request))
+        handed_over = False
         try:
             # NOTE: a non-streamed handler is not cancelled when its client leaves: this notices, so
-            # that a large request does not run on for nobody.
-            await asyncio.wait((gathering, client_gone), return_when=asyncio.FIRST_COMPLETED)
+            # that a request does not run on for nobody.
+            await asyncio.wait((receiving, client_gone), return_when=asyncio.FIRST_COMPLETED)
+            if not receiving.done():
+                return Response(status_code=499)  # nobody reads it
+            error = endpoint.failure(latest)
+            if error is not None:
+                raise APIError.of_request(error, endpoint)
+            if streamer is None:
+                return JSONResponse(endpoint.respond(call, [o for o in latest if o is not None], request_id,
+                                                     model_name))
+            handed_over = True  # the stream aborts what is left if its client leaves
+            return StreamingResponse(stream_events(endpoint, streamer, client, ids, latest, receive),
+                                     media_type="text/event-stream")
         finally:
-            gathering.cancel()
+            receiving.cancel()
             client_gone.cancel()
-            for one_id, done in zip(ids, outputs):
-                if done is None:  # the client went away: free the engine of what is left
+            if not handed_over:
+                for one_id in unfinished():
                     client.abort(one_id)
-        finished = [o for o in outputs if o is not None]
-        if len(finished) < len(ids):
-            return Response(status_code=499)  # nobody reads it
-        error = first_failure(finished)
-        if error is not None:
-            raise APIError.of_request(error, EMBEDDINGS_URL)
-        return JSONResponse(embedding_response(finished, embedding_request.encoding_format, model_name))
+
+    async def stream_events(endpoint: Endpoint, streamer: Streamer, client: ThreadClient, ids: list[str],
+                            latest: list[EngineOutput | None],
+                            receive: Callable[[Callable[[], bool]], Awaitable[None]]) -> AsyncIterator[str]:
+        reported: list[EngineOutput | None] = [None] * len(ids)
+        try:
+            for event in streamer.start():
+                yield event
+            while True:
+                for i, output in enumerate(latest):
+                    if output is reported[i] or output is None:
+                        continue
+                    reported[i] = output
+                    if output.error is not None:  # failed mid-stream, inside the engine
+                        for event in streamer.error(APIError.of_request(output.error, endpoint).body()):
+                            yield event
+                        return
+                    assert isinstance(output, RequestOutput)
+                    for event in streamer.update(i, output):
+                        yield event
+                if all(o is not None and o.finished for o in latest):
+                    break
+                await receive(lambda: any(o is not r for o, r in zip(latest, reported)))
+            for event in streamer.finish([o for o in latest if isinstance(o, RequestOutput)]):
+                yield event
+        finally:
+            for one_id, output in zip(ids, latest):
+                if output is None or not output.finished:  # the client left mid-stream: free its KV now
+                    client.abort(one_id)
+
+    def route(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            return await serve(request, endpoint)
+        return handle
+
+    for url, endpoint in ENDPOINTS.items():
+        app.add_api_route(url, route(endpoint), methods=["POST"])
 
     # -- files
     @app.post("/v1/files")

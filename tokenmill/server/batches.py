@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokenmill.batch.embeddings import check_task
-from tokenmill.batch.format import URLS
 from tokenmill.batch.runner import BatchJob, count_lines
+from tokenmill.endpoints import ENDPOINTS, URLS, check_task
 from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.threaded import EngineThread
 from tokenmill.errors import RequestError
@@ -55,10 +54,10 @@ class BatchManager:
     def create(self, input_file_id: Any, endpoint: Any, completion_window: Any, metadata: Any) -> dict[str, Any]:
         if not isinstance(input_file_id, str) or self.store.get_file(input_file_id) is None:
             raise BatchError(404, f"no file with id {input_file_id!r}", "input_file_id")
-        if endpoint not in URLS:
+        if endpoint not in ENDPOINTS:
             raise BatchError(400, f"endpoint must be one of {', '.join(URLS)}", "endpoint")
         try:  # refused now rather than failing every line
-            check_task(self.engine_thread.frontend, endpoint)
+            check_task(self.engine_thread.frontend, ENDPOINTS[endpoint])
         except RequestError as e:
             raise BatchError(400, e.message, "endpoint") from None
         if completion_window != "24h":
