@@ -18,6 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenmill.sampling_params import StructuredOutputsParams
 
+ANY_OBJECT = {"type": "object"}  # what json_object asks for, as OpenAI's JSON mode
+
 
 class StructuredOutputs:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: set[int]) -> None:
@@ -47,13 +49,11 @@ class StructuredOutputs:
         engine thread call this first, so that a slow compilation never stalls the running batch."""
         compiler = self._get_compiler()
         try:
-            if spec.json is not None:
-                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+            if spec.json is not None or spec.json_object:
+                schema = json.dumps(spec.json or ANY_OBJECT) if not isinstance(spec.json, str) else spec.json
                 # NOTE: compact JSON (no free whitespace): a small model can otherwise spend its
                 # whole budget on whitespace and never close the object.
                 grammar = compiler.compile_json_schema(schema, any_whitespace=False)
-            elif spec.json_object:
-                grammar = compiler.compile_builtin_json_grammar()
             elif spec.regex is not None:
                 grammar = compiler.compile_regex(spec.regex)
             elif spec.choice is not None:
