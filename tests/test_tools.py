@@ -184,9 +184,9 @@ def test_tools_reach_smollm2s_prompt(tokenizer: PreTrainedTokenizerBase) -> None
         assert text.endswith(QUESTION["content"] + "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def follow_up(system: bool) -> list[dict[str, Any]]:
+def follow_up(system: bool, said: str | None = None) -> list[dict[str, Any]]:
     return [*([{"role": "system", "content": "You are terse."}] if system else []), QUESTION,
-            {"role": "assistant", "content": None, "tool_calls": [
+            {"role": "assistant", "content": said, "tool_calls": [
                 {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                                   "arguments": "{\"city\": \"Paris\"}"}},
                 {"id": "call_2", "type": "function", "function": {"name": "add", "arguments": "{\"a\":2,\"b\":3}"}}]},
@@ -208,13 +208,16 @@ def test_a_follow_up_turn_renders_for_smollm2(tokenizer: PreTrainedTokenizerBase
     assert "<tool_response>" in render(tokenizer, follow_up(system=False), None)
 
 
+@pytest.mark.parametrize("said", [None, "", "Let me check."])
 def test_a_tools_aware_template_renders_what_the_rewrite_writes(tokenizer: PreTrainedTokenizerBase,
-                                                                qwen_style_tokenizer: PreTrainedTokenizerBase) -> None:
+                                                                qwen_style_tokenizer: PreTrainedTokenizerBase,
+                                                                said: str | None) -> None:
     """Qwen2.5's template, given tools= and the calls as objects, writes the same prompt as SmolLM2's
     ChatML template given the conversation rewritten in the Hermes format."""
-    through_template = render(qwen_style_tokenizer, follow_up(system=True), request())
+    through_template = render(qwen_style_tokenizer, follow_up(True, said), request())
     assert '"arguments": {"city": "Paris"}' in through_template  # an object, not the JSON text quoted
-    assert through_template == render(tokenizer, follow_up(system=True), request())
+    assert ("<|im_start|>assistant\nLet me check.\n<tool_call>" in through_template) == bool(said)
+    assert through_template == render(tokenizer, follow_up(True, said), request())
 
 
 def test_the_llama_format_rewrites_in_its_own_words(tokenizer: PreTrainedTokenizerBase) -> None:

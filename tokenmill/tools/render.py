@@ -58,7 +58,7 @@ def _rewritten(fmt: ToolCallFormat, messages: list[dict[str, Any]], tools: ToolR
         message = {**message, "content": _text(message.get("content"))}
         if message.get("tool_calls") is not None:
             calls = fmt.joiner.join(fmt.call_text(name, arguments) for name, arguments in _calls(message, i))
-            message["content"] = f"{message['content']}\n{calls}" if message["content"] else calls
+            message["content"] = "\n".join(part for part in (message["content"], calls) if part)
             del message["tool_calls"]
         out.append(message)
     if results:
