@@ -9,16 +9,17 @@ from tokenmill.endpoints.base import Call, Endpoint, Prompt, Streamer
 from tokenmill.endpoints.chat import CHAT_URL, ChatCompletions
 from tokenmill.endpoints.completions import COMPLETIONS_URL, Completions
 from tokenmill.endpoints.embeddings import EMBEDDINGS_URL, Embeddings
+from tokenmill.endpoints.responses import RESPONSES_URL, Responses
 from tokenmill.errors import RequestError
 
 if TYPE_CHECKING:
     from tokenmill.frontend import Frontend
 
-ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (ChatCompletions(), Completions(), Embeddings())}
+ENDPOINTS: dict[str, Endpoint] = {e.url: e for e in (ChatCompletions(), Completions(), Embeddings(), Responses())}
 URLS = tuple(ENDPOINTS)
 
-__all__ = ["CHAT_URL", "COMPLETIONS_URL", "EMBEDDINGS_URL", "ENDPOINTS", "URLS", "Call", "Endpoint", "Prompt",
-           "Streamer", "check_task"]
+__all__ = ["CHAT_URL", "COMPLETIONS_URL", "EMBEDDINGS_URL", "ENDPOINTS", "RESPONSES_URL", "URLS", "Call", "Endpoint",
+           "Prompt", "Streamer", "check_task"]
 
 
 def check_task(frontend: Frontend, endpoint: Endpoint) -> None:

@@ -1,0 +1,198 @@
+"""`/v1/responses` through the official `openai` client against a real `tokenmill serve` running the
+default model (SmolLM2-135M-Instruct), in batch files through `tokenmill run` and `/v1/batches`.
+
+Greedy outputs are compared token for token with chat completions on the same conversation, so a
+server that dropped `instructions`, an input item or `text.format` fails."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import openai
+import pydantic
+import pytest
+from test_batch import read_jsonl, run_cli, write_jsonl
+from test_server import API_KEY, Server, wait_for
+
+from tokenmill.models.loader import default_model_path
+
+QUESTION = "Name three colours."
+INSTRUCTIONS = "You answer in French."
+STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                 "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                 "response.content_part.done", "response.output_item.done", "response.completed"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(default_model_path(), tmp_path_factory.mktemp("responses_server")).start()
+    yield running
+    running.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def chat_text(client: openai.OpenAI, model: str, messages: list[dict], max_tokens: int) -> tuple[str, int]:
+    """Chat completions' greedy text and prompt tokens for the same conversation."""
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    assert chat.usage is not None
+    return chat.choices[0].message.content or "", chat.usage.prompt_tokens
+
+
+def test_text_input_cut_by_max_output_tokens_is_incomplete(client: openai.OpenAI, model: str) -> None:
+    response = client.responses.create(model=model, input=QUESTION, max_output_tokens=8, temperature=0,
+                                       metadata={"job": "test"}, store=False, user="u1")
+    assert response.object == "response" and response.id.startswith("resp_") and response.model == model
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    (message,) = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "incomplete"
+    assert message.id.startswith("msg_") and message.content[0].type == "output_text"
+    text, prompt_tokens = chat_text(client, model, [{"role": "user", "content": QUESTION}], 8)
+    assert response.output_text == text
+    assert response.usage is not None and response.usage.output_tokens == 8
+    assert response.usage.input_tokens == prompt_tokens
+    assert response.usage.total_tokens == prompt_tokens + 8
+    assert (response.max_output_tokens, response.temperature, response.metadata, response.user) == (8, 0.0,
+                                                                                                     {"job": "test"},
+                                                                                                     "u1")
+    assert response.text is not None and response.text.format is not None and response.text.format.type == "text"
+
+
+def test_instructions_and_message_items_are_the_chat_conversation(client: openai.OpenAI, model: str) -> None:
+    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": "Rouge."}, {"role": "user", "content": "And two more?"}]
+    text, prompt_tokens = chat_text(client, model, messages, 12)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Rouge."}]},
+             {"role": "user", "content": "And two more?"}]
+    response = client.responses.create(model=model, instructions=INSTRUCTIONS, input=items, max_output_tokens=12,
+                                       temperature=0)
+    assert response.output_text == text and response.usage is not None
+    assert response.usage.input_tokens == prompt_tokens and response.instructions == INSTRUCTIONS
+    # A developer message is a system message; without it the template's default system prompt stands.
+    developer = client.responses.create(model=model, input=[{"role": "developer", "content": INSTRUCTIONS}, *items],
+                                        max_output_tokens=12, temperature=0)
+    assert developer.output_text == text
+    plain = client.responses.create(model=model, input=items, max_output_tokens=12, temperature=0)
+    assert (plain.output_text, plain.usage.input_tokens) == chat_text(client, model, messages[1:], 12)
+    assert plain.usage.input_tokens != prompt_tokens
+
+
+class Colour(pydantic.BaseModel):
+    name: Literal["red", "green", "blue"]
+    warm: bool
+
+
+def test_text_format_json_schema_parses(client: openai.OpenAI, model: str) -> None:
+    parsed = client.responses.parse(model=model, input="Pick a colour.", text_format=Colour, max_output_tokens=40,
+                                    temperature=0)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Colour)
+    assert parsed.text is not None and parsed.text.format is not None and parsed.text.format.type == "json_schema"
+    free = client.responses.create(model=model, input="Pick a colour.", max_output_tokens=40, temperature=0)
+    with pytest.raises(ValueError):  # the same request unconstrained is no such JSON
+        Colour.model_validate_json(free.output_text)
+    as_object = client.responses.create(model=model, input="Pick a colour.", max_output_tokens=8, temperature=0,
+                                        text={"format": {"type": "json_object"}})
+    assert as_object.output_text.startswith("{") and not free.output_text.startswith("{")
+    with pytest.raises(openai.BadRequestError, match="text.format") as bad:
+        client.responses.create(model=model, input="x", text={"format": {"type": "json_schema", "name": "x"}})
+    assert bad.value.param == "text"
+
+
+def test_stream_events_and_final_response_equal_non_streamed(server: Server, client: openai.OpenAI,
+                                                             model: str) -> None:
+    request = {"model": model, "input": QUESTION, "max_output_tokens": 64, "temperature": 0}
+    stop = {"stop": ["Blue"]}  # ends the output before the limit: a completed response
+    plain = client.responses.create(**request, extra_body=stop)
+    assert plain.status == "completed" and plain.output_text
+    with client.responses.stream(**request, extra_body=stop) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    deltas = kinds.count("response.output_text.delta")
+    assert deltas > 1 and kinds == STREAM_EVENTS[:4] + ["response.output_text.delta"] * deltas + STREAM_EVENTS[5:]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
+    assert final.output_text == plain.output_text and final.usage == plain.usage and final.status == "completed"
+    assert final.output[0].id == events[2].item.id and "Blue" not in final.output_text
+    # The SSE lines name each event as its data does; a cut stream ends with response.incomplete.
+    body = json.dumps({**request, "max_output_tokens": 5, "stream": True}).encode()
+    raw = urllib.request.Request(f"{server.url}/v1/responses", body, {"Authorization": f"Bearer {API_KEY}",
+                                                                       "Content-Type": "application/json"})
+    blocks = urllib.request.urlopen(raw).read().decode().strip().split("\n\n")
+    named = [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
+             for b in blocks]
+    assert all(name == data["type"] for name, data in named)
+    last = named[-1][1]
+    assert last["type"] == "response.incomplete" and last["response"]["incomplete_details"]["reason"] == \
+        "max_output_tokens" and last["response"]["usage"]["output_tokens"] == 5
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("previous_response_id", "resp_123"), ("conversation", "conv_1"), ("reasoning", {"effort": "low"}),
+    ("include", ["reasoning.encrypted_content"]), ("background", True), ("truncation", "auto"), ("top_logprobs", 2),
+    ("n", 2),
+])
+def test_fields_that_would_change_the_output_are_refused(client: openai.OpenAI, model: str, field: str,
+                                                         value: object) -> None:
+    with pytest.raises(openai.BadRequestError, match=field) as refused:
+        client.responses.create(model=model, input=QUESTION, extra_body={field: value})
+    assert refused.value.param == field
+
+
+@pytest.mark.parametrize("item", [
+    {"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]},
+    {"type": "reasoning", "summary": []},
+    {"role": "tool", "content": "x"},
+    {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "not json"},
+])
+def test_bad_input_items_are_refused(client: openai.OpenAI, model: str, item: dict) -> None:
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]") as refused:
+        client.responses.create(model=model, input=[item])  # type: ignore[list-item]
+    assert refused.value.param == "input"
+
+
+def response_line(custom_id: str, max_output_tokens: int, **body: object) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+            "body": {"input": QUESTION, "max_output_tokens": max_output_tokens, "temperature": 0, **body}}
+
+
+def test_batch_lines_through_tokenmill_run(tmp_path: Path, client: openai.OpenAI, model: str) -> None:
+    lines = [response_line("plain", 6), response_line("instructed", 6, instructions=INSTRUCTIONS),
+             response_line("refused", 6, previous_response_id="resp_1")]
+    output = tmp_path / "out.jsonl"
+    run_cli(write_jsonl(tmp_path / "in.jsonl", lines), "-o", output, "--dtype", "float32")
+    records = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(output)}
+    (error,) = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert error["custom_id"] == "refused" and "previous_response_id" in error["error"]["message"]
+    for line in lines[:2]:
+        body = records[line["custom_id"]]
+        served = client.responses.create(model=model, **line["body"])  # type: ignore[arg-type]
+        assert body["object"] == "response" and body["id"].startswith("resp_") and body["status"] == "incomplete"
+        assert openai.types.responses.Response.model_validate(body).output_text == served.output_text
+    assert records["plain"]["output"][0]["content"][0]["text"] != records["instructed"]["output"][0]["content"][0][
+        "text"]
+
+
+def test_server_batch_of_responses(tmp_path: Path, client: openai.OpenAI) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [response_line(f"r{i}", 4) for i in range(3)])
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h")
+    done = wait_for(client, batch.id, ("completed", "failed"))
+    assert done.status == "completed" and done.request_counts.completed == 3  # type: ignore[attr-defined]
+    results = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]  # type: ignore[attr-defined]
+    assert sorted(r["custom_id"] for r in results) == ["r0", "r1", "r2"]
+    assert all(r["response"]["body"]["usage"]["output_tokens"] == 4 for r in results)
