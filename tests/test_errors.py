@@ -40,7 +40,7 @@ def test_request_larger_than_the_kv_pool_fails_alone(tiny_models: dict[str, Path
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": -0.1}, "temperature"),

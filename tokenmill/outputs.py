@@ -27,9 +27,10 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
     logprobs: list[TokenLogprobs] | None = None
+    # The sum of the chosen tokens' logprobs when logprobs were asked for, else None (vLLM's).
+    cumulative_logprob: float | None = None
 
-    @property
-    def finished(self) -> bool:
+    def finished(self) -> bool:  # a method, as vLLM's (RequestOutput.finished is an attribute)
         return self.finish_reason is not None
 
 

@@ -1,4 +1,8 @@
-"""Per-request generation settings, named and validated as in vLLM so scripts port unchanged."""
+"""Per-request generation settings, named and validated as in vLLM so scripts port unchanged.
+
+Logprobs are always those of the model's raw output: before penalties, logit_bias, allowed_token_ids,
+bad_words, min_tokens, a grammar and temperature (vLLM v1's default, `logprobs_mode="raw_logprobs"`).
+"""
 
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    max_tokens: int | None = 16  # None: up to the model's context length
+    # None: up to the model's context length; 0: the prompt alone is computed (its prompt_logprobs,
+    # if asked), nothing is generated, and the request ends with "length".
+    max_tokens: int | None = 16
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -59,6 +65,13 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token
     prompt_logprobs: int | None = None  # number of top logprobs per prompt token
     structured_outputs: StructuredOutputsParams | None = None
+    # Added to the logits before any other processing (OpenAI's): token id -> bias in [-100, 100].
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # every other token is masked
+    # vLLM's: each word's last token is banned where the output so far ends with the word's other
+    # tokens, the word tokenized as it is and with a leading space (so banned at the start and
+    # mid-text); a one-token word is always banned.
+    bad_words: list[str] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +83,10 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         self._validate()
 
     def _validate(self) -> None:
@@ -91,8 +108,8 @@ class SamplingParams:
              "must be in [-2, 2]"),
             ("repetition_penalty", lambda: is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "must be a number > 0"),
-            ("max_tokens", lambda: self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
-             "must be an integer >= 1"),
+            ("max_tokens", lambda: self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 0),
+             "must be an integer >= 0"),
             ("min_tokens", lambda: is_int(self.min_tokens) and self.min_tokens >= 0, "must be an integer >= 0"),
             ("min_tokens", lambda: self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "must be <= max_tokens"),
@@ -108,6 +125,17 @@ class SamplingParams:
             ("structured_outputs",
              lambda: self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
              "must be a StructuredOutputsParams"),
+            ("logit_bias", lambda: self.logit_bias is None or (
+                isinstance(self.logit_bias, dict) and all(is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100
+                                                          for t, b in self.logit_bias.items())),
+             "must map token ids (integers >= 0) to numbers in [-100, 100]"),
+            ("allowed_token_ids", lambda: self.allowed_token_ids is None or (
+                isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                and all(is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+             "must be a non-empty list of token ids (integers >= 0)"),
+            ("bad_words", lambda: self.bad_words is None or (
+                isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+             "must be a list of non-blank strings"),
             # NOTE: min_tokens blocks the stop tokens, and where a grammar then allows nothing else
             # no token would be valid: the two are refused together.
             ("min_tokens", lambda: self.structured_outputs is None or self.min_tokens == 0,

@@ -135,11 +135,14 @@ class Engine:
         if not isinstance(params, SamplingParams):
             error = RequestError("wrong_task", f"model {self.model_name} generates text; it cannot embed")
             return RequestOutput(request_id, prompt, token_ids, [], finished=True, error=error)
-        max_total = min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
+        max_new = self.max_model_len if params.max_tokens is None else params.max_tokens
+        max_total = min(self.max_model_len, len(token_ids) + max_new)
         # NOTE: checked before the Request is built: its detokenizer rejects out-of-range ids by raising.
         error = self._check_prompt(token_ids, params, max_total)
         if error is None:
-            request = Request(request_id, prompt, token_ids, params, max_total, priority, stream)
+            bad_words, error = self._tokenize_bad_words(params.bad_words or [])
+        if error is None:
+            request = Request(request_id, prompt, token_ids, params, max_total, priority, stream, bad_words)
             try:
                 if params.structured_outputs is not None:
                     for seq in request.seqs:
@@ -155,13 +158,17 @@ class Engine:
     def _check_prompt(self, token_ids: list[int], params: SamplingParams, max_total: int) -> RequestError | None:
         if error := check_token_ids(token_ids, self.vocab_size):
             return error
-        if len(token_ids) >= self.max_model_len:
+        prompt_only = params.max_tokens == 0
+        if len(token_ids) > self.max_model_len - (not prompt_only):  # room for one generated token
+            generated = "" if prompt_only else ", including at least one generated"
             return RequestError("context_length_exceeded",
                                 f"the prompt has {len(token_ids)} tokens; the model's context is "
-                                f"{self.max_model_len} tokens, including at least one generated", "prompt")
+                                f"{self.max_model_len} tokens{generated}", "prompt")
         vocab = self.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            return RequestError("invalid_value", f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            if any(t >= vocab for t in ids):
+                return RequestError("invalid_value", f"{name} token ids must be in [0, {vocab})", name)
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > MAX_LOGPROBS:
                 return RequestError("invalid_value", f"{name} must be <= {MAX_LOGPROBS}", name)
@@ -170,6 +177,15 @@ class Engine:
                                 f"request needs up to {max_total} tokens of KV cache but the pool holds "
                                 f"{self.kv_capacity_tokens}: raise kv_cache_memory or lower max_tokens", "max_tokens")
         return None
+
+    def _tokenize_bad_words(self, words: list[str]) -> tuple[list[list[int]], RequestError | None]:
+        """Each bad word's token ids, as it is and after a space (see SamplingParams.bad_words)."""
+        spellings = {tuple(self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
+                     for word in words for prefix in ("", " ")}
+        if any(t >= self.vocab_size for ids in spellings for t in ids):
+            return [], RequestError("invalid_value", "bad_words tokenize to ids outside the model's vocabulary",
+                                    "bad_words")
+        return [list(ids) for ids in spellings if ids], None
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -213,7 +229,9 @@ class Engine:
         self.stats.computed_tokens += batch.num_tokens
         for seq, token in zip(seqs, tokens):
             self._append_and_check(seq, token)
-        return self._collect_outputs(seqs)
+        for seq in result.computed_prompts:  # max_tokens 0: the prompt was all there was to do
+            self.scheduler.finish(seq, "length")
+        return self._collect_outputs(seqs + result.computed_prompts)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per sequence from its logits row; records the logprobs asked for."""
@@ -230,6 +248,7 @@ class Engine:
             for i, entry in zip(chosen, entries):
                 self._decode_logprob_tokens(entry)
                 seqs[i].logprobs.append(entry)
+                seqs[i].cumulative_logprob += entry[tokens[i]].logprob
         return tokens
 
     def _collect_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -277,8 +296,7 @@ class Engine:
             self.scheduler.finish(seq, "stop", token if token in params.stop_token_ids else None)
         elif may_stop and params.stop_strings and piece and (stop := self._find_stop_string(seq, len(piece))):
             self.scheduler.finish(seq, "stop", stop)
-        elif (seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
-              or seq.num_tokens >= seq.request.max_total_tokens):
+        elif seq.num_tokens >= seq.request.max_total_tokens:  # max_tokens, or the context
             self.scheduler.finish(seq, "length")
 
     @staticmethod

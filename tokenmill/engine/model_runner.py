@@ -25,6 +25,8 @@ class StepLogits:
     # Per sequence that wants prompt logprobs: (it, the index of the first prompt token these
     # rows predict, their logits [rows, V]).
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]]
+    # Prompt-only sequences (max_tokens 0) whose prompt is now computed: nothing to sample.
+    computed_prompts: list[Sequence]
 
 
 def lazily_committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -78,6 +80,7 @@ class ModelRunner:
         # the prompt rows of requests that asked for prompt logprobs.
         sample_seqs: list[Sequence] = []
         sample_rows: list[int] = []
+        computed_prompts: list[Sequence] = []
         prompt_rows: list[int] = []
         prompt_spans: list[tuple[Sequence, int, int, int]] = []  # seq, first row, rows, first target
         for seq, n, first in zip(seqs, batch.num_new_tokens, layout.query_start.tolist()):
@@ -86,9 +89,11 @@ class ModelRunner:
                 count = min(done + n, seq.num_prompt_tokens - 1) - done
                 prompt_spans.append((seq, len(prompt_rows), count, done + 1))
                 prompt_rows.extend(range(first, first + count))
-            if done + n == seq.num_tokens:
+            if done + n == seq.num_tokens and seq.params.max_tokens == 0:
+                computed_prompts.append(seq)
+            elif done + n == seq.num_tokens:
                 sample_seqs.append(seq)
                 sample_rows.append(first + n - 1)
         logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows + sample_rows, dtype=torch.long)])
         prompt_logits = [(seq, target, logits[row:row + count]) for seq, row, count, target in prompt_spans]
-        return StepLogits(sample_seqs, logits[len(prompt_rows):], prompt_logits)
+        return StepLogits(sample_seqs, logits[len(prompt_rows):], prompt_logits, computed_prompts)

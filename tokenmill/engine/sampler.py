@@ -4,6 +4,10 @@ Rows are sequences; every per-request setting becomes a column tensor, so the wo
 tensor ops whatever the mix of settings. Only seeded requests cost a Python call each (one
 generator draw per row), since a torch generator cannot be shared between rows.
 
+The order, as vLLM's: logit_bias (added to the model's logits before anything else), then the masks
+(allowed_token_ids, bad_words), penalties, min_tokens, temperature, top-k, top-p, min-p. Logprobs
+are not taken here: the engine reports the raw model output's (see SamplingParams).
+
 Contract: a row's token depends only on its own logits and settings, never on the other rows; a
 seeded row's noise only on (seed, sample index, output position) (`Sequence.next_token_seed`), so
 seeded outputs are the same alone, in any batch, after a preemption or in a resumed job.
@@ -20,6 +24,40 @@ from tokenmill.outputs import Logprob, TokenLogprobs
 def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _row_index(lengths: list[int]) -> torch.Tensor:
+    """For entries listed row after row, lengths[r] of them in row r: each entry's row."""
+    return torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows = [(i, bias) for i, s in enumerate(seqs) if (bias := s.request.logit_bias) is not None]
+    if not rows:
+        return
+    row_ids = torch.tensor([i for i, _ in rows])[_row_index([len(ids) for _, (ids, _) in rows])]
+    token_ids = torch.cat([ids for _, (ids, _) in rows])
+    logits.index_put_((row_ids, token_ids), torch.cat([values for _, (_, values) in rows]), accumulate=True)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows = [(i, ids) for i, s in enumerate(seqs) if (ids := s.request.allowed_token_ids) is not None]
+    if not rows:
+        return
+    keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool)
+    keep[_row_index([len(ids) for _, ids in rows]), torch.cat([ids for _, ids in rows])] = True
+    index = torch.tensor([i for i, _ in rows])
+    logits[index] = logits[index].masked_fill_(~keep, float("-inf"))
+
+
+def apply_bad_words(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Bans each bad word's last token in the rows whose output so far ends with its other tokens."""
+    banned = [(i, word[-1]) for i, s in enumerate(seqs) for word in s.request.bad_words_token_ids
+              if s.num_output_tokens >= len(word) - 1
+              and s.token_ids[s.num_tokens - len(word) + 1:] == word[:-1]]
+    if banned:
+        rows, token_ids = zip(*banned)
+        logits[list(rows), list(token_ids)] = float("-inf")
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -91,7 +129,10 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
-    """logits: [R, V] fp32, one row per sequence in seqs. Returns the chosen token ids, [R]."""
+    """logits: [R, V] fp32, one row per sequence in seqs (edited in place). Returns the chosen token ids, [R]."""
+    apply_logit_bias(logits, seqs)
+    apply_allowed_token_ids(logits, seqs)
+    apply_bad_words(logits, seqs)
     apply_penalties(logits, seqs)
     blocked = [(i, list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids)))
                for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]

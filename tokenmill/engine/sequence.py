@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 
+import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 from xgrammar import GrammarMatcher
@@ -40,6 +41,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if self.params.logprobs is not None else None
         # NOTE: primed with the prompt's last tokens, so that tokenizers that drop the leading space
         # of a text's first word (SentencePiece's Metaspace) keep it on the first generated word.
         self._decoder = DecodeStream(ids=request.prompt_token_ids[-4:],
@@ -88,12 +90,13 @@ class Sequence:
 
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(self.index, self.text, self.output_token_ids, self.finish_reason,
-                                self.stop_reason, self.logprobs)
+                                self.stop_reason, self.logprobs, self.cumulative_logprob)
 
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, max_total_tokens: int, priority: int = 0, stream: bool = False) -> None:
+                 params: SamplingParams, max_total_tokens: int, priority: int = 0, stream: bool = False,
+                 bad_words_token_ids: list[list[int]] | None = None) -> None:
         self.request_id = request_id
         self.priority = priority  # lower first: interactive 0, batch jobs higher
         self.stream = stream  # report progress every step, not just at the end
@@ -104,6 +107,13 @@ class Request:
         self.max_total_tokens = max_total_tokens
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        # The logits processors' settings as the sampler takes them, built once here rather than each step.
+        self.logit_bias: tuple[torch.Tensor, torch.Tensor] | None = (  # token ids, their biases
+            (torch.tensor(list(params.logit_bias)), torch.tensor(list(params.logit_bias.values()), dtype=torch.float))
+            if params.logit_bias else None)
+        self.allowed_token_ids = None if params.allowed_token_ids is None else torch.tensor(params.allowed_token_ids)
+        # Each bad word's token ids (per spelling: see SamplingParams.bad_words), tokenized by the engine.
+        self.bad_words_token_ids = bad_words_token_ids or []
         self.seqs = [Sequence(self, i) for i in range(params.n)]
         self.num_cached_tokens: int | None = None  # set when first admitted
 
