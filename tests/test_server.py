@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, data_dir: Path) -> None:
-        self.model, self.data_dir, self.port = model, data_dir, free_port()
+    def __init__(self, model: Path, data_dir: Path, *serve_args: str) -> None:
+        """`serve_args`: more `tokenmill serve` options, e.g. "--quantization", "none"."""
+        self.model, self.data_dir, self.serve_args, self.port = model, data_dir, serve_args, free_port()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -40,7 +41,7 @@ class Server:
     def start(self) -> Server:
         args = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(self.model), "--port", str(self.port),
                 "--data-dir", str(self.data_dir), "--dtype", "float32", "--kv-cache-memory", f"{KV_CACHE_BYTES}B",
-                "--api-key", API_KEY]
+                "--api-key", API_KEY, *self.serve_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
