@@ -1,6 +1,6 @@
 """What the faces need of a model besides the engine's step loop: what it does (generate or embed),
 its tokenizer and chat template, its name, context length and vocabulary, the engine's settings,
-and its grammar compiler.
+its sampling defaults (from its generation_config) and its grammar compiler.
 
 One `Frontend` is built per engine (`Frontend.from_engine`, in the thread that built the engine)
 and handed out by its clients (`EngineClient.frontend`). Everything in it is safe to use from any
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PreTrainedTokenizerBase
 
 from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.engine import Engine
 from tokenmill.engine.structured import StructuredOutputs
 from tokenmill.errors import RequestError
 from tokenmill.sampling_params import StructuredOutputsParams
@@ -35,11 +36,15 @@ class Frontend:
     vocab_size: int
     config: EngineConfig
     structured: StructuredOutputs | None  # None for an embedding model
+    # SamplingParams field -> the model's default, for the fields a request leaves out (vLLM's
+    # generation_config="auto"; empty with "vllm", for a GGUF and for an embedding model).
+    generation_defaults: dict[str, Any]
 
     @classmethod
     def from_engine(cls, engine: AnyEngine) -> Frontend:
+        defaults = engine.generation_defaults if isinstance(engine, Engine) else {}
         return cls(engine.task, engine.tokenizer, engine.model_name, engine.quantization, engine.max_model_len,
-                   engine.vocab_size, engine.config, engine.structured)
+                   engine.vocab_size, engine.config, engine.structured, defaults)
 
     def tokenize(self, prompt: str | list[int],
                  truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:

@@ -1,14 +1,24 @@
-"""The Python API: `LLM(model).generate(...)`, `.chat(...)` and `.embed(...)`, named as in vLLM."""
+"""The Python API: `LLM(model).generate(...)`, `.chat(...)` and `.embed(...)`, named as in vLLM.
+
+`LLM(model, **kwargs)` takes vLLM's constructor arguments (VLLM_ARGS says what each becomes here),
+so that a vLLM script runs unchanged: those that mean something set the engine's settings, those
+that only tune vLLM's GPU internals are ignored with one warning naming them, and any other
+keyword raises TypeError.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import hashlib
 import itertools
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import torch
 from tqdm.auto import tqdm
 
 from tokenmill.engine.client import LocalClient, Submission, drive
@@ -18,21 +28,137 @@ from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutpu
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
-ENGINE_ARGS = tuple(f.name for f in fields(EngineConfig) if f.name != "model")
+ENGINE_ARGS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "model")
+
+# A keyword's value -> the settings it makes (EngineConfig fields, and "seed", this LLM's), or None
+# where it is ignored. A value that cannot be honoured here raises ValueError.
+Translation = Callable[[Any], dict[str, Any] | None]
+
+
+def _sets(name: str, convert: Callable[[Any], Any] = lambda value: value) -> Translation:
+    """Sets `name`; None keeps tokenmill's default (vLLM's optional arguments, e.g. max_num_seqs=None)."""
+    return lambda value: {} if value is None else {name: convert(value)}
+
+
+def _choice(mapping: dict[Any, Any]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if value not in mapping:
+            raise ValueError(f"tokenmill supports {' or '.join(map(repr, mapping))}")
+        return mapping[value]
+    return convert
+
+
+def _only(*supported: Any) -> Translation:
+    """Accepted with the values that describe tokenmill as it is; any other is an error."""
+    def check(value: Any) -> dict[str, Any]:
+        if value not in supported:
+            raise ValueError(f"tokenmill supports {' or '.join(map(repr, supported))}")
+        return {}
+    return check
+
+
+def _ignored(value: Any) -> None:
+    return None
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+VLLM_ARGS: dict[str, Translation] = {
+    **{name: _sets(name) for name in ENGINE_ARGS},  # EngineConfig's own, tokenmill's names
+    "dtype": _sets("dtype", lambda value: _DTYPE_NAMES.get(value, value)),  # vLLM's names are in DTYPES
+    "quantization": _sets("quantization", lambda value: "auto" if value == "gguf" else value),
+    "task": _sets("task", _choice({"auto": "auto", "generate": "generate", "embed": "embed", "embedding": "embed"})),
+    "runner": _sets("task", _choice({"auto": "auto", "generate": "generate", "pooling": "embed"})),
+    "gpu_memory_utilization": _sets("kv_cache_memory", float),  # the KV cache's share of the RAM available
+    "kv_cache_memory_bytes": _sets("kv_cache_memory", int),
+    "seed": _sets("seed"),
+    # NOTE: tokenmill never runs a model's own code (it runs the architectures it implements), so
+    # trusting it changes nothing.
+    "trust_remote_code": lambda value: {},
+    "tensor_parallel_size": _only(1), "pipeline_parallel_size": _only(1), "data_parallel_size": _only(1),
+    "tokenizer_mode": _only("auto", "hf"),  # fast tokenizers, through transformers
+    "revision": _only(None), "code_revision": _only(None), "tokenizer_revision": _only(None),  # no hub
+    "kv_cache_dtype": _only("auto"),  # the model's dtype
+    "skip_tokenizer_init": _only(False),
+    "max_logprobs": _only(20),  # tokenmill's limit, as vLLM's default (engine.MAX_LOGPROBS)
+    # Tuning of vLLM's GPU, compilation, parallelism, logging and download internals: nothing here.
+    **dict.fromkeys((
+        "enforce_eager", "swap_space", "cpu_offload_gb", "disable_custom_all_reduce", "max_seq_len_to_capture",
+        "compilation_config", "disable_log_stats", "disable_async_output_proc", "cuda_graph_sizes",
+        "cudagraph_capture_sizes", "max_cudagraph_capture_size", "max_parallel_loading_workers",
+        "distributed_executor_backend", "worker_cls", "worker_extension_cls", "num_gpu_blocks_override",
+        "enable_chunked_prefill", "max_num_partial_prefills", "max_long_partial_prefills",
+        "long_prefill_token_threshold", "num_lookahead_slots", "async_scheduling", "scheduling_policy",
+        "prefix_caching_hash_algo", "calculate_kv_scales", "kv_sharing_fast_prefill", "disable_cascade_attn",
+        "enable_sleep_mode", "use_tqdm_on_load", "pt_load_map_location", "safetensors_load_strategy",
+        "download_dir", "hf_token", "load_format", "model_impl", "ray_workers_use_nsight", "otlp_traces_endpoint",
+        "collect_detailed_traces", "enable_log_requests", "disable_log_requests", "aggregate_engine_logging",
+        "mm_processor_cache_gb", "disable_mm_preprocessor_cache", "enable_expert_parallel", "enable_dbo",
+    ), _ignored),
+}
+
+
+def request_seed(seed: int, number: int) -> int:
+    """The seed of the `number`-th request (from 0, in submission order) an `LLM(seed=seed)` runs
+    without a seed of its own. Hashed rather than added, so that seed 1's request 0 is not seed 0's
+    request 1."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:8], "little") >> 1
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        """`model`: a Hugging Face folder or a .gguf file (None: SmolLM2-135M-Instruct). `engine_args`:
-        any other `EngineConfig` field by keyword (dtype, max_num_seqs, kv_cache_memory, ...); the
-        defaults are EngineConfig's."""
-        unknown = [name for name in engine_args if name not in ENGINE_ARGS]
-        if unknown:
-            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; "
-                            f"engine arguments are {', '.join(ENGINE_ARGS)}")
-        self.engine = create_engine(EngineConfig(model=model, **engine_args))
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """`model`: a Hugging Face folder or a .gguf file (None: SmolLM2-135M-Instruct). `kwargs`:
+        any other `EngineConfig` field (dtype, max_num_seqs, kv_cache_memory, ...; the defaults are
+        EngineConfig's), or vLLM's constructor arguments, as VLLM_ARGS maps them:
+        - `seed`: the seed of every request given without one, derived from (seed, the request's
+          number: `request_seed`), so that a script gives the same samples run after run whatever
+          the batching (seeded sampling is batch-invariant). None (the default): unseeded requests
+          draw fresh noise.
+        - `gpu_memory_utilization`: the KV cache's share of the RAM available (kv_cache_memory as a
+          fraction); `kv_cache_memory_bytes`: its size.
+        - `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
+          `block_size`, `tokenizer` (a folder), `generation_config` ("auto", "vllm" or a folder),
+          `task`/`runner`, `quantization` (tokenmill's values, or "gguf" for "auto"), `dtype`
+          ("auto", "float32"/"float", "bfloat16", "float16"/"half", or a torch dtype).
+        - `trust_remote_code`: accepted, and changes nothing: tokenmill never runs a model's code.
+        - `tensor_parallel_size`, `pipeline_parallel_size`, `data_parallel_size`: 1 only;
+          `revision` and the like: None only (no hub here); `tokenizer_mode` "auto" or "hf";
+          `kv_cache_dtype` "auto".
+        - those that only tune vLLM's GPU internals (`enforce_eager`, `swap_space`, ...): ignored,
+          with one warning naming them.
+        Any other keyword raises TypeError; a value that cannot be honoured, ValueError.
+        """
+        settings: dict[str, Any] = {}
+        set_by: dict[str, str] = {}
+        ignored = []
+        for name, value in kwargs.items():
+            if name not in VLLM_ARGS:
+                close = difflib.get_close_matches(name, VLLM_ARGS, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else \
+                    f"engine arguments are {', '.join(ENGINE_ARGS)}, and vLLM's in tokenmill.llm.VLLM_ARGS"
+                raise TypeError(f"LLM() got an unexpected keyword argument {name!r}; {hint}")
+            try:
+                made = VLLM_ARGS[name](value)
+            except ValueError as e:
+                raise ValueError(f"LLM() {name}={value!r}: {e}") from None
+            if made is None:
+                ignored.append(name)
+            for setting, setting_value in (made or {}).items():
+                if setting in settings and settings[setting] != setting_value:
+                    raise TypeError(f"LLM() got {set_by[setting]}={kwargs[set_by[setting]]!r} and "
+                                    f"{name}={value!r}, which set the same thing differently")
+                settings[setting], set_by[setting] = setting_value, name
+        if ignored:
+            logger.warning("LLM(): ignored %s: %s only tune vLLM's GPU internals", ", ".join(ignored),
+                           "it would" if len(ignored) == 1 else "they would")
+        self.seed: int | None = settings.pop("seed", None)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"LLM() seed must be an integer, got {self.seed!r}")
+        self.engine = create_engine(EngineConfig(model=model, **settings))
         self._client = LocalClient(self.engine)
         self.frontend = self._client.frontend  # tokenizer, chat template, model name, context length
         self._request_ids = itertools.count()
@@ -40,6 +166,11 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.frontend.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation defaults (EngineConfig.generation_config), as
+        vLLM's: what generate() and chat() use when given none."""
+        return SamplingParams(**self.frontend.generation_defaults)
 
     def generate(self, prompts: PromptType | Iterable[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -53,7 +184,7 @@ class LLM:
         """
         self._require("generate")
         prompts = _as_prompts(prompts)
-        params = _params_for(prompts, sampling_params, SamplingParams(), "sampling_params")
+        params = _params_for(prompts, sampling_params, self.get_default_sampling_params(), "sampling_params")
         tokenized = (self._tokenize(p) + (next(params),) for p in prompts)
         return self._run(tokenized, params, "sampling_params", use_tqdm,  # type: ignore[return-value]
                          getattr(prompts, "__len__", None))
@@ -68,7 +199,7 @@ class LLM:
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
         frontend = self.frontend
-        params = _params_for(messages, sampling_params, SamplingParams(), "sampling_params")
+        params = _params_for(messages, sampling_params, self.get_default_sampling_params(), "sampling_params")
         templated = (frontend.tokenize_chat(c, add_generation_prompt, chat_template_kwargs) + (next(params),)
                      for c in messages)
         return self._run(templated, params, "sampling_params", use_tqdm,  # type: ignore[return-value]
@@ -119,9 +250,10 @@ class LLM:
             for index, (text, token_ids, request_params) in enumerate(prompts):
                 if request_params is None:
                     raise ValueError(f"more prompts than {params_name} ({index} given)")
-                request_id = str(next(self._request_ids))
+                number = next(self._request_ids)
+                request_id = str(number)
                 index_of[request_id] = index
-                yield Submission(request_id, text, token_ids, request_params)
+                yield Submission(request_id, text, token_ids, self._seeded(request_params, number))
             if not isinstance(params, itertools.repeat) and next(params, None) is not None:
                 raise ValueError(f"more {params_name} than prompts")
 
@@ -147,6 +279,13 @@ class LLM:
             bar.close()
             self._running = False
         return [results[i] for i in range(len(results))]
+
+
+    def _seeded(self, params: SamplingParams | PoolingParams, number: int) -> SamplingParams | PoolingParams:
+        """params with this LLM's seed for request `number` if they have none (see __init__)."""
+        if self.seed is None or not isinstance(params, SamplingParams) or params.seed is not None:
+            return params
+        return dataclasses.replace(params, seed=request_seed(self.seed, number))
 
 
 def _as_prompts(prompts: PromptType | Iterable[PromptType]) -> Iterable[PromptType]:

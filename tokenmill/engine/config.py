@@ -15,8 +15,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # "float", "half": vLLM's names
 QUANTIZATIONS = ("auto", "none", "int8")  # what each means: tokenmill/models/loader.py
 TASKS = ("auto", "generate", "embed")
 # Tokens per step by default. Generation: measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md),
@@ -97,12 +98,20 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     block_size: int = 16
     max_model_len: int | None = None
+    tokenizer: str | None = None  # a tokenizer folder to use instead of the model's own
+    # Sampling defaults (vLLM's): "auto" takes temperature, top_p, top_k, min_p and repetition_penalty
+    # from the model folder's generation_config.json (a GGUF has none), "vllm" takes none (SamplingParams'
+    # own), anything else is a folder holding a generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.model is not None:
-            self.model = str(self.model)
+        for name in ("model", "tokenizer", "generation_config"):
+            if getattr(self, name) is not None:
+                setattr(self, name, str(getattr(self, name)))
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.generation_config, str):
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.task not in TASKS:

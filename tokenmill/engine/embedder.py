@@ -24,6 +24,7 @@ from tokenmill.engine.engine import EngineMetrics, EngineStats, check_token_ids
 from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.models.bert import BertModel
 from tokenmill.models.embedder_loader import load_embedder
+from tokenmill.models.loader import load_tokenizer
 from tokenmill.models.pooling import finish
 from tokenmill.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -60,7 +61,7 @@ class EmbeddingEngine:
         self.model_path = loaded.path
         self.model_name = loaded.name
         self.quantization = loaded.quantization
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = loaded.tokenizer if config.tokenizer is None else load_tokenizer(config.tokenizer)
         self.max_model_len = loaded.max_model_len
         self.vocab_size: int = loaded.config.vocab_size
         self.embedding_size: int = loaded.config.hidden_size

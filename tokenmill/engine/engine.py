@@ -74,8 +74,8 @@ class Engine:
 
     NOTE: other threads may call `metrics()` (plain counters copied at once; a snapshot taken
     mid-step may mix two steps) and read the attributes set in `__init__` that never change after it:
-    config, dtype, model_name, model_path, quantization, tokenizer, eos_token_ids, max_model_len, vocab_size, structured
-    (whose grammar compiler is itself thread-safe). Nothing else.
+    config, dtype, model_name, model_path, quantization, tokenizer, eos_token_ids, max_model_len, vocab_size,
+    generation_defaults, structured (whose grammar compiler is itself thread-safe). Nothing else.
     """
 
     task = "generate"
@@ -83,7 +83,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
-        loaded = load_model(config.model, self.dtype, config.max_model_len, config.quantization)
+        loaded = load_model(config.model, self.dtype, config.max_model_len, config.quantization, config.tokenizer,
+                            config.generation_config)
         self.model_path = loaded.path
         self.model_name = loaded.name
         self.quantization = loaded.quantization
@@ -92,6 +93,7 @@ class Engine:
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len
         self.vocab_size: int = loaded.config.vocab_size
+        self.generation_defaults = loaded.generation_defaults
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
 
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, config.block_size, self.dtype)

@@ -10,6 +10,9 @@ quantized ones kept in their blocks; a folder's come from safetensors or `pytorc
   quantized at load when they are not Q8_0 already.
 Quantized types the kernels do not take (or all of them, where the kernels cannot run) are
 dequantized at load, with one log line naming them.
+
+`generation_defaults` are the sampling settings the model's makers recommend, as vLLM reads them
+(`generation_config="auto"`): those of GENERATION_DEFAULTS that generation_config.json sets.
 """
 
 from __future__ import annotations
@@ -17,24 +20,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import json
 import logging
 import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from tokenmill import kernels
 from tokenmill.engine.config import QUANTIZATIONS
 from tokenmill.models.gguf_file import GGUFFile
 from tokenmill.models.llama import LlamaForCausalLM, load_llama_weights
 from tokenmill.models.quantized import QuantizedWeight, Weight, quantize_q8_0
+from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The weights "int8" quantizes: every linear layer's and the embedding (norms and biases stay).
 _INT8_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
+# The SamplingParams fields a generation_config.json gives defaults for (vLLM's, but max_new_tokens:
+# a face sets its own token limit).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class ModelLoadError(ValueError):
@@ -58,6 +67,7 @@ class LoadedModel:
     path: Path
     name: str  # what responses report as the model
     quantization: str  # what the weights run as: "none", or the block types kept, e.g. "Q4_1, Q8_0"
+    generation_defaults: dict[str, Any]  # SamplingParams field -> the model's default (see the module docstring)
 
 
 def default_model_path() -> Path:
@@ -119,6 +129,57 @@ def read_folder(folder: Path, supported: tuple[str, ...] = SUPPORTED_ARCHITECTUR
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read weights in {str(folder)!r}: {e}") from e
     return config, AutoTokenizer.from_pretrained(folder), tensors
+
+
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A tokenizer from a folder other than the model's (`EngineConfig.tokenizer`)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"tokenizer not found: {str(path)!r} is not a folder (tokenmill loads a local "
+                             "tokenizer folder; it cannot download from a hub)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the tokenizer in {str(path)!r}: {e}") from e
+
+
+def read_generation_config(folder: Path, required: bool = False) -> dict[str, Any] | None:
+    """A folder's generation_config.json, if it has one (if `required`, its absence is an error).
+
+    NOTE: read as JSON, not through transformers' GenerationConfig, which warns that sampling
+    settings given without do_sample "may be ignored": here they are used (as vLLM uses them)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"generation_config: no generation_config.json in {str(folder)!r}")
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {str(path)!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(path)!r} is not a JSON object")
+    return config
+
+
+def generation_defaults(model_config: dict[str, Any] | None, generation_config: str) -> dict[str, Any]:
+    """The sampling defaults `generation_config` names: "auto" the model's (`model_config`), "vllm"
+    none, else those of the generation_config.json in that folder. Checked as SamplingParams checks them."""
+    if generation_config == "vllm":
+        return {}
+    config = model_config if generation_config == "auto" else \
+        read_generation_config(Path(generation_config).expanduser(), required=True)
+    if config is None:
+        return {}
+    defaults = {name: config[name] for name in GENERATION_DEFAULTS if config.get(name) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ModelLoadError(f"the generation config's sampling defaults cannot be used: {e}") from None
+    if defaults:
+        logger.info("sampling defaults from the model's generation config: %s (generation_config='vllm' "
+                    "turns them off)", defaults)
+    return defaults
 
 
 def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
@@ -187,17 +248,22 @@ def build_llama(config: PretrainedConfig, tensors: dict[str, Weight], dtype: tor
 
 
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
-               quantization: str = "auto") -> LoadedModel:
+               quantization: str = "auto", tokenizer: str | None = None,
+               generation_config: str = "auto") -> LoadedModel:
+    """`tokenizer`: a tokenizer folder to use instead of the model's; `generation_config`: see
+    generation_defaults."""
     path = resolve_model_path(model)
-    config, tokenizer, tensors = read_gguf(path) if path.is_file() else read_folder(path)
+    config, model_tokenizer, tensors = read_gguf(path) if path.is_file() else read_folder(path)
+    tokenizer_ = model_tokenizer if tokenizer is None else load_tokenizer(tokenizer)
+    model_generation = read_generation_config(path) if path.is_dir() else None
+    defaults = generation_defaults(model_generation, generation_config)
     max_model_len = decoder_context(config, max_model_len)
     running = prepare_weights(tensors, quantization)
     model_ = build_llama(config, tensors, dtype, max_model_len, path)
 
     eos = set()
-    if path.is_dir() and (path / "generation_config.json").is_file():
-        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return LoadedModel(model_, config, tokenizer, eos, max_model_len, path, model_name(model), running)
+    if model_generation is not None and (gen_eos := model_generation.get("eos_token_id")) is not None:
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    if tokenizer_.eos_token_id is not None:
+        eos.add(tokenizer_.eos_token_id)
+    return LoadedModel(model_, config, tokenizer_, eos, max_model_len, path, model_name(model), running, defaults)
