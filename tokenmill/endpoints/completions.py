@@ -83,7 +83,8 @@ class CompletionStreamer(TextStreamer):
     def start(self) -> list[str]:
         return []
 
-    def choice_delta(self, index: int, completion: CompletionOutput, text: str, start_token: int) -> dict[str, Any]:
+    def choice_deltas(self, index: int, completion: CompletionOutput, text: str,
+                      start_token: int) -> list[dict[str, Any]]:
         call = self.call
         assert isinstance(call, CompletionCall)
         prompt_index = index // self.n
@@ -98,8 +99,8 @@ class CompletionStreamer(TextStreamer):
                 entries, token_ids, offset = prompt[0] + entries, prompt[1] + token_ids, 0
             logprobs = completion_logprobs(entries, token_ids, call.top_logprobs, offset,
                                            call.first_tokens[prompt_index] if first else "")
-        return {"text": (call.prompt_texts[prompt_index] if first else "") + text,
-                "finish_reason": completion.finish_reason, "logprobs": logprobs}
+        return [{"text": (call.prompt_texts[prompt_index] if first else "") + text,
+                 "finish_reason": completion.finish_reason, "logprobs": logprobs}]
 
     def update(self, index: int, output: RequestOutput) -> list[str]:
         if output.prompt_logprobs is not None:

@@ -37,11 +37,13 @@ class TextStreamer(Streamer):
                     "model": self.model, "choices": choices, **extra})
 
     @abstractmethod
-    def choice_delta(self, index: int, completion: CompletionOutput, text: str, start_token: int) -> dict[str, Any]:
-        """The choice's chunk entry for its new text and its tokens from start_token on."""
+    def choice_deltas(self, index: int, completion: CompletionOutput, text: str,
+                      start_token: int) -> list[dict[str, Any]]:
+        """The choice's chunk entries (one chunk each) for its new text and its tokens from
+        start_token on."""
 
     def update(self, index: int, output: RequestOutput) -> list[str]:
-        choices = []
+        events = []
         for c in output.outputs:
             i = index * self.n + c.index
             if self.reported_finish[i]:
@@ -51,9 +53,10 @@ class TextStreamer(Streamer):
             delta = c.text[self.sent_chars[i]:end]
             if not delta and not c.finished():
                 continue
-            choices.append({"index": i, **self.choice_delta(i, c, delta, self.sent_tokens[i])})
+            events += [self.chunk([{"index": i, **entry}]) for entry in self.choice_deltas(i, c, delta,
+                                                                                           self.sent_tokens[i])]
             self.sent_chars[i], self.sent_tokens[i] = end, len(c.token_ids)
-        return [self.chunk(choices)] if choices else []
+        return events
 
     def error(self, error: dict[str, Any]) -> list[str]:
         return [sse(error), DONE]
