@@ -12,16 +12,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import jsonschema
 import openai
 import pydantic
 import pytest
 from test_batch import read_jsonl, run_cli, write_jsonl
 from test_server import API_KEY, Server, wait_for
+from test_tools import render, smol_tokenizer
 
+from tokenmill.endpoints.responses import Responses, ResponsesCall
+from tokenmill.endpoints.responses_output import ResponsesStreamer, whole_response
 from tokenmill.models.loader import default_model_path
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.tools import HermesFormat, parse_tool_request
 
 QUESTION = "Name three colours."
 INSTRUCTIONS = "You answer in French."
+SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
+                    "required": ["city"], "additionalProperties": False},
+    "get_time": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]},
+                                                  "24h": {"type": "boolean"}}, "required": ["zone", "24h"]},
+}
+TOOLS = [{"type": "function", "name": name, "description": f"Calls {name}.", "parameters": schema, "strict": True}
+         for name, schema in SCHEMAS.items()]
+WEATHER_QUESTION = "What is the weather in Paris?"
 STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                  "response.content_part.added", "response.output_text.delta", "response.output_text.done",
                  "response.content_part.done", "response.output_item.done", "response.completed"]
@@ -135,7 +150,8 @@ def test_stream_events_and_final_response_equal_non_streamed(server: Server, cli
     blocks = urllib.request.urlopen(raw).read().decode().strip().split("\n\n")
     named = [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
              for b in blocks]
-    assert all(name == data["type"] for name, data in named)
+    adapter = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
+    assert all(name == data["type"] == adapter.validate_python(data).type for name, data in named)
     last = named[-1][1]
     assert last["type"] == "response.incomplete" and last["response"]["incomplete_details"]["reason"] == \
         "max_output_tokens" and last["response"]["usage"]["output_tokens"] == 5
@@ -196,3 +212,128 @@ def test_server_batch_of_responses(tmp_path: Path, client: openai.OpenAI) -> Non
     results = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]  # type: ignore[attr-defined]
     assert sorted(r["custom_id"] for r in results) == ["r0", "r1", "r2"]
     assert all(r["response"]["body"]["usage"]["output_tokens"] == 4 for r in results)
+
+
+def test_required_and_named_tool_choice_give_calls_that_validate(client: openai.OpenAI, model: str) -> None:
+    request = {"model": model, "input": WEATHER_QUESTION, "tools": TOOLS, "max_output_tokens": 60, "temperature": 0}
+    required = client.responses.create(**request, tool_choice="required", parallel_tool_calls=False)
+    (call,) = required.output
+    assert call.type == "function_call" and call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert call.name in SCHEMAS and call.status == "completed" and required.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    assert required.output_text == "" and required.tool_choice == "required" and not required.parallel_tool_calls
+    named = client.responses.create(**request, tool_choice={"type": "function", "name": "get_time"})
+    (call,) = named.output
+    assert call.type == "function_call" and call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_time"])
+    with client.responses.stream(**request, tool_choice={"type": "function", "name": "get_time"}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                        "response.function_call_arguments.delta",
+                                        "response.function_call_arguments.done", "response.output_item.done",
+                                        "response.completed"]
+    (streamed,) = final.output
+    assert streamed.type == "function_call" and (streamed.name, streamed.arguments) == (call.name, call.arguments)
+    assert events[2].item.id == streamed.id and events[4].arguments == call.arguments
+
+
+def test_a_function_call_output_round_trip_is_the_chat_conversation(client: openai.OpenAI, model: str) -> None:
+    first = client.responses.create(model=model, input=WEATHER_QUESTION, tools=TOOLS, tool_choice="required",
+                                    parallel_tool_calls=False, max_output_tokens=60, temperature=0)
+    (call,) = first.output
+    assert call.type == "function_call"
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "22 degrees and sunny"}
+    follow = client.responses.create(model=model, input=[{"role": "user", "content": WEATHER_QUESTION},
+                                                         *first.output, result],  # type: ignore[list-item]
+                                     tools=TOOLS, tool_choice="none", max_output_tokens=12, temperature=0)
+    (message,) = follow.output
+    assert message.type == "message" and follow.output_text and follow.usage is not None
+    # The prompt is the chat conversation with the call and its result, tokens for tokens.
+    chat_call = {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    messages = [{"role": "user", "content": WEATHER_QUESTION},
+                {"role": "assistant", "content": None, "tool_calls": [chat_call]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "22 degrees and sunny"}]
+    chat_tools = {"tools": [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                              "parameters": t["parameters"], "strict": True}}
+                            for t in TOOLS], "tool_choice": "none"}
+    tokenizer = smol_tokenizer()
+    prompt = render(tokenizer, messages, parse_tool_request(chat_tools))
+    assert "22 degrees and sunny" in prompt and call.arguments in prompt
+    assert follow.usage.input_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"tools": [{**TOOLS[0], "name": "bad name"}]}, "tools"),
+    ({"tools": TOOLS, "text": {"format": {"type": "json_object"}}}, "text"),
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_tools_that_cannot_be_served_are_refused(client: openai.OpenAI, model: str, body: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, input=QUESTION, extra_body=body)
+    assert refused.value.param == param and ".function." not in str(refused.value)
+
+
+
+REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC", "24h": true}}\n</tool_call>')
+
+
+def prepared(body: dict) -> ResponsesCall:
+    call = Responses().parse(body)
+    call.tool_format = HermesFormat(template_renders_tools=False)  # SmolLM2's
+    return call
+
+
+def output_of(text: str, finish_reason: str | None) -> RequestOutput:
+    return RequestOutput("resp-abc", None, [1, 2, 3], [CompletionOutput(0, text, list(range(len(text))),
+                                                                        finish_reason)])
+
+
+def streamed_events(body: dict, text: str, piece: int, finish_reason: str) -> list[dict]:
+    """The events of `text` streamed `piece` characters at a time, each validated by the SDK's types."""
+    streamer = ResponsesStreamer(prepared(body), "resp-abc", "m")
+    raw = streamer.start()
+    for end in [*range(piece, len(text), piece), len(text)]:
+        raw += streamer.update(0, output_of(text[:end], finish_reason if end == len(text) else None))
+    raw += streamer.finish([output_of(text, finish_reason)])
+    events = [json.loads(e.split("\ndata: ")[1]) for e in raw]
+    adapter = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
+    assert all(adapter.validate_python(e).type == e["type"] == e_raw.split("\n")[0].removeprefix("event: ")
+               for e, e_raw in zip(events, raw))
+    return events
+
+
+def calls_and_text(response: dict) -> tuple[list, str]:
+    """A response's output without the call ids (fresh in every parse)."""
+    parsed = openai.types.responses.Response.model_validate(response)
+    return [(o.type, o.status, getattr(o, "name", None), getattr(o, "arguments", None)) for o in parsed.output], \
+        parsed.output_text
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+@pytest.mark.parametrize("tail", ["", "\nDone."])
+def test_text_and_parallel_calls_stream_as_items_and_agree_with_the_whole(piece: int, finish_reason: str,
+                                                                          tail: str) -> None:
+    body = {"input": WEATHER_QUESTION, "tools": TOOLS, "stop": ["never"]}
+    events = streamed_events(body, REPLY + tail, piece, finish_reason)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    status = "completed" if finish_reason == "stop" else "incomplete"
+    assert events[-1]["type"] == f"response.{status}" and events[-1]["response"]["status"] == status
+    items, text = calls_and_text(events[-1]["response"])
+    calls = [("function_call", "completed", "get_weather", '{"city": "Paris"}'),
+             ("function_call", "completed", "get_time", '{"zone": "UTC", "24h": true}')]
+    if tail:  # text after the calls: a message of its own
+        assert text == "Let me check.\n" + tail and items == [("message", "completed", None, None), *calls,
+                                                              ("message", status, None, None)]
+    else:
+        assert text == "Let me check.\n" and items == [("message", "completed", None, None), *calls]
+    added = [e["item"]["id"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == [o["id"] for o in events[-1]["response"]["output"]] and len(set(added)) == len(added)
+    assert calls_and_text(whole_response(prepared(body), output_of(REPLY + tail, finish_reason), "resp-abc",
+                                         "m")) == (items, text)

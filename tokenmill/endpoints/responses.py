@@ -10,22 +10,26 @@ The request becomes the conversation chat completions would render:
 `max_output_tokens`, the sampling fields (vLLM's extensions too, as chat takes them), `text.format`
 (text, json_object, json_schema with its schema at the top of the format) or vLLM's
 `structured_outputs`, and function `tools` in the Responses' flat shape with `tool_choice` and
-`parallel_tool_calls` (tokenmill/tools/ reads them as chat's) shape the one output. Nothing is
-stored, so `previous_response_id` and `conversation` are refused like every other field that
-would change the output and is not supported here (endpoints/base.py `check_fields`).
+`parallel_tool_calls` shape the one output. The tools go through tokenmill/tools/ as chat's do:
+shown in the prompt in the model's format, "required" and a named function held by a grammar, the
+calls read back from the text. A text format with tools (unless tool_choice is "none") is refused:
+its grammar would leave the model no way to call them. Nothing is stored, so
+`previous_response_id` and `conversation` are refused like every other field that would change
+the output and is not supported here (endpoints/base.py `check_fields`).
 
 The response and its stream: responses_output.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.endpoints.base import Call, Endpoint, Streamer, check_fields, typed
-from tokenmill.endpoints.responses_output import ResponsesStreamer, output_items, response_body, response_usage
+from tokenmill.endpoints.responses_output import ResponsesStreamer, whole_response
 from tokenmill.endpoints.sampling import (
     SAMPLING_FIELDS,
     SHAPED_FIELDS,
@@ -37,13 +41,22 @@ from tokenmill.endpoints.sampling import (
 from tokenmill.errors import RequestError
 from tokenmill.outputs import EngineOutput, RequestOutput
 from tokenmill.sampling_params import StructuredOutputsParams
+from tokenmill.tools import (
+    ToolCallFormat,
+    ToolRequest,
+    parse_tool_request,
+    prepare_chat,
+    tool_call_format,
+    tool_constraint,
+)
 
 if TYPE_CHECKING:
     from tokenmill.frontend import Frontend
 
 RESPONSES_URL = "/v1/responses"
 USED_FIELDS = frozenset({
-    "input", "instructions", "max_output_tokens", "text", "stream", "truncation",
+    "input", "instructions", "max_output_tokens", "text", "stream", "truncation", "tools", "tool_choice",
+    "parallel_tool_calls",
     # Bookkeeping that changes nothing here (OpenAI's prompt cache and abuse tracking, its built-in
     # tools' call limit: there are none), echoed in the response.
     "prompt_cache_key", "safety_identifier", "max_tool_calls",
@@ -57,9 +70,6 @@ REFUSED_FIELDS = {
     "reasoning": "is not supported: the model does not reason",
     "include": "is not supported: this server has no extra outputs to include",
     "top_logprobs": "is not supported by /v1/responses here (use /v1/chat/completions for logprobs)",
-    "tools": "is not supported yet",
-    "tool_choice": "is not supported yet",
-    "parallel_tool_calls": "is not supported yet",
 }
 # Input roles -> the chat template's.
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -69,6 +79,8 @@ TEXT_PARTS = ("input_text", "output_text")
 @dataclass
 class ResponsesCall(Call):
     messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: ToolRequest | None = None
+    tool_format: ToolCallFormat | None = None  # the model's: set by prepare
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -157,6 +169,39 @@ def text_format(body: dict[str, Any]) -> StructuredOutputsParams | None:
         raise RequestError("invalid_value", f"body.{e}", "text") from None
 
 
+def _chat_tool(tool: Any, index: int) -> dict[str, Any]:
+    """A Responses function tool ({"type": "function", "name", ...}) in chat's nested shape."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind != "function":
+        raise RequestError("unsupported_parameter", f"body.tools[{index}] of type {json.dumps(kind)} is not supported: "
+                                                    "this server has function tools only", "tools")
+    return {"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters", "strict")
+                                             if tool.get(key) is not None}}
+
+
+def tool_request(body: dict[str, Any]) -> ToolRequest | None:
+    """The body's function tools and tool_choice, read as chat's (tokenmill/tools/); None without tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools == [] and choice in ("none", "auto"):  # as an earlier response echoes them: no tools
+        tools = choice = None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice not in (None, "none", "auto", "required"):
+        raise RequestError("invalid_value", 'body.tool_choice must be "none", "auto", "required" or {"type": '
+                                            f'"function", "name": ...}}, got {json.dumps(choice)}', "tool_choice")
+    chat = {"tools": [_chat_tool(t, i) for i, t in enumerate(tools)] if isinstance(tools, list) else tools,
+            "tool_choice": choice, "parallel_tool_calls": body.get("parallel_tool_calls")}
+    try:
+        return parse_tool_request(chat)
+    except RequestError as e:
+        raise _flat(e) from None
+
+
+def _flat(error: RequestError) -> RequestError:
+    """A tools error as the Responses shape names the field (tokenmill/tools/ names chat's nesting)."""
+    return RequestError(error.code, error.message.replace("].function.", "]."), error.param)
+
+
 class Responses(Endpoint):
     url = RESPONSES_URL
     task = "generate"
@@ -177,13 +222,28 @@ class Responses(Endpoint):
             raise RequestError("invalid_value", f"body.max_output_tokens must be at least 1, got {max_tokens}",
                                "max_output_tokens")
         messages = conversation(body)
-        params = sampling_params(body, max_tokens, structured_outputs=text_format(body))
-        return ResponsesCall(body, params, messages=messages)
+        tools = tool_request(body)
+        structured = text_format(body)
+        if structured is not None and tools is not None and tools.choice != "none":
+            # NOTE: a format's grammar leaves no room for the model's call syntax: the tools would go unused.
+            raise RequestError("invalid_value", "body.text.format (or structured_outputs) cannot be combined with "
+                                                'tools unless tool_choice is "none"', "text")
+        params = sampling_params(body, max_tokens, structured_outputs=structured)
+        return ResponsesCall(body, params, messages=messages, tools=tools)
 
     def prepare(self, frontend: Frontend, call: Call) -> None:
         assert isinstance(call, ResponsesCall)
-        call.prompts = [frontend.tokenize_chat(call.messages)]
+        call.tool_format = fmt = tool_call_format(frontend.tokenizer)
+        messages, kwargs = prepare_chat(fmt, call.messages, call.tools)
+        call.prompts = [frontend.tokenize_chat(messages, True, kwargs)]
         call.params = with_defaults(call.params, call.body, frontend.generation_defaults)
+        if call.tools is not None:
+            try:
+                constraint = tool_constraint(fmt, call.tools)
+            except RequestError as e:
+                raise _flat(e) from None
+            if constraint is not None:
+                call.params = dataclasses.replace(call.params, structured_outputs=constraint)
         if call.params.structured_outputs is not None:
             frontend.compile(call.params.structured_outputs)
 
@@ -195,9 +255,7 @@ class Responses(Endpoint):
         assert isinstance(call, ResponsesCall)
         (output,) = outputs
         assert isinstance(output, RequestOutput)
-        (completion,) = output.outputs
-        items, status = output_items(call, completion, request_id)
-        return response_body(call, request_id, model, items, status, response_usage(output))
+        return whole_response(call, output, request_id, model)
 
     def streamer(self, call: Call, request_id: str, model: str) -> Streamer:
         assert isinstance(call, ResponsesCall)

@@ -1,19 +1,23 @@
-"""The `response` object of /v1/responses, whole or streamed as the Responses API's events.
+"""The `response` object of /v1/responses, streamed as the Responses API's events or whole.
 
-A response's `output` is a `message` item holding one `output_text` part (left out when the model
-only called functions), then one `function_call` item per call. Its `status` is "incomplete", with
-`incomplete_details.reason` "max_output_tokens", when the token limit cut the output (the last
-item's status too), else "completed". The request's settings are echoed as OpenAI echoes them.
-Ids: the response's is "resp_" and the request's own suffix, its message's "msg_" and the same.
+A response's `output` holds items in the order the model wrote them: a `message` with one
+`output_text` part for its text, a `function_call` item per call (tokenmill/tools/ reads them from
+the text when the request has tools; a reply that only calls functions has no message). Its
+`status` is "incomplete", with `incomplete_details.reason` "max_output_tokens", when the token
+limit cut the output (a message it cut is too; a call is only ever given whole), else
+"completed". The request's settings are echoed as OpenAI echoes them. Ids: the response's "resp_"
+and the request's own suffix; its message's "msg_" and the same (and "_<output index>" after the
+first item); a call's "fc_" and its call_id's suffix.
 
-Streamed (`ResponsesStreamer`), every event is an SSE `event: <type>` line and its data, numbered by
-`sequence_number` from 0: `response.created` and `response.in_progress` (the response, in progress,
-no output yet); per item `response.output_item.added`, then for a message
-`response.content_part.added`, `response.output_text.delta`s, `response.output_text.done`,
-`response.content_part.done`, for a call `response.function_call_arguments.delta`(s) and `.done`,
-and `response.output_item.done`; last `response.completed` (or `response.incomplete`, as OpenAI
-ends a cut response) with the whole response, whose output is exactly the items streamed. Text
-that may be the start of a stop string is held back until it is not.
+Streamed (`ResponsesStreamer`), every event is an SSE `event: <type>` line with its data, numbered
+by `sequence_number` from 0: `response.created` and `response.in_progress` (the response in
+progress, without output); per item `response.output_item.added`, then for a message
+`response.content_part.added`, `response.output_text.delta`s, `response.output_text.done` and
+`response.content_part.done`, for a call `response.function_call_arguments.delta` and `.done`;
+then `response.output_item.done`; last `response.completed`, or `response.incomplete` as OpenAI
+ends a cut response, with the whole response, its output exactly the items streamed. Text that may
+be the start of a stop string is held back until it is not. The non-streamed response is built by
+the same streamer (`whole_response`), so the two agree item for item.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.endpoints.base import Streamer, sse, usage
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import RequestOutput
+from tokenmill.tools import ToolCallStream
 
 if TYPE_CHECKING:
     from tokenmill.endpoints.responses import ResponsesCall
@@ -31,10 +36,6 @@ if TYPE_CHECKING:
 
 def _suffix(request_id: str) -> str:
     return request_id.removeprefix("resp-")
-
-
-def _status(completion: CompletionOutput) -> str:
-    return "incomplete" if completion.finish_reason == "length" else "completed"
 
 
 def response_usage(output: RequestOutput) -> dict[str, Any]:
@@ -71,27 +72,19 @@ def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def message_item(request_id: str, text: str | None, status: str) -> dict[str, Any]:
-    """The output message; text None: its content part is not there yet (streamed)."""
-    return {"id": f"msg_{_suffix(request_id)}", "type": "message", "role": "assistant", "status": status,
-            "content": [] if text is None else [text_part(text)]}
-
-
-def output_items(call: ResponsesCall, completion: CompletionOutput, request_id: str) -> tuple[list[dict[str, Any]],
-                                                                                                str]:
-    """A finished output's items and the response's status."""
-    status = _status(completion)
-    return [message_item(request_id, completion.text, status)], status
-
-
 class ResponsesStreamer(Streamer):
     def __init__(self, call: ResponsesCall, request_id: str, model: str) -> None:
         self.call, self.request_id, self.model = call, request_id, model
         self.hold = max((len(s) for s in call.params.stop_strings), default=1) - 1  # type: ignore[union-attr]
         self.sent = 0  # characters of the output's text let out
         self.sequence = 0
-        self.items: list[dict[str, Any]] = []  # streamed so far; the last one open until `open` is False
+        self.items: list[dict[str, Any]] = []  # so far; the last one is open while `open`
         self.open = False
+        self.tool_calls: ToolCallStream | None = None
+        if call.tools is not None:
+            assert call.tool_format is not None
+            self.tool_calls = ToolCallStream(call.tool_format, call.tools)
+        self.response: dict[str, Any] | None = None  # the whole response, once finished
 
     def event(self, kind: str, **data: Any) -> str:
         self.sequence += 1
@@ -107,23 +100,47 @@ class ResponsesStreamer(Streamer):
         text = completion.text
         end = len(text) if completion.finished() else max(self.sent, len(text) - self.hold)
         delta, self.sent = text[self.sent:end], end
-        return self.text(delta) if delta else []
+        if self.tool_calls is None:
+            return self.text(delta) if delta else []
+        return self.chat_deltas(self.tool_calls.feed(delta))
+
+    def chat_deltas(self, deltas: list[dict[str, Any]]) -> list[str]:
+        """Events for the tool parser's chat-shaped deltas: content, a call's start, its arguments."""
+        events = []
+        for delta in deltas:
+            if "content" in delta:
+                events += self.text(delta["content"])
+                continue
+            (call,) = delta["tool_calls"]
+            if "id" in call:  # a new call: a new item
+                events += self.close("completed")
+                events += self.add({"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call",
+                                    "status": "in_progress", "call_id": call["id"], "name": call["function"]["name"],
+                                    "arguments": ""})
+            if arguments := call["function"].get("arguments"):
+                self.items[-1]["arguments"] += arguments
+                events.append(self.event("response.function_call_arguments.delta", **self.where(), delta=arguments))
+        return events
 
     def text(self, delta: str) -> list[str]:
-        """Events for more text of the message, opening it first if it is not open."""
+        """Events for more text of the message, opening one first if none is open."""
         events = []
         if not (self.open and self.items[-1]["type"] == "message"):
             events += self.close("completed")
-            item = message_item(self.request_id, None, "in_progress")
-            self.items.append(item)
-            self.open = True
-            events += [self.event("response.output_item.added", output_index=len(self.items) - 1, item=item),
-                       self.event("response.content_part.added", **self.where(), part=text_part(""))]
-            item["content"].append(text_part(""))
+            item_id = f"msg_{_suffix(self.request_id)}" + (f"_{len(self.items)}" if self.items else "")
+            events += self.add({"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
+                                "content": []})
+            self.items[-1]["content"].append(text_part(""))
+            events.append(self.event("response.content_part.added", **self.where(), part=text_part("")))
         if delta:
             self.items[-1]["content"][0]["text"] += delta
             events.append(self.event("response.output_text.delta", **self.where(), delta=delta, logprobs=[]))
         return events
+
+    def add(self, item: dict[str, Any]) -> list[str]:
+        self.items.append(item)
+        self.open = True
+        return [self.event("response.output_item.added", output_index=len(self.items) - 1, item=item)]
 
     def where(self) -> dict[str, Any]:
         """The open item's place, as its events name it."""
@@ -131,31 +148,43 @@ class ResponsesStreamer(Streamer):
         return {**where, "content_index": 0} if self.items[-1]["type"] == "message" else where
 
     def close(self, status: str) -> list[str]:
-        """Events that end the open item, if one is, with `status`."""
+        """Events that end the open item, if one is: a message with `status`, a call (only ever given
+        whole by the parser) completed."""
         if not self.open:
             return []
         self.open = False
         item = self.items[-1]
-        item["status"] = status
-        events = []
+        item["status"] = status if item["type"] == "message" else "completed"
         if item["type"] == "message":
             part = item["content"][0]
-            events += [self.event("response.output_text.done", **self.where(), text=part["text"], logprobs=[]),
-                       self.event("response.content_part.done", **self.where(), part=part)]
+            events = [self.event("response.output_text.done", **self.where(), text=part["text"], logprobs=[]),
+                      self.event("response.content_part.done", **self.where(), part=part)]
         else:
-            events.append(self.event("response.function_call_arguments.done", **self.where(), name=item["name"],
-                                     arguments=item["arguments"]))
+            events = [self.event("response.function_call_arguments.done", **self.where(), name=item["name"],
+                                 arguments=item["arguments"])]
         return [*events, self.event("response.output_item.done", output_index=len(self.items) - 1, item=item)]
 
     def finish(self, outputs: Sequence[RequestOutput]) -> list[str]:
         (output,) = outputs
         (completion,) = output.outputs
-        status = _status(completion)
-        events = [] if self.items else self.text("")  # an empty output is still a message
+        status = "incomplete" if completion.finish_reason == "length" else "completed"
+        events = [] if self.tool_calls is None else self.chat_deltas(self.tool_calls.finish())
+        if not self.items:  # an empty output is still a message
+            events += self.text("")
         events += self.close(status)
-        body = response_body(self.call, self.request_id, self.model, self.items, status, response_usage(output))
-        return [*events, self.event(f"response.{status}", response=body)]
+        self.response = response_body(self.call, self.request_id, self.model, self.items, status,
+                                      response_usage(output))
+        return [*events, self.event(f"response.{status}", response=self.response)]
 
     def error(self, error: dict[str, Any]) -> list[str]:
         detail = error["error"]
         return [self.event("error", code=detail.get("code"), message=detail.get("message"), param=detail.get("param"))]
+
+
+def whole_response(call: ResponsesCall, output: RequestOutput, request_id: str, model: str) -> dict[str, Any]:
+    """The non-streamed response: the one its stream would end with."""
+    streamer = ResponsesStreamer(call, request_id, model)
+    streamer.update(0, output)
+    streamer.finish([output])
+    assert streamer.response is not None
+    return streamer.response
