@@ -68,7 +68,7 @@ def chat_text(client: openai.OpenAI, model: str, messages: list[dict], max_token
 
 def test_text_input_cut_by_max_output_tokens_is_incomplete(client: openai.OpenAI, model: str) -> None:
     response = client.responses.create(model=model, input=QUESTION, max_output_tokens=8, temperature=0,
-                                       metadata={"job": "test"}, store=False, user="u1")
+                                       metadata={"job": "test"}, store=False, user="u1", tools=[])
     assert response.object == "response" and response.id.startswith("resp_") and response.model == model
     assert response.status == "incomplete" and response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
@@ -84,6 +84,7 @@ def test_text_input_cut_by_max_output_tokens_is_incomplete(client: openai.OpenAI
                                                                                                      {"job": "test"},
                                                                                                      "u1")
     assert response.text is not None and response.text.format is not None and response.text.format.type == "text"
+    assert response.tools == [] and response.tool_choice == "auto"
 
 
 def test_instructions_and_message_items_are_the_chat_conversation(client: openai.OpenAI, model: str) -> None:

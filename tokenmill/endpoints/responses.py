@@ -182,7 +182,7 @@ def _chat_tool(tool: Any, index: int) -> dict[str, Any]:
 def tool_request(body: dict[str, Any]) -> ToolRequest | None:
     """The body's function tools and tool_choice, read as chat's (tokenmill/tools/); None without tools."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools == [] and choice in ("none", "auto"):  # as an earlier response echoes them: no tools
+    if tools == [] and choice in (None, "none", "auto"):  # as an earlier response echoes them: no tools
         tools = choice = None
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         choice = {"type": "function", "function": {"name": choice["name"]}}
