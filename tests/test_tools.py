@@ -447,3 +447,19 @@ def test_plain_text_streams_as_it_comes() -> None:
     assert stream.feed("ld <tool_") == [{"content": "ld "}]  # what may open a call is held back
     assert stream.feed("box>") == [{"content": "<tool_box>"}]
     assert stream.finish() == []
+
+
+def test_llm_chat_takes_tools_and_follow_up_turns(smol_llm: LLM) -> None:
+    """vLLM's `LLM.chat(..., tools=...)`: the tools reach the prompt in the model's format, and a
+    follow-up turn (calls with content null, tool results) renders, as the server renders them."""
+    params = SamplingParams(temperature=0, max_tokens=4)
+    plain, with_tools = smol_llm.chat([[QUESTION], [QUESTION]], params, use_tqdm=False), \
+        smol_llm.chat([QUESTION], params, use_tqdm=False, tools=TOOLS)
+    assert plain[0].prompt == plain[1].prompt and "get_weather" not in (plain[0].prompt or "")
+    prompt = with_tools[0].prompt or ""
+    assert "get_weather" in prompt and '"name": "add"' in prompt
+    assert len(with_tools[0].prompt_token_ids) > len(plain[0].prompt_token_ids) + 100
+    (answered,) = smol_llm.chat(follow_up(system=False), params, use_tqdm=False, tools=TOOLS)
+    assert answered.error is None and "<tool_response>" in (answered.prompt or "")
+    with pytest.raises(RequestError, match="tools"):
+        smol_llm.chat([QUESTION], params, use_tqdm=False, tools=[{"type": "function"}])

@@ -27,6 +27,7 @@ from tokenmill.engine.create import create_engine
 from tokenmill.outputs import EmbeddingRequestOutput, EngineOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tools import parse_tool_request, prepare_chat, tool_call_format
 
 logger = logging.getLogger(__name__)
 
@@ -192,17 +193,27 @@ class LLM:
     def chat(self, messages: Conversation | Iterable[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Applies the model's chat template to each conversation, then generates as `generate`.
-        A conversation the template rejects raises `RequestError`."""
+        `tools` (OpenAI's function tools) reach the prompt in the model's tool-call format, as
+        conversations' assistant `tool_calls` and `role: "tool"` turns do; as in vLLM the output is
+        the model's text: `tokenmill.tools.parse_reply` reads its calls. A conversation the
+        template rejects, or malformed tools, raise `RequestError`."""
         self._require("generate")
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
         frontend = self.frontend
         params = _params_for(messages, sampling_params, self.get_default_sampling_params(), "sampling_params")
-        templated = (frontend.tokenize_chat(c, add_generation_prompt, chat_template_kwargs) + (next(params),)
-                     for c in messages)
-        return self._run(templated, params, "sampling_params", use_tqdm,  # type: ignore[return-value]
+        tool_request = parse_tool_request({"tools": tools}) if tools is not None else None
+        fmt = tool_call_format(frontend.tokenizer)
+
+        def templated() -> Iterator[tuple[str | None, list[int], SamplingParams | None]]:
+            for conversation in messages:
+                rendered, kwargs = prepare_chat(fmt, conversation, tool_request, chat_template_kwargs)
+                yield frontend.tokenize_chat(rendered, add_generation_prompt, kwargs) + (next(params),)
+
+        return self._run(templated(), params, "sampling_params", use_tqdm,  # type: ignore[return-value]
                          getattr(messages, "__len__", None))
 
     def embed(self, prompts: PromptType | Iterable[PromptType],

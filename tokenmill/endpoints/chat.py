@@ -8,7 +8,6 @@ named tool_choice constrain the reply to calls; each choice's text is parsed int
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,12 +55,6 @@ class ChatCall(Call):
     add_generation_prompt: bool = True
     tools: ToolRequest | None = None
     tool_format: ToolCallFormat | None = None  # the model's, set by prepare
-
-
-@functools.cache
-def model_tool_format(tokenizer: Any) -> ToolCallFormat:
-    """The model's tool-call format, read from its chat template once."""
-    return tool_call_format(tokenizer)
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -151,7 +144,7 @@ class ChatCompletions(Endpoint):
 
     def prepare(self, frontend: Frontend, call: Call) -> None:
         assert isinstance(call, ChatCall) and call.messages is not None
-        call.tool_format = model_tool_format(frontend.tokenizer)
+        call.tool_format = tool_call_format(frontend.tokenizer)
         # NOTE: on every request, tools or not: a follow-up turn holds tool calls and results.
         messages, template_kwargs = prepare_chat(call.tool_format, call.messages, call.tools, call.template_kwargs)
         call.prompts = [frontend.tokenize_chat(messages, call.add_generation_prompt, template_kwargs)]

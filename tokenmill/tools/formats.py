@@ -14,6 +14,7 @@ them into the conversation in this format's words.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -161,6 +162,7 @@ def _json_object_end(text: str, start: int) -> int | None:
     return None
 
 
+@functools.cache  # once per model: the tokenizer object is its key
 def tool_call_format(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat:
     """The model's format, read from its chat template (its tool-use template, where it has several)."""
     try:
