@@ -268,3 +268,20 @@ def test_instructor_modes(server: Server, model: str, mode: instructor.Mode) -> 
         text = raw.chat.completions.create(**unconstrained).choices[0].message.content
         with pytest.raises(pydantic.ValidationError):
             City.model_validate_json(text)
+
+
+def test_auto_with_a_response_format_calls_or_answers_in_the_format(client: openai.OpenAI, model: str) -> None:
+    """response_format binds a text reply only: with tools on "auto" the reply is calls or JSON in the
+    format (a server that ignored either would let prose through, or refuse the pair)."""
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}},
+              "required": ["colour"], "additionalProperties": False}
+    response_format: Any = {"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}}
+    for question in ("What is the weather in Paris?", "Reply with your favourite colour.", "Hello!"):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                               tools=TOOLS, tool_choice="auto", parallel_tool_calls=False,
+                                               response_format=response_format, max_tokens=60, temperature=0)
+        (choice,) = reply.choices
+        if choice.message.tool_calls:
+            checked_calls(choice.message.tool_calls)
+        else:
+            jsonschema.validate(json.loads(choice.message.content or ""), schema)

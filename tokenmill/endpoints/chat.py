@@ -112,8 +112,10 @@ class ChatStreamer(TextStreamer):
         stream = self.tool_streams[index]
         deltas = stream.feed(text) + (stream.finish() if completion.finished() else [])
         finish_reason = stream.reply().finish_reason(completion.finish_reason) if completion.finished() else None
-        if finish_reason is not None or not deltas:  # the finish goes out in its own chunk, as OpenAI's
-            deltas.append({})
+        if finish_reason is not None or (not deltas and logprobs is not None):
+            deltas.append({})  # the finish in a chunk of its own, as OpenAI's; logprobs of held-back text
+        if not deltas:  # a tool call's text, held back until it parses
+            return []
         entries = [{"delta": delta, "finish_reason": None, "logprobs": None} for delta in deltas]
         entries[0]["logprobs"], entries[-1]["finish_reason"] = logprobs, finish_reason
         return entries
@@ -136,9 +138,6 @@ class ChatCompletions(Endpoint):
         add_generation_prompt = typed(body, "add_generation_prompt", (bool,))
         params = sampling_params(body, max_tokens, logprobs=logprobs)
         tools = parse_tool_request(body)
-        if tools is not None and tools.choice in ("required", "function") and params.structured_outputs is not None:
-            raise RequestError("invalid_value", "a required or named tool_choice cannot be combined with "
-                                                "response_format or structured_outputs", "tool_choice")
         return ChatCall(body, params, messages=messages, top_logprobs=logprobs or 0, template_kwargs=template_kwargs,
                         add_generation_prompt=add_generation_prompt is not False, tools=tools)
 
@@ -149,7 +148,9 @@ class ChatCompletions(Endpoint):
         messages, template_kwargs = prepare_chat(call.tool_format, call.messages, call.tools, call.template_kwargs)
         call.prompts = [frontend.tokenize_chat(messages, call.add_generation_prompt, template_kwargs)]
         params = with_defaults(call.params, call.body, frontend.generation_defaults)
-        if call.tools is not None and (constraint := tool_constraint(call.tool_format, call.tools)) is not None:
+        if call.tools is not None:
+            constraint = tool_constraint(call.tool_format, call.tools, params.structured_outputs,
+                                         whole_reply="structured_outputs" in call.body)
             params = dataclasses.replace(params, structured_outputs=constraint)
         call.params = params
         if params.structured_outputs is not None:

@@ -12,8 +12,7 @@ The request becomes the conversation chat completions would render:
 `structured_outputs`, and function `tools` in the Responses' flat shape with `tool_choice` and
 `parallel_tool_calls` shape the one output. The tools go through tokenmill/tools/ as chat's do:
 shown in the prompt in the model's format, "required" and a named function held by a grammar, the
-calls read back from the text. A text format with tools (unless tool_choice is "none") is refused:
-its grammar would leave the model no way to call them. Nothing is stored, so
+calls read back from the text; a text format binds a text reply only (tools/grammar.py). Nothing is stored, so
 `previous_response_id` and `conversation` are refused like every other field that would change
 the output and is not supported here (endpoints/base.py `check_fields`).
 
@@ -223,12 +222,7 @@ class Responses(Endpoint):
                                "max_output_tokens")
         messages = conversation(body)
         tools = tool_request(body)
-        structured = text_format(body)
-        if structured is not None and tools is not None and tools.choice != "none":
-            # NOTE: a format's grammar leaves no room for the model's call syntax: the tools would go unused.
-            raise RequestError("invalid_value", "body.text.format (or structured_outputs) cannot be combined with "
-                                                'tools unless tool_choice is "none"', "text")
-        params = sampling_params(body, max_tokens, structured_outputs=structured)
+        params = sampling_params(body, max_tokens, structured_outputs=text_format(body))
         return ResponsesCall(body, params, messages=messages, tools=tools)
 
     def prepare(self, frontend: Frontend, call: Call) -> None:
@@ -239,11 +233,11 @@ class Responses(Endpoint):
         call.params = with_defaults(call.params, call.body, frontend.generation_defaults)
         if call.tools is not None:
             try:
-                constraint = tool_constraint(fmt, call.tools)
+                constraint = tool_constraint(fmt, call.tools, call.params.structured_outputs,
+                                             whole_reply="structured_outputs" in call.body)
             except RequestError as e:
                 raise _flat(e) from None
-            if constraint is not None:
-                call.params = dataclasses.replace(call.params, structured_outputs=constraint)
+            call.params = dataclasses.replace(call.params, structured_outputs=constraint)
         if call.params.structured_outputs is not None:
             frontend.compile(call.params.structured_outputs)
 

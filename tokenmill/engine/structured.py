@@ -47,22 +47,11 @@ class StructuredOutputs:
     def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """The compiled grammar, from the compiler's cache after the first time. Callers outside the
         engine thread call this first, so that a slow compilation never stalls the running batch."""
-        compiler = self._get_compiler()
+        grammar = grammar_of(spec)
         try:
-            if spec.json is not None or spec.json_object:
-                schema = json.dumps(spec.json or ANY_OBJECT) if not isinstance(spec.json, str) else spec.json
-                # NOTE: compact JSON (no free whitespace): a small model can otherwise spend its
-                # whole budget on whitespace and never close the object.
-                grammar = compiler.compile_json_schema(schema, any_whitespace=False)
-            elif spec.regex is not None:
-                grammar = compiler.compile_regex(spec.regex)
-            elif spec.choice is not None:
-                grammar = compiler.compile_regex("|".join(_regex_literal(c) for c in spec.choice))
-            else:
-                grammar = compiler.compile_grammar(spec.grammar)
+            return self._get_compiler().compile_grammar(grammar)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"structured output: cannot compile {spec.kind}: {_first_line(e)}") from None
-        return grammar
 
     def apply(self, logits: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
         """Masks, in place, the tokens each constrained row's grammar does not allow next."""
@@ -71,6 +60,25 @@ class StructuredOutputs:
             matcher.fill_next_token_bitmask(bitmask, row)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self._vocab_size,
                                         indices=[row for row, _ in matchers])
+
+
+def grammar_of(spec: StructuredOutputsParams) -> xgr.Grammar:
+    """The constraint as a grammar (what tools/grammar.py joins with tool calls); raises ValueError
+    if the library cannot read it."""
+    try:
+        if spec.json is not None or spec.json_object:
+            schema = json.dumps(spec.json or ANY_OBJECT) if not isinstance(spec.json, str) else spec.json
+            # NOTE: compact JSON (no free whitespace): a small model can otherwise spend its whole
+            # budget on whitespace and never close the object.
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        if spec.regex is not None:
+            return xgr.Grammar.from_regex(spec.regex)
+        if spec.choice is not None:
+            return xgr.Grammar.from_regex("|".join(_regex_literal(c) for c in spec.choice))
+        assert spec.grammar is not None
+        return xgr.Grammar.from_ebnf(spec.grammar)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"structured output: cannot compile {spec.kind}: {_first_line(e)}") from None
 
 
 def _regex_literal(text: str) -> str:
