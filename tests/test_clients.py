@@ -16,6 +16,7 @@ import functools
 import json
 import operator
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -26,6 +27,7 @@ import pydantic
 import pytest
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_openai import ChatOpenAI
+from test_batch import read_jsonl, run_cli, write_jsonl
 from test_server import API_KEY, Server
 
 from tokenmill.models.loader import default_model_path
@@ -285,3 +287,19 @@ def test_auto_with_a_response_format_calls_or_answers_in_the_format(client: open
             checked_calls(choice.message.tool_calls)
         else:
             jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+def test_batch_lines_call_tools_as_the_server_does(tmp_path: Path, client: openai.OpenAI, model: str) -> None:
+    """`tokenmill run` reads a chat line's tools through the same endpoint as the server: its record
+    holds the same tool_calls (ids aside) and finish_reason."""
+    body = {"messages": QUESTION, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False,
+            "max_tokens": 60, "temperature": 0}
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "tools", "method": "POST",
+                                                "url": "/v1/chat/completions", "body": body}])
+    run_cli(path, "-o", tmp_path / "out.jsonl", "--dtype", "float32")  # as the server runs
+    (record,) = read_jsonl(tmp_path / "out.jsonl")
+    (choice,) = record["response"]["body"]["choices"]
+    served = client.chat.completions.create(model=model, **body).choices[0]  # type: ignore[arg-type]
+    assert choice["finish_reason"] == served.finish_reason == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == \
+        [(c.function.name, c.function.arguments) for c in served.message.tool_calls or []]

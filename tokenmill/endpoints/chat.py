@@ -57,6 +57,27 @@ class ChatCall(Call):
     tool_format: ToolCallFormat | None = None  # the model's, set by prepare
 
 
+def prepare_conversation(frontend: Frontend, call: ChatCall) -> None:
+    """What chat and the Responses API share: the conversation and its tools through the model's
+    template, the model's generation defaults, the reply's constraint (tools/grammar.py) compiled."""
+    assert call.messages is not None
+    call.tool_format = tool_call_format(frontend.tokenizer)
+    # NOTE: on every request, tools or not: a follow-up turn holds tool calls and results.
+    messages, template_kwargs = prepare_chat(call.tool_format, call.messages, call.tools, call.template_kwargs)
+    call.prompts = [frontend.tokenize_chat(messages, call.add_generation_prompt, template_kwargs)]
+    params = with_defaults(call.params, call.body, frontend.generation_defaults)
+    if call.tools is not None:
+        constraint = tool_constraint(call.tool_format, call.tools, params.structured_outputs,
+                                     whole_reply="structured_outputs" in call.body)
+        params = dataclasses.replace(params, structured_outputs=constraint)
+    call.params = params
+    if params.structured_outputs is not None:
+        try:
+            frontend.compile(params.structured_outputs)
+        except RequestError as e:
+            raise RequestError(e.code, e.message, "tools" if call.tools is not None else e.param) from None
+
+
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("invalid_type", "body.messages must be a non-empty list of messages", "messages")
@@ -142,22 +163,8 @@ class ChatCompletions(Endpoint):
                         add_generation_prompt=add_generation_prompt is not False, tools=tools)
 
     def prepare(self, frontend: Frontend, call: Call) -> None:
-        assert isinstance(call, ChatCall) and call.messages is not None
-        call.tool_format = tool_call_format(frontend.tokenizer)
-        # NOTE: on every request, tools or not: a follow-up turn holds tool calls and results.
-        messages, template_kwargs = prepare_chat(call.tool_format, call.messages, call.tools, call.template_kwargs)
-        call.prompts = [frontend.tokenize_chat(messages, call.add_generation_prompt, template_kwargs)]
-        params = with_defaults(call.params, call.body, frontend.generation_defaults)
-        if call.tools is not None:
-            constraint = tool_constraint(call.tool_format, call.tools, params.structured_outputs,
-                                         whole_reply="structured_outputs" in call.body)
-            params = dataclasses.replace(params, structured_outputs=constraint)
-        call.params = params
-        if params.structured_outputs is not None:
-            try:
-                frontend.compile(params.structured_outputs)
-            except RequestError as e:
-                raise RequestError(e.code, e.message, "tools" if call.tools is not None else e.param) from None
+        assert isinstance(call, ChatCall)
+        prepare_conversation(frontend, call)
 
     def respond(self, call: Call, outputs: Sequence[EngineOutput], request_id: str, model: str) -> dict[str, Any]:
         assert isinstance(call, ChatCall)

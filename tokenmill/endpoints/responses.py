@@ -21,13 +21,13 @@ The response and its stream: responses_output.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.endpoints.base import Call, Endpoint, Streamer, check_fields, typed
+from tokenmill.endpoints.chat import ChatCall, prepare_conversation
 from tokenmill.endpoints.responses_output import ResponsesStreamer, whole_response
 from tokenmill.endpoints.sampling import (
     SAMPLING_FIELDS,
@@ -35,18 +35,13 @@ from tokenmill.endpoints.sampling import (
     output_format,
     sampling_params,
     structured_outputs,
-    with_defaults,
 )
 from tokenmill.errors import RequestError
 from tokenmill.outputs import EngineOutput, RequestOutput
 from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.tools import (
-    ToolCallFormat,
     ToolRequest,
     parse_tool_request,
-    prepare_chat,
-    tool_call_format,
-    tool_constraint,
 )
 
 if TYPE_CHECKING:
@@ -76,10 +71,8 @@ TEXT_PARTS = ("input_text", "output_text")
 
 
 @dataclass
-class ResponsesCall(Call):
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    tools: ToolRequest | None = None
-    tool_format: ToolCallFormat | None = None  # the model's: set by prepare
+class ResponsesCall(ChatCall):
+    """A chat call (its conversation, tools and format) that answers as a Responses object."""
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -227,19 +220,10 @@ class Responses(Endpoint):
 
     def prepare(self, frontend: Frontend, call: Call) -> None:
         assert isinstance(call, ResponsesCall)
-        call.tool_format = fmt = tool_call_format(frontend.tokenizer)
-        messages, kwargs = prepare_chat(fmt, call.messages, call.tools)
-        call.prompts = [frontend.tokenize_chat(messages, True, kwargs)]
-        call.params = with_defaults(call.params, call.body, frontend.generation_defaults)
-        if call.tools is not None:
-            try:
-                constraint = tool_constraint(fmt, call.tools, call.params.structured_outputs,
-                                             whole_reply="structured_outputs" in call.body)
-            except RequestError as e:
-                raise _flat(e) from None
-            call.params = dataclasses.replace(call.params, structured_outputs=constraint)
-        if call.params.structured_outputs is not None:
-            frontend.compile(call.params.structured_outputs)
+        try:
+            prepare_conversation(frontend, call)
+        except RequestError as e:
+            raise _flat(e) from None
 
     def blamed_param(self, param: str | None) -> str | None:
         # The engine's and the chat template's names for what the client sent as input and text.format.
