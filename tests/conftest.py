@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 import torch
 from transformers import (
@@ -57,6 +59,18 @@ def smol_llm() -> LLM:
 @pytest.fixture(scope="session")
 def smol_hf(smol_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> openai.OpenAI:
+    """The official client of the module's `server` fixture (a test_server.Server)."""
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    """The id the module's server serves its model as."""
+    return client.models.list().data[0].id
 
 
 def _tiny_config(arch: str) -> object:

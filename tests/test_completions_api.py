@@ -29,16 +29,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path
     running.kill()
 
 
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def greedy(client: openai.OpenAI, model: str, prompt: str | list[int], **kwargs: object) -> str:
     settings: dict = {"max_tokens": 6, "temperature": 0, **kwargs}
     return client.completions.create(model=model, prompt=prompt, **settings).choices[0].text

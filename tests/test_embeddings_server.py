@@ -28,16 +28,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Itera
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def reference(minilm_path: Path) -> SentenceTransformer:
     return SentenceTransformer(str(minilm_path), device="cpu")
 

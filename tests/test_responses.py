@@ -49,16 +49,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running.kill()
 
 
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def chat_text(client: openai.OpenAI, model: str, messages: list[dict], max_tokens: int) -> tuple[str, int]:
     """Chat completions' greedy text and prompt tokens for the same conversation."""
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
