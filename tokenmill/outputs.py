@@ -20,6 +20,19 @@ TokenLogprobs = dict[int, Logprob]
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached each stage, in seconds on `time.monotonic()`'s clock (vLLM's names):
+    queued by the engine, first admitted to a step, its first token sampled, finished. A stage not
+    reached yet is None; all are set once the request's output is finished (the first token's
+    time stays None for a prompt-only request, max_tokens=0)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -46,6 +59,7 @@ class RequestOutput:
     # Set when this request failed (on its own, e.g. an over-long prompt, or inside the engine: see
     # `RequestError.internal`); the others go on.
     error: RequestError | None = None
+    metrics: RequestMetrics | None = None  # None for a request that never ran (refused, or failed)
 
 
 @dataclass

@@ -8,6 +8,7 @@ It never knows which face (Python API, batch job, server) it serves: each hands 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import psutil
@@ -229,7 +230,10 @@ class Engine:
         self.scheduler.advance(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
+        now = time.monotonic()
         for seq, token in zip(seqs, tokens):
+            if seq.request.metrics.first_token_time is None:
+                seq.request.metrics.first_token_time = now
             self._append_and_check(seq, token)
         for seq in result.computed_prompts:  # max_tokens 0: the prompt was all there was to do
             self.scheduler.finish(seq, "length")
@@ -259,6 +263,7 @@ class Engine:
             if request.stream and not request.finished:
                 outputs.append(request.to_output())
             elif request.finished and self.requests.pop(request.request_id, None) is not None:
+                request.metrics.finished_time = time.monotonic()
                 outputs.append(request.to_output())
                 # NOTE: breaks the request <-> sequence cycle, so that memory (native decoder
                 # state included) is freed now rather than at a rare full garbage collection.

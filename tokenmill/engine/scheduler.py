@@ -17,6 +17,7 @@ partial block, so the prompt is computed once without any fork or block copy.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -124,6 +125,7 @@ class Scheduler:
                 break
             if seq.index == 0 and seq.num_output_tokens == 0 and seq.request.num_cached_tokens is None:
                 seq.request.num_cached_tokens = num_cached
+                seq.request.metrics.first_scheduled_time = time.monotonic()
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import time
 
 import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 from xgrammar import GrammarMatcher
 
-from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -116,6 +117,9 @@ class Request:
         self.bad_words_token_ids = bad_words_token_ids or []
         self.seqs = [Sequence(self, i) for i in range(params.n)]
         self.num_cached_tokens: int | None = None  # set when first admitted
+        # NOTE: stamped by the scheduler and the engine (a clock read per stage, not per token); the
+        # server's latency histograms are observed from it by whoever receives the output.
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
 
     @property
     def finished(self) -> bool:
@@ -124,4 +128,4 @@ class Request:
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [s.to_output() for s in self.seqs], self.finished,
-                             self.num_cached_tokens or 0, self.prompt_logprobs)
+                             self.num_cached_tokens or 0, self.prompt_logprobs, metrics=self.metrics)
