@@ -6,6 +6,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -360,3 +361,78 @@ def test_batches_page_with_limit_and_after(tmp_path: Path, server: Server, clien
     assert (last["data"], last["first_id"], last["last_id"], last["has_more"]) == ([], None, None, False)
     with pytest.raises(openai.NotFoundError, match="batch_unknown"):  # not a silent restart from the top
         client.batches.list(limit=2, after="batch_unknown")
+
+
+def histogram(text: str, name: str, kind: str) -> tuple[list[tuple[float, float]], float, float]:
+    """A histogram's cumulative buckets (le, count), sum and count in Prometheus' text format."""
+    assert f"# TYPE {name} histogram" in text
+    buckets = [(float(le), float(value)) for le, value in
+               re.findall(rf'^{name}_bucket{{kind="{kind}",le="([^"]+)"}} (\S+)$', text, re.MULTILINE)]
+    total = re.search(rf'^{name}_sum{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+    count = re.search(rf'^{name}_count{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+    assert buckets and total and count
+    return buckets, float(total.group(1)), float(count.group(1))
+
+
+LATENCIES = ("tokenmill_request_queue_time_seconds", "tokenmill_time_to_first_token_seconds",
+             "tokenmill_time_per_output_token_seconds", "tokenmill_e2e_request_latency_seconds")
+
+
+def test_metrics_have_latency_histograms(server: Server, client: openai.OpenAI, model: str) -> None:
+    def scrape() -> str:
+        return urllib.request.urlopen(f"{server.url}/metrics").read().decode()
+
+    before = {name: histogram(scrape(), name, "interactive") for name in LATENCIES}
+    for stream in (False, True, False):
+        reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0, stream=stream,
+                                               extra_body={"ignore_eos": True})
+        if stream:
+            assert list(reply)[-1].choices[0].finish_reason == "length"
+    text = scrape()
+    for name in LATENCIES:
+        buckets, total, count = histogram(text, name, "interactive")
+        assert count - before[name][2] == 3 and total > before[name][1]  # one each: all have 8 tokens
+        bounds, counts = [b for b, _ in buckets], [c for _, c in buckets]
+        assert bounds == sorted(bounds) and bounds[-1] == float("inf") and counts[-1] == count
+        assert counts == sorted(counts)  # cumulative
+    assert histogram(text, LATENCIES[1], "interactive")[1] <= histogram(text, LATENCIES[3], "interactive")[1]
+
+
+def test_batch_usage_progress_and_its_gauges(tmp_path: Path, server: Server, client: openai.OpenAI,
+                                             model: str) -> None:
+    small = client.files.create(file=batch_file(tmp_path / "small.jsonl", model, 10).open("rb"), purpose="batch")
+    done = wait_for(client, client.batches.create(input_file_id=small.id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h").id, ("completed",))
+    records = [json.loads(line)["response"]["body"]["usage"]
+               for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert done.usage is not None and done.usage.output_tokens == sum(r["completion_tokens"] for r in records) == 60
+    assert done.usage.input_tokens == sum(r["prompt_tokens"] for r in records)
+    assert done.usage.input_tokens_details.cached_tokens == sum(r["prompt_tokens_details"]["cached_tokens"]
+                                                                for r in records)
+    progress = done.to_dict()["progress"]
+    assert progress["elapsed_seconds"] > 0 and progress["eta_seconds"] is None
+    assert progress["output_tokens_per_second"] == pytest.approx(60 / progress["elapsed_seconds"], rel=0.01)
+    assert progress["prefix_cache_hit_rate"] == pytest.approx(
+        done.usage.input_tokens_details.cached_tokens / done.usage.input_tokens, abs=1e-4)
+
+    large = client.files.create(file=batch_file(tmp_path / "large.jsonl", model, 1000, 64).open("rb"),
+                                purpose="batch")
+    batch = client.batches.create(input_file_id=large.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(client, batch.id, ("in_progress",))
+    while (running := client.batches.retrieve(batch.id)).request_counts.completed < 5:
+        time.sleep(0.1)
+    metrics = server.metrics()
+    client.batches.cancel(batch.id)
+    label = f'batch_id="{batch.id}"'
+    assert metrics[f'tokenmill_batch_requests{{{label},state="total"}}'] == 1002
+    assert metrics[f'tokenmill_batch_requests{{{label},state="completed"}}'] >= running.request_counts.completed
+    assert metrics[f'tokenmill_batch_requests{{{label},state="failed"}}'] == 2
+    assert metrics[f"tokenmill_batch_elapsed_seconds{{{label}}}"] > 0
+    assert metrics[f"tokenmill_batch_eta_seconds{{{label}}}"] > 0
+    assert metrics[f"tokenmill_batch_output_tokens_per_second{{{label}}}"] > 0
+    assert 0 <= metrics[f"tokenmill_batch_prefix_cache_hit_rate{{{label}}}"] <= 1
+    assert running.to_dict()["progress"]["eta_seconds"] > 0
+    # The batch's own requests are observed apart from the interactive ones.
+    assert metrics['tokenmill_e2e_request_latency_seconds_count{kind="batch"}'] >= 5 + 10
+    wait_for(client, batch.id, ("cancelled",))
+    assert not any(label in name for name in server.metrics())  # its series end with its job

@@ -21,17 +21,16 @@ from typing import Any
 from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.endpoints import ENDPOINTS, Endpoint, Streamer, check_task
 from tokenmill.engine.client import ThreadClient
-from tokenmill.engine.engine import EngineMetrics
 from tokenmill.engine.threaded import EngineThread
 from tokenmill.errors import RequestError
 from tokenmill.outputs import EngineOutput, RequestOutput
 from tokenmill.server.batches import BatchError, BatchManager
+from tokenmill.server.metrics import metrics_registry
 from tokenmill.server.store import Store
 
 MAX_JSON_BYTES = 16 << 20
@@ -68,37 +67,11 @@ async def until_gone(request: Request) -> None:
         pass
 
 
-class MetricsCollector:
-    """Prometheus collector over the engine's metrics snapshot."""
-
-    def __init__(self, metrics: Callable[[], EngineMetrics]) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Any:
-        metrics = self.metrics()
-        stats = metrics.stats
-        yield CounterMetricFamily("tokenmill_requests_finished", "Requests finished", value=stats.requests_finished)
-        yield CounterMetricFamily("tokenmill_requests_failed_internally", "Requests failed inside the engine",
-                                  value=stats.requests_failed_internally)
-        yield CounterMetricFamily("tokenmill_prompt_tokens", "Prompt tokens of finished requests",
-                                  value=stats.prompt_tokens)
-        yield CounterMetricFamily("tokenmill_cached_prompt_tokens", "Of which found in the prefix cache",
-                                  value=stats.cached_prompt_tokens)
-        yield CounterMetricFamily("tokenmill_generation_tokens", "Tokens generated", value=stats.generated_tokens)
-        yield GaugeMetricFamily("tokenmill_requests_running", "Sequences running", value=metrics.sequences_running)
-        yield GaugeMetricFamily("tokenmill_requests_waiting", "Sequences waiting", value=metrics.sequences_waiting)
-        yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Share of KV blocks in use",
-                                value=metrics.kv_cache_usage)
-        yield GaugeMetricFamily("tokenmill_prefix_cache_hit_rate", "Cached / all prompt tokens",
-                                value=stats.prefix_cache_hit_rate)
-
-
 def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager, api_key: str | None) -> FastAPI:
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
     frontend = engine_thread.frontend
     model_name = frontend.model_name
-    registry = CollectorRegistry()
-    registry.register(MetricsCollector(engine_thread.metrics))
+    registry, latency = metrics_registry(engine_thread, batches)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -185,6 +158,7 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
             while not until():
                 output = await arrived.get()
                 latest[index[output.request_id]] = output
+                latency.observe(output, "interactive")
 
         def unfinished() -> list[str]:
             return [one_id for one_id, o in zip(ids, latest) if o is None or not o.finished]

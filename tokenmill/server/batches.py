@@ -5,6 +5,13 @@ A batch's state lives in the store; its results are appended to files in its own
 server killed mid-batch resumes it at start-up and finishes it exactly once. Lines that failed
 inside the engine have no record: the job runs again at once for them (the journal skips what is
 done), a few times at most, after which the batch fails.
+
+A batch object has OpenAI's fields, `usage` included (its tokens: input, of which cached, output),
+and one of tokenmill's, `progress`: `elapsed_seconds` (how long its job has run), input and
+output tokens per second over that time, `prefix_cache_hit_rate` (cached / input tokens) and
+`eta_seconds` (the time left at the current run's rate of lines; null when not running or before
+its first line is done). Usage and elapsed time are saved when a run of the job ends: a run cut
+by a crash loses its share, though its lines are done (a resumed batch does not run them again).
 """
 
 from __future__ import annotations
@@ -12,14 +19,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenmill.batch.runner import BatchJob, count_lines
+from tokenmill.batch.runner import BatchJob, JobSummary, count_lines
 from tokenmill.endpoints import ENDPOINTS, URLS, check_task
-from tokenmill.engine.client import ThreadClient
 from tokenmill.engine.threaded import EngineThread
 from tokenmill.errors import RequestError
+from tokenmill.outputs import EngineOutput
+from tokenmill.server.metrics import LatencyHistograms, ObservedClient
 from tokenmill.server.store import Store, new_id
 
 logger = logging.getLogger(__name__)
@@ -36,12 +45,44 @@ class BatchError(ValueError):
         self.status, self.param = status, param
 
 
+@dataclass
+class _Run:
+    """A batch's job while it runs, and when this run of it began (time.monotonic())."""
+
+    job: BatchJob
+    started: float
+
+
+def _usage(input_tokens: int = 0, cached_tokens: int = 0, output_tokens: int = 0) -> dict[str, Any]:
+    """Token usage in the shape of OpenAI's batch object."""
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def _plus(usage: dict[str, Any], summary: JobSummary) -> dict[str, Any]:
+    return _usage(usage["input_tokens"] + summary.prompt_tokens,
+                  usage["input_tokens_details"]["cached_tokens"] + summary.cached_prompt_tokens,
+                  usage["output_tokens"] + summary.completion_tokens)
+
+
+def _progress(usage: dict[str, Any], elapsed: float, eta: float | None) -> dict[str, Any]:
+    per_second = 1 / elapsed if elapsed > 0 else 0.0
+    return {"elapsed_seconds": round(elapsed, 3),
+            "input_tokens_per_second": round(usage["input_tokens"] * per_second, 1),
+            "output_tokens_per_second": round(usage["output_tokens"] * per_second, 1),
+            "prefix_cache_hit_rate": round(usage["input_tokens_details"]["cached_tokens"]
+                                           / max(1, usage["input_tokens"]), 4),
+            "eta_seconds": None if eta is None else round(eta, 1)}
+
+
 class BatchManager:
     def __init__(self, store: Store, engine_thread: EngineThread) -> None:
         self.store = store
         self.engine_thread = engine_thread
-        self.jobs: dict[str, BatchJob] = {}
+        self.runs: dict[str, _Run] = {}
         self.cancels: dict[str, threading.Event] = {}
+        self.latency: LatencyHistograms | None = None  # set by the app's metrics: batch requests' latencies
         self._lock = threading.Lock()
 
     def resume(self) -> None:
@@ -71,21 +112,40 @@ class BatchManager:
                  "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
                  "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None, "completed_at": None,
                  "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
+                 "usage": _usage(), "progress": _progress(_usage(), 0.0, None)}
         with self._lock:  # a cancel that finds the batch also finds its cancel event
             self.store.save_batch(batch)
             self._start(batch["id"])
         return batch
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        batch = self.store.get_batch(batch_id)
-        job = self.jobs.get(batch_id)
-        if batch is not None and job is not None:  # live counts while it runs
-            batch["request_counts"] = self._counts(job, batch["request_counts"]["total"])
+        """The batch object, with live counts, usage and progress while its job runs."""
+        with self._lock:  # the saved usage and a live run's never count the same run twice (see _end_run)
+            batch = self.store.get_batch(batch_id)
+            run = self.runs.get(batch_id)
+        if batch is None:
+            return None
+        usage = batch.get("usage") or _usage()  # a batch saved before usage was kept has none
+        elapsed = (batch.get("progress") or {}).get("elapsed_seconds", 0.0)
+        eta = None
+        if run is not None:
+            counts = batch["request_counts"] = self._counts(run.job, batch["request_counts"]["total"])
+            usage = _plus(usage, run.job.summary)
+            ran = time.monotonic() - run.started
+            elapsed += ran
+            done_now = run.job.summary.succeeded + run.job.summary.failed
+            if done_now and batch["status"] == "in_progress":
+                eta = (counts["total"] - counts["completed"] - counts["failed"]) * ran / done_now
+        batch["usage"], batch["progress"] = usage, _progress(usage, elapsed, eta)
         return batch
 
     def list(self) -> list[dict[str, Any]]:
         return [self.get(b["id"]) or b for b in self.store.list_batches()]
+
+    def running(self) -> list[dict[str, Any]]:
+        """The batches whose job is running now."""
+        return [batch for batch_id in list(self.runs) if (batch := self.get(batch_id)) is not None]
 
     def cancel(self, batch_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -122,6 +182,23 @@ class BatchManager:
             self.store.save_batch(batch)
             return batch
 
+    def _end_run(self, batch_id: str, run: _Run) -> None:
+        """Saves a finished run's counts, tokens and time with its batch, dropping it from the live runs
+        at once (so that `get` counts it once, and its counts do not go back meanwhile)."""
+        with self._lock:
+            self.runs.pop(batch_id, None)
+            batch = self.store.get_batch(batch_id)
+            assert batch is not None
+            usage = _plus(batch.get("usage") or _usage(), run.job.summary)
+            elapsed = (batch.get("progress") or {}).get("elapsed_seconds", 0.0) + time.monotonic() - run.started
+            batch.update(request_counts=self._counts(run.job, batch["request_counts"]["total"]), usage=usage,
+                         progress=_progress(usage, elapsed, None))
+            self.store.save_batch(batch)
+
+    def _observe(self, output: EngineOutput) -> None:
+        if self.latency is not None:
+            self.latency.observe(output, "batch")
+
     def _register_results(self, batch_id: str, output: Path, errors: Path) -> dict[str, str]:
         """File records for a batch's non-empty result files. Their ids derive from the batch's,
         so registering again after a restart replaces rather than duplicates them."""
@@ -141,7 +218,7 @@ class BatchManager:
                          errors={"object": "list", "data": [{"code": "internal_error", "message": str(e),
                                                              "param": None, "line": None}]})
         finally:
-            self.jobs.pop(batch_id, None)
+            self.runs.pop(batch_id, None)
             self.cancels.pop(batch_id, None)
 
     def _run_job(self, batch_id: str, cancel: threading.Event) -> None:
@@ -167,10 +244,12 @@ class BatchManager:
         deadline.start()
         try:
             for _ in range(MAX_RUNS):
-                job = BatchJob(ThreadClient(self.engine_thread, BATCH_PRIORITY), found[1], output, errors,
-                               use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
-                self.jobs[batch_id] = job
+                started = time.monotonic()
+                job = BatchJob(ObservedClient(self.engine_thread, BATCH_PRIORITY, self._observe), found[1], output,
+                               errors, use_tqdm=False, cancel=cancel, endpoint=batch["endpoint"])
+                run = self.runs[batch_id] = _Run(job, started)
                 job.run()
+                self._end_run(batch_id, run)
                 if cancel.is_set() or not job.summary.failed_internally:
                     break
                 logger.warning("batch %s: %d requests failed inside the engine; running them again", batch_id,
