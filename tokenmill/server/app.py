@@ -8,6 +8,9 @@ client that disconnects, streamed or not, has its requests aborted at once (thei
 freed). Errors have OpenAI's shape and status codes: a request's own fault is a 400 naming its
 code and field (an endpoint the loaded model cannot serve included), a failure inside the engine
 a 500 `server_error`.
+
+At `/`, a page of the batches (static/: plain HTML, CSS and JavaScript, served as they are). The
+page and its files need no key; the API under /v1 they call does, with `--api-key`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +41,9 @@ from tokenmill.server.store import Store
 MAX_JSON_BYTES = 16 << 20
 MAX_FILE_BYTES = 200 << 20  # as OpenAI's batch input limit
 INTERACTIVE_PRIORITY = 0  # batches run at BATCH_PRIORITY (1): admitted after, preempted first
+STATIC_DIR = Path(__file__).parent / "static"
+# The page keeps the API key: it runs its own files and nothing else, and no other site may frame it.
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 
 
 class APIError(Exception):
@@ -118,6 +126,13 @@ def create_app(engine_thread: EngineThread, store: Store, batches: BatchManager,
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    # -- the batches page
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
