@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "test-key"
 KV_CACHE_BYTES = 1 << 26
@@ -389,6 +390,8 @@ def test_metrics_have_latency_histograms(server: Server, client: openai.OpenAI, 
         if stream:
             assert list(reply)[-1].choices[0].finish_reason == "length"
     text = scrape()
+    types = {family.name: family.type for family in text_string_to_metric_families(text)}  # parses: well formed
+    assert all(types[name] == "histogram" for name in LATENCIES)
     for name in LATENCIES:
         buckets, total, count = histogram(text, name, "interactive")
         assert count - before[name][2] == 3 and total > before[name][1]  # one each: all have 8 tokens

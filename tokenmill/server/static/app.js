@@ -16,6 +16,7 @@ const $ = (id) => document.getElementById(id);
 const rows = new Map(); // batch id -> its row, updated in place so that a click is never lost to a refresh
 const fileNames = new Map(); // file id -> the name it was uploaded with
 let timer = null;
+let generation = 0; // of refreshes: only the newest renders and sets the next timer
 
 class ApiError extends Error {
   constructor(status, message) {
@@ -60,6 +61,7 @@ function failed(error) {
 }
 
 async function refresh() {
+  const mine = ++generation;
   clearTimeout(timer);
   try {
     const page = await (await api("/v1/batches?limit=100")).json();
@@ -67,6 +69,7 @@ async function refresh() {
     if (!$("model").textContent) {
       $("model").textContent = (await (await api("/v1/models")).json()).data[0].id;
     }
+    if (mine !== generation) return; // an action refreshed meanwhile: its answer is newer
     $("key-form").hidden = true;
     $("content").hidden = false;
     $("forget-key").hidden = localStorage.getItem(KEY_ITEM) === null;
@@ -75,6 +78,7 @@ async function refresh() {
     const running = page.data.some((batch) => ACTIVE.has(batch.status));
     timer = setTimeout(refresh, running ? RUNNING_REFRESH_MS : IDLE_REFRESH_MS);
   } catch (error) {
+    if (mine !== generation) return;
     if (error instanceof ApiError && error.status === 401) {
       askForKey(error.message);
       return;
