@@ -1,0 +1,99 @@
+"""What one engine step costs on this machine: the step's work, and a linear model of its seconds.
+
+A step's work (`StepWork`) is read off the `ScheduledBatch` the scheduler hands the engine, before
+the step runs: the tokens it computes (every linear layer's rows), the rows that get logits (the
+lm_head, sampling, detokenizing), the (query, key) pairs its attention scores, and the sequences in
+it (per-sequence Python and kernel set-up). `CostModel` is a non-negative least-squares fit of
+measured step times on those features plus a constant (the weights read once per step, the step's
+fixed Python); the planner prices simulated steps with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenmill.engine.scheduler import ScheduledBatch
+from tokenmill.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class StepWork:
+    tokens: int  # computed this step: prompt chunks and decodes
+    logit_rows: int  # rows whose logits are computed: sampled tokens, prompt logprobs
+    attention_pairs: int  # (query, key) pairs scored
+    seqs: int
+
+    def features(self) -> list[float]:
+        return [1.0, self.tokens, self.logit_rows, self.attention_pairs, self.seqs]
+
+
+@dataclass
+class StepPlan:
+    """A scheduled batch read before it runs: its work, and which sequences end their step with a
+    new token or with their prompt computed (max_tokens 0), as the model runner decides."""
+
+    work: StepWork
+    sampled: list[Sequence]
+    computed_prompts: list[Sequence]
+
+
+def read_batch(batch: ScheduledBatch) -> StepPlan:
+    """The batch's work; to be called before the step advances its sequences."""
+    # NOTE: mirrors ModelRunner.run's choice of logits rows, so that a simulated step prices the
+    # lm_head as the real one computes it.
+    tokens = logit_rows = pairs = 0
+    sampled: list[Sequence] = []
+    computed_prompts: list[Sequence] = []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        done = seq.num_computed_tokens
+        tokens += n
+        pairs += n * done + n * (n + 1) // 2
+        if seq.request.prompt_logprobs is not None and seq.index == 0 and done < seq.num_prompt_tokens - 1:
+            logit_rows += min(done + n, seq.num_prompt_tokens - 1) - done
+        if done + n == seq.num_tokens:
+            if seq.params.max_tokens == 0:
+                computed_prompts.append(seq)
+            else:
+                sampled.append(seq)
+                logit_rows += 1
+    return StepPlan(StepWork(tokens, logit_rows, pairs, len(batch.seqs)), sampled, computed_prompts)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a step = coefficients . StepWork.features(), every coefficient >= 0."""
+
+    coefficients: tuple[float, ...]
+
+    def seconds(self, work: StepWork) -> float:
+        return float(np.dot(self.coefficients, work.features()))
+
+    @classmethod
+    def fit(cls, steps: list[tuple[StepWork, float]]) -> CostModel:
+        """The least-squares fit of `steps` (work, measured seconds) with no negative coefficient:
+        a feature whose coefficient comes out negative (collinear with others over these steps) is
+        dropped and the rest refitted, until none is."""
+        x = np.array([w.features() for w, _ in steps], dtype=float)
+        y = np.array([s for _, s in steps], dtype=float)
+        # NOTE: scaled to unit columns first, so that attention pairs (~10^5) and the constant (1)
+        # weigh alike in the solver.
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+        active = list(range(x.shape[1]))
+        while True:
+            solution, *_ = np.linalg.lstsq(x[:, active] / scale[active], y, rcond=None)
+            if (solution >= 0).all() or len(active) == 1:
+                break
+            del active[int(np.argmin(solution))]
+        coefficients = np.zeros(x.shape[1])
+        coefficients[active] = np.maximum(solution, 0) / scale[active]
+        return cls(tuple(float(c) for c in coefficients))
+
+    def prompt_tokens_per_s(self, step_tokens: int) -> float:
+        """One sequence's prompt, computed `step_tokens` a step (its first chunk, from position 0)."""
+        return step_tokens / self.seconds(StepWork(step_tokens, 0, step_tokens * (step_tokens + 1) // 2, 1))
+
+    def decode_tokens_per_s(self, batch: int, context: int) -> float:
+        """`batch` sequences decoding together, each with `context` tokens behind it."""
+        return batch / self.seconds(StepWork(batch, batch, batch * (context + 1), batch))
