@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,15 +37,22 @@ def _report(summary: JobSummary, summary_file: Path) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    input_path, output = Path(args.input), Path(args.output)
-    errors = Path(args.errors) if args.errors else default_errors_path(output)
+def _unreadable(input_path: Path) -> str | None:
+    """Why the input file cannot be read, if it cannot."""
     if not input_path.is_file():
-        return _fatal(f"cannot read input file {str(input_path)!r}")
+        return f"cannot read input file {str(input_path)!r}"
     try:
         input_path.open("rb").close()
     except OSError as e:
-        return _fatal(f"cannot read input file {str(input_path)!r}: {e.strerror}")
+        return f"cannot read input file {str(input_path)!r}: {e.strerror}"
+    return None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    input_path, output = Path(args.input), Path(args.output)
+    errors = Path(args.errors) if args.errors else default_errors_path(output)
+    if problem := _unreadable(input_path):
+        return _fatal(problem)
     try:
         config = _engine_config(args)
     except ValueError as e:
@@ -85,6 +93,32 @@ def _run_on_ray(args: argparse.Namespace, config: EngineConfig, input_path: Path
     except OSError as e:
         return _fatal(f"{e.strerror}: {e.filename}")
     return _report(summary, output_dir / "summary.json")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    input_path = Path(args.input)
+    if problem := _unreadable(input_path):
+        return _fatal(problem)
+    if args.replicas is not None and args.replicas < 1:
+        return _fatal(f"--replicas must be at least 1, got {args.replicas}")
+    try:
+        config = _engine_config(args)
+    except ValueError as e:
+        return _fatal(str(e))
+    from tokenmill.engine.create import create_engine
+    from tokenmill.plan import format_table, plan_job, plan_json
+
+    try:
+        start = time.perf_counter()
+        engine = create_engine(config)
+        plan = plan_job(engine, input_path, replicas=args.replicas,
+                        model_load_seconds=round(time.perf_counter() - start, 1))
+    except ValueError as e:  # a model that cannot load, or one that embeds
+        return _fatal(str(e))
+    except ImportError as e:
+        return _fatal(f"--replicas plans a Ray job and needs Ray: pip install \"tokenmill[ray]\" ({e})")
+    print(json.dumps(plan_json(plan), indent=2) if args.json else format_table(plan))
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -163,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-lines", type=int,
                      help="lines a replica takes at a time, and retries together if it dies (default: 256)")
     run.set_defaults(handler=run_command)
+    plan = commands.add_parser("plan", help="what `tokenmill run` would do with a batch file: its errors, tokens, "
+                                            "prefix-cache savings, time and memory, before running it")
+    plan.add_argument("input", help="the requests, one OpenAI Batch API line each")
+    plan.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    plan.add_argument("--replicas", type=int, help="also estimate `tokenmill run --ray --replicas N` on a Ray "
+                                                   "started here (the CPUs shared among the replicas)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=plan_command)
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server, /v1/files and /v1/batches included")
     serve.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -196,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
         sub.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bench_parser.set_defaults(handler=bench_command)
-    for sub in (run, serve, batched, job_parser):
+    for sub in (run, plan, serve, batched, job_parser):
         # The defaults are EngineConfig's, which checks the values.
         sub.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", *DTYPES],
                          help="auto: bfloat16 where the CPU has native bf16 instructions, else float32")
