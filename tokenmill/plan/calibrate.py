@@ -106,12 +106,19 @@ def _grid_requests(engine: Engine) -> Iterator[Submission]:
     for length in GRID_PROMPT_TOKENS:
         yield Submission(f"grid-prompt-{length}", None, tokens(min(length, engine.max_model_len - 1)), prompt_only)
     max_seqs = engine.config.max_num_seqs
-    decode = SamplingParams(max_tokens=GRID_DECODE_STEPS, temperature=0, ignore_eos=True)
-    for context in sorted({min(c, engine.max_model_len - GRID_DECODE_STEPS) for c in GRID_CONTEXTS}):
+    greedy = SamplingParams(max_tokens=GRID_DECODE_STEPS, temperature=0, ignore_eos=True)
+    contexts = sorted({min(c, engine.max_model_len - GRID_DECODE_STEPS) for c in GRID_CONTEXTS})
+    for context in contexts:
         shared = tokens(context - 16)
         for batch in sorted({max(1, int(max_seqs * fraction)) for fraction in GRID_BATCH_FRACTIONS}, reverse=True):
             for i in range(batch):
-                yield Submission(f"grid-{context}-{batch}-{i}", None, shared + tokens(16), decode)
+                yield Submission(f"grid-{context}-{batch}-{i}", None, shared + tokens(16), greedy)
+    # Rows drawn at random, then seeded ones, at the job's batch size.
+    shared = tokens(contexts[0] - 16)
+    for name, seed in (("random", None), ("seeded", 0)):
+        params = SamplingParams(max_tokens=GRID_DECODE_STEPS, temperature=1.0, seed=seed, ignore_eos=True)
+        for i in range(max_seqs):
+            yield Submission(f"grid-{name}-{i}", None, shared + tokens(16), params)
 
 
 def measure_grid(engine: Engine) -> list[tuple[StepWork, float]]:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tokenmill.plan.cost import StepWork
 from tokenmill.plan.simulate import Observed
 
 DEFAULT_CACHE_DIR = Path("~/.cache/tokenmill/plan")
+FORMAT = 2  # of the files: in the key, so that a file of another format is another key
 
 
 def cpu_model() -> str:
@@ -43,7 +44,7 @@ def machine_key(engine: Engine, threads: int) -> dict[str, Any]:
     """What step times depend on, for `engine` run with `threads` torch threads."""
     stat = Path(engine.model_path).stat()
     config = engine.config
-    return {"model": str(Path(engine.model_path).resolve()), "model_bytes": stat.st_size,
+    return {"format": FORMAT, "model": str(Path(engine.model_path).resolve()), "model_bytes": stat.st_size,
             "model_mtime_ns": stat.st_mtime_ns, "dtype": str(engine.dtype), "quantization": engine.quantization,
             "max_num_seqs": config.max_num_seqs, "step_tokens": config.step_tokens(engine.task),
             "block_size": config.block_size, "cpu": cpu_model(), "threads": threads, "torch": torch.__version__}
@@ -75,11 +76,11 @@ MAX_SAMPLE_STEPS = 4000  # the most recent ones kept
 
 
 def _steps_to_json(steps: list[tuple[StepWork, float]]) -> list[list[float]]:
-    return [[w.tokens, w.logit_rows, w.attention_pairs, w.seqs, s] for w, s in steps]
+    return [[*astuple(w), s] for w, s in steps]
 
 
 def _steps_from_json(rows: list[list[float]]) -> list[tuple[StepWork, float]]:
-    return [(StepWork(int(a), int(b), int(c), int(d)), float(s)) for a, b, c, d, s in rows]
+    return [(StepWork(*map(int, row[:-1])), float(row[-1])) for row in rows]
 
 
 class CalibrationCache:

@@ -2,10 +2,13 @@
 
 A step's work (`StepWork`) is read off the `ScheduledBatch` the scheduler hands the engine, before
 the step runs: the tokens it computes (every linear layer's rows), the rows that get logits (the
-lm_head, sampling, detokenizing), the (query, key) pairs its attention scores, and the sequences in
-it (per-sequence Python and kernel set-up). `CostModel` is a non-negative least-squares fit of
+lm_head, sampling, detokenizing), of those the rows sampled at random (a softmax and a noise draw
+over the vocabulary: ~4x a greedy row's cost here) and the seeded ones (a generator call and a
+second draw each), the (query, key) pairs its attention scores, and the sequences in it
+(per-sequence Python and kernel set-up). `CostModel` is a non-negative least-squares fit of
 measured step times on those features plus a constant (the weights read once per step, the step's
-fixed Python); the planner prices simulated steps with it.
+fixed Python); the planner prices simulated steps with it. Other per-row sampling work (top-k/p
+sorting, penalties, logprobs, grammars) is priced as the fit finds it in the job's own sample.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from tokenmill.engine.sequence import Sequence
 class StepWork:
     tokens: int  # computed this step: prompt chunks and decodes
     logit_rows: int  # rows whose logits are computed: sampled tokens, prompt logprobs
+    random_rows: int  # of the sampled tokens, those drawn at random (temperature > 0)
+    seeded_rows: int  # of those, the seeded ones
     attention_pairs: int  # (query, key) pairs scored
     seqs: int
 
     def features(self) -> list[float]:
-        return [1.0, self.tokens, self.logit_rows, self.attention_pairs, self.seqs]
+        return [1.0, self.tokens, self.logit_rows, self.random_rows, self.seeded_rows, self.attention_pairs,
+                self.seqs]
 
 
 @dataclass
@@ -43,7 +49,7 @@ def read_batch(batch: ScheduledBatch) -> StepPlan:
     """The batch's work; to be called before the step advances its sequences."""
     # NOTE: mirrors ModelRunner.run's choice of logits rows, so that a simulated step prices the
     # lm_head as the real one computes it.
-    tokens = logit_rows = pairs = 0
+    tokens = logit_rows = random_rows = seeded_rows = pairs = 0
     sampled: list[Sequence] = []
     computed_prompts: list[Sequence] = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -58,7 +64,10 @@ def read_batch(batch: ScheduledBatch) -> StepPlan:
             else:
                 sampled.append(seq)
                 logit_rows += 1
-    return StepPlan(StepWork(tokens, logit_rows, pairs, len(batch.seqs)), sampled, computed_prompts)
+                random_rows += not seq.params.greedy
+                seeded_rows += not seq.params.greedy and seq.params.seed is not None
+    return StepPlan(StepWork(tokens, logit_rows, random_rows, seeded_rows, pairs, len(batch.seqs)), sampled,
+                    computed_prompts)
 
 
 @dataclass(frozen=True)
@@ -92,8 +101,8 @@ class CostModel:
 
     def prompt_tokens_per_s(self, step_tokens: int) -> float:
         """One sequence's prompt, computed `step_tokens` a step (its first chunk, from position 0)."""
-        return step_tokens / self.seconds(StepWork(step_tokens, 0, step_tokens * (step_tokens + 1) // 2, 1))
+        return step_tokens / self.seconds(StepWork(step_tokens, 0, 0, 0, step_tokens * (step_tokens + 1) // 2, 1))
 
     def decode_tokens_per_s(self, batch: int, context: int) -> float:
-        """`batch` sequences decoding together, each with `context` tokens behind it."""
-        return batch / self.seconds(StepWork(batch, batch, batch * (context + 1), batch))
+        """`batch` sequences decoding greedily together, each with `context` tokens behind it."""
+        return batch / self.seconds(StepWork(batch, batch, 0, 0, batch * (context + 1), batch))

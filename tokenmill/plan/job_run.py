@@ -104,23 +104,26 @@ def simulate_job(engine: Engine, cost: CostModel, lengths: OutputLengths, input_
 def simulate_ray_job(engine: Engine, cost: CostModel, lengths: OutputLengths, input_path: Path, fingerprint: str,
                      scratch: Path, replicas: int) -> list[JobRun]:
     """Each replica's share of `tokenmill run --ray --replicas N`: the driver's validation and its
-    order (lines sorted by the start of their prompt, cut into batches of consecutive lines), the
-    batches dealt to the replicas in turn, each replica one engine.
+    order (lines sorted by the start of their prompt), cut as Ray Data cuts them (ceil(lines / 256)
+    blocks of consecutive lines, sizes as even as can be, one replica call each), the calls dealt
+    to the replicas in turn, each replica one engine.
 
-    NOTE: Ray Data hands a replica its next batch when one of its two in flight finishes, so
-    replicas of equal speed take turns; each replica is modelled as one executor over its batches
-    in order, its window two batches, as the two calls in flight feed one engine.
+    NOTE: Ray Data hands a replica its next call when one of its two in flight finishes, so
+    replicas of equal speed take turns; each replica is modelled as one executor over its calls'
+    lines in order, its window two calls, as the two calls in flight feed one engine.
     """
     from tokenmill.ray.job import DEFAULT_BATCH_LINES, _order_key
 
     valid = sorted(((_order_key(line), line_no, line) for line_no, line in
                     read_lines(input_path, scratch / "ids-ray.sqlite3") if isinstance(line, BatchLine)),
                    key=lambda entry: entry[:2])
+    calls = max(1, -(-len(valid) // DEFAULT_BATCH_LINES))
+    size, remainder = divmod(len(valid), calls)  # as ray.data.from_items splits them
+    bounds = [i * size + min(i, remainder) for i in range(calls + 1)]
     runs = []
     for replica in range(replicas):
-        mine = [(line_no, line) for start in range(replica * DEFAULT_BATCH_LINES, len(valid),
-                                                   replicas * DEFAULT_BATCH_LINES)
-                for _, line_no, line in valid[start:start + DEFAULT_BATCH_LINES]]
+        mine = [(line_no, line) for call in range(replica, calls, replicas)
+                for _, line_no, line in valid[bounds[call]:bounds[call + 1]]]
         run = JobRun()
         sim = SimulatedEngine(engine, cost, lengths)
         _run(sim, run, run.counted(iter(mine)), fingerprint, True, 2 * DEFAULT_BATCH_LINES, 0)

@@ -49,7 +49,9 @@ class CalibrationInfo:
 class RayPlan:
     replicas: int
     threads_per_replica: int
-    estimated_seconds: float  # the slowest replica's share; Ray's own start-up and the model loads not included
+    # The slowest replica's share, after the model loads (as long as here: each replica loads its
+    # own at once); Ray's own start-up (~9 s on a 2-core machine, docs/PERFORMANCE.md) not included.
+    estimated_seconds: float
     estimated_total_tokens_per_s: float
     estimated_prefix_cache_hit_rate: float
     lines_per_replica: list[int]
@@ -150,7 +152,8 @@ def plan_job(engine: Engine, input_path: Path, *, replicas: int | None = None,
         in_order = simulate_job(engine, cost, lengths, input_path, fingerprint, Path(scratch), prefix_order=False)
         ray = None
         if replicas:
-            ray = _plan_ray(engine, input_path, fingerprint, Path(scratch), replicas, cache, lengths, overhead)
+            ray = _plan_ray(engine, input_path, fingerprint, Path(scratch), replicas, cache, lengths, overhead,
+                            model_load_seconds or 0.0)
             ran = ran or ray[1]
     sim = job.engines[0]
     seconds = job.seconds + overhead * job.lines
@@ -185,12 +188,13 @@ def plan_job(engine: Engine, input_path: Path, *, replicas: int | None = None,
 
 
 def _plan_ray(engine: Engine, input_path: Path, fingerprint: str, scratch: Path, replicas: int,
-              cache: CalibrationCache, lengths: OutputLengths, overhead: float) -> tuple[RayPlan, bool]:
+              cache: CalibrationCache, lengths: OutputLengths, overhead: float,
+              load_seconds: float) -> tuple[RayPlan, bool]:
     threads = replica_threads(replicas)
     calibration, ran = _calibrate(engine, input_path, fingerprint, threads, cache, sample=False)
     cost = CostModel.fit(calibration.steps)
     runs = simulate_ray_job(engine, cost, lengths, input_path, fingerprint, scratch, replicas)
-    seconds = max(run.seconds + overhead * run.lines for run in runs)
+    seconds = load_seconds + max(run.seconds + overhead * run.lines for run in runs)
     prompt = sum(run.prompt_tokens for run in runs)
     tokens = prompt + sum(run.completion_tokens for run in runs)
     sims = [run.engines[0] for run in runs]

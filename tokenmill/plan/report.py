@@ -57,8 +57,9 @@ def format_table(plan: Plan) -> str:
     ]
     if plan.ray is not None:
         ray = plan.ray
-        rows.append((f"ray x{ray.replicas}", f"~{_duration(ray.estimated_seconds)} ({ray.threads_per_replica} threads "
-                                              f"a replica, Ray's start-up not included); "
+        threads = f"{ray.threads_per_replica} thread{'s' if ray.threads_per_replica > 1 else ''}"
+        rows.append((f"ray x{ray.replicas}", f"~{_duration(ray.estimated_seconds)} ({threads} a replica, the model "
+                                              f"loads included, Ray's own start-up not); "
                                               f"{ray.estimated_total_tokens_per_s:,.0f} total tok/s, prefix cache "
                                               f"{ray.estimated_prefix_cache_hit_rate:.1%}, KV peak "
                                               f"{_bytes(ray.peak_kv_bytes_per_replica)} a replica"))
