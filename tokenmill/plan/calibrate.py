@@ -3,7 +3,8 @@
 Two measurements, both through the loaded engine's real step (`TimedClient` times each one and
 reads the work of the batch its scheduler hands over):
 - `measure_grid`: the machine's prompt and decode speed across batch sizes up to the job's
-  (max_num_seqs) and contexts, on synthetic prompts: a few seconds, once per model and machine.
+  (max_num_seqs) and contexts (shared or each its own), greedy, random and seeded rows, on
+  synthetic prompts: ~20 s here for the default model, once per model, settings and machine.
 - `run_sample`: a few dozen of the job's lines, spread across the file, run as `tokenmill run`
   runs them (a `BatchJob` on a file of those lines): their real output lengths, more timed steps in
   the job's own shapes, and the time spent outside the engine's steps per line (tokenizing,
@@ -61,7 +62,7 @@ class TimedClient(LocalClient):
 
         def reading_schedule() -> ScheduledBatch:
             batch = schedule()
-            self._work = read_batch(batch).work if batch.seqs else None
+            self._work = read_batch(batch, engine.kv.block_size).work if batch.seqs else None
             return batch
 
         # NOTE: the engine's own step runs unchanged; only the batch its scheduler returns is read
@@ -113,6 +114,9 @@ def _grid_requests(engine: Engine) -> Iterator[Submission]:
         for batch in sorted({max(1, int(max_seqs * fraction)) for fraction in GRID_BATCH_FRACTIONS}, reverse=True):
             for i in range(batch):
                 yield Submission(f"grid-{context}-{batch}-{i}", None, shared + tokens(16), greedy)
+    # Decodes reading contexts of their own (nothing shared to read once).
+    for i in range(max(2, int(max_seqs * GRID_BATCH_FRACTIONS[-1]))):
+        yield Submission(f"grid-distinct-{i}", None, tokens(contexts[-1] // 2), greedy)
     # Rows drawn at random, then seeded ones, at the job's batch size.
     shared = tokens(contexts[0] - 16)
     for name, seed in (("random", None), ("seeded", 0)):

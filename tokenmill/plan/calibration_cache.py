@@ -26,7 +26,7 @@ from tokenmill.plan.cost import StepWork
 from tokenmill.plan.simulate import Observed
 
 DEFAULT_CACHE_DIR = Path("~/.cache/tokenmill/plan")
-FORMAT = 2  # of the files: in the key, so that a file of another format is another key
+FORMAT = 3  # of the files: in the key, so that a file of another format is another key
 
 
 def cpu_model() -> str:

@@ -122,7 +122,7 @@ class SimulatedEngine(Engine):
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        plan = read_batch(batch)
+        plan = read_batch(batch, self.kv.block_size)
         self.clock += self.cost.seconds(plan.work)
         self.kv.step_computed(ok=True)
         self.scheduler.advance(batch)
