@@ -38,8 +38,11 @@ from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 # The job's lines run for their output lengths: this share of them, within these bounds.
+# NOTE: the sample decodes at a smaller batch than the job, less efficiently: at 3% of the lines it
+# takes 2-5% of the job's time here (docs/PERFORMANCE.md); the floor of 5 lines takes more on jobs
+# of fewer than ~150 long lines.
 SAMPLE_FRACTION = 0.03
-MIN_SAMPLE_LINES, MAX_SAMPLE_LINES = 8, 48
+MIN_SAMPLE_LINES, MAX_SAMPLE_LINES = 5, 48
 # The grid: decode batches (fractions of max_num_seqs) at two contexts, and long prompts.
 GRID_BATCH_FRACTIONS = (1.0, 0.25, 1 / 16)
 GRID_CONTEXTS = (128, 1024)

@@ -30,7 +30,7 @@ def _counts(counts: dict[str, int]) -> str:
 def format_table(plan: Plan) -> str:
     calibration = plan.calibration
     rows = [
-        ("lines", f"{plan.lines:,}  ({_counts(plan.lines_by_endpoint)})"),
+        ("lines", f"{plan.lines:,}" + (f"  ({_counts(plan.lines_by_endpoint)})" if plan.lines_by_endpoint else "")),
         ("error lines", f"{plan.error_lines:,}" + (f"  ({_counts(plan.error_codes)})" if plan.error_codes else "")),
         ("prompt tokens", f"{plan.prompt_tokens:,}  per line: p50 {plan.prompt_tokens_p50:,}, "
                           f"p95 {plan.prompt_tokens_p95:,}, max {plan.prompt_tokens_max:,}"),
