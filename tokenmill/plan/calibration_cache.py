@@ -4,9 +4,9 @@ model and machine) does not run the engine again.
 One JSON file per key under `~/.cache/tokenmill/plan/`: the key is a hash of what makes step
 times differ: the model file (path, size, modification time), the engine settings that shape a
 step (dtype, what the weights run as, max_num_seqs, the step's token budget, block size), the CPU
-model and the torch thread count, and torch's version. A file holds the grid's timed steps, each
-sampled job's steps and output lengths (by the job's input fingerprint) and the time per line
-spent outside the engine. Written atomically; a file that cannot be read is ignored (and rewritten).
+model and the torch thread count, and torch's version. A file holds the grid's timed steps and,
+by input fingerprint, each sampled job's steps, output lengths and time per line spent outside the
+engine. Written atomically; a file that cannot be read is ignored (and rewritten).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tokenmill.plan.cost import StepWork
 from tokenmill.plan.simulate import Observed
 
 DEFAULT_CACHE_DIR = Path("~/.cache/tokenmill/plan")
-FORMAT = 3  # of the files: in the key, so that a file of another format is another key
+FORMAT = 4  # of the files: in the key, so that a file of another format is another key
 
 
 def cpu_model() -> str:
@@ -52,8 +52,13 @@ def machine_key(engine: Engine, threads: int) -> dict[str, Any]:
 
 @dataclass
 class JobSample:
+    """A job's sample, run here: its lines, wall time, time per line outside the engine's steps, its
+    timed steps (the first, which may pay one-time set-up, left out) and its outputs' lengths."""
+
     lines: int
     seconds: float
+    overhead_per_line: float
+    steps: list[tuple[StepWork, float]]
     observed: list[Observed]
 
 
@@ -63,16 +68,13 @@ class Calibration:
 
     key: dict[str, Any]
     grid_steps: list[tuple[StepWork, float]] = field(default_factory=list)
-    sample_steps: list[tuple[StepWork, float]] = field(default_factory=list)  # the latest sampled jobs'
-    overhead_per_line: float | None = None
     jobs: dict[str, JobSample] = field(default_factory=dict)  # by input fingerprint
 
-    @property
-    def steps(self) -> list[tuple[StepWork, float]]:
-        return self.grid_steps + self.sample_steps
-
-
-MAX_SAMPLE_STEPS = 4000  # the most recent ones kept
+    def steps(self, fingerprint: str) -> list[tuple[StepWork, float]]:
+        """The steps a job's cost model is fitted on: the grid's and the job's own sample's (not other
+        jobs', so that a job's plan does not depend on what was planned before it)."""
+        job = self.jobs.get(fingerprint)
+        return self.grid_steps + (job.steps if job is not None else [])
 
 
 def _steps_to_json(steps: list[tuple[StepWork, float]]) -> list[list[float]]:
@@ -81,6 +83,16 @@ def _steps_to_json(steps: list[tuple[StepWork, float]]) -> list[list[float]]:
 
 def _steps_from_json(rows: list[list[float]]) -> list[tuple[StepWork, float]]:
     return [(StepWork(*map(int, row[:-1])), float(row[-1])) for row in rows]
+
+
+def _job_to_json(job: JobSample) -> dict[str, Any]:
+    return {"lines": job.lines, "seconds": job.seconds, "overhead_per_line": job.overhead_per_line,
+            "steps": _steps_to_json(job.steps), "observed": [[o.max_tokens, o.length] for o in job.observed]}
+
+
+def _job_from_json(data: dict[str, Any]) -> JobSample:
+    return JobSample(data["lines"], data["seconds"], data["overhead_per_line"], _steps_from_json(data["steps"]),
+                     [Observed(m, n) for m, n in data["observed"]])
 
 
 class CalibrationCache:
@@ -97,10 +109,8 @@ class CalibrationCache:
             data = json.loads(self.path(key).read_text())
             if data["key"] != key:
                 raise ValueError("another key")
-            return Calibration(key, _steps_from_json(data["grid_steps"]), _steps_from_json(data["sample_steps"]),
-                               data["overhead_per_line"],
-                               {fp: JobSample(j["lines"], j["seconds"], [Observed(m, n) for m, n in j["observed"]])
-                                for fp, j in data["jobs"].items()})
+            return Calibration(key, _steps_from_json(data["grid_steps"]),
+                               {fp: _job_from_json(job) for fp, job in data["jobs"].items()})
         except (OSError, ValueError, KeyError, TypeError):
             return Calibration(key)
 
@@ -108,11 +118,7 @@ class CalibrationCache:
         path = self.path(calibration.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"key": calibration.key, "grid_steps": _steps_to_json(calibration.grid_steps),
-                "sample_steps": _steps_to_json(calibration.sample_steps[-MAX_SAMPLE_STEPS:]),
-                "overhead_per_line": calibration.overhead_per_line,
-                "jobs": {fp: {"lines": j.lines, "seconds": j.seconds,
-                              "observed": [[o.max_tokens, o.length] for o in j.observed]}
-                         for fp, j in calibration.jobs.items()}}
+                "jobs": {fp: _job_to_json(job) for fp, job in calibration.jobs.items()}}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)

@@ -113,9 +113,8 @@ def _calibrate(engine: Engine, input_path: Path, fingerprint: str, threads: int,
             ran = True
         if sample and fingerprint not in calibration.jobs:
             run = run_sample(engine, input_path)
-            calibration.jobs[fingerprint] = JobSample(run.lines, run.seconds, run.observed)
-            calibration.sample_steps += run.steps[1:]  # the first may pay one-time set-up: not a step's cost
-            calibration.overhead_per_line = run.overhead_per_line
+            calibration.jobs[fingerprint] = JobSample(run.lines, run.seconds, run.overhead_per_line, run.steps[1:],
+                                                      run.observed)
             ran = True
     if ran:
         cache.save(calibration)
@@ -142,9 +141,10 @@ def plan_job(engine: Engine, input_path: Path, *, replicas: int | None = None,
     fingerprint = input_fingerprint(input_path)
     threads = torch.get_num_threads()
     calibration, ran = _calibrate(engine, input_path, fingerprint, threads, cache, sample=True)
-    cost = CostModel.fit(calibration.steps)
-    lengths = OutputLengths(calibration.jobs[fingerprint].observed)
-    overhead = calibration.overhead_per_line or 0.0
+    sample = calibration.jobs[fingerprint]
+    cost = CostModel.fit(calibration.steps(fingerprint))
+    lengths = OutputLengths(sample.observed)
+    overhead = sample.overhead_per_line
     prefixes = SharedPrefixes(engine.tokenizer, engine.config.block_size)
     with tempfile.TemporaryDirectory(prefix="tokenmill-plan-") as scratch:
         job = simulate_job(engine, cost, lengths, input_path, fingerprint, Path(scratch), prefixes=prefixes,
@@ -181,9 +181,8 @@ def plan_job(engine: Engine, input_path: Path, *, replicas: int | None = None,
         prompt_tokens_per_s=round(cost.prompt_tokens_per_s(engine.scheduler.max_num_batched_tokens), 1),
         decode_tokens_per_s=round(cost.decode_tokens_per_s(engine.config.max_num_seqs, round(mean_context)), 1),
         model_load_seconds=model_load_seconds,
-        calibration=CalibrationInfo(ran, str(cache.path(calibration.key)), cpu_model(), threads,
-                                    calibration.jobs[fingerprint].lines, calibration.jobs[fingerprint].seconds,
-                                    len(calibration.steps)),
+        calibration=CalibrationInfo(ran, str(cache.path(calibration.key)), cpu_model(), threads, sample.lines,
+                                    sample.seconds, len(calibration.steps(fingerprint))),
         ray=ray[0] if ray else None)
 
 
@@ -192,7 +191,7 @@ def _plan_ray(engine: Engine, input_path: Path, fingerprint: str, scratch: Path,
               load_seconds: float) -> tuple[RayPlan, bool]:
     threads = replica_threads(replicas)
     calibration, ran = _calibrate(engine, input_path, fingerprint, threads, cache, sample=False)
-    cost = CostModel.fit(calibration.steps)
+    cost = CostModel.fit(calibration.steps(fingerprint))  # the grid's: the job's sample ran at the local threads
     runs = simulate_ray_job(engine, cost, lengths, input_path, fingerprint, scratch, replicas)
     seconds = load_seconds + max(run.seconds + overhead * run.lines for run in runs)
     prompt = sum(run.prompt_tokens for run in runs)
