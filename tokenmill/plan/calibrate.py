@@ -47,6 +47,7 @@ MIN_SAMPLE_LINES, MAX_SAMPLE_LINES = 5, 48
 GRID_BATCH_FRACTIONS = (1.0, 0.25, 1 / 16)
 GRID_CONTEXTS = (128, 1024)
 GRID_DECODE_STEPS = 6
+GRID_DISTINCT_DECODE_STEPS = 32  # their signal (the keys read) is small against a step's fixed cost
 GRID_PROMPT_TOKENS = (2048, 512)  # two prompts, computed step_tokens at a time
 
 
@@ -97,9 +98,11 @@ class TimedClient(LocalClient):
         return outputs
 
 
-def _grid_requests(engine: Engine) -> Iterator[Submission]:
-    """Synthetic requests: distinct long prompts, then batches decoding over a shared context (a
-    prompt computed once, then found in the cache by the batch) and their own short suffixes."""
+def _grid_groups(engine: Engine) -> Iterator[list[Submission]]:
+    """Synthetic requests, in groups run one after another: long prompts alone; batches of each size
+    decoding over a shared context (computed once, then found in the cache by the batch) and short
+    suffixes of their own, greedy, then drawn at random, then seeded; a few decodes over long
+    contexts of their own (nothing shared to read once)."""
     rng = random.Random(0)
     vocab = engine.vocab_size
 
@@ -108,33 +111,31 @@ def _grid_requests(engine: Engine) -> Iterator[Submission]:
 
     prompt_only = SamplingParams(max_tokens=1, temperature=0)
     for length in GRID_PROMPT_TOKENS:
-        yield Submission(f"grid-prompt-{length}", None, tokens(min(length, engine.max_model_len - 1)), prompt_only)
+        yield [Submission(f"grid-prompt-{length}", None, tokens(min(length, engine.max_model_len - 1)), prompt_only)]
     max_seqs = engine.config.max_num_seqs
     greedy = SamplingParams(max_tokens=GRID_DECODE_STEPS, temperature=0, ignore_eos=True)
-    contexts = sorted({min(c, engine.max_model_len - GRID_DECODE_STEPS) for c in GRID_CONTEXTS})
+    contexts = sorted({min(c, engine.max_model_len - GRID_DISTINCT_DECODE_STEPS) for c in GRID_CONTEXTS})
     for context in contexts:
         shared = tokens(context - 16)
         for batch in sorted({max(1, int(max_seqs * fraction)) for fraction in GRID_BATCH_FRACTIONS}, reverse=True):
-            for i in range(batch):
-                yield Submission(f"grid-{context}-{batch}-{i}", None, shared + tokens(16), greedy)
-    # Decodes reading contexts of their own (nothing shared to read once).
-    for i in range(max(2, int(max_seqs * GRID_BATCH_FRACTIONS[-1]))):
-        yield Submission(f"grid-distinct-{i}", None, tokens(contexts[-1] // 2), greedy)
-    # Rows drawn at random, then seeded ones, at the job's batch size.
+            yield [Submission(f"grid-{context}-{batch}-{i}", None, shared + tokens(16), greedy) for i in range(batch)]
     shared = tokens(contexts[0] - 16)
     for name, seed in (("random", None), ("seeded", 0)):
         params = SamplingParams(max_tokens=GRID_DECODE_STEPS, temperature=1.0, seed=seed, ignore_eos=True)
-        for i in range(max_seqs):
-            yield Submission(f"grid-{name}-{i}", None, shared + tokens(16), params)
+        yield [Submission(f"grid-{name}-{i}", None, shared + tokens(16), params) for i in range(max_seqs)]
+    distinct = SamplingParams(max_tokens=GRID_DISTINCT_DECODE_STEPS, temperature=0, ignore_eos=True)
+    yield [Submission(f"grid-distinct-{i}", None, tokens(contexts[-1]), distinct)
+           for i in range(max(2, int(max_seqs * GRID_BATCH_FRACTIONS[-1])))]
 
 
 def measure_grid(engine: Engine) -> list[tuple[StepWork, float]]:
     """The grid's steps through the engine, timed, in this thread's torch threads."""
     with TimedClient(engine) as client:
-        # NOTE: one batch size at a time (a window of max_num_seqs), so that decode steps run at
-        # each size rather than mixed with the next batch's prompts.
-        for _ in drive(client, _grid_requests(engine), window=engine.config.max_num_seqs):
-            pass
+        # NOTE: a group at a time, so that its decode steps run at its batch size alone rather than
+        # mixed with the next group's prompts.
+        for group in _grid_groups(engine):
+            for _ in drive(client, iter(group)):
+                pass
         return client.steps[1:]  # the first step pays one-time set-up
 
 
