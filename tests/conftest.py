@@ -86,14 +86,19 @@ def _tiny_config(arch: str) -> object:
                                             "original_max_position_embeddings": 64})
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if arch == "mistral-window":  # every layer windowed, the window shorter than most prompts
+        return MistralConfig(**common, sliding_window=16)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "qwen2-window":  # a full layer, then a windowed one
+        return Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=True, sliding_window=16,
+                           max_window_layers=1)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
     raise ValueError(arch)
 
 
-TINY_ARCHS = ("llama", "llama3-untied", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = ("llama", "llama3-untied", "mistral", "mistral-window", "qwen2", "qwen2-window", "qwen3")
 
 
 def build_tiny_model(arch: str, folder: Path, tokenizer_dir: Path) -> Path:

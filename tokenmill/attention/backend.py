@@ -2,7 +2,8 @@
 
 A backend is constructed with the model's attention shape and the KV pool's layout
 (`AttentionSpec`). Each step it turns the flat batch's description (`BatchLayout`) into its own
-metadata, once (`build_metadata`); every layer then calls `forward(q, kv_pool, metadata)`. What
+metadata, once per sliding window the model's layers use (`build_metadata(batch, window)`, None for
+full attention); every layer then calls `forward(q, kv_pool, metadata)` with its window's. What
 depends on the model and the machine (dtype, head_dim, head counts, CPU features) is decided by
 `supports` and the constructor; what depends on the batch (which requests are attended together,
 which kernel serves them), by `build_metadata`. A layer's call re-checks neither.
@@ -10,7 +11,9 @@ which kernel serves them), by `build_metadata`. A layer's call re-checks neither
 The KV pool of one layer is `[2, num_slots, num_kv_heads, head_dim]` (K and V; a slot is one token
 position of one block: block * block_size + offset). When `forward` runs, the step's new K/V are
 already in the pool at `metadata.slot_mapping` (the layers' rope step writes them), and every
-request's queries attend causally to its whole context, read through its block table.
+request's queries attend causally to its whole context, read through its block table; under a
+window W, a query at position p attends to positions p - W + 1 .. p only, and positions before
+every query's window are not read.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class AttentionSpec:
     block_size: int  # tokens per KV block
     dtype: torch.dtype
     device: torch.device
+    sliding_windows: bool = False  # whether some layers attend within a window
 
     @property
     def queries_per_kv_head(self) -> int:
@@ -81,8 +85,8 @@ class AttentionBackend(ABC, Generic[Metadata]):
         """Whether this backend runs the spec here (its kernels build, its dtypes and shapes fit)."""
 
     @abstractmethod
-    def build_metadata(self, batch: BatchLayout) -> Metadata:
-        """Once per step: everything the layers' calls need, computed from the batch's layout."""
+    def build_metadata(self, batch: BatchLayout, window: int | None = None) -> Metadata:
+        """Once per step and window: everything the layers' calls need, computed from the batch's layout."""
 
     @abstractmethod
     def forward(self, q: torch.Tensor, kv_pool: torch.Tensor, meta: Metadata) -> torch.Tensor:

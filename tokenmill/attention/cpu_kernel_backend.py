@@ -1,7 +1,7 @@
 """The CPU kernel backend: batch-invariant attention through tokenmill's AVX-512 kernels (`kernels/attention.cpp`).
 
 Chosen where the kernels run (an AVX-512 CPU where they build; bf16 or fp32; head_dim 64 or 128; at
-most 64 query heads per KV head). The kernels attend every query in one fixed order of sums, which
+most 64 query heads per KV head; no sliding window). The kernels attend every query in one fixed order of sums, which
 depends only on its own context (attention.cpp states it), so a request's outputs never depend on
 what else the step holds: how many requests, where the token budget cut its prompt, which of its
 blocks others share, or whether they came from the prefix cache. Each step's tokens take one of two
@@ -54,14 +54,15 @@ class CpuKernelAttentionBackend(AttentionBackend[KernelMetadata]):
     def supports(cls, spec: AttentionSpec) -> bool:
         return spec.device.type == "cpu" and spec.dtype in kernels.ATTENTION_DTYPES and \
             spec.head_dim in kernels.ATTENTION_HEAD_DIMS and \
-            spec.queries_per_kv_head <= kernels.MAX_QUERIES_PER_KV_HEAD and kernels.available()
+            spec.queries_per_kv_head <= kernels.MAX_QUERIES_PER_KV_HEAD and not spec.sliding_windows and \
+            kernels.available()
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
         self.decode_kernel: kernels.DecodeAttentionKernel = torch.ops.tokenmill.decode_attention
         self.chunk_kernel: kernels.ChunkAttentionKernel = torch.ops.tokenmill.chunk_attention
 
-    def build_metadata(self, batch: BatchLayout) -> KernelMetadata:
+    def build_metadata(self, batch: BatchLayout, window: int | None = None) -> KernelMetadata:
         is_decode = batch.num_queries == 1
         all_decodes = bool(is_decode.all())
         decodes = chunks = None

@@ -49,29 +49,49 @@ def shared_prefix_len(block_table: torch.Tensor, context_len: torch.Tensor, bloc
     return min(int(same.sum()), (int(context_len.min()) - 1) // block_size) * block_size
 
 
-def context_slots(block_table: torch.Tensor, max_context: int, block_size: int) -> torch.Tensor:
-    """[B, max_context]: the pool slot of each position of each request's context (past its end, padding)."""
-    ctx = torch.arange(max_context)
-    return block_table[:, ctx // block_size] * block_size + ctx % block_size
+def context_slots(block_table: torch.Tensor, max_context: int, block_size: int,
+                  first: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, max_context]: the pool slot of each position of each request's context, from position
+    first[b] (0 without `first`); past its end, padding."""
+    if first is None:
+        ctx = torch.arange(max_context)
+        return block_table[:, ctx // block_size] * block_size + ctx % block_size
+    ctx = first[:, None] + torch.arange(max_context)
+    blocks = (ctx // block_size).clamp(max=block_table.shape[1] - 1)  # padding past a shorter context's end
+    return block_table.gather(1, blocks) * block_size + ctx % block_size
+
+
+def window_start(context_len: torch.Tensor, num_queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B] the first context position any of a request's queries sees under the window (0 without one)."""
+    if window is None:
+        return torch.zeros_like(context_len)
+    return (context_len - num_queries - window + 1).clamp(min=0)
 
 
 def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_len: torch.Tensor,
-                block_table: torch.Tensor, block_size: int, queries_per_kv_head: int) -> AttentionGroup:
-    """query_start, num_queries, context_len: [B]; block_table: [B, max_blocks] (padded)."""
+                block_table: torch.Tensor, block_size: int, queries_per_kv_head: int,
+                window: int | None) -> AttentionGroup:
+    """query_start, num_queries, context_len: [B]; block_table: [B, max_blocks] (padded). With a
+    window, each request's context is read from the first position its earliest query sees."""
     max_q = int(num_queries.max())
-    max_ctx = int(context_len.max())
+    first = window_start(context_len, num_queries, window)
+    span = context_len - first
+    max_ctx = int(span.max())
     q_offset = torch.arange(max_q)
     query_valid = q_offset[None, :] < num_queries[:, None]
     q_offset = torch.minimum(q_offset[None, :], num_queries[:, None] - 1)
     query_index = query_start[:, None] + q_offset
     query_pos = context_len[:, None] - num_queries[:, None] + q_offset  # [B, max_q]
-    slots = context_slots(block_table, max_ctx, block_size)
-    mask = torch.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]  # causal, and never past the context
+    slots = context_slots(block_table, max_ctx, block_size, first)
+    key_pos = first[:, None, None] + torch.arange(max_ctx)[None, None, :]
+    mask = key_pos <= query_pos[:, :, None]  # causal, and never past the context
+    if window is not None:
+        mask &= key_pos > query_pos[:, :, None] - window
     # NOTE: queries are laid out [q, group] per KV head (see grouped_queries), so each query's mask
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
-    group = AttentionGroup(query_index[query_valid], query_index, query_valid, slots, context_len, mask)
-    if max_q == 1:
+    group = AttentionGroup(query_index[query_valid], query_index, query_valid, slots, span, mask)
+    if max_q == 1 and window is None:
         prefix_len = shared_prefix_len(block_table, context_len, block_size)
         if prefix_len > 0:
             group.shared_prefix_slots = slots[0, :prefix_len]
@@ -81,7 +101,7 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     return group
 
 
-def group_requests(batch: BatchLayout, spec: AttentionSpec) -> list[AttentionGroup]:
+def group_requests(batch: BatchLayout, spec: AttentionSpec, window: int | None) -> list[AttentionGroup]:
     """The decodes in one group, the prompt chunks grouped by length."""
     # NOTE: chunk lengths by powers of two, so that padding each group to its longest chunk wastes
     # at most half of its work.
@@ -91,7 +111,7 @@ def group_requests(batch: BatchLayout, spec: AttentionSpec) -> list[AttentionGro
     for cls in length_class.unique().tolist():
         selected = length_class == cls
         groups.append(build_group(batch.query_start[selected], num_queries[selected], batch.context_lens[selected],
-                                  batch.block_table[selected], spec.block_size, spec.queries_per_kv_head))
+                                  batch.block_table[selected], spec.block_size, spec.queries_per_kv_head, window))
     return groups
 
 
@@ -179,8 +199,8 @@ class TorchAttentionBackend(AttentionBackend[GroupedMetadata]):
     def supports(cls, spec: AttentionSpec) -> bool:
         return True
 
-    def build_metadata(self, batch: BatchLayout) -> GroupedMetadata:
-        groups = group_requests(batch, self.spec)
+    def build_metadata(self, batch: BatchLayout, window: int | None = None) -> GroupedMetadata:
+        groups = group_requests(batch, self.spec, window)
         return GroupedMetadata(batch.slot_mapping, groups, [self.choose(g) for g in groups])
 
     def choose(self, g: AttentionGroup) -> GroupAttention:

@@ -14,12 +14,12 @@ import itertools
 
 import torch
 
-from tokenmill.attention import AttentionSpec, BatchLayout, select_attention_backend
+from tokenmill.attention import BatchLayout
 from tokenmill.attention.encoder import seq_starts_of
-from tokenmill.engine.model_runner import lazily_committed_zeros
+from tokenmill.engine.model_runner import paged_kv, step_metadata
 from tokenmill.kv.manager import cdiv
 from tokenmill.models.bert import BertModel
-from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.causal_lm import CausalLM
 from tokenmill.models.pooling import pool
 
 
@@ -44,18 +44,13 @@ class EncoderRunner:
 
 
 class DecoderRunner:
-    def __init__(self, model: LlamaForCausalLM, pooling_mode: str, max_step_tokens: int, max_step_seqs: int,
+    def __init__(self, model: CausalLM, pooling_mode: str, max_step_tokens: int, max_step_seqs: int,
                  block_size: int) -> None:
         self.model = model
         self.pooling_mode = pooling_mode
         self.block_size = block_size
-        attn = model.layers[0].self_attn
         # Enough blocks for any step: each sequence wastes less than one block.
-        num_blocks = cdiv(max_step_tokens, block_size) + max_step_seqs
-        shape = (model.config.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = lazily_committed_zeros(shape, model.dtype)
-        self.attention = select_attention_backend(AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                                                block_size, model.dtype, self.kv_cache.device))
+        self.kv_cache, self.attention = paged_kv(model, cdiv(max_step_tokens, block_size) + max_step_seqs, block_size)
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -64,6 +59,6 @@ class DecoderRunner:
         first_block = blocks.cumsum(0) - blocks
         block_table = first_block[:, None] + torch.arange(int(blocks.max()))  # each sequence's own blocks, in a row
         layout, positions = BatchLayout.of(lengths, lengths, block_table, self.block_size)
-        meta = self.attention.build_metadata(layout)
-        hidden = self.model(input_ids, positions, self.kv_cache, self.attention, meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, self.attention,
+                            step_metadata(self.model, self.attention, layout))
         return pool(hidden, seq_starts_of(lengths), self.pooling_mode)

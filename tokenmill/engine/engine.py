@@ -108,7 +108,7 @@ class Engine:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} holds no KV block "
                              f"({block_bytes} bytes each)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.dtype)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.step_tokens(self.task))
         self.requests: dict[str, Request] = {}

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.attention import AttentionSpec, BatchLayout, select_attention_backend
+from tokenmill.attention import AttentionBackend, AttentionSpec, BatchLayout, select_attention_backend
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
-from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.causal_lm import CausalLM, StepMetadata
 
 
 @dataclass
@@ -44,23 +44,32 @@ def lazily_committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
+def paged_kv(model: CausalLM, num_blocks: int, block_size: int) -> tuple[torch.Tensor, AttentionBackend]:
+    """The model's KV pool, one for all layers ([layer, K|V, slot, kv_head, head_dim]), and the
+    attention backend chosen for it."""
+    kv = model.kv_layout
+    pool = lazily_committed_zeros((kv.num_layers, 2, num_blocks * block_size, kv.num_kv_heads, kv.head_dim),
+                                  model.dtype)
+    spec = AttentionSpec(kv.num_heads, kv.num_kv_heads, kv.head_dim, block_size, model.dtype, pool.device,
+                         sliding_windows=any(w is not None for w in kv.windows))
+    return pool, select_attention_backend(spec)
+
+
+def step_metadata(model: CausalLM, attention: AttentionBackend, layout: BatchLayout) -> StepMetadata:
+    """The step's attention metadata for each window the model's layers use."""
+    return {window: attention.build_metadata(layout, window) for window in model.kv_layout.distinct_windows}
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
-        cfg = model.config
-        attn = model.layers[0].self_attn
-        # One pool for all layers: [layer, K|V, slot, kv_head, head_dim].
-        shape = (cfg.num_hidden_layers, 2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = lazily_committed_zeros(shape, dtype)
-        self.attention = select_attention_backend(AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                                                 block_size, dtype, self.kv_cache.device))
+        self.kv_cache, self.attention = paged_kv(model, num_blocks, block_size)
 
     @staticmethod
-    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-        attn = model.layers[0].self_attn
-        per_token = model.config.num_hidden_layers * 2 * attn.num_kv_heads * attn.head_dim
-        return per_token * block_size * dtype.itemsize
+    def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+        kv = model.kv_layout
+        return kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * block_size * dtype.itemsize
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepLogits:
@@ -73,8 +82,8 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s in seqs)
         block_table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
         layout, positions = BatchLayout.of(num_new, context_len, block_table, self.block_size)
-        meta = self.attention.build_metadata(layout)
-        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, self.attention, meta)
+        metas = step_metadata(self.model, self.attention, layout)
+        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, self.attention, metas)
 
         # Logits only where they are used: each finished prompt's or decode's last token, and
         # the prompt rows of requests that asked for prompt logprobs.

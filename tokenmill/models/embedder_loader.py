@@ -19,11 +19,11 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tokenmill.models.bert import SUPPORTED_ENCODERS, BertModel, load_bert_weights
-from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.causal_lm import CausalLM
 from tokenmill.models.loader import (
     SUPPORTED_ARCHITECTURES,
     ModelLoadError,
-    build_llama,
+    build_decoder,
     decoder_context,
     model_name,
     prepare_weights,
@@ -53,7 +53,7 @@ def model_task(model: str | os.PathLike | None, task: str = "auto") -> str:
 
 @dataclass
 class LoadedEmbedder:
-    model: BertModel | LlamaForCausalLM
+    model: BertModel | CausalLM
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     pooling: PoolingConfig
@@ -77,7 +77,7 @@ def load_embedder(model: str | os.PathLike | None, dtype: torch.dtype, max_model
     except (ValueError, OSError, KeyError, StopIteration) as e:
         raise ModelLoadError(f"cannot read the pooling of {str(path)!r}: {e}") from e
     limit = min(config.max_position_embeddings, pooling.max_seq_length or config.max_position_embeddings)
-    embedder: BertModel | LlamaForCausalLM
+    embedder: BertModel | CausalLM
     if encoder:
         if quantization == "int8":
             raise ModelLoadError("quantization='int8' is not supported for encoder models")
@@ -95,7 +95,7 @@ def load_embedder(model: str | os.PathLike | None, dtype: torch.dtype, max_model
         if not any(name.startswith("model.") for name in tensors):  # a bare Qwen3Model's checkpoint
             tensors = {f"model.{name}": weight for name, weight in tensors.items()}
         running = prepare_weights(tensors, quantization)
-        embedder = build_llama(config, tensors, dtype, max_model_len, path, lm_head=False)
+        embedder = build_decoder(config, tensors, dtype, max_model_len, path, lm_head=False)
     matryoshka = bool(getattr(config, "matryoshka_dimensions", None) or getattr(config, "is_matryoshka", False))
     return LoadedEmbedder(embedder, config, tokenizer, pooling, max_model_len, path, model_name(model), running,
                           matryoshka)

@@ -78,9 +78,12 @@ class GGUFFile:
         """transformers' config for the file, from its metadata through transformers' key table."""
         model_type = ARCHITECTURES[self.architecture]
         name = str(self.metadata.get("general.name", ""))
+        values = {}
         if model_type == "llama" and "mistral" in name.lower():
             model_type = "mistral"  # llama.cpp writes Mistral models as llama
-        values = {}
+            # NOTE: and runs them with full attention, the file carrying no window (MistralConfig's
+            # default, 4096, is v0.1's; later Mistrals have none).
+            values["sliding_window"] = None
         for section, keys in (("general", GGUF_CONFIG_MAPPING["general"]),
                               (self.architecture, GGUF_CONFIG_MAPPING[self.architecture])):
             for key, hf_key in keys.items():

@@ -11,11 +11,13 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from tokenmill.attention import AttentionBackend, AttentionMetadata
+from tokenmill.attention import AttentionBackend
+from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding_windows
+from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import TORCH_OPS, ElementwiseOps, select_elementwise_ops, signed_sin
 from tokenmill.models.embedding import TokenEmbedding
 from tokenmill.models.linear import Linear
-from tokenmill.models.quantized import QuantizedWeight, Weight, stack_rows
+from tokenmill.models.quantized import Weight
 
 
 class RMSNorm(nn.Module):
@@ -57,9 +59,10 @@ def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Ten
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int, ops: ElementwiseOps) -> None:
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
@@ -78,7 +81,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, TORCH_OPS)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                attention: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -86,6 +89,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads])[0], self.k_norm(qk[:, self.num_heads:])[0]), dim=1)
         kv_pool = kv_cache[self.layer_index]
+        meta = metas[self.window]
         q = self.ops.rope_store(qk, v, cos, sin, kv_pool[0], kv_pool[1], meta.slot_mapping)
         out = attention.forward(q, kv_pool, meta)
         return self.o_proj(out.reshape(tokens, self.q_size))
@@ -106,20 +110,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int, ops: ElementwiseOps) -> None:
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, layer_index, ops)
+        self.self_attn = Attention(config, layer_index, window, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, attention: AttentionBackend,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                metas: StepMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output (the embeddings in the first layer), not yet added to the residual
         stream (None in the first layer): each add is fused with the norm after it. Returns (output, residual)."""
         normed, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(normed, cos, sin, kv_cache, attention, meta)
+        x = self.self_attn(normed, cos, sin, kv_cache, attention, metas)
         normed, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(normed), residual
 
@@ -127,7 +131,7 @@ class DecoderLayer(nn.Module):
 ROPE_ROWS_AT_START = 4096
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, config: PretrainedConfig, max_positions: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         """dtype and device: those the weights will have (the model may be built on the meta device first);
@@ -136,8 +140,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         ops = select_elementwise_ops(device, dtype, head_dim_of(config))
+        windows = sliding_windows(config)
+        self.kv_layout = KVLayout(config.num_attention_heads, config.num_key_value_heads, head_dim_of(config), windows)
         self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, ops) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, window, ops) for i, window in enumerate(windows))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_positions = max_positions
@@ -161,76 +167,39 @@ class LlamaForCausalLM(nn.Module):
             self.rope_cos, self.rope_sin = rope_tables(self.config, rows)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                attention: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
-        """Returns the final hidden states, [T, hidden]; `compute_logits` turns chosen rows into logits."""
+                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         self._cover_positions(positions)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = signed_sin(self.rope_sin[positions].to(x.dtype))
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, kv_cache, attention, meta)
+            x, residual = layer(x, residual, cos, sin, kv_cache, attention, metas)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-
-def load_llama_weights(model: LlamaForCausalLM, tensors: dict[str, Weight], lm_head: bool = True) -> None:
-    """Loads a transformers state dict into the model, fusing q/k/v and gate/up; each linear layer
-    prepares its weight for its method there. Plain tensors are cast to the model's dtype;
-    quantized ones are kept as they are. Without `lm_head` (a model used as an embedder), the
-    checkpoint's head, if any, is dropped and the model's is left unloaded."""
-    def take(name: str) -> Weight:
-        try:
-            return tensors.pop(name)
-        except KeyError:
-            raise ValueError(f"weight {name!r} is missing from the checkpoint") from None
-
-    def plain(name: str) -> torch.Tensor:
-        tensor = take(name)
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"weight {name!r} is quantized, which only linear layers and the embedding take")
-        return tensor
-
-    def cast(weight: Weight) -> Weight:
-        return weight.to(model.dtype) if isinstance(weight, torch.Tensor) else weight
-
-    def load_linear(linear: Linear, names: list[str]) -> None:
-        """names: the checkpoint's layers whose weights are stacked, in order, into this one."""
-        weights = [take(f"{name}.weight") for name in names]
-        if len(weights) == 1:
-            weight = cast(weights[0])
-        elif all(isinstance(w, QuantizedWeight) for w in weights):
-            weight = stack_rows(weights)
-        elif all(isinstance(w, torch.Tensor) for w in weights):
-            weight = torch.cat(weights).to(model.dtype)
-        else:
-            raise ValueError(f"weights {names} mix quantized and plain tensors")
-        bias = torch.cat([plain(f"{name}.bias") for name in names]).to(model.dtype) if linear.has_bias else None
-        linear.load(weight, bias)
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        model.embed_tokens.load(cast(take("model.embed_tokens.weight")))
-        params["norm.weight"].copy_(plain("model.norm.weight"))
-        if lm_head and not model.config.tie_word_embeddings:
-            load_linear(model.lm_head, ["lm_head"])
+    def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
+        """Fuses q/k/v and gate/up (models/checkpoint.py)."""
+        checkpoint = Checkpoint(tensors, self.dtype)
+        self.embed_tokens.load(checkpoint.cast(checkpoint.take("model.embed_tokens.weight")))
+        checkpoint.copy_to(self.norm.weight, "model.norm.weight")
+        if lm_head and not self.config.tie_word_embeddings:
+            checkpoint.load_linear(self.lm_head, ["lm_head"])
         else:
             tensors.pop("lm_head.weight", None)
             if lm_head:
-                model.lm_head.load(model.embed_tokens.weight, None)
-        for i, layer in enumerate(model.layers):
+                self.lm_head.load(self.embed_tokens.weight, None)
+        for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            load_linear(attn.qkv_proj, [f"{p}self_attn.{x}_proj" for x in "qkv"])
-            load_linear(attn.o_proj, [f"{p}self_attn.o_proj"])
-            load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
-            load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
+            checkpoint.load_linear(attn.qkv_proj, [f"{p}self_attn.{x}_proj" for x in "qkv"])
+            checkpoint.load_linear(attn.o_proj, [f"{p}self_attn.o_proj"])
+            checkpoint.load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
+            checkpoint.load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
             if attn.qk_norm:
-                attn.q_norm.weight.copy_(plain(f"{p}self_attn.q_norm.weight"))
-                attn.k_norm.weight.copy_(plain(f"{p}self_attn.k_norm.weight"))
-            layer.input_layernorm.weight.copy_(plain(f"{p}input_layernorm.weight"))
-            layer.post_attention_layernorm.weight.copy_(plain(f"{p}post_attention_layernorm.weight"))
-    unused = [n for n in tensors if "rotary_emb" not in n]
-    if unused:
-        raise ValueError(f"checkpoint has weights this model does not use: {unused[:5]}")
+                checkpoint.copy_to(attn.q_norm.weight, f"{p}self_attn.q_norm.weight")
+                checkpoint.copy_to(attn.k_norm.weight, f"{p}self_attn.k_norm.weight")
+            checkpoint.copy_to(layer.input_layernorm.weight, f"{p}input_layernorm.weight")
+            checkpoint.copy_to(layer.post_attention_layernorm.weight, f"{p}post_attention_layernorm.weight")
+        checkpoint.check_all_used()

@@ -37,14 +37,14 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from tokenmill import kernels
 from tokenmill.engine.config import QUANTIZATIONS
+from tokenmill.models.causal_lm import CausalLM
+from tokenmill.models.families import SUPPORTED_ARCHITECTURES, family_of
 from tokenmill.models.gguf_file import GGUFFile
-from tokenmill.models.llama import LlamaForCausalLM, load_llama_weights
 from tokenmill.models.quantized import QuantizedWeight, Weight, quantize_q8_0
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The weights "int8" quantizes: every linear layer's and the embedding (norms and biases stay).
 _INT8_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
@@ -59,7 +59,7 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: set[int]
@@ -220,26 +220,23 @@ def release_freed_memory() -> None:
 
 
 def decoder_context(config: PretrainedConfig, max_model_len: int | None) -> int:
-    """The context a Llama-family model runs with: max_model_len, if given, within what the model allows."""
+    """The context a decoder runs with: max_model_len, if given, within what the model allows."""
     limit = config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)) and window < limit:
-        # NOTE: within the window, sliding-window attention equals full attention.
-        logger.warning("sliding-window attention is not implemented: context capped at %d tokens", window)
-        limit = window
     return min(max_model_len or limit, limit)
 
 
-def build_llama(config: PretrainedConfig, tensors: dict[str, Weight], dtype: torch.dtype, max_model_len: int,
-                path: Path, lm_head: bool = True) -> LlamaForCausalLM:
-    """The Llama-family model on the CPU with the checkpoint's weights (see load_llama_weights)."""
+def build_decoder(config: PretrainedConfig, tensors: dict[str, Weight], dtype: torch.dtype, max_model_len: int,
+                  path: Path, lm_head: bool = True) -> CausalLM:
+    """The config's family's model on the CPU with the checkpoint's weights (each linear layer's method
+    is chosen as it loads its weight)."""
     device = torch.device("cpu")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_model_len, dtype, device)
-    model = model.to_empty(device=device).to(dtype)
-    model.reset_buffers()
     try:
-        load_llama_weights(model, tensors, lm_head)  # each linear layer's method is chosen there, for its weight
+        family = family_of(config)
+        with torch.device("meta"):
+            model = family(config, max_model_len, dtype, device)
+        model = model.to_empty(device=device).to(dtype)
+        model.reset_buffers()
+        model.load_weights(tensors, lm_head)
     except ValueError as e:
         raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {e}") from e
     model.eval()
@@ -259,7 +256,7 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     defaults = generation_defaults(model_generation, generation_config)
     max_model_len = decoder_context(config, max_model_len)
     running = prepare_weights(tensors, quantization)
-    model_ = build_llama(config, tensors, dtype, max_model_len, path)
+    model_ = build_decoder(config, tensors, dtype, max_model_len, path)
 
     eos = set()
     if model_generation is not None and (gen_eos := model_generation.get("eos_token_id")) is not None:

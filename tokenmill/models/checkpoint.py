@@ -1,0 +1,59 @@
+"""A checkpoint's tensors as a model family's `load_weights` takes them: each popped once, by transformers' name.
+
+What every family does the same way: a missing weight is an error naming it; a norm or bias must be
+a plain tensor; linear layers take their weights as the checkpoint has them (quantized blocks kept,
+plain tensors cast to the model's dtype), several checkpoint layers stacked by rows into one fused
+layer (q/k/v, gate/up); and, once the model is loaded, a weight nothing took is an error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.models.linear import Linear
+from tokenmill.models.quantized import QuantizedWeight, Weight, stack_rows
+
+
+class Checkpoint:
+    def __init__(self, tensors: dict[str, Weight], dtype: torch.dtype) -> None:
+        self.tensors = tensors
+        self.dtype = dtype
+
+    def take(self, name: str) -> Weight:
+        try:
+            return self.tensors.pop(name)
+        except KeyError:
+            raise ValueError(f"weight {name!r} is missing from the checkpoint") from None
+
+    def plain(self, name: str) -> torch.Tensor:
+        tensor = self.take(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"weight {name!r} is quantized, which only linear layers and the embedding take")
+        return tensor
+
+    def cast(self, weight: Weight) -> Weight:
+        """A plain tensor in the model's dtype; quantized blocks as they are."""
+        return weight.to(self.dtype) if isinstance(weight, torch.Tensor) else weight
+
+    def copy_to(self, param: torch.Tensor, name: str) -> None:
+        with torch.no_grad():
+            param.copy_(self.plain(name))
+
+    def load_linear(self, linear: Linear, names: list[str]) -> None:
+        """names: the checkpoint's layers whose weights are stacked, in order, into this one."""
+        weights = [self.take(f"{name}.weight") for name in names]
+        if len(weights) == 1:
+            weight = self.cast(weights[0])
+        elif all(isinstance(w, QuantizedWeight) for w in weights):
+            weight = stack_rows(weights)
+        elif all(isinstance(w, torch.Tensor) for w in weights):
+            weight = torch.cat(weights).to(self.dtype)
+        else:
+            raise ValueError(f"weights {names} mix quantized and plain tensors")
+        bias = torch.cat([self.plain(f"{name}.bias") for name in names]).to(self.dtype) if linear.has_bias else None
+        linear.load(weight, bias)
+
+    def check_all_used(self) -> None:
+        unused = [name for name in self.tensors if "rotary_emb" not in name]
+        if unused:
+            raise ValueError(f"checkpoint has weights this model does not use: {unused[:5]}")
