@@ -37,6 +37,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # of the full blocks of token_ids, in order
         self.num_registered_blocks = 0  # leading blocks of block_table that are in the prefix cache
+        self.num_released_blocks = 0  # leading blocks of block_table given back, out of every window's reach
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
