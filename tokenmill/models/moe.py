@@ -1,0 +1,117 @@
+"""A mixture-of-experts feed-forward layer: a router picks each token's top-k experts; tokens are grouped by expert.
+
+`SparseMoeBlock(config, routing, ops)` takes a layer's normed hidden states [T, hidden] and returns its
+feed-forward output [T, hidden], as transformers' sparse MoE blocks do (Qwen2-MoE, Qwen3-MoE, Mixtral):
+- routing: softmax over the router's logits in fp32, the top k, renormalised to sum to one where the model
+  does (`Routing`), the weights kept in fp32 (Mixtral) or rounded to the model's dtype (Qwen);
+- each expert, SiLU(x gate^T) * (x up^T) down^T with gate and up fused into one weight at load, runs once per
+  step on all of the step's tokens routed to it: the (token, expert) pairs are sorted by expert, so each
+  expert's weights are read once and multiplied as one GEMM over a contiguous run of rows; experts with no
+  tokens are skipped. A token's k results are weighted and summed in its own top-k order, as transformers'
+  grouped_mm path sums them, so a token's output never depends on the other tokens of the step (each
+  expert's linear is row-wise batch-invariant where the kernels run: models/linear.py);
+- a shared expert, where the config has one (Qwen2-MoE), runs on every token, scaled by sigmoid(x w_gate).
+Weights load from either layout transformers checkpoints have: one tensor per expert and projection
+(`mlp.experts.{e}.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published
+checkpoints have and transformers 5.24's save_pretrained writes) or stacked (`mlp.experts.gate_up_proj`
+[E, 2F, H] and `mlp.experts.down_proj` [E, H, F]: transformers 5's modules as they are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenmill.models.checkpoint import Checkpoint
+from tokenmill.models.elementwise import ElementwiseOps
+from tokenmill.models.linear import Linear
+
+
+@dataclass(frozen=True)
+class Routing:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's
+    renormalize: bool  # the top-k probabilities rescaled to sum to one
+    fp32_weights: bool  # the weights applied in fp32 (Mixtral), else rounded to the model's dtype first (Qwen)
+    modules: tuple[str, ...]  # the block's names in a checkpoint's layers: "mlp"; Mixtral's also "block_sparse_moe"
+    expert_names: tuple[str, str, str]  # each expert's gate, up and down projections in per-expert checkpoints
+    shared_intermediate_size: int = 0  # the shared expert's (Qwen2-MoE); 0: none
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: ElementwiseOps) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, routing: Routing, ops: ElementwiseOps) -> None:
+        super().__init__()
+        self.routing = routing
+        self.gate = Linear(hidden_size, routing.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(Expert(hidden_size, routing.intermediate_size, ops)
+                                     for _ in range(routing.num_experts))
+        if routing.shared_intermediate_size:
+            self.shared_expert = Expert(hidden_size, routing.shared_intermediate_size, ops)
+            self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, hidden] -> each token's expert weights and experts, [T, top_k] each, best first."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.routing.top_k, dim=-1)
+        if self.routing.renormalize:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return (weights if self.routing.fp32_weights else weights.to(x.dtype)), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, hidden = x.shape
+        weights, experts = self.route(x)
+        pairs = experts.flatten()  # pair i is token i // top_k's (i % top_k)-th choice
+        order = torch.argsort(pairs, stable=True)
+        grouped = x[order // self.routing.top_k]  # the pairs' rows, expert by expert
+        counts = torch.bincount(pairs, minlength=self.routing.num_experts).tolist()
+        outputs, start = [], 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                outputs.append(expert(grouped[start:start + count]))
+                start += count
+        by_pair = torch.empty_like(grouped).index_copy_(0, order, torch.cat(outputs))
+        out = (by_pair.view(tokens, -1, hidden) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        if self.routing.shared_intermediate_size:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def load_weights(self, checkpoint: Checkpoint, layer_prefix: str) -> None:
+        """The router's and the experts' weights, per expert or stacked (see the module docstring)."""
+        module = next((m for m in self.routing.modules if f"{layer_prefix}{m}.gate.weight" in checkpoint.tensors),
+                      self.routing.modules[0])
+        p = f"{layer_prefix}{module}."
+        checkpoint.load_linear(self.gate, [f"{p}gate"])
+        if f"{p}experts.gate_up_proj" in checkpoint.tensors:
+            gate_up, down = checkpoint.plain(f"{p}experts.gate_up_proj"), checkpoint.plain(f"{p}experts.down_proj")
+            if (gate_up.shape[0], down.shape[0]) != (len(self.experts),) * 2:
+                raise ValueError(f"{p}experts holds {gate_up.shape[0]} gate_up and {down.shape[0]} down projections "
+                                 f"for the config's {len(self.experts)} experts")
+            for e, expert in enumerate(self.experts):
+                expert.gate_up_proj.load(gate_up[e].to(checkpoint.dtype), None)
+                expert.down_proj.load(down[e].to(checkpoint.dtype), None)
+        else:
+            gate_name, up_name, down_name = self.routing.expert_names
+            for e, expert in enumerate(self.experts):
+                q = f"{p}experts.{e}."
+                checkpoint.load_linear(expert.gate_up_proj, [f"{q}{gate_name}", f"{q}{up_name}"])
+                checkpoint.load_linear(expert.down_proj, [f"{q}{down_name}"])
+        if self.routing.shared_intermediate_size:
+            q = f"{p}shared_expert."
+            checkpoint.load_linear(self.shared_expert.gate_up_proj, [f"{q}gate_proj", f"{q}up_proj"])
+            checkpoint.load_linear(self.shared_expert.down_proj, [f"{q}down_proj"])
+            checkpoint.load_linear(self.shared_expert_gate, [f"{p}shared_expert_gate"])
