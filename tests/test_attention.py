@@ -1,16 +1,20 @@
-"""Paged attention: the kernels, both backends' paths (decodes, shared prefixes, prompt chunks) and dense
-attention all agree, and each machine and model gets the backend it should."""
+"""Paged attention: the kernels, both backends' paths (decodes, shared prefixes, prompt chunks; full attention
+and sliding windows) and dense attention all agree, and each machine and model gets the backend it should."""
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model, hf_greedy
+from transformers import AutoModelForCausalLM
 
-from tokenmill import kernels
+from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.attention import (
     AttentionBackend,
     AttentionSpec,
@@ -58,7 +62,8 @@ NO_PREFIX = torch.zeros(0, dtype=torch.long)
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (4, 1, 64), (1, 7, 64)])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"),
+                         [(3, 3, 64), (2, 4, 128), (4, 1, 64), (1, 7, 64), (1, 4, 256), (2, 3, 256)])
 def test_decode_kernel_equals_dense_attention(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int) -> None:
     torch.manual_seed(0)
     lengths = [1, 15, 16, 17, 40, 300, 33]  # ragged: partial 16-token tiles, a single token, several blocks
@@ -89,7 +94,8 @@ def test_decode_kernel_scores_extreme_values_stably() -> None:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("batch", "kv_heads", "group", "head_dim", "prefix_len"),
-                         [(64, 3, 3, 64, 512), (5, 2, 4, 128, 48), (3, 3, 3, 64, 16), (7, 4, 1, 64, 96)])
+                         [(64, 3, 3, 64, 512), (5, 2, 4, 128, 48), (3, 3, 3, 64, 16), (7, 4, 1, 64, 96),
+                          (9, 1, 4, 256, 64)])
 def test_shared_prefix_decodes_are_bitwise_the_same_as_unshared(dtype: torch.dtype, batch: int, kv_heads: int,
                                                                 group: int, head_dim: int, prefix_len: int) -> None:
     """Requests sharing a prefix, its K/V read once for all: each one's output is, bit for bit, its output
@@ -121,7 +127,7 @@ def test_decode_kernel_refuses_a_prefix_off_its_tiles() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128)])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (1, 4, 256)])
 def test_prompt_chunks_are_bitwise_their_tokens_decoded_alone(dtype: torch.dtype, kv_heads: int, group: int,
                                                               head_dim: int) -> None:
     """A prompt's last 70 tokens as one chunk, as chunks of 23 and 47 tokens in one call, or beside another
@@ -145,17 +151,89 @@ def test_prompt_chunks_are_bitwise_their_tokens_decoded_alone(dtype: torch.dtype
     torch.testing.assert_close(one.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (1, 4, 256)])
+@pytest.mark.parametrize("window", [1, 20, 64, 100, 5000])
+def test_windowed_kernels_equal_dense_attention(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int,
+                                                window: int) -> None:
+    """Under a window W (off the 16-token tiles or on them, larger than every context), each query sees its
+    W newest tokens: decodes over contexts from 1 to 40x W tokens, and a prompt chunk, given their whole
+    contexts, against dense attention over those tokens alone."""
+    torch.manual_seed(0)
+    lengths = [1, 15, 17, 40, 300, 33, 800]
+    pool, slots, lens = random_paged_requests(lengths, 16, kv_heads, dtype=dtype, head_dim=head_dim)
+    q = torch.randn(len(lengths) + 70, kv_heads * group, head_dim).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    out = decode_kernel(q[:len(lengths)].contiguous(), pool[0], pool[1], slots, lens, NO_PREFIX, window)
+    expected, _ = dense_reference(q, pool, [slots[i, max(0, n - window):n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    chunk = q[len(lengths):].contiguous()  # request 6's last 70 tokens
+    out = chunk_kernel(chunk, pool[0], pool[1], torch.tensor([0]), torch.tensor([70]), slots[6:], lens[6:], window)
+    expected, _ = dense_reference(chunk, pool, [slots[6, max(0, n - window):n] for n in range(731, 801)])
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("window", [1, 20, 48, 100, 1000])
+def test_a_windowed_query_has_the_same_bits_however_it_is_computed(dtype: torch.dtype, head_dim: int,
+                                                                   window: int) -> None:
+    """A prompt's last 70 tokens under a window: as one chunk, as chunks of 23 and 47, beside another request,
+    decoded one by one, and each with its context starting at any multiple of 16 at or below its window
+    (the backend starts it at the one below its earliest query's): the same bits every time."""
+    torch.manual_seed(0)
+    kv_heads, group = 2, 3
+    pool, slots, _ = random_paged_requests([300, 90], 16, kv_heads, head_dim, dtype)
+    q = torch.randn(70 + 20, kv_heads * group, head_dim).to(dtype)
+    prompt = slots[:1, :300].contiguous()
+
+    def chunk(starts: list[int], counts: list[int], rows: list[int], lens: list[int], begin: int = 0) -> torch.Tensor:
+        return chunk_kernel(q[:sum(counts)].contiguous(), pool[0], pool[1], torch.tensor(starts), torch.tensor(counts),
+                            slots[rows, begin:300].contiguous(), torch.tensor(lens) - begin, window)
+
+    one = chunk([0], [70], [0], [300])
+    assert torch.equal(one, chunk([0, 23], [23, 47], [0, 0], [253, 300]))
+    beside = chunk_kernel(q, pool[0], pool[1], torch.tensor([0, 70]), torch.tensor([70, 20]), slots,
+                          torch.tensor([300, 90]), window)
+    assert torch.equal(one, beside[:70])
+    earliest = max(0, 231 - window) // 16 * 16
+    assert torch.equal(one, chunk([0], [70], [0], [300], begin=earliest))
+    for begin in range(0, earliest + 1, 16):  # every cut of the context the invariance allows
+        assert torch.equal(one, chunk([0], [70], [0], [300], begin=begin))
+    context_lens = torch.arange(231, 301)
+    decoded = decode_kernel(q[:70].contiguous(), pool[0], pool[1], prompt.expand(70, -1).contiguous(), context_lens,
+                            NO_PREFIX, window)
+    assert torch.equal(one, decoded)
+    # Each decode's context from its own window's tile, as the backend gathers it (the rest: other slots).
+    begins = (context_lens - window).clamp(min=0) // 16 * 16
+    own = torch.stack([prompt[0].roll(-b) for b in begins.tolist()])
+    assert torch.equal(one, decode_kernel(q[:70].contiguous(), pool[0], pool[1], own, context_lens - begins,
+                                          NO_PREFIX, window))
+
+
+@needs_kernel
+def test_decode_kernel_refuses_a_prefix_under_a_window_and_an_empty_window() -> None:
+    pool, slots, lens = random_paged_requests([40, 40], 16, 3, 64, torch.bfloat16)
+    q = torch.randn(2, 9, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no prefix_slots under a window"):
+        decode_kernel(q, pool[0], pool[1], slots, lens, slots[0, :16].contiguous(), 8)
+    with pytest.raises(RuntimeError, match="window: at least 1 token"):
+        decode_kernel(q, pool[0], pool[1], slots, lens, NO_PREFIX, 0)
+
+
 def backends(spec: AttentionSpec) -> list[AttentionBackend]:
     """The torch backend, and the kernel backend where it runs."""
     return [TorchAttentionBackend(spec)] + ([CpuKernelAttentionBackend(spec)] if kernels.available() else [])
 
 
 def step(backend: AttentionBackend, q: torch.Tensor, pool: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
-         batch: BatchLayout) -> torch.Tensor:
+         batch: BatchLayout, window: int | None = None) -> torch.Tensor:
     """One layer's attention for the step: its new K/V stored in (a copy of) the pool first."""
     pool = pool.clone()
     pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = new_k, new_v
-    return backend.forward(q, pool, backend.build_metadata(batch))
+    return backend.forward(q, pool, backend.build_metadata(batch, window))
 
 
 def paged_batch(context: list[int], new: list[int], block_size: int, shared_blocks: int) -> tuple[BatchLayout, list]:
@@ -174,8 +252,9 @@ def paged_batch(context: list[int], new: list[int], block_size: int, shared_bloc
 
 
 def dense_causal(q: torch.Tensor, pool: torch.Tensor, batch: BatchLayout, tables: list,
-                 block_size: int) -> torch.Tensor:
-    """fp32 softmax attention of each query token of the batch over its request's context up to itself."""
+                 block_size: int, window: int | None = None) -> torch.Tensor:
+    """fp32 softmax attention of each query token of the batch over its request's context up to itself (its
+    `window` newest tokens with a window)."""
     group = q.shape[1] // pool.shape[2]
     outs = []
     for i, table in enumerate(tables):
@@ -184,7 +263,10 @@ def dense_causal(q: torch.Tensor, pool: torch.Tensor, batch: BatchLayout, tables
         keys = pool[0][slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, context, D]
         values = pool[1][slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
         scores = q[start:start + n].float().transpose(0, 1) @ keys.transpose(1, 2) * q.shape[-1] ** -0.5
-        causal = torch.arange(context)[None, :] <= torch.arange(context - n, context)[:, None]  # [n, context]
+        key_pos, query_pos = torch.arange(context)[None, :], torch.arange(context - n, context)[:, None]
+        causal = key_pos <= query_pos  # [n, context]
+        if window is not None:
+            causal &= key_pos > query_pos - window
         outs.append((scores.masked_fill(~causal, float("-inf")).softmax(-1) @ values).transpose(0, 1))
     return torch.cat(outs)
 
@@ -232,10 +314,12 @@ def test_prompt_chunk_of_one_request_equals_dense_causal_attention(chunk: int, c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("window", [None, 37])
 def test_backends_agree_on_random_mixed_steps(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int,
-                                              seed: int) -> None:
+                                              seed: int, window: int | None) -> None:
     """Random steps mixing decodes (sharing a prefix or not), one request's prompt chunk and groups of
-    several chunks: every path of both backends, against dense causal attention."""
+    several chunks, under full attention or a window: every path of both backends, against dense causal
+    attention."""
     torch.manual_seed(seed)
     block_size = 16
     decodes = int(torch.randint(2, 9, ()))
@@ -254,20 +338,48 @@ def test_backends_agree_on_random_mixed_steps(dtype: torch.dtype, kv_heads: int,
     tokens = sum(new)
     q = torch.randn(tokens, kv_heads * group, head_dim).to(dtype)
     new_k, new_v = torch.randn(2, tokens, kv_heads, head_dim).to(dtype)
-    outputs = [step(b, q, pool, new_k, new_v, batch) for b in backends(spec)]
+    outputs = [step(b, q, pool, new_k, new_v, batch, window) for b in backends(spec)]
     pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = new_k, new_v
-    expected = dense_causal(q, pool, batch, tables, block_size)
+    expected = dense_causal(q, pool, batch, tables, block_size, window)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for out in outputs:
+        torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [20, 64])
+def test_keys_before_the_window_are_not_read(dtype: torch.dtype, window: int) -> None:
+    """Decodes and prompt chunks over contexts much longer than the window (up to 1,500 tokens): their
+    positions below the 16-token tile of each request's earliest first visible position are NaN in the
+    pool, and both backends' outputs are those of the pool without the NaNs (dense attention's)."""
+    torch.manual_seed(0)
+    block_size, kv_heads, group, head_dim = 16, 2, 4, 64
+    new = [1, 1, 1, 5, 40]
+    batch, tables = paged_batch([1500, 700, 30, 1000, 400], new, block_size, 0)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"), True)
+    pool = torch.randn(2, (max(b for t in tables for b in t) + 1) * block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(sum(new), kv_heads * group, head_dim).to(dtype)
+    expected = dense_causal(q, pool, batch, tables, block_size, window)
+    poisoned = pool.clone()
+    for table, n, context in zip(tables, new, batch.context_lens.tolist()):
+        unread = max(0, context - n - window + 1) // 16 * 16
+        slots = torch.tensor([b * block_size + j for b in table for j in range(block_size)])[:unread]
+        poisoned[:, slots] = float("nan")
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for backend in backends(spec):
+        out = backend.forward(q, poisoned, backend.build_metadata(batch, window))
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.dtype, seed: int) -> None:
+@pytest.mark.parametrize("window", [None, 20])
+def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.dtype, seed: int,
+                                                                  window: int | None) -> None:
     """Batch invariance of the kernel backend: decodes (sharing a prefix or not) and prompt chunks of all
-    lengths in one step; each request's rows equal, bit for bit, a step holding that request alone."""
+    lengths in one step, under full attention or a window; each request's rows equal, bit for bit, a step
+    holding that request alone, and (under the window) those of its last token decoded alone."""
     torch.manual_seed(seed)
     block_size, kv_heads, group, head_dim = 16, 3, 3, 64
     shared_blocks = seed % 2 * 2
@@ -280,12 +392,16 @@ def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.d
     pool = torch.randn(2, (max(b for t in tables for b in t) + 1) * block_size, kv_heads, head_dim).to(dtype)
     q = torch.randn(sum(new), kv_heads * group, head_dim).to(dtype)
     pool[0][batch.slot_mapping], pool[1][batch.slot_mapping] = torch.randn(2, sum(new), kv_heads, head_dim).to(dtype)
-    together = backend.forward(q, pool, backend.build_metadata(batch))
+    together = backend.forward(q, pool, backend.build_metadata(batch, window))
     for i in range(len(new)):
         rows = slice(int(batch.query_start[i]), int(batch.query_start[i]) + new[i])
         alone = BatchLayout(torch.tensor([0]), batch.num_queries[i:i + 1], batch.context_lens[i:i + 1],
                             batch.block_table[i:i + 1], batch.slot_mapping[rows])
-        assert torch.equal(together[rows], backend.forward(q[rows], pool, backend.build_metadata(alone)))
+        assert torch.equal(together[rows], backend.forward(q[rows], pool, backend.build_metadata(alone, window)))
+        last = BatchLayout(torch.tensor([0]), torch.tensor([1]), batch.context_lens[i:i + 1],
+                           batch.block_table[i:i + 1], batch.slot_mapping[rows.stop - 1:rows.stop])
+        last_alone = backend.forward(q[rows.stop - 1:rows.stop], pool, backend.build_metadata(last, window))
+        assert torch.equal(together[rows.stop - 1], last_alone[0])
 
 
 @pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim", "device", "kernel_fits"), [
@@ -295,10 +411,15 @@ def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.d
     (torch.bfloat16, 16, 4, 80, "cpu", False),  # a head size they do not take
     (torch.bfloat16, 520, 8, 64, "cpu", False),  # more query heads per KV head than the kernels' scratch
     (torch.bfloat16, 9, 3, 64, "meta", False),  # not a CPU tensor
+    (torch.bfloat16, 4, 1, 256, "cpu", True),  # Gemma 3's heads
+    (torch.float32, 8, 2, 256, "cpu", True),
 ])
+@pytest.mark.parametrize("sliding_windows", [False, True])
 def test_the_kernel_backend_is_chosen_where_its_kernels_fit(dtype: torch.dtype, heads: int, kv_heads: int,
-                                                            head_dim: int, device: str, kernel_fits: bool) -> None:
-    backend = select_attention_backend(AttentionSpec(heads, kv_heads, head_dim, 16, dtype, torch.device(device)))
+                                                            head_dim: int, device: str, kernel_fits: bool,
+                                                            sliding_windows: bool) -> None:
+    spec = AttentionSpec(heads, kv_heads, head_dim, 16, dtype, torch.device(device), sliding_windows)
+    backend = select_attention_backend(spec)
     expected = CpuKernelAttentionBackend if kernel_fits and kernels.available() else TorchAttentionBackend
     assert type(backend) is expected
 
@@ -313,3 +434,44 @@ def test_a_cpu_without_avx512_gets_the_torch_backend() -> None:
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
                             capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["TorchAttentionBackend"] * 2
+
+
+@pytest.fixture(scope="module")
+def windowed_model(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> Path:
+    """conftest's tiny Mistral whose every layer has a 20-token window, with 64-dim heads (the kernels')."""
+    return build_tiny_model("mistral-window-hd64", tmp_path_factory.mktemp("windowed"), smol_dir)
+
+
+def windowed_prompts() -> list[list[int]]:
+    """Prompts of 1 to 90 tokens, some sharing a 40-token start (for the prefix cache), most longer than the window."""
+    rng = random.Random(2)
+    shared = [rng.randrange(3, 49152) for _ in range(40)]
+    return [(shared if i % 3 == 0 else []) + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 50))]
+            for i in range(10)]
+
+
+def test_a_windowed_model_runs_on_the_kernel_backend_token_exact(windowed_model: Path) -> None:
+    """Greedy output equals transformers' under the window, in chunks of 8 tokens and with prefix-cache hits."""
+    prompts = windowed_prompts()
+    llm = LLM(str(windowed_model), dtype="float32", kv_cache_memory=1 << 26, max_num_batched_tokens=8)
+    expected_backend = CpuKernelAttentionBackend if kernels.available() else TorchAttentionBackend
+    assert type(llm.engine.runner.attention) is expected_backend
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.stats.cached_prompt_tokens > 0
+    hf = AutoModelForCausalLM.from_pretrained(windowed_model, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+
+
+@needs_kernel
+def test_a_windowed_model_gives_each_request_the_bits_it_gets_alone(windowed_model: Path) -> None:
+    """bf16, on the kernel backend: each request alone, then all together with 16-token steps (prompts cut
+    across the window, decodes beside chunks): the same tokens and logprobs, bit for bit."""
+    prompts = windowed_prompts()
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    alone_llm = LLM(str(windowed_model), dtype="bfloat16", kv_cache_memory=1 << 26, enable_prefix_caching=False)
+    alone = [alone_llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+    together_llm = LLM(str(windowed_model), dtype="bfloat16", kv_cache_memory=1 << 26, max_num_batched_tokens=16)
+    together = [o.outputs[0] for o in together_llm.generate(prompts, params, use_tqdm=False)]
+    for a, t in zip(alone, together):
+        assert t.token_ids == a.token_ids and t.logprobs == a.logprobs

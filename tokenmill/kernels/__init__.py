@@ -1,7 +1,8 @@
 """The engine's own CPU kernels (AVX-512, C++), compiled on first use.
 
 - `attention.cpp`: batch-invariant attention over the paged KV pool: decodes read in place (a
-  shared prefix read once for all, Hydragen), prompt chunks as small GEMMs; one order of sums for all.
+  shared prefix read once for all, Hydragen), prompt chunks as small GEMMs; one order of sums for all;
+  full attention or a sliding window (keys older than it get probability 0 and are not read).
 - `encoder_attention.cpp`: bidirectional attention over packed sequences of any lengths (BERT-style
   encoders): each token attends to all of its own sequence's; a sequence's result is the same in any batch.
 - `elementwise.cpp`: a decoder layer's elementwise steps fused, one pass each, for bf16 models:
@@ -33,7 +34,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's and chunk_attention's
-ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_HEAD_DIMS = (64, 128, 256)
 MAX_QUERIES_PER_KV_HEAD = 64  # the attention kernels' per-request scratch
 ENCODER_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 ENCODER_ATTENTION_HEAD_DIM_MULTIPLE = 16  # any head_dim that is a multiple of this; any sequence length
@@ -46,17 +47,20 @@ QUANT_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 
 # torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
-#  context_lens [B] int64, prefix_slots [P] int64, P a multiple of 16) -> out [B, heads, D] of query's dtype:
-#  each request's one query against prefix_slots (shared by all, possibly empty) then its own context.
-DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                 torch.Tensor]
+#  context_lens [B] int64, prefix_slots [P] int64, P a multiple of 16, window=None) -> out [B, heads, D] of
+#  query's dtype: each request's one query against prefix_slots (shared by all, possibly empty) then its own
+#  context; with a window W (and no prefix), against its context's last W tokens only.
+# Under a window, batch invariance asks that each context's row 0 be at a position that is a multiple of 16
+# (attention.cpp's header).
+DecodeAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  int | None], torch.Tensor]
 # torch.ops.tokenmill.chunk_attention:
 # (query [T, heads, D], key_cache, value_cache, query_start [R] int64, num_queries [R] int64,
-#  context_slots [R, L] int64, context_lens [R] int64) -> out [T, heads, D] of query's dtype: request i's
-#  queries are rows query_start[i].. of query, its newest tokens, each attending causally to its context
-#  (rows no request owns are 0).
+#  context_slots [R, L] int64, context_lens [R] int64, window=None) -> out [T, heads, D] of query's dtype:
+#  request i's queries are rows query_start[i].. of query, its newest tokens, each attending causally to its
+#  context (with a window W: to its W newest tokens up to itself); rows no request owns are 0.
 ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor], torch.Tensor]
+                                 torch.Tensor, int | None], torch.Tensor]
 # torch.ops.tokenmill.encoder_attention:
 # (query [T, heads, D], key, value (views allowed: the last dim contiguous), seq_starts [B + 1] int64 (0, ..., T),
 #  scale) -> out [T, heads, D] contiguous, of query's dtype: softmax(scale q k^T) v within each sequence

@@ -5,7 +5,7 @@
 // Every query is attended in one fixed order, whichever op serves it:
 // 1. score of context token t: a chain over the head's 32-bit units in order (bf16: dim pairs through
 //    `dot_pairs`, i.e. vdpbf16ps; fp32: single dims through FMAs), from zero, times 1/sqrt(D);
-// 2. their maximum M over the whole context (exact in any order);
+// 2. their maximum M over the tokens the query sees (exact in any order);
 // 3. p_t = exp(s_t - M); their sum L in 16 lanes (lane t mod 16), tile after tile in token order,
 //    the lanes summed by one fixed tree at the end;
 // 4. out = (sum of p_t v_t) / L, the sum per dim a chain over the tokens in order: bf16 caches take
@@ -14,17 +14,27 @@
 // Each score is its own chain; the context is cut only at multiples of 16 tokens (the sums' tiles,
 // and pairs), and rows never mix: any split of the context or grouping of rows computes the same bits.
 //
+// Sliding window (`window` W): the query at position p sees positions p - W + 1 .. p. Tokens before
+// that get p_t = 0 exactly, so they add exact zeros at the start of every chain: a query's bits do
+// not depend on how many such tokens precede it, provided its context's row 0 sits at a position
+// that is a multiple of 16 (then lane t mod 16 is the same whatever the row 0: the caller starts each
+// context at the multiple of 16 at or below its earliest query's first visible position). The kernels
+// start each query's work at the multiple of 32 (decodes) or 64 (chunks' packed blocks) at or below
+// its first visible token: older keys and values are never read.
+//
 // - decode_attention: one query token per request. Each request's scores, softmax and weighted sum
 //   are one unit of parallel work; its rows are read in place from the pool, each key transposed in
 //   registers 16 tokens at a time. With `prefix_slots`
-//   (a prefix every request shares, a multiple of 16 tokens, which the prefix cache found), that
-//   prefix's K/V are read once for all requests: its scores and its part of the weighted sums are
-//   two small GEMMs per KV head over all B x group queries (Hydragen), each request's own tokens
-//   following in the same chain.
+//   (a prefix every request shares, a multiple of 16 tokens, which the prefix cache found; not under a
+//   window), that prefix's K/V are read once for all requests: its scores and its part of the weighted
+//   sums are two small GEMMs per KV head over all B x group queries (Hydragen), each request's own
+//   tokens following in the same chain.
 // - chunk_attention: prompt chunks, each query token attending causally to its request's context.
-//   Per (request, KV head, 16 query rows), the same GEMMs, each row masked to its own length.
+//   Per (request, KV head, 16 query rows), the same GEMMs, each row masked to its own span.
 // The GEMMs read copies packed once per call: keys transposed (unit i of 16 tokens in one register),
 // values as token pairs interleaved (their dims come out permuted; the output store puts them back).
+// head_dim 64, 128 or 256: the weighted sums take at most 128 dims (8 registers) per pass over the
+// tokens, so that their accumulators and the value units loaded stay in the 32 registers.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,6 +46,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "common.h"
@@ -184,21 +195,29 @@ void score_rows_direct(const uint32_t* const* q, int rows, HeadRows<T> keys, con
   }
 }
 
-inline float max_score(const float* s, int64_t n) {
+// Lanes of the tile [t, t + 16) whose tokens are in [first, n).
+inline __mmask16 span_mask(int64_t t, int64_t first, int64_t n) {
+  const __mmask16 below_n = t < n ? tail_mask(n - t) : 0;
+  const __mmask16 below_first = t < first ? tail_mask(first - t) : 0;
+  return below_n & static_cast<__mmask16>(~below_first);
+}
+
+// The maximum of s[first .. n).
+inline float max_score(const float* s, int64_t first, int64_t n) {
   __m512 max16 = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 valid = tail_mask(n - t);
+  for (int64_t t = first / 16 * 16; t < n; t += 16) {
+    const __mmask16 valid = span_mask(t, first, n);
     max16 = _mm512_mask_max_ps(max16, valid, max16, _mm512_maskz_loadu_ps(valid, s + t));
   }
   return _mm512_reduce_max_ps(max16);
 }
 
-// s[t] = exp(s[t] - max) for t < n, 0 for n <= t < end (end a multiple of 16), each tile of 16 added
-// to sum16 in order.
-inline void exponentiate(float* s, int64_t n, int64_t end, float max, __m512& sum16) {
+// s[t] = exp(s[t] - max) for first <= t < n, 0 for the other t < end (end a multiple of 16), each
+// tile of 16 added to sum16 in order (the tiles before first's add exact zeros).
+inline void exponentiate(float* s, int64_t first, int64_t n, int64_t end, float max, __m512& sum16) {
   const __m512 max16 = _mm512_set1_ps(max);
   for (int64_t t = 0; t < end; t += 16) {
-    const __mmask16 valid = t < n ? tail_mask(n - t) : 0;
+    const __mmask16 valid = span_mask(t, first, n);
     const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + t), max16)));
     _mm512_storeu_ps(s + t, p);
     sum16 = _mm512_add_ps(sum16, p);
@@ -208,23 +227,25 @@ inline void exponentiate(float* s, int64_t n, int64_t end, float max, __m512& su
 // Value units of one KV head: unit j is, for bf16, tokens (2j, 2j + 1) interleaved by unpacklo/hi
 // (so each register's 16 lanes hold permuted dims of 32: store_output puts them back); for fp32,
 // token j. Read from the pool's rows (tokens from n on read token n - 1: their probabilities are 0)...
+// load(j, c0, v) gives the register chunks c0 .. c0 + C - 1 (16 dims each, D / 16 in all) of unit j.
 template <typename T, int D>
 struct PoolValues {
   HeadRows<T> rows;
   const int64_t* slots;
   int64_t n;
-  void load(int64_t j, __m512i* v) const {
+  template <int C>
+  void load(int64_t j, int c0, __m512i* v) const {
     if constexpr (Units<T>::kPerToken == 2) {
-      const T* even = rows.at(slots[std::min(2 * j, n - 1)]);
-      const T* odd = rows.at(slots[std::min(2 * j + 1, n - 1)]);
-      for (int c = 0; c < D / 32; ++c) {
+      const T* even = rows.at(slots[std::min(2 * j, n - 1)]) + 16 * c0;
+      const T* odd = rows.at(slots[std::min(2 * j + 1, n - 1)]) + 16 * c0;
+      for (int c = 0; c < C / 2; ++c) {
         const __m512i x = _mm512_loadu_si512(even + 32 * c), y = _mm512_loadu_si512(odd + 32 * c);
         v[2 * c] = _mm512_unpacklo_epi16(x, y);
         v[2 * c + 1] = _mm512_unpackhi_epi16(x, y);
       }
     } else {
-      const T* row = rows.at(slots[std::min(j, n - 1)]);
-      for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_si512(row + 16 * c);
+      const T* row = rows.at(slots[std::min(j, n - 1)]) + 16 * c0;
+      for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_si512(row + 16 * c);
     }
   }
 };
@@ -233,40 +254,49 @@ struct PoolValues {
 template <int D>
 struct PackedValues {
   const uint32_t* units;  // [j][D / 16][16]
-  void load(int64_t j, __m512i* v) const {
-    for (int c = 0; c < D / 16; ++c) v[c] = _mm512_loadu_si512(units + (j * (D / 16) + c) * 16);
+  template <int C>
+  void load(int64_t j, int c0, __m512i* v) const {
+    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_si512(units + (j * (D / 16) + c0 + c) * 16);
   }
 };
 
+// Units [j0, j1) packed from out on (unit j at out + (j - j0) * D).
 template <typename T, int D>
 void pack_values(const PoolValues<T, D>& values, int64_t j0, int64_t j1, uint32_t* out) {
   for (int64_t j = j0; j < j1; ++j) {
     __m512i v[D / 16];
-    values.load(j, v);
-    for (int c = 0; c < D / 16; ++c) _mm512_storeu_si512(out + (j * (D / 16) + c) * 16, v[c]);
+    values.template load<D / 16>(j, 0, v);
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_si512(out + ((j - j0) * (D / 16) + c) * 16, v[c]);
   }
 }
+
+// Register chunks of the weighted sums per pass over the tokens: D = 256 takes two passes, each dim's
+// chain the same.
+template <int D>
+constexpr int kPassChunks = std::min(D / 16, 8);
 
 // acc[r] += the weighted sum of value units [j0, j1) for R rows of probability units: per dim, one
 // chain over the units in order.
 template <typename T, int D, int R, typename Source>
 inline void value_block(const uint32_t* const* p, int64_t j0, int64_t j1, const Source& values, __m512* acc) {
-  constexpr int kChunks = D / 16;
-  __m512 a[R][kChunks];
-  for (int r = 0; r < R; ++r) for (int c = 0; c < kChunks; ++c) a[r][c] = acc[r * kChunks + c];
-  for (int64_t j = j0; j < j1; ++j) {
-    __m512i v[kChunks];
-    values.load(j, v);
-    for (int r = 0; r < R; ++r) {
-      const __m512i unit = _mm512_set1_epi32(static_cast<int>(p[r][j]));
-      for (int c = 0; c < kChunks; ++c) a[r][c] = Units<T>::step(a[r][c], unit, v[c]);
+  constexpr int kChunks = D / 16, kPass = kPassChunks<D>;
+  for (int c0 = 0; c0 < kChunks; c0 += kPass) {
+    __m512 a[R][kPass];
+    for (int r = 0; r < R; ++r) for (int c = 0; c < kPass; ++c) a[r][c] = acc[r * kChunks + c0 + c];
+    for (int64_t j = j0; j < j1; ++j) {
+      __m512i v[kPass];
+      values.template load<kPass>(j, c0, v);
+      for (int r = 0; r < R; ++r) {
+        const __m512i unit = _mm512_set1_epi32(static_cast<int>(p[r][j]));
+        for (int c = 0; c < kPass; ++c) a[r][c] = Units<T>::step(a[r][c], unit, v[c]);
+      }
     }
+    for (int r = 0; r < R; ++r) for (int c = 0; c < kPass; ++c) acc[r * kChunks + c0 + c] = a[r][c];
   }
-  for (int r = 0; r < R; ++r) for (int c = 0; c < kChunks; ++c) acc[r * kChunks + c] = a[r][c];
 }
 
 template <typename T, int D>
-constexpr int kValueRows = std::max(1, 16 / (D / 16));  // 16 accumulators
+constexpr int kValueRows = std::max(1, 16 / kPassChunks<D>);  // 16 accumulators
 
 template <typename T, int D, typename Source>
 void value_rows(const uint32_t* const* p, int rows, int64_t j0, int64_t j1, const Source& values, __m512* acc) {
@@ -342,7 +372,7 @@ void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, const 
 template <typename T, int D>
 void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                 const at::Tensor& context_slots, const at::Tensor& context_lens, const at::Tensor& prefix_slots,
-                at::Tensor& out) {
+                int64_t window, at::Tensor& out) {
   constexpr int kUnits = D * sizeof(T) / 4, kChunks = D / 16;
   constexpr int64_t kPer = Units<T>::kPerToken;
   const int64_t batch = query.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
@@ -376,7 +406,7 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
         pack_key_block<T, D>({k + g * D, row}, prefix_s, t0, prefix,
                              packed_keys.data() + (g * prefix_pad + t0) * kUnits);
         pack_values<T, D>({{v + g * D, row}, prefix_s, prefix}, t0 / kPer, (t0 + kBlockTokens) / kPer,
-                          packed_values.data() + g * prefix_pad * kUnits);
+                          packed_values.data() + (g * prefix_pad + t0) * kUnits);
       }
     });
     at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
@@ -403,14 +433,21 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   // once) the weighted sums. With a prefix, the prefix's weighted sums come between.
   std::vector<float> own_scores(prefix > 0 ? batch * heads * stride : 0);
   std::vector<float> sums(batch * heads);
+  // Under a window, request b's work starts at its first visible token's multiple of 32 (to_units
+  // converts 32 tokens at a time): from there on its context is tokens_from(b) .. + own_len(b), the
+  // first masked_len(b) of them masked.
+  auto skipped = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) / 32 * 32 : 0; };
+  auto tokens_from = [&](int64_t b) { return slots + b * max_context + skipped(b); };
+  auto own_len = [&](int64_t b) { return lens[b] - skipped(b); };
+  auto masked_len = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) - skipped(b) : 0; };
   // Request b's weighted sums over its own tokens, all heads (probabilities scores_b[h * stride + t]),
   // added to acc[h * kChunks + c]: 64 tokens at a time, every KV head's, so that each V row (all heads)
   // is read from memory once, the next 64 tokens' rows prefetched meanwhile. NOTE: this works mostly
   // from cache, so the memory would idle: the next request's first rows (next, next_n) go into L2
   // meanwhile, a share before each block.
   auto own_values = [&](int64_t b, const float* scores_b, __m512* acc, const int64_t* next, int64_t next_n) {
-    const int64_t n = lens[b], units = (n + kPer - 1) / kPer, blocks = (n + kBlockTokens - 1) / kBlockTokens;
-    const int64_t* own = slots + b * max_context;
+    const int64_t n = own_len(b), units = (n + kPer - 1) / kPer, blocks = (n + kBlockTokens - 1) / kBlockTokens;
+    const int64_t* own = tokens_from(b);
     for (int64_t t0 = 0; t0 < n; t0 += kBlockTokens) {
       for (int64_t t = t0 + kBlockTokens; t < std::min(n, t0 + 2 * kBlockTokens); ++t) {
         prefetch_row(v + own[t] * row, row * sizeof(T), 0);
@@ -435,26 +472,26 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
     std::vector<float> local(prefix > 0 ? 0 : heads * stride);
     std::vector<__m512> acc(heads * kChunks);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = lens[b];
+      const int64_t n = own_len(b), masked = masked_len(b);
       float* scores_b = prefix > 0 ? own_scores.data() + b * heads * stride : local.data();
-      request_scores<T, D>(q + b * heads * kUnits, heads, k, v, kv_heads, slots + b * max_context, n, scores_b, stride);
+      request_scores<T, D>(q + b * heads * kUnits, heads, k, v, kv_heads, tokens_from(b), n, scores_b, stride);
       for (int64_t h = 0; h < heads; ++h) {
         float* s = scores_b + h * stride;
         float* ps = prefix > 0 ? prefix_scores.data() + (b * heads + h) * prefix_pad : nullptr;
-        const float max = std::max(max_score(s, n), prefix > 0 ? max_score(ps, prefix) : -INFINITY);
+        const float max = std::max(max_score(s, masked, n), prefix > 0 ? max_score(ps, 0, prefix) : -INFINITY);
         __m512 sum16 = _mm512_setzero_ps();
         if (prefix > 0) {
-          exponentiate(ps, prefix, round_up(prefix, 32), max, sum16);
+          exponentiate(ps, 0, prefix, round_up(prefix, 32), max, sum16);
           Units<T>::to_units(ps, prefix);
         }
-        exponentiate(s, n, round_up(n, 32), max, sum16);
+        exponentiate(s, masked, n, round_up(n, 32), max, sum16);
         Units<T>::to_units(s, n);
         sums[b * heads + h] = _mm512_reduce_add_ps(sum16);
       }
       if (prefix > 0) continue;
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       const bool last = b + 1 == end;
-      own_values(b, scores_b, acc.data(), slots + (last ? b : b + 1) * max_context, last ? 0 : lens[b + 1]);
+      own_values(b, scores_b, acc.data(), tokens_from(last ? b : b + 1), last ? 0 : own_len(b + 1));
       for (int64_t h = 0; h < heads; ++h) {
         store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }
@@ -497,7 +534,7 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
 template <typename T, int D>
 void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                const at::Tensor& query_start, const at::Tensor& num_queries, const at::Tensor& context_slots,
-               const at::Tensor& context_lens, at::Tensor& out) {
+               const at::Tensor& context_lens, int64_t window, at::Tensor& out) {
   constexpr int kUnits = D * sizeof(T) / 4, kChunks = D / 16;
   constexpr int64_t kPer = Units<T>::kPerToken;
   const int64_t requests = query_start.size(0), heads = query.size(1), kv_heads = key_cache.size(1);
@@ -512,17 +549,25 @@ void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::T
   T* o = out.data_ptr<T>();
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
 
-  // Each request's keys, packed per KV head: [request][kv head][context rounded to 64][units][16].
+  // The first context token that request i's query token `token` sees; the packed copies start at
+  // the block of 64 holding its first query's (under a window, older blocks are not read).
+  auto first_visible = [&](int64_t i, int64_t token) {
+    return window > 0 ? std::max<int64_t>(0, lens[i] - counts[i] + token - window + 1) : 0;
+  };
+  std::vector<int64_t> packed_from(requests), packed_len(requests);
+  // Each request's keys, packed per KV head: [request][kv head][its packed tokens][units][16].
   std::vector<int64_t> packed_at(requests + 1, 0), first_task(requests + 1, 0);
   for (int64_t i = 0; i < requests; ++i) {
-    packed_at[i + 1] = packed_at[i] + kv_heads * round_up(lens[i], kBlockTokens) * kUnits;
+    packed_from[i] = first_visible(i, 0) / kBlockTokens * kBlockTokens;
+    packed_len[i] = round_up(lens[i], kBlockTokens) - packed_from[i];
+    packed_at[i + 1] = packed_at[i] + kv_heads * packed_len[i] * kUnits;
     first_task[i + 1] = first_task[i] + kv_heads * ((counts[i] * group + kRowsPerTask - 1) / kRowsPerTask);
   }
   std::vector<uint32_t> packed(packed_at[requests]), packed_values(packed_at[requests]);
   std::vector<int64_t> pack_tasks;  // (request, kv head, block) flattened
   for (int64_t i = 0; i < requests; ++i) {
     for (int64_t g = 0; g < kv_heads; ++g) {
-      for (int64_t t0 = 0; t0 < lens[i]; t0 += kBlockTokens) {
+      for (int64_t t0 = packed_from[i]; t0 < lens[i]; t0 += kBlockTokens) {
         pack_tasks.push_back((i * kv_heads + g) * max_context + t0);
       }
     }
@@ -531,11 +576,10 @@ void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = pack_tasks[task] / (kv_heads * max_context), g = pack_tasks[task] / max_context % kv_heads;
       const int64_t t0 = pack_tasks[task] % max_context;
-      const int64_t padded = round_up(lens[i], kBlockTokens);
-      pack_key_block<T, D>({k + g * D, row}, slots + i * max_context, t0, lens[i],
-                           packed.data() + packed_at[i] + (g * padded + t0) * kUnits);
+      const int64_t at = packed_at[i] + (g * packed_len[i] + t0 - packed_from[i]) * kUnits;
+      pack_key_block<T, D>({k + g * D, row}, slots + i * max_context, t0, lens[i], packed.data() + at);
       pack_values<T, D>({{v + g * D, row}, slots + i * max_context, lens[i]}, t0 / kPer, (t0 + kBlockTokens) / kPer,
-                        packed_values.data() + packed_at[i] + g * padded * kUnits);
+                        packed_values.data() + at);
     }
   });
 
@@ -548,23 +592,28 @@ void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::T
       const int64_t g = (task - first_task[i]) / tasks_per_head;
       const int64_t first = (task - first_task[i]) % tasks_per_head * kRowsPerTask;
       const int count = static_cast<int>(std::min(kRowsPerTask, counts[i] * group - first));
-      const int64_t n = lens[i], first_position = n - counts[i], padded = round_up(n, kBlockTokens);
+      const int64_t first_position = lens[i] - counts[i];
       // Row r: query token (first + r) / group, head g * group + (first + r) % group; it sees
-      // tokens [0, first_position + its token + 1).
-      const int64_t widest = first_position + (first + count - 1) / group + 1;
+      // tokens [first_visible(i, its token), first_position + its token + 1). The task's scores and
+      // sums start at `from`, the block of 64 holding its first row's first visible token: positions
+      // below are relative to it.
+      const int64_t from = first_visible(i, first / group) / kBlockTokens * kBlockTokens;
+      const int64_t widest = first_position + (first + count - 1) / group + 1 - from;
       const int64_t stride = round_up(widest, kBlockTokens);
       scores.resize(count * stride);
       const uint32_t* q_rows[kRowsPerTask];
       float* s_rows[kRowsPerTask];
-      int64_t row_len[kRowsPerTask], out_index[kRowsPerTask];
+      int64_t row_first[kRowsPerTask], row_len[kRowsPerTask], out_index[kRowsPerTask];
       for (int r = 0; r < count; ++r) {
         const int64_t token = (first + r) / group;
         out_index[r] = (starts[i] + token) * heads + g * group + (first + r) % group;
         q_rows[r] = q + out_index[r] * kUnits;
         s_rows[r] = scores.data() + r * stride;
-        row_len[r] = first_position + token + 1;
+        row_first[r] = first_visible(i, token) - from;
+        row_len[r] = first_position + token + 1 - from;
       }
-      const uint32_t* keys = packed.data() + packed_at[i] + g * padded * kUnits;
+      const int64_t at = packed_at[i] + (g * packed_len[i] + from - packed_from[i]) * kUnits;
+      const uint32_t* keys = packed.data() + at;
       for (int64_t t0 = 0; t0 < widest; t0 += kBlockTokens) {
         float* block_rows[kRowsPerTask];
         for (int r = 0; r < count; ++r) block_rows[r] = s_rows[r] + t0;
@@ -574,13 +623,14 @@ void chunk_all(const at::Tensor& query, const at::Tensor& key_cache, const at::T
       const uint32_t* p_rows[kRowsPerTask];
       for (int r = 0; r < count; ++r) {
         __m512 sum16 = _mm512_setzero_ps();
-        exponentiate(s_rows[r], row_len[r], stride, max_score(s_rows[r], row_len[r]), sum16);
+        exponentiate(s_rows[r], row_first[r], row_len[r], stride, max_score(s_rows[r], row_first[r], row_len[r]),
+                     sum16);
         Units<T>::to_units(s_rows[r], stride);
         sums[r] = _mm512_reduce_add_ps(sum16);
         p_rows[r] = reinterpret_cast<const uint32_t*>(s_rows[r]);
       }
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-      const PackedValues<D> values{packed_values.data() + packed_at[i] + g * padded * kUnits};
+      const PackedValues<D> values{packed_values.data() + at};
       value_rows<T, D>(p_rows, count, 0, (widest + kPer - 1) / kPer, values, acc.data());
       for (int r = 0; r < count; ++r) store_output<T, D>(acc.data() + r * kChunks, sums[r], o + out_index[r] * D);
     }
@@ -597,10 +647,16 @@ void check_common(const at::Tensor& query, const at::Tensor& key_cache, const at
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
               "query and cache dtypes differ");
   TORCH_CHECK(query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kFloat, "bf16 or fp32 only");
-  TORCH_CHECK(query.size(2) == 64 || query.size(2) == 128, "head_dim 64 or 128 only");
+  TORCH_CHECK(query.size(2) == 64 || query.size(2) == 128 || query.size(2) == 256, "head_dim 64, 128 or 256 only");
   TORCH_CHECK(key_cache.size(1) >= 1 && query.size(1) % key_cache.size(1) == 0 && query.size(2) == key_cache.size(2),
               "head shapes");
   TORCH_CHECK(query.size(1) / key_cache.size(1) <= 64, "at most 64 query heads per KV head");
+}
+
+// The window in tokens, 0 for none.
+int64_t window_tokens(const std::optional<int64_t>& window) {
+  TORCH_CHECK(!window.has_value() || *window >= 1, "window: at least 1 token");
+  return window.value_or(0);
 }
 
 void check_contexts(const at::Tensor& context_slots, const at::Tensor& context_lens, int64_t rows, int64_t min_len,
@@ -621,7 +677,8 @@ void dispatch(const at::Tensor& query, Args&&... args) {
   const bool bf = query.scalar_type() == at::kBFloat16;
   switch (query.size(2)) {
     case 64: bf ? Fn<bf16, 64>::run(args...) : Fn<float, 64>::run(args...); break;
-    default: bf ? Fn<bf16, 128>::run(args...) : Fn<float, 128>::run(args...); break;
+    case 128: bf ? Fn<bf16, 128>::run(args...) : Fn<float, 128>::run(args...); break;
+    default: bf ? Fn<bf16, 256>::run(args...) : Fn<float, 256>::run(args...); break;
   }
 }
 
@@ -639,21 +696,24 @@ struct Chunk {
 
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                             const at::Tensor& context_slots, const at::Tensor& context_lens,
-                            const at::Tensor& prefix_slots) {
+                            const at::Tensor& prefix_slots, std::optional<int64_t> window) {
   check_common(query, key_cache, value_cache);
   TORCH_CHECK(prefix_slots.dim() == 1 && prefix_slots.size(0) % 16 == 0, "prefix_slots: [P], P a multiple of 16");
+  TORCH_CHECK(!window.has_value() || prefix_slots.size(0) == 0, "no prefix_slots under a window");
   check_slots(prefix_slots, key_cache.size(0), "prefix_slots");
   check_contexts(context_slots, context_lens, query.size(0), 1, key_cache.size(0));
   at::Tensor out = at::empty(query.sizes(), query.options());
   if (query.size(0) > 0) {
-    dispatch<Decode>(query, query, key_cache, value_cache, context_slots, context_lens, prefix_slots, out);
+    dispatch<Decode>(query, query, key_cache, value_cache, context_slots, context_lens, prefix_slots,
+                     window_tokens(window), out);
   }
   return out;
 }
 
 at::Tensor chunk_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& query_start, const at::Tensor& num_queries,
-                           const at::Tensor& context_slots, const at::Tensor& context_lens) {
+                           const at::Tensor& context_slots, const at::Tensor& context_lens,
+                           std::optional<int64_t> window) {
   check_common(query, key_cache, value_cache);
   const int64_t requests = query_start.size(0);
   TORCH_CHECK(query_start.dim() == 1 && num_queries.sizes() == query_start.sizes() &&
@@ -669,7 +729,8 @@ at::Tensor chunk_attention(const at::Tensor& query, const at::Tensor& key_cache,
   }
   at::Tensor out = at::zeros(query.sizes(), query.options());
   if (requests > 0) {
-    dispatch<Chunk>(query, query, key_cache, value_cache, query_start, num_queries, context_slots, context_lens, out);
+    dispatch<Chunk>(query, query, key_cache, value_cache, query_start, num_queries, context_slots, context_lens,
+                    window_tokens(window), out);
   }
   return out;
 }
@@ -678,7 +739,8 @@ at::Tensor chunk_attention(const at::Tensor& query, const at::Tensor& key_cache,
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor context_slots, "
-        "Tensor context_lens, Tensor prefix_slots) -> Tensor", &decode_attention);
+        "Tensor context_lens, Tensor prefix_slots, int? window=None) -> Tensor", &decode_attention);
   m.def("chunk_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor query_start, "
-        "Tensor num_queries, Tensor context_slots, Tensor context_lens) -> Tensor", &chunk_attention);
+        "Tensor num_queries, Tensor context_slots, Tensor context_lens, int? window=None) -> Tensor",
+        &chunk_attention);
 }
