@@ -8,13 +8,14 @@ checked against the sequences' block tables (reference counts, released entries,
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy
-from transformers import AutoModelForCausalLM
+from conftest import TOKENIZER_FILES, VOCAB, hf_greedy
+from transformers import AutoModelForCausalLM, MistralConfig
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.engine import Engine
@@ -127,6 +128,37 @@ def test_long_outputs_are_exact_in_a_pool_smaller_than_one_sequence(tiny_models:
         assert output.outputs[0].token_ids == hf_greedy(windowed_hf, prompt, 200)
     assert most_blocks <= llm.engine.kv.max_blocks_held(260, 16) < 40
     assert most_running == 4 and llm.engine.scheduler.num_preemptions == 0
+
+
+@pytest.fixture(scope="module")
+def head_dim_64_window(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> Path:
+    """A windowed Mistral of head_dim 64: a shape the CPU kernel backend takes, where it runs."""
+    folder = tmp_path_factory.mktemp("mistral-window-64")
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                           sliding_window=WINDOW, initializer_range=0.3, eos_token_id=2, bos_token_id=1,
+                           pad_token_id=2)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (smol_dir / name).exists():
+            shutil.copy(smol_dir / name, folder / name)
+    return folder
+
+
+def test_long_outputs_are_exact_on_a_shape_the_kernels_take(head_dim_64_window: Path) -> None:
+    """Backends may read a little before the window (the kernels from a multiple of 16 positions):
+    released entries, read there, are masked. A pool of 3 sequences' reach, preempting."""
+    block_bytes = 2 * 2 * 1 * 64 * BLOCK_SIZE * 4
+    llm = LLM(str(head_dim_64_window), dtype="float32", block_size=BLOCK_SIZE, kv_cache_memory=24 * block_bytes,
+              max_num_batched_tokens=8, max_num_seqs=8)
+    prompts = random_prompts(5, 5, 40, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    outputs, _, most_running = run_checked(llm, prompts, params)
+    assert most_running > 1 and llm.engine.scheduler.num_preemptions > 0
+    hf = AutoModelForCausalLM.from_pretrained(head_dim_64_window, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 120)
 
 
 def test_a_long_shared_prefix_is_still_found_in_the_cache(tiny_models: dict[str, Path],
