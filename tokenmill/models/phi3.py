@@ -11,8 +11,9 @@ applies it (`causal_lm.sliding_windows`). No biases. What differs is the rope:
   context it runs with (max_model_len): short where it is at most original_max_position_embeddings
   (then every sequence is exactly transformers'), long otherwise (exactly transformers' for a
   sequence longer than that from its prompt on; a shorter one gets the long factors where
-  transformers uses the short ones). vLLM chooses per step instead, which changes the rope of
-  keys already cached. Run with max_model_len <= original_max_position_embeddings for the short ones.
+  transformers uses the short ones). vLLM switches a whole step to the long factors when any of its
+  positions passes the original context, so keys cached before keep the short ones. Run with
+  max_model_len <= original_max_position_embeddings for the short factors.
 - partial_rotary_factor (Phi-4-mini: 0.75): only the first rotary_dims of each head rotate, each
   dim with the one rotary_dims / 2 after it. NOTE: the fused rope kernel rotates a whole head, each
   dim with the one head_dim / 2 after it; so each head's q and k dims are kept in another order
