@@ -115,6 +115,20 @@ def test_a_cached_prefix_out_of_reach_is_found_but_not_taken() -> None:
     assert kv.pool.num_free == 12 and all(count == 0 for count in kv.pool.ref_counts)
 
 
+def test_without_prefix_caching_released_blocks_are_reused_first() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=False, reach=6)
+    seq = Request("a", None, list(range(20)), SamplingParams(), 100).seqs[0]
+    for chunk in (8, 8, 4):
+        assert kv.allocate_slots(seq, chunk)
+        seq.num_computed_tokens += chunk
+    # At 16 computed, blocks 0 and 1 went back to the front of the free queue (they hold nothing
+    # findable), and the last chunk took one of them.
+    assert seq.block_table == [RELEASED, RELEASED, 2, 3, 1]
+    assert kv.allocate_slots(seq, 1)  # at 20 computed, block 2 goes back and is taken again at once
+    assert seq.block_table == [RELEASED, RELEASED, RELEASED, 3, 1, 2]
+    assert kv.pool.num_free == 8 - 3
+
+
 def test_long_outputs_are_exact_in_a_pool_smaller_than_one_sequence(tiny_models: dict[str, Path],
                                                                     windowed_hf: torch.nn.Module) -> None:
     """Four sequences of ~250 tokens each run at once in 40 blocks (160 tokens)."""
