@@ -11,8 +11,9 @@ sequence's computed tokens have passed a block's end by the reach, no future que
 block: `allocate_slots` gives it back first (a full block keeps its hash, findable and evictable as
 any freed cached block), so a sequence holds about reach / block_size + 1 blocks however long it
 grows. The leading `num_released_blocks` entries of its block table keep their positions and point
-at `RELEASED`, as the model runner's padding does: never written (new tokens go to later blocks)
-nor read (attention reads each request's context from its earliest query's window start).
+at `RELEASED`, as the model runner's padding does: never written (new tokens go to later blocks),
+and what a backend reads there lies before every query's window, masked (the torch backend reads
+from the earliest query's window start, the CPU kernels from the multiple of 16 at or below it).
 """
 
 from __future__ import annotations
