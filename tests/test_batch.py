@@ -200,6 +200,58 @@ def test_prefix_order_groups_shared_prompts(prefix_order: bool, tmp_path: Path,
     assert switches <= 3 if prefix_order else switches > 30
 
 
+def test_long_lines_are_admitted_first_in_their_prefix_groups(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Length-aware admission: the lines asking for long outputs (every fifth) start first, still
+    grouped by system prompt; the summary reports the time the batch ran thin."""
+    from tokenmill import LLM
+    from tokenmill.batch.runner import BatchJob
+    from tokenmill.engine.client import LocalClient
+
+    lines = [chat_line(f"req-{i:04d}", SYSTEMS[i % 4], f"message number {i}", temperature=0, ignore_eos=True,
+                       max_tokens=40 if i % 5 == 0 else 3) for i in range(60)]
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26, max_num_seqs=4)
+    admitted: list[int] = []
+    add_request = llm.engine.add_request
+
+    def recording_add(request_id: str, *args: object, **kwargs: object) -> object:
+        admitted.append(int(request_id.rsplit("-", 1)[1]) - 1)
+        return add_request(request_id, *args, **kwargs)
+
+    llm.engine.add_request = recording_add
+    summary = BatchJob(LocalClient(llm.engine), input_path, tmp_path / "out.jsonl", use_tqdm=False).run()
+    assert summary.succeeded == 60
+    long = [i for i in admitted if i % 5 == 0]
+    assert admitted[:len(long)] == long
+    groups = [i % 4 for i in long]
+    assert sum(a != b for a, b in zip(groups, groups[1:])) <= 3
+    assert summary.prefix_cache_hit_rate > 0.7
+
+    # Three lines on an engine of 8 sequences: every step runs under half of them, none waiting.
+    few = write_jsonl(tmp_path / "few.jsonl", lines[:3])
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26, max_num_seqs=8)
+    summary = BatchJob(LocalClient(llm.engine), few, tmp_path / "few-out.jsonl", use_tqdm=False).run()
+    assert 0 < summary.thin_batch_seconds <= summary.wall_time_s
+    assert summary.thin_batch_share == pytest.approx(summary.thin_batch_seconds / summary.wall_time_s, abs=1e-3)
+
+
+def test_output_lengths_learn_from_a_groups_finished_requests() -> None:
+    from tokenmill.batch.lengths import GROUP_TOKENS, MIN_FINISHED, LengthPredictor
+
+    lengths = LengthPredictor(context_tokens=1000)
+    task_a, task_b = [1] * GROUP_TOKENS + [5, 6], [2] * GROUP_TOKENS + [5, 6]
+    assert lengths.predict(task_a, None) == 1000 - len(task_a)  # no max_tokens: the context's room
+    assert lengths.predict(task_a, 300) == 300
+    for _ in range(MIN_FINISHED - 1):
+        lengths.record(task_a[:GROUP_TOKENS] + [9], 20)
+    assert lengths.predict(task_a, 300) == 300 and lengths.version == 0  # too few to go by
+    lengths.record(task_a, 40)
+    assert lengths.predict(task_a, 300) == 25 and lengths.predict(task_a, 10) == 10
+    assert lengths.predict(task_b, 300) == 300  # another group learns nothing from it
+    assert lengths.version == 1
+    assert lengths.length_class(task_a, 300) < lengths.length_class(task_b, 300)
+
+
 def test_resume_judges_lines_as_the_first_run_did(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     lines: list[dict | str] = [
         {**chat_line("a", SYSTEMS[0], "x", max_tokens=2), "method": "GET"},  # invalid: does not claim "a"

@@ -36,6 +36,23 @@ def test_batched_grid_rows_and_plot(pps: bool, tmp_path: Path, tiny_models: dict
     assert "| tokenmill | 16 | 4 | 3 |" in capsys.readouterr().out
 
 
+def test_job_reports_its_tail_and_plots_it(tmp_path: Path, tiny_models: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "m", "prompt": f"line {i}", "max_tokens": 60 if i == 7 else 4, "ignore_eos": True}}
+             for i in range(12)]
+    input_path = tmp_path / "job.jsonl"
+    input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plot_path = tmp_path / "tail.png"
+    assert main(["bench", "job", str(input_path), "-o", str(tmp_path / "out.jsonl"), "--model",
+                 str(tiny_models["llama"]), "--dtype", "float32", "--max-num-seqs", "8", "--plot", str(plot_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["succeeded"] == 12 and summary["completion_tokens"] == 11 * 4 + 60
+    assert 0 < summary["thin_batch_seconds"] <= summary["wall_time_s"]
+    assert 0 < summary["thin_batch_share"] <= 1
+    assert plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_batched_runs_transformers_on_the_same_grid(tiny_models: dict[str, Path],
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     args = ["bench", "batched", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--npp", "16",

@@ -9,7 +9,8 @@ on a folder that `optimum-cli export openvino` wrote (the very token ids tokenmi
 tokenmill/openvino_peer.py in an interpreter of the user's choice, since OpenVINO's packages are not
 tokenmill's), and `transformers` (the same token ids). `--load` adds a table of each engine's cold and
 warm start, peak RSS and time to first token (tokenmill/bench_load.py). `job` times a whole batch
-file. The share of the machine is achieved FLOP/s over a GEMM peak measured in the same run.
+file, its tail with it (`--plot`: sequences running and tokens/s over the job's time). The share
+of the machine is achieved FLOP/s over a GEMM peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,7 +271,7 @@ def ratios(rows: list[Row], peer: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -277,7 +279,11 @@ def plot(rows: list[Row], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot(rows: list[Row], path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for engine in sorted({r.engine for r in rows}):
         for pp in sorted({r.PP for r in rows}):
@@ -358,8 +364,48 @@ def batched(config: EngineConfig, npp: list[int], ntg: list[int], npl: list[int]
     return "\n".join(out)
 
 
-def job(engine: Engine, input_path: Path, output: Path) -> dict[str, Any]:
+def job(engine: Engine, input_path: Path, output: Path, plot_path: Path | None = None) -> dict[str, Any]:
+    """The job's summary (its thin-batch time and share: the tail); with plot_path, a PNG of the
+    running sequences and output tokens/s over the job's time, sampled every TIMELINE_SECONDS."""
     from tokenmill.batch.runner import BatchJob
 
-    summary = BatchJob(LocalClient(engine), input_path, output, use_tqdm=False).run(overwrite=True)
+    timeline: list[tuple[float, int, int]] = []  # seconds, sequences running, tokens generated so far
+    finished = threading.Event()
+
+    def sample() -> None:
+        start = time.perf_counter()
+        while not finished.wait(TIMELINE_SECONDS):
+            metrics = engine.metrics()
+            timeline.append((time.perf_counter() - start, metrics.sequences_running, metrics.stats.generated_tokens))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = BatchJob(LocalClient(engine), input_path, output, use_tqdm=False).run(overwrite=True)
+    finally:
+        finished.set()
+        sampler.join()
+    if plot_path is not None:
+        plot_timeline(timeline, engine.config.max_num_seqs, summary.thin_batch_share or 0.0, plot_path)
     return asdict(summary)
+
+
+TIMELINE_SECONDS = 0.5
+
+
+def plot_timeline(timeline: list[tuple[float, int, int]], max_num_seqs: int, thin_share: float, path: Path) -> None:
+    plt = pyplot()
+    seconds = [t for t, _, _ in timeline]
+    rates = [(b[2] - a[2]) / (b[0] - a[0]) for a, b in zip([(0.0, 0, 0), *timeline], timeline)]
+    fig, running_axis = plt.subplots(figsize=(8, 4))
+    running_axis.plot(seconds, [r for _, r, _ in timeline], color="tab:blue", label="sequences running")
+    running_axis.axhline(max_num_seqs / 2, color="tab:blue", linestyle=":", label="half of max_num_seqs")
+    running_axis.set_xlabel("seconds into the job")
+    running_axis.set_ylabel("sequences running")
+    rate_axis = running_axis.twinx()
+    rate_axis.plot(seconds, rates, color="tab:orange", alpha=0.8, label="output tokens/s")
+    rate_axis.set_ylabel("output tokens/s")
+    running_axis.set_title(f"thin batch (under half, none waiting): {thin_share:.0%} of the job")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

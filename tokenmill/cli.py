@@ -162,7 +162,8 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         config = _engine_config(args)
         if args.bench == "job":
-            print(json.dumps(bench.job(Engine(config), Path(args.input), Path(args.output)), indent=2))
+            print(json.dumps(bench.job(Engine(config), Path(args.input), Path(args.output),
+                                       Path(args.plot) if args.plot else None), indent=2))
             return 0
         model = Path(args.model) if args.model else default_model_path()
         gguf = Path(args.gguf) if args.gguf else (model if model.suffix == ".gguf" else None)
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     job_parser = kinds.add_parser("job", help="time a whole batch file")
     job_parser.add_argument("input")
     job_parser.add_argument("-o", "--output", default="bench-output.jsonl")
+    job_parser.add_argument("--plot", help="write the sequences running and output tokens/s over time as a PNG here")
     for sub in (batched, job_parser):
         sub.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
         sub.add_argument("--threads", type=int, help="torch threads (default: all cores)")

@@ -1,10 +1,11 @@
 """`tokenmill run`: a whole OpenAI Batch file through the engine, streamed and crash-safe.
 
 The input is read as a stream; a window of validated, tokenized requests waits in a heap ordered
-by prompt token ids, so requests that share a prompt prefix are admitted together and their
-shared blocks are computed once and stay cached while the group runs (BatchLLM's global prefix
-sharing, within the window). Results are appended as they finish (see journal.py for why that
-is exactly once across crashes).
+by predicted output length, longest first (in powers of two: lengths.py), then by prompt token
+ids, so requests that share a prompt prefix are admitted together and their shared blocks are
+computed once and stay cached while the group runs (BatchLLM's global prefix sharing, within the
+window), and the longest requests do not start last, alone at the job's end. Results are appended
+as they finish (see journal.py for why that is exactly once across crashes).
 
 A line may ask for k prompts (an embeddings line's inputs, a completions line's prompt list): they
 run as k engine requests, and the line's record is written when the last of them finishes.
@@ -37,6 +38,7 @@ from tokenmill.batch.journal import (
     line_of,
     record_id,
 )
+from tokenmill.batch.lengths import LengthPredictor
 from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
@@ -88,6 +90,10 @@ class JobSummary(LineCounts):
     output_tokens_per_s: float = 0.0
     total_tokens_per_s: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    # The engine's thin-batch time while the job ran (EngineStats.thin_batch_seconds: under half of
+    # max_num_seqs running, none waiting), and its share of the wall time; None on Ray.
+    thin_batch_seconds: float | None = None
+    thin_batch_share: float | None = None
 
     def hit_rate(self) -> float:
         return self.cached_prompt_tokens / max(1, self.prompt_tokens)
@@ -97,6 +103,9 @@ class JobSummary(LineCounts):
         self.output_tokens_per_s = round(self.completion_tokens / elapsed, 1)
         self.total_tokens_per_s = round((self.prompt_tokens + self.completion_tokens) / elapsed, 1)
         self.prefix_cache_hit_rate = round(self.hit_rate(), 4)
+        if self.thin_batch_seconds is not None:
+            self.thin_batch_seconds = round(self.thin_batch_seconds, 3)
+            self.thin_batch_share = round(self.thin_batch_seconds / elapsed, 4)
 
 
 def _beside(output: Path, suffix: str) -> Path:
@@ -119,7 +128,8 @@ def count_lines(path: Path) -> int:
 
 @dataclass(order=True)
 class _Pending:
-    order_key: list[int]  # the prompt's token ids to group shared prefixes; [] keeps input order
+    # (-the predicted output length's class, the prompt's token ids); () keeps input order
+    order_key: tuple[int, list[int]] | tuple[()]
     line_no: int
     line: BatchLine = field(compare=False)
     prompts: list[Prompt] = field(compare=False)  # one per engine request
@@ -185,6 +195,7 @@ class LineExecutor:
         self.prefix_order = prefix_order
         self.window = window or max(1024, 8 * client.frontend.config.max_num_seqs)
         self.cancel = cancel or threading.Event()
+        self.lengths = LengthPredictor(client.frontend.max_model_len)
         # Engine request ids must be unique among everything the engine runs (the server runs many
         # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
         self.run_id = secrets.token_hex(6)
@@ -204,10 +215,11 @@ class LineExecutor:
             raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id,
                             line.endpoint.blamed_param(e.param)) from None
 
-    def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> list[int]:
+    def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> tuple[int, list[int]] | tuple[()]:
         if not self.prefix_order or not line.endpoint.prefix_ordered:
-            return []
-        return prompts[0][1]
+            return ()
+        tokens = prompts[0][1]
+        return -self.lengths.length_class(tokens, getattr(line.call.params, "max_tokens", None)), tokens
 
     def _requests(self, lines: Iterator[tuple[int, BatchLine | LineError]],
                   in_flight: dict[str, tuple[_Gathering, int]]) -> Iterator[Submission]:
@@ -217,7 +229,13 @@ class LineExecutor:
         pending: list[_Pending] = []
         waiting = 0  # engine requests in `pending`
         exhausted = False
+        keyed_at = self.lengths.version
         while not self.cancel.is_set():
+            if keyed_at != self.lengths.version:  # finished lines changed a group's predicted length
+                keyed_at = self.lengths.version
+                for entry in pending:
+                    entry.order_key = self._order_key(entry.line, entry.prompts)
+                heapq.heapify(pending)
             while not exhausted and waiting < self.window:
                 item = next(lines, None)
                 if item is None:
@@ -250,6 +268,10 @@ class LineExecutor:
         line, endpoint = gathering.line, gathering.line.endpoint
         outputs = [o for o in gathering.outputs if o is not None]
         error = endpoint.failure(outputs)
+        for output in outputs:
+            if isinstance(output, RequestOutput):
+                for completion in output.outputs:
+                    self.lengths.record(output.prompt_token_ids, len(completion.token_ids))
         if error is None:
             body = endpoint.respond(line.call, outputs, gathering.request_id, self.client.frontend.model_name)
             self._succeed(gathering, body, line_tokens(outputs))
@@ -320,10 +342,12 @@ class BatchJob:
             done = done_ok | done_failed
             self.summary.total_lines = count_lines(self.input)
             writer = DurableAppender(self.output, self.errors)
+            thin_before = self.client.metrics().stats.thin_batch_seconds
             try:
                 self._run(done, writer)
             finally:
                 writer.close()
+                self.summary.thin_batch_seconds = self.client.metrics().stats.thin_batch_seconds - thin_before
             if sort:
                 sort_output(self.output)
         self.summary.finish(time.perf_counter() - start)

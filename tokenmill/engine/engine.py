@@ -50,8 +50,11 @@ class EngineStats:
     requests_finished: int = 0
     prompt_tokens: int = 0  # of finished requests
     cached_prompt_tokens: int = 0  # of those, found in the prefix cache
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # sampled, counted at each step
     requests_failed_internally: int = 0  # failed by an error inside the engine (see RequestError.internal)
+    # Time in steps that ran fewer than half of max_num_seqs sequences with none waiting: the machine
+    # not full for lack of work (a job's tail, where its longest requests run on alone).
+    thin_batch_seconds: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -210,6 +213,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        started = time.perf_counter()
         try:
             result = self.runner.run(batch)
             for seq, target, logits in result.prompt_logits:
@@ -230,6 +234,7 @@ class Engine:
         self.scheduler.advance(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
+        self.stats.generated_tokens += len(tokens)
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
             if seq.request.metrics.first_token_time is None:
@@ -237,6 +242,8 @@ class Engine:
             self._append_and_check(seq, token)
         for seq in result.computed_prompts:  # max_tokens 0: the prompt was all there was to do
             self.scheduler.finish(seq, "length")
+        if 2 * len(batch.seqs) < self.scheduler.max_num_seqs and not self.scheduler.waiting:
+            self.stats.thin_batch_seconds += time.perf_counter() - started
         return self._collect_outputs(seqs + result.computed_prompts)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -271,7 +278,6 @@ class Engine:
                 self.stats.requests_finished += 1
                 self.stats.prompt_tokens += len(request.prompt_token_ids)
                 self.stats.cached_prompt_tokens += request.num_cached_tokens or 0
-                self.stats.generated_tokens += sum(len(c.token_ids) for c in outputs[-1].outputs)
         return outputs
 
     def _fail_internally(self, request_ids: set[str], cause: Exception) -> list[RequestOutput]:

@@ -128,6 +128,7 @@ class SimulatedEngine(Engine):
         self.scheduler.advance(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
+        self.stats.generated_tokens += len(plan.sampled)
         self._track_memory(batch.seqs)
         for seq in plan.sampled:
             seq.token_ids.append(PLACEHOLDER_TOKEN)

@@ -103,6 +103,8 @@ class EngineCollector:
         yield CounterMetricFamily("tokenmill_cached_prompt_tokens", "Of which found in the prefix cache",
                                   value=stats.cached_prompt_tokens)
         yield CounterMetricFamily("tokenmill_generation_tokens", "Tokens generated", value=stats.generated_tokens)
+        yield CounterMetricFamily("tokenmill_thin_batch_seconds", "Step time with under half of max_num_seqs "
+                                  "running and none waiting", value=stats.thin_batch_seconds)
         yield GaugeMetricFamily("tokenmill_requests_running", "Sequences running", value=metrics.sequences_running)
         yield GaugeMetricFamily("tokenmill_requests_waiting", "Sequences waiting", value=metrics.sequences_waiting)
         yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Share of KV blocks in use",
