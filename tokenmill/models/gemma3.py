@@ -1,0 +1,224 @@
+"""Gemma 3's text model (transformers' Gemma3ForCausalLM, model type "gemma3_text") over the engine's flat batch.
+
+Llama-shaped (its linears, embedding, rope tables and rope/KV-store op are models/llama.py's), but:
+- every RMSNorm scales by (1 + weight), in fp32, and casts back after the scale (`GemmaRMSNorm`);
+- four norms per layer: before and after attention, before and after the MLP, each output normed
+  before it joins the residual stream; per-head q and k norms;
+- a GELU-tanh gated MLP; embeddings scaled by sqrt(hidden), the factor rounded to the model's dtype;
+- queries scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5;
+- sliding and full layers interleaved (`config.layer_types`), each kind with its own rope parameters
+  (`config.rope_parameters[layer_type]`: local base 10k, global 1M on the released models);
+- the final logits soft-capped where the config says so (Gemma 3 releases do not; Gemma 2 did).
+Each op is computed as transformers computes it, so fp32 greedy output is transformers' token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from tokenmill.attention import AttentionBackend
+from tokenmill.models import llama
+from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding_windows
+from tokenmill.models.checkpoint import Checkpoint
+from tokenmill.models.elementwise import ElementwiseOps, select_elementwise_ops, signed_sin
+from tokenmill.models.embedding import TokenEmbedding
+from tokenmill.models.linear import Linear
+from tokenmill.models.quantized import Weight
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("scale", torch.ones(size), persistent=False)  # 1 + weight, fp32 (set by `load`)
+
+    def load(self, weight: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> None:
+        """weight: the checkpoint's (offset by 1); `factor` multiplies the scale (exactly, for a power of 2).
+        NOTE: transformers keeps the weight in the model's dtype and adds the 1 in fp32 at each call."""
+        self.scale = (1.0 + weight.to(dtype).float()) * factor if factor != 1.0 else 1.0 + weight.to(dtype).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float()
+        normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return normed.mul_(self.scale).to(x.dtype)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.window = window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        # NOTE: the backends scale scores by head_dim ** -0.5; Gemma wants query_pre_attn_scalar ** -0.5, so
+        # the queries are scaled by the ratio, folded into q_norm's scale. It is 1 (nothing changes) where the
+        # scalar is the head_dim, as on every Gemma 3 but the 27B.
+        self.query_factor = math.sqrt(self.head_dim / config.query_pre_attn_scalar)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        kv_pool = kv_cache[self.layer_index]
+        meta = metas[self.window]
+        q = self.ops.rope_store(qk, v.view(tokens, self.num_kv_heads, self.head_dim), cos, sin, kv_pool[0],
+                                kv_pool[1], meta.slot_mapping)
+        return self.o_proj(attention.forward(q, kv_pool, meta).reshape(tokens, self.q_size))
+
+
+class GeluTanhMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_index]
+        self.self_attn = Gemma3Attention(config, layer_index, window, ops)
+        self.mlp = GeluTanhMLP(config)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
+        """x: the residual stream; each block's output is normed before it is added back."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attention, metas)
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """ValueError for what this module does not compute."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("attention logit soft-capping (attn_logit_softcapping) is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("bidirectional attention (use_bidirectional_attention) is not supported")
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        raise ValueError(f"activation {config.hidden_activation!r} is not supported")
+
+
+class Gemma3ForCausalLM(CausalLM):
+    def __init__(self, config: PretrainedConfig, max_positions: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        """As models/llama.py's LlamaForCausalLM."""
+        super().__init__()
+        check_supported(config)
+        self.config = config
+        self.dtype = dtype
+        ops = select_elementwise_ops(device, dtype, config.head_dim)
+        windows = sliding_windows(config)
+        self.kv_layout = KVLayout(config.num_attention_heads, config.num_key_value_heads, config.head_dim, windows)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size, dtype)
+        # NOTE: transformers rounds sqrt(hidden) to fp32, then to the model's dtype (bf16: 25.30 -> 25.25 on 270M).
+        self.embed_scale = torch.tensor(config.hidden_size ** 0.5, device="cpu").to(dtype).item()
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, window, ops) for i, window in enumerate(windows))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.max_positions = max_positions
+        self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> cos, sin [rows, head_dim]
+
+    def reset_buffers(self) -> None:
+        self._compute_rope(min(self.max_positions, llama.ROPE_ROWS_AT_START))
+
+    def _compute_rope(self, rows: int) -> None:
+        self.rope = {kind: llama.rope_tables(self.config, rows, layer_type=kind) for kind in {*self.config.layer_types}}
+
+    def _cover_positions(self, positions: torch.Tensor) -> None:
+        """Grows the rope tables (doubling) as models/llama.py's do."""
+        rows = next(iter(self.rope.values()))[0].shape[0]
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > rows:
+            self._compute_rope(min(self.max_positions, max(needed, 2 * rows)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        self._cover_positions(positions)
+        rope = {kind: (cos[positions].to(x.dtype), signed_sin(sin[positions].to(x.dtype)))
+                for kind, (cos, sin) in self.rope.items()}
+        for layer in self.layers:
+            x = layer(x, *rope[layer.layer_type], kv_cache, attention, metas)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:  # in the model's dtype, as transformers does
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
+        """Fuses q/k/v and gate/up (models/checkpoint.py)."""
+        checkpoint = Checkpoint(tensors, self.dtype)
+        self.embed_tokens.load(checkpoint.cast(checkpoint.take("model.embed_tokens.weight")))
+        self.norm.load(checkpoint.plain("model.norm.weight"), self.dtype)
+        if lm_head and not self.config.tie_word_embeddings:
+            checkpoint.load_linear(self.lm_head, ["lm_head"])
+        else:
+            tensors.pop("lm_head.weight", None)
+            if lm_head:
+                self.lm_head.load(self.embed_tokens.weight, None)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            checkpoint.load_linear(attn.qkv_proj, [f"{p}self_attn.{x}_proj" for x in "qkv"])
+            checkpoint.load_linear(attn.o_proj, [f"{p}self_attn.o_proj"])
+            checkpoint.load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
+            checkpoint.load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
+            attn.q_norm.load(checkpoint.plain(f"{p}self_attn.q_norm.weight"), self.dtype, attn.query_factor)
+            attn.k_norm.load(checkpoint.plain(f"{p}self_attn.k_norm.weight"), self.dtype)
+            for name in NORMS:
+                getattr(layer, name).load(checkpoint.plain(f"{p}{name}.weight"), self.dtype)
+        checkpoint.check_all_used()
+
+
+# llama.cpp runs every Gemma 3 with a global layer after each five local ones (the file does not say so).
+GGUF_SLIDING_WINDOW_PATTERN = 6
+# Gemma 3's vocabulary (every size) ends a turn with <end_of_turn>, id 106; its generation_config.json and
+# llama.cpp stop there as at <eos>.
+END_OF_TURN = 106
+
+
+def gguf_config_values(metadata: dict[str, Any], plain_tensor: Callable[[str], torch.Tensor],
+                       tensor_names: set[str]) -> dict[str, Any]:
+    """What a Gemma 3 GGUF's config needs beyond transformers' key table (models/gguf_file.py), as llama.cpp
+    runs the file: the layer types, the query scale, and the end-of-turn token as an end of generation.
+    The local layers' rope base is Gemma3TextConfig's default (10k), as llama.cpp's."""
+    layers, heads = metadata["gemma3.block_count"], metadata["gemma3.attention.head_count"]
+    hidden = metadata["gemma3.embedding_length"]
+    head_dim = metadata.get("gemma3.attention.key_length", hidden // heads)
+    types = ["full_attention" if (i + 1) % GGUF_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+             for i in range(layers)]
+    # NOTE: llama.cpp's query scale: hidden / heads on the 27B (62 layers; its config's 168), else the head_dim.
+    query_pre_attn_scalar = hidden // heads if layers == 62 else head_dim
+    eos = metadata.get("tokenizer.ggml.eos_token_id", 1)
+    return {"layer_types": types, "query_pre_attn_scalar": query_pre_attn_scalar, "eos_token_id": [eos, END_OF_TURN]}
