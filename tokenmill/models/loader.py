@@ -259,7 +259,11 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     model_ = build_decoder(config, tensors, dtype, max_model_len, path)
 
     eos = set()
-    if model_generation is not None and (gen_eos := model_generation.get("eos_token_id")) is not None:
+    # As transformers' generate: the generation config's ends, else the model config's (a GGUF's: Gemma 3's
+    # end of turn, models/gemma3.py).
+    gen_eos = model_generation.get("eos_token_id") if model_generation is not None else \
+        getattr(config, "eos_token_id", None)
+    if gen_eos is not None:
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     if tokenizer_.eos_token_id is not None:
         eos.add(tokenizer_.eos_token_id)
