@@ -33,21 +33,30 @@ from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
 
 
+def gemma_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, times `scale` (fp32, broadcast), then cast: transformers' Gemma3RMSNorm."""
+    normed = x.float()
+    normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return normed.mul_(scale).to(x.dtype)
+
+
+def norm_scale(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint's Gemma norm weight as the fp32 factor it scales by. NOTE: transformers keeps the weight
+    in the model's dtype and adds the 1 in fp32 at each call."""
+    return 1.0 + weight.to(dtype).float()
+
+
 class GemmaRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.register_buffer("scale", torch.ones(size), persistent=False)  # 1 + weight, fp32 (set by `load`)
+        self.register_buffer("scale", torch.ones(size), persistent=False)  # set by `load`
 
-    def load(self, weight: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> None:
-        """weight: the checkpoint's (offset by 1); `factor` multiplies the scale (exactly, for a power of 2).
-        NOTE: transformers keeps the weight in the model's dtype and adds the 1 in fp32 at each call."""
-        self.scale = (1.0 + weight.to(dtype).float()) * factor if factor != 1.0 else 1.0 + weight.to(dtype).float()
+    def load(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.scale = norm_scale(weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float()
-        normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-        return normed.mul_(self.scale).to(x.dtype)
+        return gemma_rms_norm(x, self.scale, self.eps)
 
 
 class Gemma3Attention(nn.Module):
@@ -62,20 +71,29 @@ class Gemma3Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+        # q_norm's scale for each query head, then k_norm's for each key head: both norms in one call.
+        self.register_buffer("qk_scale", torch.ones(self.num_heads + self.num_kv_heads, self.head_dim),
+                             persistent=False)
         # NOTE: the backends scale scores by head_dim ** -0.5; Gemma wants query_pre_attn_scalar ** -0.5, so
         # the queries are scaled by the ratio, folded into q_norm's scale. It is 1 (nothing changes) where the
         # scalar is the head_dim, as on every Gemma 3 but the 27B.
         self.query_factor = math.sqrt(self.head_dim / config.query_pre_attn_scalar)
         self.ops = ops
 
+    def load_qk_norms(self, q_weight: torch.Tensor, k_weight: torch.Tensor, dtype: torch.dtype) -> None:
+        q_scale = norm_scale(q_weight, dtype)
+        if self.query_factor != 1.0:
+            q_scale = q_scale * self.query_factor
+        self.qk_scale = torch.cat((q_scale.expand(self.num_heads, -1), norm_scale(k_weight, dtype).expand(
+            self.num_kv_heads, -1)))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        qk = gemma_rms_norm(qk, self.qk_scale, self.eps)
         kv_pool = kv_cache[self.layer_index]
         meta = metas[self.window]
         q = self.ops.rope_store(qk, v.view(tokens, self.num_kv_heads, self.head_dim), cos, sin, kv_pool[0],
@@ -194,8 +212,8 @@ class Gemma3ForCausalLM(CausalLM):
             checkpoint.load_linear(attn.o_proj, [f"{p}self_attn.o_proj"])
             checkpoint.load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
             checkpoint.load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
-            attn.q_norm.load(checkpoint.plain(f"{p}self_attn.q_norm.weight"), self.dtype, attn.query_factor)
-            attn.k_norm.load(checkpoint.plain(f"{p}self_attn.k_norm.weight"), self.dtype)
+            attn.load_qk_norms(checkpoint.plain(f"{p}self_attn.q_norm.weight"),
+                               checkpoint.plain(f"{p}self_attn.k_norm.weight"), self.dtype)
             for name in NORMS:
                 getattr(layer, name).load(checkpoint.plain(f"{p}{name}.weight"), self.dtype)
         checkpoint.check_all_used()
