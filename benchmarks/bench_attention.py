@@ -1,12 +1,14 @@
 """Attention alone: the kernel backend (batch-invariant) against the torch backend (gather + SDPA), per layer.
 
-    .venv/bin/python benchmarks/bench_attention.py [--threads N] [--heads smol 1b]
+    .venv/bin/python benchmarks/bench_attention.py [--threads N] [--heads smol 1b gemma3]
 
 Cases, each one layer's attention over a paged pool of random K/V (blocks placed at random, as a
 long-running engine leaves them): B decodes with ragged contexts; B decodes sharing a 512-token
 prefix (the prefix cache's blocks); one request's 256-token prompt chunk at contexts of 256 and
-1,024. Heads: SmolLM2's (9 query, 3 KV, D=64) and Llama-3.2-1B's (32 query, 8 KV, D=64), bf16.
-Times are the best of calls alternated for --min-time seconds (milliseconds); the ratio is kernel / torch.
+1,024; and long contexts (4,096 tokens) under a 512-token sliding window, beside the same with
+full attention (the window's saving). Heads: SmolLM2's (9 query, 3 KV, D=64), Llama-3.2-1B's
+(32 query, 8 KV, D=64) and Gemma 3 270M's (4 query, 1 KV, D=256), bf16. Times are the best of
+calls alternated for --min-time seconds (milliseconds); the ratio is kernel / torch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from bench_quant_kernels import best_times
 
 from tokenmill.attention import AttentionSpec, BatchLayout, CpuKernelAttentionBackend, TorchAttentionBackend
 
-HEADS = {"smol": (9, 3), "1b": (32, 8)}
+HEADS = {"smol": (9, 3, 64), "1b": (32, 8, 64), "gemma3": (4, 1, 256)}  # query heads, KV heads, head_dim
 BLOCK = 16
 
 
@@ -42,25 +44,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = [("64 decodes, ~210-token contexts", [210 + i * 7 % 30 for i in range(64)], [1] * 64, 0),
-             ("8 decodes, ~1,000-token contexts", [1000 + i * 7 % 30 for i in range(8)], [1] * 8, 0),
-             ("64 decodes sharing 512 tokens, ~40 own", [512 + 20 + i % 28 for i in range(64)], [1] * 64, 32),
-             ("a 256-token prompt chunk, context 256", [256], [256], 0),
-             ("a 256-token prompt chunk, context 1,024", [1024], [256], 0)]
+    long_contexts = [4096 + i * 7 % 30 for i in range(64)]
+    # (label, contexts, new tokens, shared blocks, window)
+    cases = [("64 decodes, ~210-token contexts", [210 + i * 7 % 30 for i in range(64)], [1] * 64, 0, None),
+             ("8 decodes, ~1,000-token contexts", [1000 + i * 7 % 30 for i in range(8)], [1] * 8, 0, None),
+             ("64 decodes sharing 512 tokens, ~40 own", [512 + 20 + i % 28 for i in range(64)], [1] * 64, 32, None),
+             ("a 256-token prompt chunk, context 256", [256], [256], 0, None),
+             ("a 256-token prompt chunk, context 1,024", [1024], [256], 0, None),
+             ("64 decodes, ~4,096-token contexts", long_contexts, [1] * 64, 0, None),
+             ("64 decodes, ~4,096-token contexts, window 512", long_contexts, [1] * 64, 0, 512),
+             ("a 256-token prompt chunk, context 4,096", [4096], [256], 0, None),
+             ("a 256-token prompt chunk, context 4,096, window 512", [4096], [256], 0, 512)]
     print(f"threads {args.threads}; per layer, ms (best of the turns alternated for --min-time s)")
     print("| heads | case | kernel | torch | kernel / torch |\n|---|---|---:|---:|---:|")
     for name in args.heads:
-        heads, kv_heads = HEADS[name]
-        spec = AttentionSpec(heads, kv_heads, 64, BLOCK, torch.bfloat16, torch.device("cpu"))
+        heads, kv_heads, head_dim = HEADS[name]
+        spec = AttentionSpec(heads, kv_heads, head_dim, BLOCK, torch.bfloat16, torch.device("cpu"), True)
         if not CpuKernelAttentionBackend.supports(spec):  # builds the kernels, or says they cannot run here
             raise SystemExit("tokenmill's attention kernels do not run on this machine")
         kernel, reference = CpuKernelAttentionBackend(spec), TorchAttentionBackend(spec)
-        for label, contexts, new, shared in cases:
+        for label, contexts, new, shared, window in cases:
             pool_blocks = shared + sum((n + BLOCK - 1) // BLOCK for n in contexts) + 8
             batch = layout(contexts, new, shared, pool_blocks)
-            pool = torch.randn(2, pool_blocks * BLOCK, kv_heads, 64).to(torch.bfloat16)
-            q = torch.randn(sum(new), heads, 64).to(torch.bfloat16)
-            metas = {"kernel": kernel.build_metadata(batch), "torch": reference.build_metadata(batch)}
+            pool = torch.randn(2, pool_blocks * BLOCK, kv_heads, head_dim).to(torch.bfloat16)
+            q = torch.randn(sum(new), heads, head_dim).to(torch.bfloat16)
+            metas = {"kernel": kernel.build_metadata(batch, window), "torch": reference.build_metadata(batch, window)}
             best = best_times(args.min_time, {
                 "kernel": partial(kernel.forward, q, pool, metas["kernel"]),
                 "torch": partial(reference.forward, q, pool, metas["torch"])})

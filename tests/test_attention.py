@@ -346,6 +346,32 @@ def test_backends_agree_on_random_mixed_steps(dtype: torch.dtype, kv_heads: int,
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windowed_decodes_that_fit_their_window_share_their_prefix(dtype: torch.dtype) -> None:
+    """Decodes whose contexts (33 to 70 tokens) all fit a 100-token window read their 32 shared tokens once
+    in the kernel backend: each one's bits are its own alone under the window, and dense attention's. Under
+    a 64-token window, which the 70-token context exceeds, none shares."""
+    torch.manual_seed(0)
+    block_size, kv_heads, group, head_dim = 16, 3, 3, 64
+    batch, tables = paged_batch([70, 33, 49, 64], [1, 1, 1, 1], block_size, 2)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"), True)
+    backend = CpuKernelAttentionBackend(spec)
+    pool = torch.randn(2, 40 * block_size, kv_heads, head_dim).to(dtype)
+    q = torch.randn(4, kv_heads * group, head_dim).to(dtype)
+    meta = backend.build_metadata(batch, 100)
+    assert len(meta.decodes.prefix_slots) == 32
+    together = backend.forward(q, pool, meta)
+    for i in range(4):
+        alone = BatchLayout(torch.tensor([0]), batch.num_queries[i:i + 1], batch.context_lens[i:i + 1],
+                            batch.block_table[i:i + 1], batch.slot_mapping[i:i + 1])
+        assert torch.equal(together[i], backend.forward(q[i:i + 1], pool, backend.build_metadata(alone, 100))[0])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(together.float(), dense_causal(q, pool, batch, tables, block_size, 100),
+                               atol=tolerance, rtol=tolerance)
+    assert len(backend.build_metadata(batch, 64).decodes.prefix_slots) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [20, 64])
 def test_keys_before_the_window_are_not_read(dtype: torch.dtype, window: int) -> None:

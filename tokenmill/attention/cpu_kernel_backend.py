@@ -16,7 +16,9 @@ Under a window W (a layer's; the metadata is built once per window), a query at 
 positions p - W + 1 .. p. Each request's context is gathered from the multiple of 16 at or below its
 earliest query's first visible position (the kernels' tiles start there, whatever the chunk, so a
 query's bits are the same in a decode, in a chunk of any length, or beside any other request), so the
-blocks before it are never read. Windowed decodes take no shared prefix: each reads its own window.
+blocks before it are never read. Windowed decodes share a prefix only while every one's whole context
+fits its window (the window then changes nothing, and the shared prefix never changes bits); past
+that, each reads its own window.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Decodes:
     context_slots: torch.Tensor  # [B, L] what follows the shared prefix
     context_lens: torch.Tensor  # [B]
     prefix_slots: torch.Tensor  # [P] shared by all B, possibly empty
+    window: int | None  # None where it changes nothing (every context fits it)
 
 
 @dataclass
@@ -49,13 +52,13 @@ class Chunks:
     num_queries: torch.Tensor  # [R]
     context_slots: torch.Tensor  # [R, L]
     context_lens: torch.Tensor  # [R]
+    window: int | None
 
 
 @dataclass
 class KernelMetadata(AttentionMetadata):
     decodes: Decodes | None
     chunks: Chunks | None
-    window: int | None
 
 
 def windowed_context(block_table: torch.Tensor, context_len: torch.Tensor, num_queries: torch.Tensor, window: int,
@@ -86,15 +89,15 @@ class CpuKernelAttentionBackend(AttentionBackend[KernelMetadata]):
         if is_decode.any():
             rows = None if all_decodes else batch.query_start[is_decode]
             block_table, lens = batch.block_table[is_decode], batch.context_lens[is_decode]
-            if window is None:
+            if window is None or bool((lens <= window).all()):
                 prefix_len = shared_prefix_len(block_table, lens, self.spec.block_size) // TILE * TILE
                 slots = context_slots(block_table, int(lens.max()), self.spec.block_size)
                 decodes = Decodes(rows, slots[:, prefix_len:].contiguous(), lens - prefix_len,
-                                  slots[0, :prefix_len].contiguous())
+                                  slots[0, :prefix_len].contiguous(), None)
             else:
                 slots, lens = windowed_context(block_table, lens, batch.num_queries[is_decode], window,
                                                self.spec.block_size)
-                decodes = Decodes(rows, slots, lens, NO_PREFIX)
+                decodes = Decodes(rows, slots, lens, NO_PREFIX, window)
         if not all_decodes:
             block_table, lens = batch.block_table[~is_decode], batch.context_lens[~is_decode]
             num_queries = batch.num_queries[~is_decode]
@@ -102,18 +105,18 @@ class CpuKernelAttentionBackend(AttentionBackend[KernelMetadata]):
                 slots = context_slots(block_table, int(lens.max()), self.spec.block_size)
             else:
                 slots, lens = windowed_context(block_table, lens, num_queries, window, self.spec.block_size)
-            chunks = Chunks(batch.query_start[~is_decode], num_queries, slots, lens)
-        return KernelMetadata(batch.slot_mapping, decodes, chunks, window)
+            chunks = Chunks(batch.query_start[~is_decode], num_queries, slots, lens, window)
+        return KernelMetadata(batch.slot_mapping, decodes, chunks)
 
     def forward(self, q: torch.Tensor, kv_pool: torch.Tensor, meta: KernelMetadata) -> torch.Tensor:
         q = q.contiguous()
-        d, c, window = meta.decodes, meta.chunks, meta.window
+        d, c = meta.decodes, meta.chunks
         if c is None:
             return self.decode_kernel(q, kv_pool[0], kv_pool[1], d.context_slots, d.context_lens, d.prefix_slots,
-                                      window)
+                                      d.window)
         out = self.chunk_kernel(q, kv_pool[0], kv_pool[1], c.query_start, c.num_queries, c.context_slots,
-                                c.context_lens, window)
+                                c.context_lens, c.window)
         if d is not None:
             out[d.rows] = self.decode_kernel(q[d.rows], kv_pool[0], kv_pool[1], d.context_slots, d.context_lens,
-                                             d.prefix_slots, window)
+                                             d.prefix_slots, d.window)
         return out
