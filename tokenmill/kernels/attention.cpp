@@ -19,8 +19,8 @@
 // not depend on how many such tokens precede it, provided its context's row 0 sits at a position
 // that is a multiple of 16 (then lane t mod 16 is the same whatever the row 0: the caller starts each
 // context at the multiple of 16 at or below its earliest query's first visible position). The kernels
-// start each query's work at the multiple of 32 (decodes) or 64 (chunks' packed blocks) at or below
-// its first visible token: older keys and values are never read.
+// start each query's work at the context row that is the multiple of 32 (decodes) or 64 (chunks'
+// packed blocks) at or below its first visible token: older keys and values are never read.
 //
 // - decode_attention: one query token per request. Each request's scores, softmax and weighted sum
 //   are one unit of parallel work; its rows are read in place from the pool, each key transposed in
