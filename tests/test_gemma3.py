@@ -108,7 +108,11 @@ def write_gemma3_gguf(path: Path, config: Gemma3TextConfig, tensors: dict[str, t
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(config.rope_parameters["full_attention"]["factor"])
     writer.add_sliding_window(config.sliding_window)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
     for key, field in gguf.GGUFReader(default_model_path()).fields.items():
         if key.startswith("tokenizer."):
             writer.add_key_value(key, field.contents(), field.types[0], field.types[-1])
@@ -132,10 +136,13 @@ def write_gemma3_gguf(path: Path, config: Gemma3TextConfig, tensors: dict[str, t
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> tuple[Path, Path]:
     """A tiny Gemma 3 shaped as llama.cpp runs one (a global layer after five local ones, the query scaled by the
-    head_dim, no soft-capping) as a GGUF, and the HF folder of the weights transformers reads back from it
-    (norms minus 1 in fp32)."""
+    head_dim) as a GGUF, with 4B's linear rope scaling on the global layers, another local rope base and a
+    soft-cap; and the HF folder of the weights transformers reads back from it (norms minus 1 in fp32)."""
     root = tmp_path_factory.mktemp("gemma3-gguf")
-    config = Gemma3TextConfig(**COMMON, num_hidden_layers=6, query_pre_attn_scalar=32)
+    config = Gemma3TextConfig(**COMMON, num_hidden_layers=6, query_pre_attn_scalar=32, final_logit_softcapping=30.0,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1000000.0}})
     drawn = save_tiny(config, root / "drawn", smol_dir)
     tensors = AutoModelForCausalLM.from_pretrained(drawn, dtype=torch.float32).state_dict()
     tensors.pop("lm_head.weight")  # tied
@@ -150,9 +157,11 @@ def test_tiny_gemma3_gguf_loads_as_transformers_reads_it(tiny_gguf: tuple[Path, 
     gguf_file = GGUFFile(path)
     assert gguf_file.config.model_type == "gemma3_text"
     assert gguf_file.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
-    assert gguf_file.config.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
-    assert gguf_file.config.rope_parameters["full_attention"]["rope_theta"] == 1000000.0
+    assert gguf_file.config.rope_parameters == {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
     assert gguf_file.config.query_pre_attn_scalar == 32 and gguf_file.config.sliding_window == 16
+    assert gguf_file.config.final_logit_softcapping == 30.0
     tensors = gguf_file.tensors()
     hf_tensors = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     for name, tensor in tensors.items():

@@ -219,8 +219,6 @@ class Gemma3ForCausalLM(CausalLM):
         checkpoint.check_all_used()
 
 
-# llama.cpp runs every Gemma 3 with a global layer after each five local ones (the file does not say so).
-GGUF_SLIDING_WINDOW_PATTERN = 6
 # Gemma 3's vocabulary (every size) ends a turn with <end_of_turn>, id 106; its generation_config.json and
 # llama.cpp stop there as at <eos>.
 END_OF_TURN = 106
@@ -228,15 +226,30 @@ END_OF_TURN = 106
 
 def gguf_config_values(metadata: dict[str, Any], plain_tensor: Callable[[str], torch.Tensor],
                        tensor_names: set[str]) -> dict[str, Any]:
-    """What a Gemma 3 GGUF's config needs beyond transformers' key table (models/gguf_file.py), as llama.cpp
-    runs the file: the layer types, the query scale, and the end-of-turn token as an end of generation.
-    The local layers' rope base is Gemma3TextConfig's default (10k), as llama.cpp's."""
+    """What a Gemma 3 GGUF's config needs beyond transformers' key table (models/gguf_file.py), read as
+    llama.cpp reads the file (its src/models/gemma3.cpp): local layers where the file has a window, by its
+    pattern (a list of flags, or a period; 6 where absent: a global layer after five local ones); the local
+    layers' rope base (10k where absent) and the linear rope scaling only on the global layers; the query
+    scale; a final soft-cap if the file has one; and the end-of-turn token as an end of generation."""
     layers, heads = metadata["gemma3.block_count"], metadata["gemma3.attention.head_count"]
     hidden = metadata["gemma3.embedding_length"]
     head_dim = metadata.get("gemma3.attention.key_length", hidden // heads)
-    types = ["full_attention" if (i + 1) % GGUF_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
-             for i in range(layers)]
-    # NOTE: llama.cpp's query scale: hidden / heads on the 27B (62 layers; its config's 168), else the head_dim.
-    query_pre_attn_scalar = hidden // heads if layers == 62 else head_dim
-    eos = metadata.get("tokenizer.ggml.eos_token_id", 1)
-    return {"layer_types": types, "query_pre_attn_scalar": query_pre_attn_scalar, "eos_token_id": [eos, END_OF_TURN]}
+    pattern = metadata.get("gemma3.attention.sliding_window_pattern", 6)
+    if not metadata.get("gemma3.attention.sliding_window"):
+        local = [False] * layers
+    elif isinstance(pattern, list):
+        local = [bool(flag) for flag in pattern[:layers]]
+    else:
+        local = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
+    values: dict[str, Any] = {
+        "layer_types": ["sliding_attention" if is_local else "full_attention" for is_local in local],
+        "rope_local_base_freq": metadata.get("gemma3.rope.freq_base_swa", 10000.0),
+        # NOTE: llama.cpp's query scale: hidden / heads on the 27B (62 layers; its config's 168), else the head_dim.
+        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+        "eos_token_id": [metadata.get("tokenizer.ggml.eos_token_id", 1), END_OF_TURN],
+    }
+    if metadata.get("gemma3.rope.scaling.type") == "linear":  # Gemma 3 4B and up
+        values["rope_scaling"] = {"rope_type": "linear", "factor": metadata["gemma3.rope.scaling.factor"]}
+    if softcap := metadata.get("gemma3.final_logit_softcapping"):
+        values["final_logit_softcapping"] = softcap
+    return values
