@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.batch.runner import BatchJob, JobSummary, default_errors_path, summary_path, write_summary
-from tokenmill.engine.config import DEFAULT_STEP_TOKENS, DTYPES, QUANTIZATIONS, TASKS, EngineConfig
+from tokenmill.engine.config import DEFAULT_STEP_TOKENS, DTYPES, QUANTIZATIONS, SPECULATIVE, TASKS, EngineConfig
 
 
 def _fatal(message: str) -> int:
@@ -23,7 +23,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings given on the command line; raises ValueError for a bad one."""
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, task=args.task,
                         max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                        speculative=args.speculative)
 
 
 def _report(summary: JobSummary, summary_file: Path) -> int:
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                          help=f"tokens of one step (default: {DEFAULT_STEP_TOKENS['generate']} for generation, "
                               f"{DEFAULT_STEP_TOKENS['embed']} for embeddings)")
+        sub.add_argument("--speculative", default=EngineConfig.speculative, choices=SPECULATIVE,
+                         help="ngram: draft tokens by prompt lookup when the batch is small, outputs unchanged; "
+                              "off: never (default: %(default)s)")
         sub.add_argument("--kv-cache-memory", default=EngineConfig.kv_cache_memory,
                          help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
                               "(0.2, 20%%; default: %(default)s)")

@@ -72,6 +72,8 @@ class SamplingParams:
     # tokens, the word tokenized as it is and with a leading space (so banned at the start and
     # mid-text); a one-token word is always banned.
     bad_words: list[str] | None = None
+    # False: this request never computes drafted tokens (the engine's `speculative` setting aside).
+    speculative: bool = True
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +138,7 @@ class SamplingParams:
             ("bad_words", lambda: self.bad_words is None or (
                 isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
              "must be a list of non-blank strings"),
+            ("speculative", lambda: isinstance(self.speculative, bool), "must be true or false"),
             # NOTE: min_tokens blocks the stop tokens, and where a grammar then allows nothing else
             # no token would be valid: the two are refused together.
             ("min_tokens", lambda: self.structured_outputs is None or self.min_tokens == 0,
@@ -144,6 +147,15 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok():
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def can_speculate(self) -> bool:
+        """Whether drafted tokens may be verified for this request: every row samples as a plain
+        decode would, which needs settings that do not depend on the tokens before it
+        (engine/speculation.py)."""
+        return (self.speculative and self.logprobs is None and self.structured_outputs is None
+                and not self.bad_words and self.presence_penalty == 0 and self.frequency_penalty == 0
+                and self.repetition_penalty == 1)
 
     @property
     def greedy(self) -> bool:

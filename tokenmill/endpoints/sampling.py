@@ -20,7 +20,7 @@ SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "n": INTEGER, "temperature": NUMBER, "top_p": NUMBER, "top_k": INTEGER, "min_p": NUMBER,
     "presence_penalty": NUMBER, "frequency_penalty": NUMBER, "repetition_penalty": NUMBER, "seed": INTEGER,
     "ignore_eos": BOOLEAN, "min_tokens": INTEGER, "stop_token_ids": LIST, "include_stop_str_in_output": BOOLEAN,
-    "skip_special_tokens": BOOLEAN, "allowed_token_ids": LIST, "bad_words": LIST,
+    "skip_special_tokens": BOOLEAN, "allowed_token_ids": LIST, "bad_words": LIST, "speculative": BOOLEAN,
 }
 # Fields SamplingParams takes from a body under another name or shape.
 SHAPED_FIELDS = frozenset({"stop", "logit_bias", "structured_outputs"})

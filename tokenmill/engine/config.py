@@ -20,6 +20,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # "float", "half": vLLM's names
 QUANTIZATIONS = ("auto", "none", "int8")  # what each means: tokenmill/models/loader.py
 TASKS = ("auto", "generate", "embed")
+SPECULATIVE = ("ngram", "off")
 # Tokens per step by default. Generation: measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md),
 # 256 runs a mixed job 1-4% and a prompt-only job 5-14% faster than 1024 on this class of CPU.
 # Embeddings: whole prompts only, no decode to interleave; GEMMs need rows (benchmarks/bench_embeddings.py).
@@ -103,6 +104,9 @@ class EngineConfig:
     # from the model folder's generation_config.json (a GGUF has none), "vllm" takes none (SamplingParams'
     # own), anything else is a folder holding a generation_config.json.
     generation_config: str = "auto"
+    # "ngram": prompt-lookup speculative decoding where the batch is small enough to gain from it
+    # (engine/speculation.py; outputs unchanged); "off": never.
+    speculative: str = "ngram"
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer", "generation_config"):
@@ -114,6 +118,8 @@ class EngineConfig:
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {self.speculative!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

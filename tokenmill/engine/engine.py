@@ -19,9 +19,10 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.sampler import sample, top_logprobs
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.speculation import DraftPolicy, propose
 from tokenmill.engine.structured import StructuredOutputs
 from tokenmill.errors import INTERNAL_ERROR, RequestError
-from tokenmill.kv.manager import KVCacheManager, cdiv
+from tokenmill.kv.manager import KVCacheManager, attention_reach, cdiv
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.pooling_params import PoolingParams
@@ -55,6 +56,8 @@ class EngineStats:
     # Time in steps that ran fewer than half of max_num_seqs sequences with none waiting: the machine
     # not full for lack of work (a job's tail, where its longest requests run on alone).
     thin_batch_seconds: float = 0.0
+    draft_tokens: int = 0  # drafted and verified (speculation.py)
+    accepted_draft_tokens: int = 0  # of those, kept
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -110,12 +113,14 @@ class Engine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} holds no KV block "
                              f"({block_bytes} bytes each)")
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 attention_reach(loaded.model.kv_layout.windows))
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.step_tokens(self.task))
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self.drafts = DraftPolicy() if config.speculative == "ngram" else None
         logger.info("KV pool: %d blocks of %d tokens (%.0f MiB)", num_blocks, config.block_size,
                     num_blocks * block_bytes / 2**20)
 
@@ -178,9 +183,12 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > MAX_LOGPROBS:
                 return RequestError("invalid_value", f"{name} must be <= {MAX_LOGPROBS}", name)
-        if max_total > self.kv_capacity_tokens:
+        # Windowed models hold the blocks of their reach only (see KVCacheManager), whatever the length.
+        needed = min(max_total, self.kv.max_blocks_held(max_total, self.scheduler.max_num_batched_tokens)
+                     * self.kv.block_size)
+        if needed > self.kv_capacity_tokens:
             return RequestError("kv_cache_too_small",
-                                f"request needs up to {max_total} tokens of KV cache but the pool holds "
+                                f"request needs up to {needed} tokens of KV cache but the pool holds "
                                 f"{self.kv_capacity_tokens}: raise kv_cache_memory or lower max_tokens", "max_tokens")
         return None
 
@@ -210,16 +218,20 @@ class Engine:
         An exception inside the step (a bug, an out-of-memory) is logged with its traceback and fails
         the requests of that batch with an internal `RequestError`; the other requests go on.
         """
+        self._draft()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        decodes_only = all(s.num_tokens - s.num_computed_tokens == 1 for s in batch.seqs)
         started = time.perf_counter()
         try:
             result = self.runner.run(batch)
             for seq, target, logits in result.prompt_logits:
                 self._record_prompt_logprobs(seq.request, target, logits)
             seqs = result.sample_seqs
-            tokens = self._sample(seqs, result.sample_logits)
+            # One row per sequence, and one per draft after it (speculation.py).
+            rows = [(seq, ahead) for seq in seqs for ahead in range(1 + len(seq.draft_token_ids))]
+            tokens = self._sample([seq for seq, _ in rows], result.sample_logits, [ahead for _, ahead in rows])
         except Exception as e:
             # NOTE: blocks registered for this step never got their K/V: unregister them, or a
             # later request with the same prefix would read garbage from the cache.
@@ -234,26 +246,62 @@ class Engine:
         self.scheduler.advance(batch)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
-        self.stats.generated_tokens += len(tokens)
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens):
+        row = 0
+        for seq in seqs:
+            drafts = seq.draft_token_ids
+            sampled = tokens[row:row + 1 + len(drafts)]
+            row += len(sampled)
+            # Drafts are kept while each equals the sample of the position before it; the first
+            # sample that differs (or the one after the last draft) is the step's last token.
+            accepted = 0
+            while accepted < len(drafts) and sampled[accepted] == drafts[accepted]:
+                accepted += 1
+            seq.num_computed_tokens += accepted  # those drafts' K/V are the sequence's own now
+            seq.draft_token_ids = []
+            if drafts:
+                self.drafts.observe_drafts(len(drafts), accepted)
+                self.stats.draft_tokens += len(drafts)
+                self.stats.accepted_draft_tokens += accepted
             if seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
-            self._append_and_check(seq, token)
+            for token in sampled[:accepted + 1]:
+                self.stats.generated_tokens += 1
+                self._append_and_check(seq, token)
+                if seq.finished:
+                    break
         for seq in result.computed_prompts:  # max_tokens 0: the prompt was all there was to do
             self.scheduler.finish(seq, "length")
+        seconds = time.perf_counter() - started
+        if decodes_only and self.drafts is not None:
+            self.drafts.observe_step(batch.num_tokens, seconds)
         if 2 * len(batch.seqs) < self.scheduler.max_num_seqs and not self.scheduler.waiting:
-            self.stats.thin_batch_seconds += time.perf_counter() - started
+            self.stats.thin_batch_seconds += seconds
         return self._collect_outputs(seqs + result.computed_prompts)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per sequence from its logits row; records the logprobs asked for."""
+    def _draft(self) -> None:
+        """Drafts for the running sequences that decode, as many as the policy gives the batch."""
+        if self.drafts is None:
+            return
+        running = self.scheduler.running
+        length = self.drafts.draft_length(len(running))
+        for seq in running:
+            if length and seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1:
+                # Room for the step's own token and the drafts within max_tokens and the context.
+                room = seq.request.max_total_tokens - seq.num_tokens - 1
+                seq.draft_token_ids = propose(seq.token_ids, min(length, room))
+            else:
+                seq.draft_token_ids = []  # what a step the budget cut short left
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, ahead: list[int]) -> list[int]:
+        """One token per row, of the sequence beside it (`ahead` tokens after its next: sampler.sample);
+        records the logprobs asked for."""
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in want_logprobs) else None
         constrained = [(row, s.grammar) for row, s in enumerate(seqs) if s.grammar is not None]
         if constrained:
             self.structured.apply(logits, constrained)
-        tokens = sample(logits, seqs, self.eos_token_ids).tolist()
+        tokens = sample(logits, seqs, self.eos_token_ids, ahead).tolist()
         if raw_logprobs is not None:
             chosen = [i for i, k in enumerate(want_logprobs) if k is not None]
             entries = top_logprobs(raw_logprobs[chosen], torch.tensor(tokens)[chosen],

@@ -21,7 +21,9 @@ from tokenmill.models.causal_lm import CausalLM, StepMetadata
 @dataclass
 class StepLogits:
     sample_seqs: list[Sequence]  # the sequences that reached their last token this step
-    sample_logits: torch.Tensor  # [len(sample_seqs), V] fp32
+    # [rows, V] fp32: one row per sequence, in order; a sequence with k drafts has k + 1 (its last
+    # token's, then each draft's).
+    sample_logits: torch.Tensor
     # Per sequence that wants prompt logprobs: (it, the index of the first prompt token these
     # rows predict, their logits [rows, V]).
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]]
@@ -77,6 +79,8 @@ class ModelRunner:
         input_ids: list[int] = []
         for seq, n in zip(seqs, batch.num_new_tokens):
             input_ids += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
+            if seq.draft_token_ids:  # scheduled whole: the budget trimmed what did not fit
+                input_ids += seq.draft_token_ids
         num_new = torch.tensor(batch.num_new_tokens)
         context_len = torch.tensor([s.num_computed_tokens for s in seqs]) + num_new
         max_blocks = max(len(s.block_table) for s in seqs)
@@ -98,11 +102,12 @@ class ModelRunner:
                 count = min(done + n, seq.num_prompt_tokens - 1) - done
                 prompt_spans.append((seq, len(prompt_rows), count, done + 1))
                 prompt_rows.extend(range(first, first + count))
+            drafts = len(seq.draft_token_ids)
             if done + n == seq.num_tokens and seq.params.max_tokens == 0:
                 computed_prompts.append(seq)
-            elif done + n == seq.num_tokens:
+            elif done + n == seq.num_tokens + drafts:
                 sample_seqs.append(seq)
-                sample_rows.append(first + n - 1)
+                sample_rows.extend(range(first + n - 1 - drafts, first + n))
         logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows + sample_rows, dtype=torch.long)])
         prompt_logits = [(seq, target, logits[row:row + count]) for seq, row, count, target in prompt_spans]
         return StepLogits(sample_seqs, logits[len(prompt_rows):], prompt_logits, computed_prompts)

@@ -128,14 +128,18 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     return window.gather(1, logits.gather(1, window).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
-    """logits: [R, V] fp32, one row per sequence in seqs (edited in place). Returns the chosen token ids, [R]."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
+           ahead: list[int] | None = None) -> torch.Tensor:
+    """logits: [R, V] fp32, one row per sequence in seqs (edited in place). Returns the chosen token ids, [R].
+    `ahead`: per row, how many tokens after the sequence's next one the row samples (a drafted
+    position: engine/speculation.py; its sequence has no history-dependent settings)."""
+    ahead = ahead or [0] * len(seqs)
     apply_logit_bias(logits, seqs)
     apply_allowed_token_ids(logits, seqs)
     apply_bad_words(logits, seqs)
     apply_penalties(logits, seqs)
     blocked = [(i, list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids)))
-               for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+               for i, s in enumerate(seqs) if s.num_output_tokens + ahead[i] < s.params.min_tokens]
     for i, token_ids in blocked:
         logits[i, token_ids] = float("-inf")
 
@@ -150,8 +154,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) 
     # take its noise from a generator seeded for that very token.
     noise = torch.empty_like(probs).exponential_()
     generator = torch.Generator()
-    for row, s in enumerate(rseqs):
-        if (seed := s.next_token_seed()) is not None:
+    for row, (i, s) in enumerate(zip(random_rows, rseqs)):
+        if (seed := s.next_token_seed(ahead[i])) is not None:
             noise[row].exponential_(generator=generator.manual_seed(seed))
     tokens[random_rows] = (probs / noise).argmax(dim=-1)
     return tokens

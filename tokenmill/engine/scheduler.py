@@ -104,7 +104,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            pending = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(pending + len(seq.draft_token_ids), budget)
+            del seq.draft_token_ids[max(0, num_new - pending):]  # the drafts the budget leaves room for
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self._pick_victim(first=i)
                 self._preempt(victim)
@@ -142,9 +144,10 @@ class Scheduler:
         return max(range(first, len(self.running)), key=lambda i: (self.running[i].request.priority, i))
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """The batch's step ran: its tokens' K/V are in the pool."""
+        """The batch's step ran: its tokens' K/V are in the pool (a drafted token's counts only once
+        its sample agrees with it: the engine sets those)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Ends a running sequence; its blocks go back to the pool (full ones stay in the prefix cache)."""
@@ -170,6 +173,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids.clear()
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -49,6 +49,9 @@ class Sequence:
         self._decoder = DecodeStream(ids=request.prompt_token_ids[-4:],
                                      skip_special_tokens=self.params.skip_special_tokens)
         self.grammar: GrammarMatcher | None = None  # set by the engine for structured output
+        # Tokens drafted for this step (engine/speculation.py): computed after token_ids, kept as
+        # far as the samples agree; cleared after every step.
+        self.draft_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:
@@ -66,8 +69,9 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def next_token_seed(self) -> int | None:
-        """The seed of the noise that draws this sequence's next token, or None for an unseeded request.
+    def next_token_seed(self, ahead: int = 0) -> int | None:
+        """The seed of the noise that draws this sequence's next token (with `ahead`, the token that
+        many after it: a drafted position), or None for an unseeded request.
 
         A hash of (request seed, sample index, output position) alone: the same token gets the same
         noise whatever ran beside it, after a preemption and recompute, or in another process on a
@@ -75,7 +79,7 @@ class Sequence:
         """
         if self.params.seed is None:
             return None
-        key = f"{self.params.seed}:{self.index}:{self.num_output_tokens}".encode()
+        key = f"{self.params.seed}:{self.index}:{self.num_output_tokens + ahead}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
     def append_token(self, token_id: int, tokenizer: Tokenizer) -> str:

@@ -115,8 +115,11 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             # The blocks these tokens fill become findable now: their K/V are computed in this
             # step, before any other sequence could be scheduled onto them.
-            self._hash_full_blocks(seq, num_computed + num_new_tokens)
-            num_full = (num_computed + num_new_tokens) // self.block_size
+            # NOTE: drafted tokens (engine/speculation.py) are computed but not the sequence's yet:
+            # a block is findable once all its tokens are, from the step after they are accepted.
+            known = min(num_computed + num_new_tokens, seq.num_tokens)
+            self._hash_full_blocks(seq, known)
+            num_full = known // self.block_size
             for i in range(seq.num_registered_blocks, num_full):
                 if self.pool.register(seq.block_table[i], seq.block_hashes[i]):
                     self.registered_this_step.append(seq.block_table[i])
