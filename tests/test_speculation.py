@@ -33,9 +33,10 @@ def test_draft_length_follows_cost_and_acceptance() -> None:
     for _ in range(200):
         policy.observe_drafts(8, 7)
     assert policy.draft_length(1) >= 4  # memory-bound and mostly accepted: draft many
-    for _ in range(200):
-        policy.observe_drafts(8, 4)
-    assert policy.draft_length(1) >= 1
+    for i in range(200):  # half the first drafts kept, and then whole spans (a copy goes on)
+        policy.observe_drafts(8, 8 * (i % 2))
+    assert policy.acceptance(0) == pytest.approx(0.5, abs=0.05) and policy.acceptance(5) > 0.95
+    assert policy.draft_length(1) >= 4
     assert policy.draft_length(64) == 0  # compute-bound: drafts cost more than they save
     for _ in range(300):
         policy.observe_drafts(8, 0)

@@ -13,10 +13,13 @@ the same step, as a k + 1 token chunk, and keep the drafts its own sampler agree
   probability p(draft), else a sample of p without it), so outputs keep their distribution, and
   greedy or seeded outputs are the very tokens decoding without speculation gives.
 - How many: a step costs about `fixed + per_token x tokens` (weights read once, plus compute per
-  token), fitted online from the engine's own decode steps. With acceptance rate a, k drafts yield
-  (1 - a^(k+1)) / (1 - a) tokens per sequence; `draft_length` picks the k (0 .. MAX_DRAFT) that
-  maximises tokens per second for the step's batch, so it is 0 once the batch is large enough
-  that computing drafts costs more than it saves.
+  token), fitted online on the fastest decode step seen at each token count (the minimum, as a
+  machine shared with other work makes single steps slow at random). Draft i is kept with probability a_i
+  given drafts 1 .. i-1 were (measured per position: a copied span tends to go on, so later drafts
+  are kept more often than the first, not less), so k drafts yield 1 + a_1 + a_1 a_2 + ... tokens
+  per sequence; `draft_length` picks the k (0 .. MAX_DRAFT) that maximises tokens per second for
+  the step's batch, so it is 0 once the batch is large enough that computing drafts costs more
+  than it saves.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from array import array
 
 MIN_NGRAM, MAX_NGRAM = 1, 3
 MAX_DRAFT = 8
-# Until steps are measured: a step of one token costs as much as this many more (weights vs compute).
-PRIOR_TOKENS_PER_WEIGHT_READ = 8.0
-# The acceptance rate assumed before any draft is judged, and how fast the estimate follows new steps.
-PRIOR_ACCEPTANCE, ACCEPTANCE_MEMORY = 0.5, 0.05
+# Until steps of token counts this far apart are measured: a step of one token costs as much as
+# this many more (weights vs compute).
+PRIOR_TOKENS_PER_WEIGHT_READ, MIN_TOKEN_SPREAD = 8.0, 4
+# The acceptance rate of a draft position before it is judged (as PRIOR_WEIGHT observations), and
+# how much of its past each position's count keeps per new observation (to follow a job's phases).
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT, ACCEPTANCE_MEMORY = 0.5, 4.0, 0.98
 
 
 def propose(token_ids: list[int], max_tokens: int) -> list[int]:
@@ -51,42 +56,44 @@ class DraftPolicy:
     """Chooses each step's draft length from measured step costs and acceptance (module docstring)."""
 
     def __init__(self) -> None:
-        self.acceptance = PRIOR_ACCEPTANCE
-        # Least-squares sums over decode steps: count, tokens, seconds, tokens^2, tokens x seconds.
-        self._n = self._t = self._s = self._tt = self._ts = 0.0
+        # Per draft position i (0-based): decayed counts of verifications reaching it, and of kept ones.
+        self.reached = [PRIOR_WEIGHT] * MAX_DRAFT
+        self.kept = [PRIOR_WEIGHT * PRIOR_ACCEPTANCE] * MAX_DRAFT
+        self.fastest: dict[int, float] = {}  # tokens of a decode step -> its fastest time, seconds
 
     def observe_step(self, tokens: int, seconds: float) -> None:
-        self._n += 1
-        self._t += tokens
-        self._s += seconds
-        self._tt += tokens * tokens
-        self._ts += tokens * seconds
+        self.fastest[tokens] = min(seconds, self.fastest.get(tokens, seconds))
 
     def observe_drafts(self, drafted: int, accepted: int) -> None:
-        if drafted:
-            rate = accepted / drafted
-            self.acceptance += ACCEPTANCE_MEMORY * (rate - self.acceptance)
+        """A sequence's k drafted tokens were verified, the first `accepted` kept."""
+        for i in range(min(drafted, accepted + 1)):  # positions judged with every draft before them kept
+            self.reached[i] = ACCEPTANCE_MEMORY * self.reached[i] + 1
+            self.kept[i] = ACCEPTANCE_MEMORY * self.kept[i] + (i < accepted)
+
+    def acceptance(self, position: int) -> float:
+        return self.kept[position] / self.reached[position]
 
     def tokens_per_weight_read(self) -> float:
         """fixed / per_token of the fitted step cost: how many tokens cost one read of the weights."""
-        spread = self._n * self._tt - self._t * self._t
-        if self._n < 8 or spread <= 0:
+        if len(self.fastest) < 2 or max(self.fastest) - min(self.fastest) < MIN_TOKEN_SPREAD:
             return PRIOR_TOKENS_PER_WEIGHT_READ
-        per_token = (self._n * self._ts - self._t * self._s) / spread
-        fixed = (self._s - per_token * self._t) / self._n
-        if per_token <= 0:
+        n = len(self.fastest)
+        mean_t, mean_s = sum(self.fastest) / n, sum(self.fastest.values()) / n
+        per_token = sum((t - mean_t) * (s - mean_s) for t, s in self.fastest.items()) / \
+            sum((t - mean_t) ** 2 for t in self.fastest)
+        if per_token <= 0:  # no cost per token measurable: every step is a read of the weights
             return float(MAX_DRAFT * 64)
-        return max(0.0, fixed / per_token)
+        return max(0.0, (mean_s - per_token * mean_t) / per_token)
 
     def draft_length(self, batch_size: int) -> int:
         """The k maximising expected tokens per unit of step time for batch_size sequences drafting k each."""
         if batch_size == 0:
             return 0
         ratio = self.tokens_per_weight_read()
-        a = min(self.acceptance, 0.99)
-
-        def tokens_per_cost(k: int) -> float:
-            produced = batch_size * (1 - a ** (k + 1)) / (1 - a)
-            return produced / (ratio + batch_size * (k + 1))
-
-        return max(range(MAX_DRAFT + 1), key=tokens_per_cost)
+        best, best_rate, produced, chance = 0, 1 / (ratio + batch_size), 1.0, 1.0
+        for k in range(1, MAX_DRAFT + 1):
+            chance *= self.acceptance(k - 1)  # that draft k is reached and kept
+            produced += chance
+            if (rate := produced / (ratio + batch_size * (k + 1))) > best_rate:
+                best, best_rate = k, rate
+        return best
