@@ -14,11 +14,16 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3TextConfig,
     GgufConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from tokenmill import LLM
@@ -88,6 +93,8 @@ def _tiny_config(arch: str) -> object:
         return MistralConfig(**common, sliding_window=None)
     if arch == "mistral-window":  # every layer windowed, the window shorter than most prompts
         return MistralConfig(**common, sliding_window=16)
+    if arch == "mistral-window-hd64":  # the same with heads the attention kernels take, a window off their tiles
+        return MistralConfig(**common, head_dim=64, sliding_window=20)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False)
     if arch == "qwen2-window":  # a full layer, then a windowed one
@@ -95,10 +102,29 @@ def _tiny_config(arch: str) -> object:
                            max_window_layers=1)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    if arch == "qwen3-moe":  # 8 experts, top 2, not renormalised; layer 0 dense (mlp_only_layers)
+        return Qwen3MoeConfig(**common, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0])
+    if arch == "qwen2-moe":  # renormalised top 2 of 8, and a shared expert behind its sigmoid gate
+        return Qwen2MoeConfig(**common, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)
+    if arch == "mixtral":  # 8 experts, top 2, renormalised; every layer windowed
+        return MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, sliding_window=32)
+    if arch == "phi3":
+        return Phi3Config(**common)
+    if arch == "phi3-longrope":  # Phi-4-mini's shape: half of each head rotated, longrope (short factors), tied
+        return Phi3Config(**common, tie_word_embeddings=True, sliding_window=16, original_max_position_embeddings=512,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                           "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+                                           "original_max_position_embeddings": 512, "attention_factor": 1.25})
+    if arch == "gemma3":  # a windowed layer (16 tokens), then a full one; logits soft-capped
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, final_logit_softcapping=30.0,
+                                layer_types=["sliding_attention", "full_attention"])
     raise ValueError(arch)
 
 
-TINY_ARCHS = ("llama", "llama3-untied", "mistral", "mistral-window", "qwen2", "qwen2-window", "qwen3")
+TINY_ARCHS = ("llama", "llama3-untied", "mistral", "mistral-window", "mistral-window-hd64", "qwen2", "qwen2-window",
+              "qwen3", "qwen3-moe", "qwen2-moe", "mixtral", "phi3", "phi3-longrope", "gemma3")
 
 
 def build_tiny_model(arch: str, folder: Path, tokenizer_dir: Path) -> Path:

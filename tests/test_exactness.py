@@ -76,12 +76,12 @@ def shared_prefix_prompts() -> list[list[int]]:
     return [systems[i % 2] + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 30))] for i in range(12)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2-window"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2-window", "qwen3-moe", "phi3-longrope", "gemma3"])
 @pytest.mark.parametrize("setting", ["no_prefix_cache", "chunks_of_8", "tiny_kv_pool"])
 def test_same_outputs_under_cache_chunking_and_preemption(setting: str, arch: str,
                                                           tiny_models: dict[str, Path]) -> None:
     """qwen2-window: a windowed layer (16 tokens) under the same, its window cut across chunks and
-    cached blocks."""
+    cached blocks; phi3-longrope: keys cached in its partial rotary's order, every layer windowed."""
     folder = str(tiny_models[arch])
     prompts = shared_prefix_prompts()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -9,13 +9,21 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from tokenmill.models.causal_lm import CausalLM
+from tokenmill.models.gemma3 import Gemma3ForCausalLM
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.moe_llama import MoeForCausalLM
+from tokenmill.models.phi3 import Phi3ForCausalLM
 
 FAMILIES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen2MoeForCausalLM": MoeForCausalLM,
+    "Qwen3MoeForCausalLM": MoeForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

@@ -15,19 +15,21 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+from transformers.integrations.gguf import reader as hf_reader
 from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
-from transformers.integrations.gguf.reader import GgufHeader, TensorInfo, read_gguf_metadata
+from transformers.integrations.gguf.reader import GgufHeader, TensorInfo
 
+from tokenmill.models import gemma3, phi3
 from tokenmill.models.quantized import QuantizedWeight
 
 # GGUF architectures of the Llama family, and the transformers model type each is.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3_text"}
 PLAIN_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                GGMLQuantizationType.BF16: torch.bfloat16}
 
@@ -37,21 +39,32 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# Per architecture, llama.cpp's layer names whose layer differs from the Llama family's.
+_ARCHITECTURE_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                             "gemma3": {"post_attention_norm": "post_attention_layernorm",
+                                        "ffn_norm": "pre_feedforward_layernorm",
+                                        "post_ffw_norm": "post_feedforward_layernorm"}}
+# NOTE: llama.cpp's converter stores Gemma's norm weights plus 1 (its RMSNorm scales by the weight, Gemma's
+# by 1 + weight); read back minus 1 in fp32, as transformers' GGUF loader does.
+_NORMS_PLUS_ONE = {"gemma3"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# llama.cpp's rope frequency factors (Llama 3.1+): read into the config (`rope_freq_factors`).
-_IGNORED = {"rope_freqs.weight"}
+# llama.cpp's rope frequency factors (Llama 3.1+; Phi-3's longrope): read into the config.
+_IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+# Per architecture, the config values its keys and tensors give beyond transformers' key table.
+_CONFIG_VALUES = {"phi3": phi3.gguf_config_values, "gemma3": gemma3.gguf_config_values}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """transformers' name for a tensor of the file; None for one the model does not use."""
     if gguf_name in _IGNORED:
         return None
-    if (match := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)) and match[2] in _LAYER_NAMES:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
+    layer_names = _LAYER_NAMES | _ARCHITECTURE_LAYER_NAMES.get(architecture, {})
+    if (match := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)) and match[2] in layer_names:
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}.{match[3]}"
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
-    raise ValueError(f"tensor {gguf_name!r} has no place in a Llama-family model")
+    raise ValueError(f"tensor {gguf_name!r} has no place in a {architecture} model")
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -62,16 +75,35 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def read_header(path: Path) -> tuple[dict[str, Any], GgufHeader]:
+    """The file's metadata and tensor table, parsed by transformers' reader, each tensor's size from gguf's
+    block table. NOTE: transformers' `GgufHeader.from_file` refuses the block types its own dequantizer lacks
+    (Q5_0, Q5_1; Gemma 3 270M's Q4_K_M file holds Q5_0), which gguf's dequantizer and tokenmill's kernels take."""
+    blob = hf_reader._mapped(str(path))
+    metadata, count, position = hf_reader._read_metadata(blob, str(path))
+    entries, position = hf_reader._read_tensor_table(blob, count, position)
+    infos = []
+    for name, shape, ggml_type, offset in entries:
+        qtype = GGMLQuantizationType(ggml_type)  # ValueError for a type gguf does not know
+        block, block_bytes = (1, PLAIN_TYPES[qtype].itemsize) if qtype in PLAIN_TYPES else GGML_QUANT_SIZES[qtype]
+        infos.append(TensorInfo(name, shape, ggml_type, offset, math.prod(shape) // block * block_bytes))
+    alignment = metadata.get("general.alignment", 32)  # llama.cpp's default
+    data_start = (position + alignment - 1) // alignment * alignment
+    return metadata, GgufHeader(str(path), metadata["general.architecture"], tuple(infos), data_start)
+
+
 class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.header = GgufHeader.from_file(str(path))
-        self.metadata, names = read_gguf_metadata(str(path))
+        self.metadata, self.header = read_header(path)
         self.architecture = self.metadata["general.architecture"]
+        if f"{self.architecture}.expert_count" in self.metadata:  # llama.cpp's stacked experts (ffn_*_exps)
+            raise ValueError("mixture-of-experts GGUF files are not supported yet; load the model's "
+                             "Hugging Face folder")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"GGUF architecture {self.architecture!r} is not supported; tokenmill runs "
                              f"{', '.join(ARCHITECTURES)}")
-        self.tensor_names = set(names)
+        self.tensor_names = {info.name for info in self.header.tensors}
         self.config = self._config()
 
     def _config(self) -> PretrainedConfig:
@@ -101,8 +133,11 @@ class GGUFFile:
             # NOTE: llama.cpp writes Llama 3.1+'s rope scaling as one divisor per frequency, not as
             # config keys; models/llama.py divides the default frequencies by them, as llama.cpp does.
             values["rope_freq_factors"] = self._plain_tensor("rope_freqs.weight").tolist()
+        if config_values := _CONFIG_VALUES.get(self.architecture):
+            values |= config_values(self.metadata, self._plain_tensor, self.tensor_names)
         values["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]]
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                    "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[model_type]]
         return AutoConfig.for_model(model_type, **values)
 
     def _read(self, file: BinaryIO, info: TensorInfo) -> torch.Tensor:
@@ -130,7 +165,7 @@ class GGUFFile:
         tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
         with self.path.open("rb", buffering=0) as file:
             for info in self.header.tensors:
-                name = hf_name(info.name)
+                name = hf_name(info.name, self.architecture)
                 if name is None:
                     continue
                 raw = self._read(file, info)
@@ -144,6 +179,8 @@ class GGUFFile:
                 projection = name.split(".")[-2]
                 if self.architecture == "llama" and projection in heads:
                     tensor = unpermute_rows(tensor, heads[projection])
+                if self.architecture in _NORMS_PLUS_ONE and name.endswith("norm.weight"):
+                    tensor = tensor.float() - 1
                 if qtype not in PLAIN_TYPES:
                     tensor = QuantizedWeight(tensor, qtype, width)
                 tensors[name] = tensor

@@ -20,6 +20,12 @@ from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
 
 
+def fused_or_parts(checkpoint: Checkpoint, fused: str, parts: list[str]) -> list[str]:
+    """The checkpoint's layers for a fused one: the fused layer itself where stored so (Phi-3's qkv_proj
+    and gate_up_proj), else its parts, stacked by rows."""
+    return [fused] if f"{fused}.weight" in checkpoint.tensors else parts
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, ops: ElementwiseOps) -> None:
         super().__init__()
@@ -38,19 +44,25 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every position, [max_positions, head_dim], via transformers' rope init."""
+def rope_tables(config: PretrainedConfig, max_positions: int, seq_len: int | None = None,
+                layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, [max_positions, rotary dims] (the head_dim, or its share a config's
+    partial_rotary_factor rotates), via transformers' rope init; `seq_len`: the sequence length a rope
+    type that depends on it (longrope) chooses its frequencies for; `layer_type`: the layers' whose
+    rope it is, where the config has rope parameters per layer type (Gemma 3's sliding and full layers)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        head_dim = head_dim_of(config)
+        dim = int(head_dim_of(config) * params.get("partial_rotary_factor", 1.0))
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         if factors := getattr(config, "rope_freq_factors", None):  # a GGUF's Llama 3.1+ scaling (gguf_file.py)
             inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
         scaling = 1.0
     elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len, layer_type=layer_type)
     else:
         raise ValueError(f"rope type {rope_type!r} is not supported")
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
@@ -67,14 +79,14 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         model_type = config.model_type
-        qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        qkv_bias = model_type in ("qwen2", "qwen2_moe") or bool(getattr(config, "attention_bias", False))
         o_bias = model_type not in ("qwen2", "qwen3") and bool(getattr(config, "attention_bias", False))
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.ops = ops
-        self.qk_norm = model_type == "qwen3"
+        self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             # NOTE: per head, on [T, heads, D] slices of qk: the torch ops (the fused norm takes contiguous rows).
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, TORCH_OPS)
@@ -107,6 +119,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+
+    def load_weights(self, checkpoint: Checkpoint, layer_prefix: str) -> None:
+        """A layer's feed-forward weights (a mixture of experts in their place: models/moe.py)."""
+        p = f"{layer_prefix}mlp."
+        checkpoint.load_linear(self.gate_up_proj, fused_or_parts(checkpoint, f"{p}gate_up_proj",
+                                                                 [f"{p}gate_proj", f"{p}up_proj"]))
+        checkpoint.load_linear(self.down_proj, [f"{p}down_proj"])
 
 
 class DecoderLayer(nn.Module):
@@ -154,7 +173,11 @@ class LlamaForCausalLM(CausalLM):
     def reset_buffers(self) -> None:
         """Fills the rope tables' first rows; call again after moving off the meta device."""
         if self.rope_cos.device.type != "meta":
-            self.rope_cos, self.rope_sin = rope_tables(self.config, min(self.max_positions, ROPE_ROWS_AT_START))
+            self.rope_cos, self.rope_sin = self.compute_rope_tables(min(self.max_positions, ROPE_ROWS_AT_START))
+
+    def compute_rope_tables(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [rows, head_dim] of the first `rows` positions (a family with another rope overrides it)."""
+        return rope_tables(self.config, rows)
 
     def _cover_positions(self, positions: torch.Tensor) -> None:
         """Grows the rope tables (doubling) to cover the positions. NOTE: a 128k-token context's
@@ -164,7 +187,7 @@ class LlamaForCausalLM(CausalLM):
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.rope_cos.shape[0]:
             rows = min(self.max_positions, max(needed, 2 * self.rope_cos.shape[0]))
-            self.rope_cos, self.rope_sin = rope_tables(self.config, rows)
+            self.rope_cos, self.rope_sin = self.compute_rope_tables(rows)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
@@ -193,10 +216,10 @@ class LlamaForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            checkpoint.load_linear(attn.qkv_proj, [f"{p}self_attn.{x}_proj" for x in "qkv"])
+            checkpoint.load_linear(attn.qkv_proj, fused_or_parts(checkpoint, f"{p}self_attn.qkv_proj",
+                                                                 [f"{p}self_attn.{x}_proj" for x in "qkv"]))
             checkpoint.load_linear(attn.o_proj, [f"{p}self_attn.o_proj"])
-            checkpoint.load_linear(layer.mlp.gate_up_proj, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"])
-            checkpoint.load_linear(layer.mlp.down_proj, [f"{p}mlp.down_proj"])
+            layer.mlp.load_weights(checkpoint, p)
             if attn.qk_norm:
                 checkpoint.copy_to(attn.q_norm.weight, f"{p}self_attn.q_norm.weight")
                 checkpoint.copy_to(attn.k_norm.weight, f"{p}self_attn.k_norm.weight")

@@ -83,7 +83,8 @@ class SimulatedEngine(Engine):
         # requests, stats) is this simulation's own, so the loaded engine's cache stays valid.
         for name in _FIXED_ENGINE_ATTRIBUTES:
             setattr(self, name, getattr(engine, name))
-        self.kv = KVCacheManager(engine.kv.pool.num_blocks, engine.kv.block_size, engine.kv.enable_prefix_caching)
+        self.kv = KVCacheManager(engine.kv.pool.num_blocks, engine.kv.block_size, engine.kv.enable_prefix_caching,
+                                 engine.kv.reach)
         self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.step_tokens(self.task))
         self.requests = {}
         self.stats = EngineStats()
