@@ -8,8 +8,8 @@ run's wall time, thin-batch time and share, prefix-cache hit rate and output tok
 
     python benchmarks/bench_tail.py --out /tmp/tail --baseline dc3785b
 
-The baseline must have `tokenmill bench job`; thin-batch figures are only reported by trees that
-measure them. Plots land in OUT (`tail-<tree>-<i>.png`).
+The baseline must have `tokenmill bench job`; thin-batch figures and plots come only from trees
+that make them. Plots land in OUT (`tail-<run>.png`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def job(lines: int, long_every: int) -> list[dict[str, Any]]:
 
 
 def run(tree: Path, input_path: Path, out: Path, name: str) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-m", "tokenmill.cli", "bench", "job", str(input_path), "-o",
-                             str(out / f"{name}.jsonl"), "--plot", str(out / f"tail-{name}.png")],
+    command = [sys.executable, "-m", "tokenmill.cli", "bench", "job"]
+    usage = subprocess.run([*command, "--help"], cwd=tree, capture_output=True, text=True).stdout
+    plot = ["--plot", str(out / f"tail-{name}.png")] if "--plot" in usage else []  # older trees cannot plot
+    result = subprocess.run([*command, str(input_path), "-o", str(out / f"{name}.jsonl"), *plot],
                             cwd=tree, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
