@@ -440,11 +440,9 @@ def test_each_request_of_a_mixed_step_gets_the_bits_it_gets_alone(dtype: torch.d
     (torch.bfloat16, 4, 1, 256, "cpu", True),  # Gemma 3's heads
     (torch.float32, 8, 2, 256, "cpu", True),
 ])
-@pytest.mark.parametrize("sliding_windows", [False, True])
 def test_the_kernel_backend_is_chosen_where_its_kernels_fit(dtype: torch.dtype, heads: int, kv_heads: int,
-                                                            head_dim: int, device: str, kernel_fits: bool,
-                                                            sliding_windows: bool) -> None:
-    spec = AttentionSpec(heads, kv_heads, head_dim, 16, dtype, torch.device(device), sliding_windows)
+                                                            head_dim: int, device: str, kernel_fits: bool) -> None:
+    spec = AttentionSpec(heads, kv_heads, head_dim, 16, dtype, torch.device(device))
     backend = select_attention_backend(spec)
     expected = CpuKernelAttentionBackend if kernel_fits and kernels.available() else TorchAttentionBackend
     assert type(backend) is expected

@@ -35,7 +35,6 @@ class AttentionSpec:
     block_size: int  # tokens per KV block
     dtype: torch.dtype
     device: torch.device
-    sliding_windows: bool = False  # whether some layers attend within a window
 
     @property
     def queries_per_kv_head(self) -> int:

@@ -52,8 +52,7 @@ def paged_kv(model: CausalLM, num_blocks: int, block_size: int) -> tuple[torch.T
     kv = model.kv_layout
     pool = lazily_committed_zeros((kv.num_layers, 2, num_blocks * block_size, kv.num_kv_heads, kv.head_dim),
                                   model.dtype)
-    spec = AttentionSpec(kv.num_heads, kv.num_kv_heads, kv.head_dim, block_size, model.dtype, pool.device,
-                         sliding_windows=any(w is not None for w in kv.windows))
+    spec = AttentionSpec(kv.num_heads, kv.num_kv_heads, kv.head_dim, block_size, model.dtype, pool.device)
     return pool, select_attention_backend(spec)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.models.embedding import TokenEmbedding
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import QuantizedWeight, Weight, stack_rows
 
@@ -52,6 +53,17 @@ class Checkpoint:
             raise ValueError(f"weights {names} mix quantized and plain tensors")
         bias = torch.cat([self.plain(f"{name}.bias") for name in names]).to(self.dtype) if linear.has_bias else None
         linear.load(weight, bias)
+
+    def load_embedding_and_head(self, embedding: TokenEmbedding, head: Linear, tied: bool, lm_head: bool) -> None:
+        """The token embedding, and the output head: the checkpoint's own, or the embedding's weights
+        where tied; without `lm_head` (an embedder) the head is left unloaded and a stored one dropped."""
+        embedding.load(self.cast(self.take("model.embed_tokens.weight")))
+        if lm_head and not tied:
+            self.load_linear(head, ["lm_head"])
+            return
+        self.tensors.pop("lm_head.weight", None)
+        if lm_head:
+            head.load(embedding.weight, None)
 
     def check_all_used(self) -> None:
         unused = [name for name in self.tensors if "rotary_emb" not in name]

@@ -197,14 +197,8 @@ class Gemma3ForCausalLM(CausalLM):
     def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
         """Fuses q/k/v and gate/up (models/checkpoint.py)."""
         checkpoint = Checkpoint(tensors, self.dtype)
-        self.embed_tokens.load(checkpoint.cast(checkpoint.take("model.embed_tokens.weight")))
+        checkpoint.load_embedding_and_head(self.embed_tokens, self.lm_head, self.config.tie_word_embeddings, lm_head)
         self.norm.load(checkpoint.plain("model.norm.weight"), self.dtype)
-        if lm_head and not self.config.tie_word_embeddings:
-            checkpoint.load_linear(self.lm_head, ["lm_head"])
-        else:
-            tensors.pop("lm_head.weight", None)
-            if lm_head:
-                self.lm_head.load(self.embed_tokens.weight, None)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
