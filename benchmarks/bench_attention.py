@@ -59,7 +59,7 @@ def main() -> None:
     print("| heads | case | kernel | torch | kernel / torch |\n|---|---|---:|---:|---:|")
     for name in args.heads:
         heads, kv_heads, head_dim = HEADS[name]
-        spec = AttentionSpec(heads, kv_heads, head_dim, BLOCK, torch.bfloat16, torch.device("cpu"), True)
+        spec = AttentionSpec(heads, kv_heads, head_dim, BLOCK, torch.bfloat16, torch.device("cpu"))
         if not CpuKernelAttentionBackend.supports(spec):  # builds the kernels, or says they cannot run here
             raise SystemExit("tokenmill's attention kernels do not run on this machine")
         kernel, reference = CpuKernelAttentionBackend(spec), TorchAttentionBackend(spec)

@@ -355,7 +355,7 @@ def test_windowed_decodes_that_fit_their_window_share_their_prefix(dtype: torch.
     torch.manual_seed(0)
     block_size, kv_heads, group, head_dim = 16, 3, 3, 64
     batch, tables = paged_batch([70, 33, 49, 64], [1, 1, 1, 1], block_size, 2)
-    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"), True)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"))
     backend = CpuKernelAttentionBackend(spec)
     pool = torch.randn(2, 40 * block_size, kv_heads, head_dim).to(dtype)
     q = torch.randn(4, kv_heads * group, head_dim).to(dtype)
@@ -382,7 +382,7 @@ def test_keys_before_the_window_are_not_read(dtype: torch.dtype, window: int) ->
     block_size, kv_heads, group, head_dim = 16, 2, 4, 64
     new = [1, 1, 1, 5, 40]
     batch, tables = paged_batch([1500, 700, 30, 1000, 400], new, block_size, 0)
-    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"), True)
+    spec = AttentionSpec(kv_heads * group, kv_heads, head_dim, block_size, dtype, torch.device("cpu"))
     pool = torch.randn(2, (max(b for t in tables for b in t) + 1) * block_size, kv_heads, head_dim).to(dtype)
     q = torch.randn(sum(new), kv_heads * group, head_dim).to(dtype)
     expected = dense_causal(q, pool, batch, tables, block_size, window)
