@@ -232,7 +232,7 @@ def test_long_lines_are_admitted_first_in_their_prefix_groups(tmp_path: Path, ti
     llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=1 << 26, max_num_seqs=8)
     summary = BatchJob(LocalClient(llm.engine), few, tmp_path / "few-out.jsonl", use_tqdm=False).run()
     assert 0 < summary.thin_batch_seconds <= summary.wall_time_s
-    assert summary.thin_batch_share == pytest.approx(summary.thin_batch_seconds / summary.wall_time_s, abs=1e-3)
+    assert summary.thin_batch_share == pytest.approx(summary.thin_batch_seconds / summary.wall_time_s, rel=0.01)
 
 
 def test_output_lengths_learn_from_a_groups_finished_requests() -> None:
