@@ -47,7 +47,8 @@ def measure(step: str, path: Path) -> dict[str, float]:
     """Runs one step in this process; its CPU time and the growth of peak RSS it caused."""
     from tokenmill.batch.dedup import CustomIds
     from tokenmill.batch.journal import input_fingerprint
-    from tokenmill.batch.runner import count_lines, read_lines
+    from tokenmill.batch.ordering import read_lines
+    from tokenmill.batch.runner import count_lines
 
     scratch = path.with_name(path.name + ".custom_ids.sqlite3")
     ids = custom_ids_of(path) if step in ("hash_set", "custom_ids") else []  # not part of the cost

@@ -57,10 +57,35 @@ def cut_torn_tail(path: Path) -> None:
             f.truncate(pos)
 
 
-def done_lines(path: Path, fingerprint: str, input_path: Path) -> set[int]:
-    """Input line numbers that have a record in path; raises ValueError if the records are of
-    another input than input_path as it is now (another file, or this one edited since)."""
-    done: set[int] = set()
+class LineSet:
+    """A set of input line numbers as a bit array: 1.25 MB for 10^7 lines, where a set of ints
+    would take hundreds of MB, so a resumed job's memory does not grow with its input."""
+
+    def __init__(self) -> None:
+        self.bits = bytearray()
+        self.count = 0
+
+    def add(self, line_no: int) -> None:
+        byte, bit = divmod(line_no, 8)
+        if byte >= len(self.bits):
+            self.bits.extend(bytes(max(byte + 1 - len(self.bits), len(self.bits))))  # grows geometrically
+        if not self.bits[byte] >> bit & 1:
+            self.bits[byte] |= 1 << bit
+            self.count += 1
+
+    def __contains__(self, line_no: int) -> bool:
+        byte, bit = divmod(line_no, 8)
+        return byte < len(self.bits) and bool(self.bits[byte] >> bit & 1)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def done_lines(path: Path, fingerprint: str, input_path: Path, done: LineSet | None = None) -> LineSet:
+    """Adds to `done` (a new LineSet by default) the input line numbers that have a record in path;
+    raises ValueError if the records are of another input than input_path as it is now (another
+    file, or this one edited since)."""
+    done = LineSet() if done is None else done
     if not path.exists():
         return done
     with path.open("rb") as f:

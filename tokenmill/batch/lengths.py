@@ -14,18 +14,21 @@ keep their prefix order, and their shared blocks stay cached while they run.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict
 
 # Leading prompt tokens that name a line's group: a chat template's header and the start of the system prompt.
 GROUP_TOKENS = 32
 # Finished requests of a group before their mean replaces max_tokens.
 MIN_FINISHED = 4
+# Groups remembered, the most recently finished: a job in prefix order meets its groups one after
+# another, so memory stays bounded on a file of 10^7 distinct prompts and nothing useful is lost.
+MAX_GROUPS = 1 << 16
 
 
 class LengthPredictor:
     def __init__(self, context_tokens: int) -> None:
         self.context_tokens = context_tokens
-        self.finished: defaultdict[tuple[int, ...], list[int]] = defaultdict(lambda: [0, 0])  # group: [count, sum]
+        self.finished: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()  # group: [count, sum]
         self.version = 0  # changes whenever a group's predicted class may have changed
 
     @staticmethod
@@ -42,7 +45,11 @@ class LengthPredictor:
 
     def record(self, prompt: list[int], output_tokens: int) -> None:
         """A request of the group finished with output_tokens tokens (each of its samples counts)."""
-        counts = self.finished[self.group(prompt)]
+        group = self.group(prompt)
+        counts = self.finished.setdefault(group, [0, 0])
+        self.finished.move_to_end(group)
+        if len(self.finished) > MAX_GROUPS:
+            self.finished.popitem(last=False)
         before = counts[1] // counts[0] if counts[0] >= MIN_FINISHED else None
         counts[0] += 1
         counts[1] += output_tokens

@@ -27,11 +27,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tokenmill.batch.dedup import CustomIds
-from tokenmill.batch.format import BatchLine, LineError, error_record, output_record, parse_line
+from tokenmill.batch.format import BatchLine, LineError, error_record, output_record
 from tokenmill.batch.journal import (
     DurableAppender,
     JobLock,
+    LineSet,
     cut_torn_tail,
     done_lines,
     input_fingerprint,
@@ -39,6 +39,7 @@ from tokenmill.batch.journal import (
     record_id,
 )
 from tokenmill.batch.lengths import LengthPredictor
+from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines
 from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
@@ -94,6 +95,10 @@ class JobSummary(LineCounts):
     # max_num_seqs running, none waiting), and its share of the wall time; None on Ray.
     thin_batch_seconds: float | None = None
     thin_batch_share: float | None = None
+    # The first pass that put the whole file in prefix order (ordering.py): its time (next to none
+    # when an earlier run's was reused) and its scratch file's size; None in input order.
+    ordering_seconds: float | None = None
+    ordering_disk_bytes: int | None = None
 
     def hit_rate(self) -> float:
         return self.cached_prompt_tokens / max(1, self.prompt_tokens)
@@ -145,31 +150,6 @@ class _Gathering:
     remaining: int
 
 
-def read_lines(path: Path, custom_ids: Path,
-               endpoint: str | None = None) -> Iterator[tuple[int, BatchLine | LineError]]:
-    """Every non-blank line of path, validated, in file order. A custom_id that an earlier valid
-    line claimed fails (judged exactly, in the scratch file custom_ids: see dedup.py); with
-    `endpoint`, every line's url must be it (the server's batches)."""
-    with path.open("rb") as f, CustomIds(custom_ids) as claimed:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = parse_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"), line_no)
-                if endpoint is not None and line.url != endpoint:
-                    raise LineError("invalid_url", f"line {line_no}: url {line.url} is not the batch's endpoint "
-                                                   f"{endpoint}", line.custom_id)
-                first = claimed.claim(line.custom_id, line_no)
-                if first is not None:
-                    raise LineError("duplicate_custom_id",
-                                    f"line {line_no}: custom_id {line.custom_id!r} was used by line {first}",
-                                    line.custom_id)
-                item: BatchLine | LineError = line
-            except LineError as e:
-                item = e
-            yield line_no, item
-
-
 # Where each finished line goes: (line number, its output or error record, its tokens, or None for
 # an error record).
 RecordSink = Callable[[int, dict[str, Any], LineTokens], None]
@@ -200,10 +180,10 @@ class LineExecutor:
         # jobs, maybe on the same file); record ids stay fingerprint-based, for resuming.
         self.run_id = secrets.token_hex(6)
 
-    def _fail(self, line_no: int, error: LineError) -> None:
+    def fail(self, line_no: int, error: LineError) -> None:
         self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
 
-    def _prepare(self, line: BatchLine) -> list[Prompt]:
+    def prepare(self, line: BatchLine) -> list[Prompt]:
         """The line's engine requests' prompts, checked against the model (a line it cannot serve
         fails) and tokenized; grammars compiled."""
         frontend = self.client.frontend
@@ -221,7 +201,7 @@ class LineExecutor:
         tokens = prompts[0][1]
         return -self.lengths.length_class(tokens, getattr(line.call.params, "max_tokens", None)), tokens
 
-    def _requests(self, lines: Iterator[tuple[int, BatchLine | LineError]],
+    def _requests(self, lines: Lines,
                   in_flight: dict[str, tuple[_Gathering, int]]) -> Iterator[Submission]:
         """The lines' requests, each line's the first in prompt order among up to `window` requests
         read ahead. A line is read whenever fewer than `window` wait, however many requests it
@@ -245,9 +225,9 @@ class LineExecutor:
                 try:
                     if isinstance(line, LineError):
                         raise line
-                    prompts = self._prepare(line)
+                    prompts = self.prepare(line)
                 except LineError as e:
-                    self._fail(line_no, e)
+                    self.fail(line_no, e)
                     continue
                 heapq.heappush(pending, _Pending(self._order_key(line, prompts), line_no, line, prompts))
                 waiting += len(prompts)
@@ -278,7 +258,7 @@ class LineExecutor:
         elif error.internal:
             self.undone(line.line_no)
         else:
-            self._fail(line.line_no, LineError(error.code, f"line {line.line_no}: {error.message}", line.custom_id,
+            self.fail(line.line_no, LineError(error.code, f"line {line.line_no}: {error.message}", line.custom_id,
                                                endpoint.blamed_param(error.param)))
 
     def _succeed(self, gathering: _Gathering, body: dict[str, Any], tokens: LineTokens) -> None:
@@ -286,7 +266,7 @@ class LineExecutor:
         self.sink(line_no, output_record(record_id(self.fingerprint, line_no), gathering.line, gathering.request_id,
                                          body), tokens)
 
-    def run(self, lines: Iterator[tuple[int, BatchLine | LineError]]) -> None:
+    def run(self, lines: Lines) -> None:
         if self.cancel.is_set():
             return
         in_flight: dict[str, tuple[_Gathering, int]] = {}
@@ -320,6 +300,7 @@ class BatchJob:
         self.use_tqdm = use_tqdm
         self.fingerprint = input_fingerprint(input_path)
         self.custom_ids = _beside(output, ".custom_ids.sqlite3")  # scratch, for the duplicate check
+        self.order_path = _beside(output, ".order.sqlite3")  # the first pass's, kept until the job is done
         self.summary = JobSummary(input=str(input_path), output=str(output), errors=str(self.errors),
                                   model=client.frontend.model_name, quantization=client.frontend.quantization)
         self.previously_succeeded = self.previously_failed = 0  # by earlier runs of the same job
@@ -337,9 +318,10 @@ class BatchJob:
                 if overwrite:
                     path.unlink(missing_ok=True)
                 cut_torn_tail(path)
-            done_ok, done_failed = (done_lines(p, self.fingerprint, self.input) for p in (self.output, self.errors))
-            self.previously_succeeded, self.previously_failed = len(done_ok), len(done_failed)
-            done = done_ok | done_failed
+            done = done_lines(self.output, self.fingerprint, self.input)
+            self.previously_succeeded = len(done)
+            done_lines(self.errors, self.fingerprint, self.input, done)  # a line is in one file only
+            self.previously_failed = len(done) - self.previously_succeeded
             self.summary.total_lines = count_lines(self.input)
             writer = DurableAppender(self.output, self.errors)
             thin_before = self.client.metrics().stats.thin_batch_seconds
@@ -353,8 +335,9 @@ class BatchJob:
         self.summary.finish(time.perf_counter() - start)
         return self.summary
 
-    def _run(self, done: set[int], writer: DurableAppender) -> None:
+    def _run(self, done: LineSet, writer: DurableAppender) -> None:
         summary = self.summary
+        summary.skipped_already_done = len(done)
         bar = tqdm(total=summary.total_lines, initial=len(done), desc="requests", unit="req",
                    disable=not self.use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
@@ -369,24 +352,42 @@ class BatchJob:
                                     f"out {summary.completion_tokens / elapsed:.0f} tok/s, "
                                     f"prefix hits {summary.hit_rate():.0%}", refresh=False)
 
-        def not_done() -> Iterator[tuple[int, BatchLine | LineError]]:
-            # NOTE: lines done in an earlier run are read again, only so that duplicates are judged
-            # exactly as they were then.
-            for line_no, line in read_lines(self.input, self.custom_ids, self.endpoint):
-                if line_no in done:
-                    summary.skipped_already_done += 1
-                else:
-                    yield line_no, line
-
         def undone(line_no: int) -> None:
             summary.failed_internally += 1
 
         executor = LineExecutor(self.client, self.fingerprint, sink, undone, prefix_order=self.prefix_order,
                                 window=self.window, cancel=self.cancel)
         try:
-            executor.run(not_done())
+            order = self._order(executor, done) if self.prefix_order else None
+            if order is not None:
+                executor.run(order.lines(self.input, done))
+                if not self.cancel.is_set() and not summary.failed_internally:  # every line has its record
+                    order.remove()
+            elif not self.prefix_order:
+                # NOTE: lines done in an earlier run are read again, only so that duplicates are
+                # judged exactly as they were then.
+                executor.run((line_no, line) for line_no, line in read_lines(self.input, self.custom_ids,
+                                                                             self.endpoint) if line_no not in done)
         finally:
             bar.close()
+
+    def _order(self, executor: LineExecutor, done: LineSet) -> JobOrder | None:
+        """The job's prefix order: an earlier run's, or built now (bad lines get their error records
+        as it goes); None if the job was cancelled meanwhile."""
+        start = time.perf_counter()
+        config = self.client.frontend.config
+        stamp = f"{self.fingerprint} {self.summary.model} block_size={config.block_size} endpoint={self.endpoint}"
+        order = JobOrder.reuse(self.order_path, stamp)
+        if order is None:
+            scan = tqdm(scan_lines(self.input, self.custom_ids, self.endpoint), total=self.summary.total_lines,
+                        desc="ordering", unit="line", disable=not self.use_tqdm, dynamic_ncols=True, leave=False)
+            with contextlib.closing(scan):
+                order = JobOrder.build(self.order_path, stamp, scan, executor.prepare, executor.fail, done,
+                                       config.block_size, self.cancel)
+        if order is not None:
+            self.summary.ordering_seconds = round(time.perf_counter() - start, 3)
+            self.summary.ordering_disk_bytes = order.disk_bytes()
+        return order
 
 
 def sort_output(path: Path) -> None:

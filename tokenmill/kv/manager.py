@@ -28,6 +28,12 @@ from tokenmill.kv.block_pool import BlockPool
 RELEASED = 0  # the block-table entry of a block given back out of reach (see the module docstring)
 
 
+def next_block_hash(parent: bytes, tokens: Blocks[int]) -> bytes:
+    """A full block's hash: over its parent's (b"" for the first block) and its token ids, so that
+    equal hashes mean equal prefixes up to and including this block."""
+    return hashlib.sha256(parent + array("i", tokens).tobytes()).digest()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -67,8 +73,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_tokens // bs):
             parent = seq.block_hashes[i - 1] if i else b""
-            tokens = array("i", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()
-            seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
+            seq.block_hashes.append(next_block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """The cached blocks that hold a prefix of seq's tokens. They are not yet acquired."""

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from tokenmill.batch.format import BatchLine
-from tokenmill.batch.runner import BatchJob, count_lines, read_lines
+from tokenmill.batch.ordering import read_lines
+from tokenmill.batch.runner import BatchJob, count_lines
 from tokenmill.engine.client import LocalClient, Submission, drive
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.scheduler import ScheduledBatch

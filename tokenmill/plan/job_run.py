@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.batch.format import BatchLine, LineError
-from tokenmill.batch.runner import LineExecutor, LineTokens, read_lines
+from tokenmill.batch.ordering import read_lines
+from tokenmill.batch.runner import LineExecutor, LineTokens
 from tokenmill.engine.client import LocalClient
 from tokenmill.engine.engine import Engine
 from tokenmill.plan.cost import CostModel

@@ -26,8 +26,17 @@ import ray.data
 import ray.exceptions
 
 from tokenmill.batch.format import BatchLine, LineError, error_record
-from tokenmill.batch.journal import DurableAppender, JobLock, cut_torn_tail, done_lines, input_fingerprint, record_id
-from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, read_lines, write_summary
+from tokenmill.batch.journal import (
+    DurableAppender,
+    JobLock,
+    LineSet,
+    cut_torn_tail,
+    done_lines,
+    input_fingerprint,
+    record_id,
+)
+from tokenmill.batch.ordering import read_lines
+from tokenmill.batch.runner import JobSummary, LineCounts, LineTokens, count_lines, write_summary
 from tokenmill.engine.config import EngineConfig
 from tokenmill.models.loader import model_name, resolve_model_path
 from tokenmill.ray.replica import TOKEN_COLUMNS, EngineReplica
@@ -105,10 +114,10 @@ def run_batch(input_path: str | os.PathLike, output_dir: str | os.PathLike, engi
         if overwrite:
             for path in [*_shards(output_dir), errors, output_dir / SUMMARY_FILE]:
                 path.unlink(missing_ok=True)
-        done: set[int] = set()
+        done = LineSet()
         for path in [*_shards(output_dir), errors]:
             cut_torn_tail(path)
-            done |= done_lines(path, fingerprint, input_path)
+            done_lines(path, fingerprint, input_path, done)
         shard = _new_shard(output_dir)
         summary = RayJobSummary(input=str(input_path), output=str(output_dir), errors=str(errors),
                                 model=model_name(engine_config.model),
