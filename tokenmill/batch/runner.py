@@ -1,11 +1,13 @@
 """`tokenmill run`: a whole OpenAI Batch file through the engine, streamed and crash-safe.
 
-The input is read as a stream; a window of validated, tokenized requests waits in a heap ordered
-by predicted output length, longest first (in powers of two: lengths.py), then by prompt token
-ids, so requests that share a prompt prefix are admitted together and their shared blocks are
-computed once and stay cached while the group runs (BatchLLM's global prefix sharing, within the
-window), and the longest requests do not start last, alone at the job's end. Results are appended
-as they finish (see journal.py for why that is exactly once across crashes).
+A first pass puts the whole file in prompt-prefix order, in bounded memory (ordering.py), so that
+lines sharing a prompt prefix anywhere in the file are admitted together: their shared blocks are
+computed once and stay cached while the group runs (BatchLLM's global prefix sharing). The second
+pass streams the lines in that order through a window of validated, tokenized requests waiting in
+a heap ordered by predicted output length, longest first (in powers of two: lengths.py), then as
+read, so that the longest requests do not start last, alone at the job's end. `--input-order` skips
+the first pass. Results are appended as they finish (see journal.py for why that is exactly once
+across crashes).
 
 A line may ask for k prompts (an embeddings line's inputs, a completions line's prompt list): they
 run as k engine requests, and the line's record is written when the last of them finishes.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import json
 import os
 import secrets
@@ -43,6 +46,7 @@ from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines
 from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
+from tokenmill.frontend import Frontend
 from tokenmill.outputs import EngineOutput, RequestOutput
 
 # A finished line's prompt, cached prompt and completion tokens; None for a failed line.
@@ -133,11 +137,12 @@ def count_lines(path: Path) -> int:
 
 @dataclass(order=True)
 class _Pending:
-    # (-the predicted output length's class, the prompt's token ids); () keeps input order
-    order_key: tuple[int, list[int]] | tuple[()]
+    # (-the predicted output length's class, the order lines were read in); () keeps input order
+    order_key: tuple[int, int] | tuple[()]
     line_no: int
     line: BatchLine = field(compare=False)
     prompts: list[Prompt] = field(compare=False)  # one per engine request
+    arrival: int = field(compare=False)  # lines read before this one
 
 
 @dataclass
@@ -150,6 +155,18 @@ class _Gathering:
     remaining: int
 
 
+def prepare_line(frontend: Frontend, line: BatchLine) -> list[Prompt]:
+    """The line's engine requests' prompts, checked against the model (a line it cannot serve
+    fails) and tokenized; grammars compiled. The executor's, and the Ray driver's first pass."""
+    try:
+        check_task(frontend, line.endpoint)
+        line.endpoint.prepare(frontend, line.call)
+        return line.call.prompts
+    except RequestError as e:
+        raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id,
+                        line.endpoint.blamed_param(e.param)) from None
+
+
 # Where each finished line goes: (line number, its output or error record, its tokens, or None for
 # an error record).
 RecordSink = Callable[[int, dict[str, Any], LineTokens], None]
@@ -158,8 +175,9 @@ RecordSink = Callable[[int, dict[str, Any], LineTokens], None]
 class LineExecutor:
     """Runs validated lines through an engine client and hands each one's record to `sink`.
 
-    Tokenizes as it reads, keeps up to `window` engine requests waiting in a heap ordered by prompt
-    token ids (so requests sharing a prefix are admitted together), and `drive`s them through
+    Tokenizes as it reads, keeps up to `window` engine requests waiting in a heap ordered by
+    predicted output length class, then as they were read (in prefix order, so requests sharing a
+    prefix are admitted together), and `drive`s them through
     `client`: in this thread, or through a shared engine thread (the server; a Ray replica). A line
     whose request failed inside the engine gets no record: it goes to `undone`, and runs again on
     the next run of the job. Setting `cancel` stops it after the requests in flight are aborted.
@@ -184,22 +202,15 @@ class LineExecutor:
         self.sink(line_no, error_record(record_id(self.fingerprint, line_no), error), None)
 
     def prepare(self, line: BatchLine) -> list[Prompt]:
-        """The line's engine requests' prompts, checked against the model (a line it cannot serve
-        fails) and tokenized; grammars compiled."""
-        frontend = self.client.frontend
-        try:
-            check_task(frontend, line.endpoint)
-            line.endpoint.prepare(frontend, line.call)
-            return line.call.prompts
-        except RequestError as e:
-            raise LineError(e.code, f"line {line.line_no}: {e.message}", line.custom_id,
-                            line.endpoint.blamed_param(e.param)) from None
+        return prepare_line(self.client.frontend, line)
 
-    def _order_key(self, line: BatchLine, prompts: list[Prompt]) -> tuple[int, list[int]] | tuple[()]:
+    def _order_key(self, line: BatchLine, prompts: list[Prompt], arrival: int) -> tuple[int, int] | tuple[()]:
         if not self.prefix_order or not line.endpoint.prefix_ordered:
             return ()
-        tokens = prompts[0][1]
-        return -self.lengths.length_class(tokens, getattr(line.call.params, "max_tokens", None)), tokens
+        # NOTE: lines arrive in prefix order (ordering.py: the whole file's, or a Ray call's share of
+        # it), so among lines of one length class the order they came in keeps each group together.
+        max_tokens = getattr(line.call.params, "max_tokens", None)
+        return -self.lengths.length_class(prompts[0][1], max_tokens), arrival
 
     def _requests(self, lines: Lines,
                   in_flight: dict[str, tuple[_Gathering, int]]) -> Iterator[Submission]:
@@ -207,6 +218,7 @@ class LineExecutor:
         read ahead. A line is read whenever fewer than `window` wait, however many requests it
         brings, so a line of more than `window` inputs cannot stall the job."""
         pending: list[_Pending] = []
+        arrivals = itertools.count()
         waiting = 0  # engine requests in `pending`
         exhausted = False
         keyed_at = self.lengths.version
@@ -214,7 +226,7 @@ class LineExecutor:
             if keyed_at != self.lengths.version:  # finished lines changed a group's predicted length
                 keyed_at = self.lengths.version
                 for entry in pending:
-                    entry.order_key = self._order_key(entry.line, entry.prompts)
+                    entry.order_key = self._order_key(entry.line, entry.prompts, entry.arrival)
                 heapq.heapify(pending)
             while not exhausted and waiting < self.window:
                 item = next(lines, None)
@@ -229,7 +241,9 @@ class LineExecutor:
                 except LineError as e:
                     self.fail(line_no, e)
                     continue
-                heapq.heappush(pending, _Pending(self._order_key(line, prompts), line_no, line, prompts))
+                arrival = next(arrivals)
+                heapq.heappush(pending, _Pending(self._order_key(line, prompts, arrival), line_no, line, prompts,
+                                                 arrival))
                 waiting += len(prompts)
             if not pending:
                 return
