@@ -94,12 +94,13 @@ def order_key(token_ids: list[int], block_size: int) -> bytes:
     return b"".join(parts)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def scratch_database(path: Path) -> sqlite3.Connection:
+    """An SQLite file for a job's scratch tables: no journal, no fsync, a bounded page cache."""
     # check_same_thread=False: the ordered lines may be read on another thread than the one that
     # opened them (a generator handed to an engine thread); only one ever uses the connection.
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    # NOTE: no journal and no fsync: the file is scratch; a crash before its rename leaves a
-    # temporary file that the next build replaces.
+    # NOTE: no journal and no fsync: a crash leaves a file that is never read again (the first
+    # pass's is renamed into place only when complete; the next build replaces a torn one).
     for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size={-CACHE_KIB}"):
         db.execute(f"PRAGMA {pragma}")
     return db
@@ -133,7 +134,7 @@ class JobOrder:
         """The first pass over `lines`, skipping those in `done`; None if `cancel` was set during it."""
         building = path.with_name(path.name + ".building")
         building.unlink(missing_ok=True)
-        db = _connect(building)
+        db = scratch_database(building)
         try:
             db.execute("CREATE TABLE meta (stamp TEXT NOT NULL)")
             db.execute("CREATE TABLE lines (key BLOB NOT NULL, line_no INTEGER NOT NULL, offset INTEGER NOT NULL, "
@@ -171,7 +172,7 @@ class JobOrder:
 
     def lines(self, input_path: Path, done: LineSet) -> Lines:
         """The lines not in `done`, in key order, each parsed again from the input."""
-        db = _connect(self.path)
+        db = scratch_database(self.path)
         try:
             with input_path.open("rb") as f:
                 for line_no, offset, size in db.execute("SELECT line_no, offset, size FROM lines "

@@ -42,7 +42,7 @@ from tokenmill.batch.journal import (
     record_id,
 )
 from tokenmill.batch.lengths import LengthPredictor
-from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines
+from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines, scratch_database
 from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
@@ -405,21 +405,29 @@ class BatchJob:
 
 
 def sort_output(path: Path) -> None:
-    """Rewrites a result file in input-line order (atomically)."""
-    offsets: list[tuple[int, int, int]] = []
-    with path.open("rb") as f:
-        pos = 0
-        for raw in f:
-            offsets.append((line_of(json.loads(raw)["id"]), pos, len(raw)))
-            pos += len(raw)
-    offsets.sort()
-    tmp = path.with_name(path.name + ".sorting")
-    with path.open("rb") as src, tmp.open("wb") as dst:
-        for _, pos, length in offsets:
-            src.seek(pos)
-            dst.write(src.read(length))
-        dst.flush()
-        os.fsync(dst.fileno())
+    """Rewrites a result file in input-line order (atomically), in bounded memory: the records'
+    offsets are sorted by line in a scratch SQLite table."""
+    offsets = path.with_name(path.name + ".sorting.sqlite3")
+    offsets.unlink(missing_ok=True)
+    db = scratch_database(offsets)
+    try:
+        db.execute("CREATE TABLE records (line_no INTEGER PRIMARY KEY, offset INTEGER NOT NULL, size INTEGER NOT NULL)")
+        db.execute("BEGIN")
+        with path.open("rb") as f:
+            pos = 0
+            for raw in f:
+                db.execute("INSERT INTO records VALUES (?, ?, ?)", (line_of(json.loads(raw)["id"]), pos, len(raw)))
+                pos += len(raw)
+        tmp = path.with_name(path.name + ".sorting")
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            for pos, length in db.execute("SELECT offset, size FROM records ORDER BY line_no"):
+                src.seek(pos)
+                dst.write(src.read(length))
+            dst.flush()
+            os.fsync(dst.fileno())
+    finally:
+        db.close()
+        offsets.unlink(missing_ok=True)
     os.replace(tmp, path)
 
 
