@@ -257,6 +257,7 @@ class BatchManager:
         finally:
             deadline.cancel()
         cancelled = cancel.is_set() and not expired.is_set()
+        job.order_path.unlink(missing_ok=True)  # kept for a resume; a batch that ends here never resumes
         self._update(batch_id, status="cancelling" if cancelled else "finalizing",
                      finalizing_at=None if cancelled else int(time.time()))
         counts = self._counts(job, total)
