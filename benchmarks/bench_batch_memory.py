@@ -1,9 +1,22 @@
-"""Peak RSS of `tokenmill run` against input length: it must stay flat, since the input is streamed.
+"""Peak RSS of `tokenmill run` against input length, 10^4 to 10^7 lines: it must stay flat (issue 21).
 
-Writes synthetic /v1/completions files of 10k and 100k lines (token-id prompts, max_tokens=1), runs
-each through a real `tokenmill run` process on a tiny random Llama model, and prints peak RSS.
+Writes synthetic files whose lines are cheap to answer (max_tokens 1): `--kind completions`,
+token-id prompts with one of 4 shared 32-token prefixes; `--kind chat`, short user messages under
+one of 4 system prompts (tokenizing through the chat template is what the ordering pass pays for).
+Each runs through a real `tokenmill run` process on a tiny random Llama model (SmolLM2's
+tokenizer and chat template); peak RSS is the process's own (os.wait4).
 
-    .venv/bin/python benchmarks/bench_batch_memory.py [--lines 10000,100000]
+Sizes up to `--full-up-to` run to the end. Larger ones are measured over the ordering pass plus the
+first `--first-results` results: the output's lines are counted as they land, and the process is
+SIGKILLed once it holds that many. Per size: peak RSS, the time to the first result line, the wall
+time (to the kill, for those), the ordering pass's seconds (the summary's, finished runs only) and
+its disk: the ordering file `<output>.order.sqlite3` (and its journal) just before the kill, or the
+summary's `ordering_disk_bytes` (else the largest size seen) for a finished run.
+
+    .venv/bin/python benchmarks/bench_batch_memory.py --kind chat --out /tmp/mem --keep
+
+Inputs and the model are written under `--out` (default: a temporary folder) and reused when there
+(a 10^7-line file takes a minute or two to write); `--keep` leaves them for the next run.
 """
 
 from __future__ import annotations
@@ -12,11 +25,15 @@ import argparse
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -24,8 +41,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from tokenmill.models.gguf_file import GGUFFile
 from tokenmill.models.loader import default_model_path
 
+CHUNK_LINES = 100_000
+WORDS = ("the of and to in is was for on that with as by at from city river market report price company water "
+         "school music people system state court team season field light garden letter north south winter "
+         "summer paper engine village board member record line order value bridge island station").split()
+
 
 def tiny_model(folder: Path) -> Path:
+    if (folder / "config.json").exists():
+        return folder
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -34,40 +58,147 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def write_input(path: Path, lines: int) -> None:
+def completions_line(rng: random.Random, prefixes: list[str], suffixes: list[str]) -> Callable[[int], str]:
+    """Line i's text: a shared prefix, a random suffix, and two ids from i so that no two prompts are equal."""
+    def line(i: int) -> str:
+        prompt = f"{prefixes[i % 4]},{rng.choice(suffixes)},{3 + i % 40000},{3 + i // 40000}"
+        return (f'{{"custom_id": "r{i}", "method": "POST", "url": "/v1/completions", '
+                f'"body": {{"prompt": [{prompt}], "max_tokens": 1, "temperature": 0}}}}\n')
+    return line
+
+
+def chat_line(rng: random.Random, systems: list[str], users: list[str]) -> Callable[[int], str]:
+    def line(i: int) -> str:
+        messages = (f'[{{"role": "system", "content": "{systems[i % 4]}"}}, '
+                    f'{{"role": "user", "content": "{rng.choice(users)} (item {i})"}}]')
+        return (f'{{"custom_id": "r{i}", "method": "POST", "url": "/v1/chat/completions", '
+                f'"body": {{"messages": {messages}, "max_tokens": 1, "temperature": 0}}}}\n')
+    return line
+
+
+def write_input(path: Path, lines: int, kind: str) -> None:
+    """Formats lines from pools of pre-drawn parts, CHUNK_LINES at a time (json.dumps per line is too slow at 10^7)."""
+    if path.exists():
+        return
     rng = random.Random(0)
-    prefixes = [[rng.randrange(3, 49000) for _ in range(32)] for _ in range(4)]
-    with path.open("w") as f:
-        for i in range(lines):
-            prompt = prefixes[i % 4] + [rng.randrange(3, 49000) for _ in range(rng.randint(4, 24))]
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"prompt": prompt, "max_tokens": 1, "temperature": 0}}) + "\n")
+    if kind == "completions":
+        prefixes = [",".join(str(rng.randrange(3, 49000)) for _ in range(32)) for _ in range(4)]
+        suffixes = [",".join(str(rng.randrange(3, 49000)) for _ in range(rng.randint(4, 24))) for _ in range(1024)]
+        line = completions_line(rng, prefixes, suffixes)
+    else:
+        # NOTE: the texts are plain words, so they need no JSON escaping.
+        systems = [f"You are assistant {s}. " + " ".join(rng.choices(WORDS, k=40)) for s in range(4)]
+        users = [" ".join(rng.choices(WORDS, k=rng.randint(5, 20))).capitalize() + "?" for _ in range(1024)]
+        line = chat_line(rng, systems, users)
+    partial = path.with_name(path.name + ".partial")  # renamed when whole, so a rerun never reuses half a file
+    with partial.open("w") as f:
+        for start in range(0, lines, CHUNK_LINES):
+            f.write("".join(line(i) for i in range(start, min(lines, start + CHUNK_LINES))))
+    partial.rename(path)
 
 
-def peak_rss_mib(model: Path, input_path: Path, output: Path) -> tuple[float, float]:
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
-                                "--model", str(model), "--dtype", "float32", "--kv-cache-memory", "16MiB"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the maximum over all children
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"tokenmill run failed on {input_path}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+class LineCounter:
+    """Counts the lines appended so far to a file that may not exist yet."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.lines = path, None, 0
+
+    def count(self) -> int:
+        if self.file is None:
+            if not self.path.exists():
+                return 0
+            self.file = self.path.open("rb")
+        while chunk := self.file.read(1 << 20):
+            self.lines += chunk.count(b"\n")
+        return self.lines
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def ordering_disk_bytes(output: Path) -> int:
+    stem = output.name.removesuffix(".jsonl")
+    return sum(p.stat().st_blocks * 512 for p in output.parent.glob(f"{stem}.order.sqlite3*") if p.exists())
+
+
+def remove_outputs(output: Path) -> None:
+    for path in output.parent.glob(output.name.removesuffix(".jsonl") + ".*"):
+        path.unlink()
+
+
+def measure(model: Path, input_path: Path, output: Path, stop_after: int | None) -> dict[str, Any]:
+    """Runs `tokenmill run` to the end, or SIGKILLs it once OUTPUT holds `stop_after` lines."""
+    remove_outputs(output)  # a stale output would be counted as this run's results
+    log = output.with_name(output.name.removesuffix(".jsonl") + ".log")
+    load, start = os.getloadavg()[0], time.perf_counter()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
+                                    "--overwrite", "--model", str(model), "--dtype", "float32",
+                                    "--kv-cache-memory", "16MiB"], stdout=subprocess.DEVNULL, stderr=stderr)
+    results, first_result, disk, killed = LineCounter(output), None, 0, False
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # this child's own peak, not the maximum of all
+        if pid:
+            break
+        lines = results.count()
+        if lines and first_result is None:
+            first_result = time.perf_counter() - start
+        disk = ordering_disk_bytes(output) if stop_after is not None else max(disk, ordering_disk_bytes(output))
+        if stop_after is not None and lines >= stop_after:
+            os.kill(process.pid, signal.SIGKILL)
+            _, status, usage = os.wait4(process.pid, 0)
+            killed = True
+            break
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    if first_result is None and results.count():  # it finished between two looks
+        first_result = wall
+    results.close()
+    if not killed and os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"tokenmill run failed on {input_path}:\n{log.read_text()[-3000:]}")
+    summary = {} if killed else json.loads(output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
+                                           .read_text())
+    remove_outputs(output)
+    return {"rss_mib": usage.ru_maxrss / 1024, "first_result_s": first_result, "wall_s": wall,
+            "ordering_s": summary.get("ordering_seconds"), "disk_bytes": summary.get("ordering_disk_bytes", disk),
+            "load": load}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lines", default="10000,100000")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", default="10000,100000,1000000,10000000")
+    parser.add_argument("--kind", choices=("completions", "chat"), default="completions")
+    parser.add_argument("--full-up-to", type=int, default=100_000, help="larger inputs are cut after --first-results")
+    parser.add_argument("--first-results", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, help="where inputs, the model and outputs go (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="leave the inputs and the model in --out for a rerun")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model = tiny_model(root / "model")
-        print("| input lines | peak RSS (MiB) | wall (s) |\n|---:|---:|---:|")
-        for lines in map(int, args.lines.split(",")):
-            input_path = root / f"in-{lines}.jsonl"
-            write_input(input_path, lines)
-            rss, wall = peak_rss_mib(model, input_path, root / f"out-{lines}.jsonl")
-            print(f"| {lines} | {rss:.0f} | {wall:.1f} |", flush=True)
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-batch-memory-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(out / "model")
+    print(f"`--kind {args.kind}`, one output token a line; a tiny Llama, float32, KV pool 16 MiB\n\n"
+          "| input lines | measured over | peak RSS (MiB) | first result (s) | wall (s) | ordering (s) "
+          "| ordering disk (MiB) | load |\n|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    inputs = []
+    for lines in map(int, args.lines.split(",")):
+        inputs.append(out / f"in-{args.kind}-{lines}.jsonl")
+        write_input(inputs[-1], lines, args.kind)
+        cut = lines > args.full_up_to
+        m = measure(model, inputs[-1], out / f"out-{args.kind}-{lines}.jsonl", args.first_results if cut else None)
+        over = f"ordering + first {args.first_results}" if cut else "all"
+        first = "-" if m["first_result_s"] is None else f"{m['first_result_s']:.1f}"
+        ordering = "-" if m["ordering_s"] is None else f"{m['ordering_s']:.1f}"
+        print(f"| {lines} | {over} | {m['rss_mib']:.0f} | {first} | {m['wall_s']:.1f} | {ordering} "
+              f"| {(m['disk_bytes'] or 0) / 2**20:.1f} | {m['load']:.1f} |", flush=True)
+    if args.keep:
+        print(f"\ninputs and model kept in {out}")
+    elif args.out is None:
+        shutil.rmtree(out)
+    else:
+        shutil.rmtree(model)
+        for path in inputs:
+            path.unlink()
 
 
 if __name__ == "__main__":
