@@ -1,6 +1,8 @@
 """`tokenmill run --ray`: a job on a local Ray (2 CPUs, 2 replicas, a tiny model), exactly once
-through a killed replica and a killed driver. Each test starts its own Ray in a `tokenmill`
-process, as a user would: ~15-40 s each, so those are marked slow (`pytest -m "not slow"` skips them).
+through a killed replica and a killed driver (during the ordering pass and during the run); lines
+sharing a prompt anywhere in the file go to one replica call together. Each test starts its own Ray
+in a `tokenmill` process, as a user would: ~15-60 s each, so those are marked slow (`pytest -m "not
+slow"` skips them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_batch import job_lines, read_jsonl, write_jsonl
+from test_batch import SYSTEMS, chat_line, job_lines, read_jsonl, write_jsonl
 
 # Ray is an optional extra; the option checks below need no Ray.
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="tokenmill[ray] is not installed")
@@ -54,7 +56,7 @@ def replica_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"MapBatches(EngineReplica)" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and b"ray::EngineReplica" in (entry / "cmdline").read_bytes():
                 pids.append(int(entry.name))
         except OSError:
             continue
@@ -77,10 +79,15 @@ def test_two_replicas_match_the_local_runner(tmp_path: Path, tiny_models: dict[s
     assert len(records) == 120
     assert answers(records) == answers(local_records)
     by_id = {r["custom_id"]: r for r in local_records}
-    for record in records:  # same record ids (resumable the same way) and the same usage
+    for record in records:  # same record ids (resumable the same way) and the same token counts
         assert record["id"] == by_id[record["custom_id"]]["id"]
-        assert record["response"]["body"]["usage"] == by_id[record["custom_id"]]["response"]["body"]["usage"]
+        usage, local_usage = (r["response"]["body"]["usage"] for r in (record, by_id[record["custom_id"]]))
+        assert {**usage, "prompt_tokens_details": None} == {**local_usage, "prompt_tokens_details": None}
         assert record["response"]["body"]["model"] == "llama"
+    # NOTE: which lines find their prompt cached differs: the local run computes each of the 4
+    # system prompts once; on Ray, each replica computes those its calls bring it once.
+    computed = sum(r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for r in records)
+    assert computed <= 4 * 2
 
     errors = read_jsonl(tmp_path / "ray" / "errors.jsonl")
     assert sorted(e["error"]["code"] for e in errors) == ["duplicate_custom_id", "invalid_json"]
@@ -140,6 +147,72 @@ def test_driver_killed_then_rerun_completes_without_recomputing(tmp_path: Path, 
     assert len(summary["shards"]) == 2  # the killed run's and the rerun's
     records = shard_records(output_dir)
     assert Counter(r["custom_id"] for r in records) == Counter(f"req-{i:04d}" for i in range(320))
+
+
+@pytest.mark.slow
+@needs_ray
+def test_scattered_shared_prompts_go_to_one_replica_call_together(tmp_path: Path,
+                                                                  tiny_models: dict[str, Path]) -> None:
+    """Six system prompts, eight lines each, dealt through the file in turn: calls of 16 ordered
+    lines take two whole groups each (the response ids name the replica call's run)."""
+    lines = [chat_line(f"req-{i:02d}", f"You are grader {i % 6}. Say pass or fail, nothing else. " * 4,
+                       f"essay number {i}", max_tokens=2, temperature=0) for i in range(48)]
+    summary = run_ray(write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out", tiny_models["llama"],
+                      "--batch-lines", "16")
+    records = shard_records(tmp_path / "out")
+    assert len(records) == 48 and summary["succeeded"] == 48
+
+    def call_of(record: dict) -> str:  # a call's LineExecutor names its requests "<prefix>-<run id>-<line>"
+        return record["response"]["body"]["id"].split("-")[1]
+
+    calls: dict[int, set[str]] = {}
+    for record in records:
+        calls.setdefault(int(record["custom_id"].removeprefix("req-")) % 6, set()).add(call_of(record))
+    assert all(len(group) == 1 for group in calls.values()), calls
+    assert Counter(call for group in calls.values() for call in group) == Counter(
+        {call: 2 for group in calls.values() for call in group})  # 3 calls of 2 groups
+    assert summary["ordering_seconds"] > 0 and summary["ordering_disk_bytes"] > 0
+    assert not (tmp_path / "out" / "order.sqlite3").exists()  # every line has its record
+
+
+@pytest.mark.slow
+@needs_ray
+def test_driver_killed_while_ordering_then_rerun_completes_exactly_once(
+        tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    lines: list[dict | str] = [chat_line(f"req-{i:04d}", SYSTEMS[i % 4], f"item {i}", max_tokens=1, temperature=0)
+                               for i in range(4000)]
+    for i in range(0, 400, 5):  # errors the driver writes early in its first pass
+        lines[i] = "{not json" if i % 2 else {"custom_id": f"embed-{i}", "method": "POST",
+                                              "url": "/v1/embeddings", "body": {"input": "x"}}
+    lines[3000] = lines[1]  # a duplicate custom_id
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    output_dir = tmp_path / "out"
+    building, errors = output_dir / "order.sqlite3.building", output_dir / "errors.jsonl"
+    process = subprocess.Popen(ray_command(input_path, output_dir, tiny_models["llama"], "--batch-lines", "64"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if building.exists() and errors.exists() and errors.stat().st_size:
+                break
+            time.sleep(0.01)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    written = read_jsonl(errors)
+    assert written and not (output_dir / "order.sqlite3").exists() and not shard_records(output_dir), \
+        "the driver was not killed during its ordering pass"
+
+    summary = run_ray(input_path, output_dir, tiny_models["llama"], "--batch-lines", "64", timeout=600)
+    assert summary["skipped_already_done"] == len(written)
+    records, errors_now = shard_records(output_dir), read_jsonl(errors)
+    expected = Counter(line["custom_id"] for line in lines if isinstance(line, dict)) + Counter([None] * 40)
+    assert Counter(r["custom_id"] for r in records + errors_now) == expected  # bad JSON has no custom_id
+    assert len({r["id"] for r in records + errors_now}) == 4000
+    assert Counter(e["error"]["code"] for e in errors_now) == {"invalid_json": 40, "wrong_task": 40,
+                                                                "duplicate_custom_id": 1}
+    assert summary["succeeded"] == len(records) == 4000 - 81
+    assert not building.exists() and not (output_dir / "order.sqlite3").exists()
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:

@@ -257,14 +257,20 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     max_model_len = decoder_context(config, max_model_len)
     running = prepare_weights(tensors, quantization)
     model_ = build_decoder(config, tensors, dtype, max_model_len, path)
+    return LoadedModel(model_, config, tokenizer_, eos_token_ids(config, model_generation, tokenizer_), max_model_len,
+                       path, model_name(model), running, defaults)
 
+
+def eos_token_ids(config: PretrainedConfig, model_generation: dict[str, Any] | None,
+                  tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a generation, as transformers' generate takes them: the generation
+    config's, else the model config's (a GGUF's: Gemma 3's end of turn, models/gemma3.py), and the
+    tokenizer's."""
     eos = set()
-    # As transformers' generate: the generation config's ends, else the model config's (a GGUF's: Gemma 3's
-    # end of turn, models/gemma3.py).
     gen_eos = model_generation.get("eos_token_id") if model_generation is not None else \
         getattr(config, "eos_token_id", None)
     if gen_eos is not None:
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    if tokenizer_.eos_token_id is not None:
-        eos.add(tokenizer_.eos_token_id)
-    return LoadedModel(model_, config, tokenizer_, eos, max_model_len, path, model_name(model), running, defaults)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos

@@ -1,27 +1,34 @@
 """A whole batch job through a `SimulatedEngine`, driven by the batch runner's own `LineExecutor`:
 what `tokenmill run` would write and count, with the model's words left out.
 
-`simulate_job` reads the input with `read_lines` (parse_line, the duplicate custom_id check) and
-hands the lines to a `LineExecutor` over a `LocalClient` of the simulated engine, so each line is
-prepared by its endpoint, ordered in the window heap (or in input order) and admitted through
-`drive`'s in-flight window exactly as in a real run, and a bad line becomes the very error record
-the run would write. `simulate_ray_job` does the same per replica for `tokenmill run --ray`.
+`simulate_job` reads the input as the run does: in prefix order, a first pass (`JobOrder.build`
+over `scan_lines`, in the scratch folder) through the executor's own prepare and fail, then the
+lines in its order; in input order, `read_lines`. The lines go to a `LineExecutor` over a
+`LocalClient` of the simulated engine, so each line is prepared by its endpoint, ordered in the
+window heap and admitted through `drive`'s in-flight window exactly as in a real run, and a bad
+line becomes the very error record the run would write. `simulate_ray_job` does the same per
+replica for `tokenmill run --ray`.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenmill.batch.format import BatchLine, LineError
-from tokenmill.batch.ordering import read_lines
-from tokenmill.batch.runner import LineExecutor, LineTokens
+from tokenmill.batch.journal import LineSet
+from tokenmill.batch.ordering import JobOrder, Lines, ScannedLines, read_lines, scan_lines
+from tokenmill.batch.runner import LineExecutor, LineTokens, prepare_line
+from tokenmill.endpoints import Prompt
 from tokenmill.engine.client import LocalClient
 from tokenmill.engine.engine import Engine
+from tokenmill.frontend import Frontend
 from tokenmill.plan.cost import CostModel
 from tokenmill.plan.prefixes import SharedPrefixes
 from tokenmill.plan.simulate import OutputLengths, SimulatedEngine
@@ -29,7 +36,6 @@ from tokenmill.plan.simulate import OutputLengths, SimulatedEngine
 # Engine request ids of a simulated run: the executor's own format with a fixed run id, so that
 # the same line draws the same output lengths in every simulation of the job.
 SIMULATED_RUN_ID = "plan"
-Lines = Iterator[tuple[int, BatchLine | LineError]]  # read_lines' items
 
 
 @dataclass
@@ -63,21 +69,29 @@ class JobRun:
         self.cached_prompt_tokens += tokens[1]
         self.completion_tokens += tokens[2]
 
+    def count(self, line: BatchLine | LineError) -> None:
+        self.lines += 1
+        if isinstance(line, BatchLine):
+            self.lines_by_endpoint[line.url] += 1
+            self.lines_with_n[getattr(line.call.params, "n", 1)] += 1
+
     def counted(self, lines: Lines) -> Lines:
         for line_no, line in lines:
-            self.lines += 1
-            if isinstance(line, BatchLine):
-                self.lines_by_endpoint[line.url] += 1
-                self.lines_with_n[getattr(line.call.params, "n", 1)] += 1
+            self.count(line)
             yield line_no, line
+
+    def counted_scan(self, lines: ScannedLines) -> ScannedLines:
+        for line_no, offset, size, line in lines:
+            self.count(line)
+            yield line_no, offset, size, line
 
     @property
     def hit_rate(self) -> float:
         return self.cached_prompt_tokens / max(1, self.prompt_tokens)
 
 
-def _run(engine: SimulatedEngine, run: JobRun, lines: Lines,
-         fingerprint: str, prefix_order: bool, window: int | None, keep_errors: int) -> None:
+def _executor(engine: SimulatedEngine, run: JobRun, fingerprint: str, prefix_order: bool, window: int | None,
+              keep_errors: int) -> LineExecutor:
     def undone(line_no: int) -> None:
         raise AssertionError("a simulated step cannot fail")
 
@@ -85,49 +99,61 @@ def _run(engine: SimulatedEngine, run: JobRun, lines: Lines,
                             lambda line_no, record, tokens: run.sink(line_no, record, tokens, keep_errors),
                             undone, prefix_order=prefix_order, window=window)
     executor.run_id = SIMULATED_RUN_ID
-    executor.run(lines)
     run.engines.append(engine)
+    return executor
+
+
+def _first_pass(path: Path, lines: ScannedLines, prepare: Callable[[BatchLine], list[Prompt]],
+                fail: Callable[[int, LineError], None], block_size: int) -> JobOrder:
+    """The run's first pass over `lines` (ordering.py), into `path`."""
+    order = JobOrder.build(path, path.stem, lines, prepare, fail, LineSet(), block_size, threading.Event())
+    assert order is not None  # None only when cancelled
+    return order
 
 
 def simulate_job(engine: Engine, cost: CostModel, lengths: OutputLengths, input_path: Path, fingerprint: str,
                  scratch: Path, *, prefix_order: bool = True, prefixes: SharedPrefixes | None = None,
                  keep_errors: int = 5) -> JobRun:
     """The job as `tokenmill run` (with `--input-order` when not prefix_order) would run it.
-    `scratch` is a folder for the duplicate check's table."""
+    `scratch` is a folder for the duplicate check's table and the first pass's file."""
     run = JobRun()
     sim = SimulatedEngine(engine, cost, lengths, prefixes)
-    _run(sim, run, run.counted(read_lines(input_path, scratch / f"ids-{prefix_order}.sqlite3")), fingerprint,
-         prefix_order, None, keep_errors)
+    executor = _executor(sim, run, fingerprint, prefix_order, None, keep_errors)
+    custom_ids = scratch / f"ids-{prefix_order}.sqlite3"
+    if prefix_order:
+        order = _first_pass(scratch / "order.sqlite3", run.counted_scan(scan_lines(input_path, custom_ids)),
+                            executor.prepare, executor.fail, engine.config.block_size)
+        executor.run(order.lines(input_path, LineSet()))
+        order.remove()
+    else:
+        executor.run(run.counted(read_lines(input_path, custom_ids)))
     run.seconds = sim.clock
     return run
 
 
 def simulate_ray_job(engine: Engine, cost: CostModel, lengths: OutputLengths, input_path: Path, fingerprint: str,
                      scratch: Path, replicas: int) -> list[JobRun]:
-    """Each replica's share of `tokenmill run --ray --replicas N`: the driver's validation and its
-    order (lines sorted by the start of their prompt), cut as Ray Data cuts them (ceil(lines / 256)
-    blocks of consecutive lines, sizes as even as can be, one replica call each), the calls dealt
-    to the replicas in turn, each replica one engine.
+    """Each replica's share of `tokenmill run --ray --replicas N`: the driver's first pass (bad lines
+    fail there, counted by no replica) and its order, cut into calls of DEFAULT_BATCH_LINES
+    consecutive ordered lines, the calls dealt to the replicas in turn, each replica one engine.
 
-    NOTE: Ray Data hands a replica its next call when one of its two in flight finishes, so
+    NOTE: the driver hands a replica its next call when one of its two in flight finishes, so
     replicas of equal speed take turns; each replica is modelled as one executor over its calls'
     lines in order, its window two calls, as the two calls in flight feed one engine.
     """
-    from tokenmill.ray.job import DEFAULT_BATCH_LINES, _order_key
+    from tokenmill.ray.job import CALLS_PER_REPLICA, DEFAULT_BATCH_LINES
 
-    valid = sorted(((_order_key(line), line_no, line) for line_no, line in
-                    read_lines(input_path, scratch / "ids-ray.sqlite3") if isinstance(line, BatchLine)),
-                   key=lambda entry: entry[:2])
-    calls = max(1, -(-len(valid) // DEFAULT_BATCH_LINES))
-    size, remainder = divmod(len(valid), calls)  # as ray.data.from_items splits them
-    bounds = [i * size + min(i, remainder) for i in range(calls + 1)]
+    order = _first_pass(scratch / "ray-order.sqlite3", scan_lines(input_path, scratch / "ids-ray.sqlite3"),
+                        functools.partial(prepare_line, Frontend.from_engine(engine)), lambda line_no, error: None,
+                        engine.config.block_size)
     runs = []
     for replica in range(replicas):
-        mine = [(line_no, line) for call in range(replica, calls, replicas)
-                for _, line_no, line in valid[bounds[call]:bounds[call + 1]]]
+        mine = (item for i, item in enumerate(order.lines(input_path, LineSet()))
+                if i // DEFAULT_BATCH_LINES % replicas == replica)
         run = JobRun()
         sim = SimulatedEngine(engine, cost, lengths)
-        _run(sim, run, run.counted(iter(mine)), fingerprint, True, 2 * DEFAULT_BATCH_LINES, 0)
+        _executor(sim, run, fingerprint, True, CALLS_PER_REPLICA * DEFAULT_BATCH_LINES, 0).run(run.counted(mine))
         run.seconds = sim.clock
         runs.append(run)
+    order.remove()
     return runs
