@@ -23,11 +23,14 @@ such lines come first, in input order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from tokenmill.batch.dedup import CustomIds
 from tokenmill.batch.format import BatchLine, LineError, parse_line
@@ -169,6 +172,21 @@ class JobOrder:
                 building.unlink(missing_ok=True)
         os.replace(building, path)
         return cls(path)
+
+    @classmethod
+    def reuse_or_build(cls, path: Path, stamp: str, scan: Callable[[], ScannedLines], total_lines: int,
+                       prepare: Callable[[BatchLine], list[Prompt]], fail: Callable[[int, LineError], None],
+                       done: LineSet, block_size: int, cancel: threading.Event, progress: bool) -> JobOrder | None:
+        """The job's prefix order: an earlier run's with this stamp (which names what the order
+        depends on: the input's fingerprint, the model, the block size), or built now over `scan()`
+        with a progress bar; None if `cancel` was set meanwhile."""
+        order = cls.reuse(path, stamp)
+        if order is not None:
+            return order
+        lines = tqdm(scan(), total=total_lines, desc="ordering", unit="line", disable=not progress,
+                     dynamic_ncols=True, leave=False)
+        with contextlib.closing(lines):
+            return cls.build(path, stamp, lines, prepare, fail, done, block_size, cancel)
 
     def lines(self, input_path: Path, done: LineSet) -> Lines:
         """The lines not in `done`, in key order, each parsed again from the input."""

@@ -391,13 +391,10 @@ class BatchJob:
         start = time.perf_counter()
         config = self.client.frontend.config
         stamp = f"{self.fingerprint} {self.summary.model} block_size={config.block_size} endpoint={self.endpoint}"
-        order = JobOrder.reuse(self.order_path, stamp)
-        if order is None:
-            scan = tqdm(scan_lines(self.input, self.custom_ids, self.endpoint), total=self.summary.total_lines,
-                        desc="ordering", unit="line", disable=not self.use_tqdm, dynamic_ncols=True, leave=False)
-            with contextlib.closing(scan):
-                order = JobOrder.build(self.order_path, stamp, scan, executor.prepare, executor.fail, done,
-                                       config.block_size, self.cancel)
+        order = JobOrder.reuse_or_build(self.order_path, stamp,
+                                        lambda: scan_lines(self.input, self.custom_ids, self.endpoint),
+                                        self.summary.total_lines, executor.prepare, executor.fail, done,
+                                        config.block_size, self.cancel, self.use_tqdm)
         if order is not None:
             self.summary.ordering_seconds = round(time.perf_counter() - start, 3)
             self.summary.ordering_disk_bytes = order.disk_bytes()
