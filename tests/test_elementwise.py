@@ -1,5 +1,5 @@
-"""The fused bf16 elementwise kernels give bit for bit what the torch ops they replace give, the encoder's
-add + LayerNorm is within rounding of torch's, and each model gets them where they serve."""
+"""The fused bf16 elementwise kernels (Llama's and Gemma's) give bit for bit what the torch ops they replace
+give, the encoder's add + LayerNorm is within rounding of torch's, and each model gets them where they serve."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from test_exactness import QUESTIONS
 from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.models import llama
 from tokenmill.models.elementwise import (
+    GEMMA_TORCH_OPS,
     TORCH_OPS,
     add_layer_norm,
     apply_rope,
+    gemma_norm_add_norm,
+    gemma_rms_norm,
     rope_store,
     select_add_layer_norm,
     select_elementwise_ops,
+    select_gemma_ops,
     signed_sin,
 )
 from tokenmill.models.llama import RMSNorm
@@ -154,13 +158,109 @@ def test_each_fused_op_is_chosen_where_it_serves(device: str, dtype: torch.dtype
 def test_a_cpu_without_avx512_gets_the_torch_ops() -> None:
     """ATEN_CPU_CAPABILITY=avx2 makes torch (and so tokenmill) see a CPU without AVX-512."""
     code = ("import torch\n"
-            "from tokenmill.models.elementwise import TORCH_OPS, add_layer_norm, select_add_layer_norm, "
-            "select_elementwise_ops\n"
+            "from tokenmill.models.elementwise import GEMMA_TORCH_OPS, TORCH_OPS, add_layer_norm, "
+            "select_add_layer_norm, select_elementwise_ops, select_gemma_ops\n"
             "print(select_elementwise_ops(torch.device('cpu'), torch.bfloat16, 64) is TORCH_OPS)\n"
+            "print(select_gemma_ops(torch.device('cpu'), torch.bfloat16) is GEMMA_TORCH_OPS)\n"
             "print(select_add_layer_norm(torch.device('cpu'), torch.float32) is add_layer_norm)\n")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
                             capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True", "True"]
+    assert result.stdout.split() == ["True", "True", "True"]
+
+
+def gemma_scale(*shape: int) -> torch.Tensor:
+    """A Gemma norm's fp32 factor, 1 + a bf16 weight (models/gemma3.py's norm_scale)."""
+    return 1.0 + torch.randn(*shape).to(torch.bfloat16).float()
+
+
+# Gemma 3's hidden sizes (270M: 640, 1B: 1152, 4B: 2560) and head_dim (256), odd widths and long rows.
+@needs_kernels
+@pytest.mark.parametrize("width", [5, 100, 256, 640, 1152, 2560, 70000])
+def test_gemma_norms_are_bit_exact(width: int) -> None:
+    torch.manual_seed(width)
+    x = (torch.randn(33, width) * torch.rand(33, 1) * 20).to(torch.bfloat16)
+    residual = (torch.randn(33, width) * 4).to(torch.bfloat16)
+    scale, next_scale = gemma_scale(width), gemma_scale(width)
+    assert torch.equal(ops.gemma_rms_norm(x, scale, 1e-6), gemma_rms_norm(x, scale, 1e-6))
+    normed, summed = ops.gemma_norm_add_norm(x, residual, scale, next_scale, 1e-6)
+    expected_normed, expected_summed = gemma_norm_add_norm(x, residual, scale, next_scale, 1e-6)
+    assert torch.equal(summed, expected_summed) and torch.equal(normed, expected_normed)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 1, 256), (8, 4, 256), (3, 2, 40)])
+def test_gemma_qk_norm_per_head_on_the_qkv_rows_is_bit_exact(heads: int, kv_heads: int, head_dim: int) -> None:
+    """The q and k heads normed where the qkv projection left them (rows strided past v), a scale per head."""
+    torch.manual_seed(head_dim)
+    qkv = (torch.randn(37, (heads + 2 * kv_heads) * head_dim) * 3).to(torch.bfloat16)
+    qk = qkv[:, :(heads + kv_heads) * head_dim].view(37, heads + kv_heads, head_dim)
+    for scale in (gemma_scale(heads + kv_heads, head_dim), gemma_scale(head_dim)):
+        normed = ops.gemma_rms_norm(qk, scale, 1e-6)
+        assert normed.is_contiguous() and torch.equal(normed, gemma_rms_norm(qk, scale, 1e-6))
+
+
+def torch_gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.gelu(gate, approximate="tanh") * up as torch's vector loop computes it. NOTE: torch takes the elements
+    past a row's last full vectors through its scalar tanh, a few ulp off in the far negative tail (-0 at
+    x = -5.06 becomes -1.5e-7); the kernel is the vector loop everywhere, so the reference runs on one flat row
+    padded to whole vectors."""
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    flat = F.pad(gate.flatten(), (0, -gate.numel() % 64))
+    return F.gelu(flat, approximate="tanh")[:gate.numel()].view(gate.shape).mul_(up)
+
+
+@needs_kernels
+def test_gelu_tanh_mul_is_bit_exact_on_every_bf16_gate() -> None:
+    """Every bf16 value (NaNs, infinities, denormals, the tail where 1 + tanh cancels) as a gate."""
+    gate = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(64, 1024)
+    up = torch.randn(64, 1024).to(torch.bfloat16)
+    gate_up = torch.cat((gate, up), dim=1)
+    assert same_bits(ops.gelu_tanh_mul(gate_up), torch_gelu_tanh_mul(gate_up))
+    assert same_bits(ops.gelu_tanh_mul(gate_up), GEMMA_TORCH_OPS.gelu_tanh_mul(gate_up))  # 1024: no scalar tail
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [1, 37, 2048, 6912])
+def test_gelu_tanh_mul_is_bit_exact_at_any_width(width: int) -> None:
+    torch.manual_seed(width)
+    gate_up = (torch.randn(9, 2 * width + 6) * 4).to(torch.bfloat16)
+    for x in (gate_up[:, :2 * width].contiguous(), gate_up[:, :2 * width]):  # and rows that are views
+        assert torch.equal(ops.gelu_tanh_mul(x), torch_gelu_tanh_mul(x))
+
+
+@needs_kernels
+def test_gemma_kernels_refuse_bad_input() -> None:
+    x, residual = torch.randn(2, 4, 64).to(torch.bfloat16)
+    scale = gemma_scale(64)
+    with pytest.raises(RuntimeError, match="x must be bf16, not Float"):
+        ops.gemma_rms_norm(x.float(), scale, 1e-6)
+    with pytest.raises(RuntimeError, match="the last dim contiguous"):
+        ops.gemma_rms_norm(x.T, scale, 1e-6)
+    with pytest.raises(RuntimeError, match="scale must be fp32 \\[64\\]"):
+        ops.gemma_rms_norm(x, scale.to(torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="scale must be \\[n\\] or, for x \\[T, heads, n\\], \\[heads, n\\]"):
+        ops.gemma_rms_norm(x.view(4, 2, 32), gemma_scale(3, 32), 1e-6)
+    with pytest.raises(RuntimeError, match="residual and x shapes differ"):
+        ops.gemma_norm_add_norm(x, residual[:3], scale, scale, 1e-6)
+    with pytest.raises(RuntimeError, match="next_scale must be fp32 \\[64\\]"):
+        ops.gemma_norm_add_norm(x, residual, scale, scale[:63], 1e-6)
+    with pytest.raises(RuntimeError, match="gate_up must have an even width"):
+        ops.gelu_tanh_mul(x[:, :63])
+    assert ops.gemma_rms_norm(x[:0], scale, 1e-6).shape == (0, 64)
+
+
+@pytest.mark.parametrize(("device", "dtype", "fused"), [
+    ("cpu", torch.bfloat16, True),
+    ("cpu", torch.float32, False),  # the fp32 path stays transformers' ops (token-exact tests)
+    ("meta", torch.bfloat16, False),
+])
+def test_gemma_ops_are_chosen_where_they_serve(device: str, dtype: torch.dtype, fused: bool) -> None:
+    chosen = select_gemma_ops(torch.device(device), dtype)
+    if fused and kernels.available():
+        assert (chosen.rms_norm, chosen.norm_add_norm, chosen.gelu_tanh_mul) == \
+            (ops.gemma_rms_norm, ops.gemma_norm_add_norm, ops.gelu_tanh_mul)
+    else:
+        assert chosen is GEMMA_TORCH_OPS
 
 
 def layer_norm_bound(summed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

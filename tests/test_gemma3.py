@@ -16,8 +16,9 @@ import torch
 from conftest import TOKENIZER_FILES, VOCAB, hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
 
-from tokenmill import LLM, SamplingParams
-from tokenmill.models import llama
+from tokenmill import LLM, SamplingParams, kernels
+from tokenmill.models import gemma3, llama
+from tokenmill.models.elementwise import GEMMA_TORCH_OPS
 from tokenmill.models.gguf_file import GGUFFile
 from tokenmill.models.loader import ModelLoadError, default_model_path, load_model
 
@@ -85,6 +86,24 @@ def test_tiny_gemma3_same_under_chunking_caching_and_preemption(tiny_gemma: Path
     squeezed = LLM(str(tiny_gemma), dtype="float32", kv_cache_memory=12 * block_bytes)  # about two sequences
     assert [o.outputs[0].token_ids for o in squeezed.generate(prompts, params, use_tqdm=False)] == expected
     assert squeezed.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no AVX-512 (or no compiler): torch ops are used")
+def test_bf16_gemma3_gives_the_same_logprobs_with_and_without_the_fused_kernels(
+        tiny_gemma: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused norms (the q/k ones per head, the add between two norms) and GELU-tanh * up give the torch ops'
+    bits, so the bf16 model's every logprob is the same either way."""
+    prompts = random_prompts(6, seed=4, shortest=20)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    outputs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(gemma3, "select_gemma_ops", lambda device, dtype: GEMMA_TORCH_OPS)
+        llm = LLM(str(tiny_gemma), dtype="bfloat16", kv_cache_memory=1 << 26)
+        assert (llm.engine.runner.model.norm.ops is GEMMA_TORCH_OPS) is not fused
+        outputs.append([(o.prompt_logprobs, o.outputs[0].token_ids, o.outputs[0].logprobs)
+                        for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]
 
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

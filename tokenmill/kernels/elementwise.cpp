@@ -4,6 +4,9 @@
 // Each rounds to bf16 exactly where the torch ops it replaces do, with the same fp32 arithmetic
 // in between, so outputs match those ops bit for bit except where the order of RMSNorm's fp32 sum
 // or a 1-ulp difference of exp moves a rounding.
+// Gemma's variants: its RMSNorm scales by an fp32 factor (1 + weight) before the one rounding (over rows or
+// per head), its block outputs are normed before they join the residual stream (norm, add, then the next
+// norm: one pass), and its MLP takes GELU-tanh(gate) * up; bit for bit the torch ops of models/elementwise.py.
 // And an encoder layer's residual add with the LayerNorm after it (add_layer_norm, bf16 or fp32): one
 // pass where torch makes two over memory (plus LayerNorm's own), the sum kept in fp32, so close to the
 // torch ops but not their bits (they round the sum to bf16 first, and order LayerNorm's sums their way).
@@ -299,6 +302,122 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Gemma's RMSNorm of one row, as transformers' Gemma3RMSNorm computes it: in fp32, x * rsqrt(mean(x^2) + eps),
+// times the fp32 scale (1 + weight, models/gemma3.py's norm_scale), rounded to bf16 once.
+void gemma_norm_row(const bf16* x, const float* scale, int64_t n, float eps, bf16* out) {
+  const float mean = sum_of_squares(x, n) / static_cast<float>(n);
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(mean + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store_bf16(out + i, _mm512_mul_ps(_mm512_mul_ps(load_bf16(x + i, m), rstd), _mm512_maskz_loadu_ps(m, scale + i)),
+               m);
+  }
+}
+
+void check_gemma_scale(const at::Tensor& scale, int64_t n, const char* name) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(-1) == n, name,
+              " must be fp32 [", n, "] (contiguous), not ", scale.scalar_type(), " ", scale.sizes());
+}
+
+// x [rows, n] or [T, heads, n] (the last dim contiguous: q and k heads viewed in the qkv rows), scale fp32 [n]
+// or [heads, n] (one per head) -> Gemma's RMSNorm over the last dim, contiguous, x's shape.
+at::Tensor gemma_rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16, not ", x.scalar_type());
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1,
+              "x must be [rows, n] or [T, heads, n] with the last dim contiguous, not ", x.sizes(), " of strides ",
+              x.strides());
+  const int64_t n = x.size(-1), heads = x.dim() == 3 ? x.size(1) : 1, rows = x.size(0) * heads;
+  check_gemma_scale(scale, n, "scale");
+  const bool per_head = scale.dim() == 2;
+  TORCH_CHECK(scale.dim() == 1 || (per_head && x.dim() == 3 && scale.size(0) == heads),
+              "scale must be [n] or, for x [T, heads, n], [heads, n]; not ", scale.sizes(), " for x ", x.sizes());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t head_stride = x.dim() == 3 ? x.stride(1) : 0;
+  at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / heads, h = r % heads;
+      gemma_norm_row(x.data_ptr<bf16>() + t * x.stride(0) + h * head_stride,
+                     scale.data_ptr<float>() + (per_head ? h * n : 0), n, static_cast<float>(eps),
+                     out.data_ptr<bf16>() + r * n);
+    }
+  });
+  return out;
+}
+
+// x, residual [rows, n] bf16 (rows contiguous), scale, next_scale fp32 [n] -> (normed, summed):
+// summed = residual + GemmaNorm(x) * scale (a block's output normed, then added: one bf16 rounding each, as
+// torch's), normed = GemmaNorm(summed) * next_scale (the norm before the next block), one pass per row.
+std::tuple<at::Tensor, at::Tensor> gemma_norm_add_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& scale, const at::Tensor& next_scale,
+                                                       double eps) {
+  check_bf16_rows(x, "x");
+  check_bf16_rows(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "residual and x shapes differ: ", residual.sizes(), " and ", x.sizes());
+  const int64_t rows = x.size(0), n = x.size(1);
+  check_gemma_scale(scale, n, "scale");
+  check_gemma_scale(next_scale, n, "next_scale");
+  TORCH_CHECK(scale.dim() == 1 && next_scale.dim() == 1, "scale and next_scale must be [n]");
+  at::Tensor summed = at::empty({rows, n}, x.options()), normed = at::empty({rows, n}, x.options());
+  const float* s = scale.data_ptr<float>();
+  at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* in = x.data_ptr<bf16>() + r * x.stride(0);
+      const bf16* res = residual.data_ptr<bf16>() + r * residual.stride(0);
+      bf16* sum = summed.data_ptr<bf16>() + r * n;
+      const float mean = sum_of_squares(in, n) / static_cast<float>(n);
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(mean + static_cast<float>(eps)));
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 block = bf16_round_trip(
+            _mm512_mul_ps(_mm512_mul_ps(load_bf16(in + i, m), rstd), _mm512_maskz_loadu_ps(m, s + i)));
+        store_bf16(sum + i, _mm512_add_ps(load_bf16(res + i, m), block), m);
+      }
+      gemma_norm_row(sum, next_scale.data_ptr<float>(), n, static_cast<float>(eps), normed.data_ptr<bf16>() + r * n);
+    }
+  });
+  return {normed, summed};
+}
+
+// GELU-tanh as torch's vectorized kernel computes it in fp32: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715
+// x^3), each product and sum rounded in that order. NOTE: in the negative tail 1 + tanh(u) cancels, so the
+// result is only torch's if tanh is too, to the ulp: here 1 - s, s = 2e / (1 + e), e = exp(-|2u|) (s accurate,
+// so is 1 - s), given u's sign; and +-1 past |u| > 8.664339742, where Sleef's tanhf (torch's) returns 1 and
+// exp would still give a last ulp. tests/test_elementwise.py checks every bf16 input.
+inline __m512 gelu_tanh_as_torch(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)),
+                                 _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
+  const __m512 abs_u = _mm512_abs_ps(u);
+  const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), abs_u));
+  const __m512 s = _mm512_div_ps(_mm512_add_ps(e, e), _mm512_add_ps(one, e));
+  const __m512 magnitude = _mm512_mask_mov_ps(
+      _mm512_sub_ps(one, s), _mm512_cmp_ps_mask(abs_u, _mm512_set1_ps(8.664339742f), _CMP_GT_OQ), one);
+  const __m512 tanh = _mm512_or_ps(magnitude, _mm512_and_ps(u, _mm512_set1_ps(-0.0f)));  // NaN stays NaN
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, tanh));
+}
+
+// gate_up [T, 2I] -> GELU-tanh(gate) * up [T, I]: the GELU rounded to bf16, then the bf16 product.
+at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
+  check_bf16_rows(gate_up, "gate_up");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
+  at::Tensor out = at::empty({rows, n}, gate_up.options());
+  at::parallel_for(0, rows, grain(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* gate = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
+      const bf16* up = gate + n;
+      bf16* o = out.data_ptr<bf16>() + r * n;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(gelu_tanh_as_torch(load_bf16(gate + i, m))),
+                                        load_bf16(up + i, m)), m);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
@@ -307,5 +426,9 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("rope_store(Tensor qk, Tensor v, Tensor cos, Tensor sin_signed, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> Tensor", &rope_store);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("gemma_rms_norm(Tensor x, Tensor scale, float eps) -> Tensor", &gemma_rms_norm);
+  m.def("gemma_norm_add_norm(Tensor x, Tensor residual, Tensor scale, Tensor next_scale, float eps) -> "
+        "(Tensor, Tensor)", &gemma_norm_add_norm);
+  m.def("gelu_tanh_mul(Tensor gate_up) -> Tensor", &gelu_tanh_mul);
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor", &add_layer_norm);
 }

@@ -3,13 +3,15 @@
 Llama-shaped (its linears, embedding, rope tables and rope/KV-store op are models/llama.py's), but:
 - every RMSNorm scales by (1 + weight), in fp32, and casts back after the scale (`GemmaRMSNorm`);
 - four norms per layer: before and after attention, before and after the MLP, each output normed
-  before it joins the residual stream; per-head q and k norms;
+  before it joins the residual stream (normed, added and normed for the next block in one op: the
+  add between two norms); per-head q and k norms;
 - a GELU-tanh gated MLP; embeddings scaled by sqrt(hidden), the factor rounded to the model's dtype;
 - queries scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5;
 - sliding and full layers interleaved (`config.layer_types`), each kind with its own rope parameters
   (`config.rope_parameters[layer_type]`: local base 10k, global 1M on the released models);
 - the final logits soft-capped where the config says so (Gemma 3 releases do not; Gemma 2 did).
-Each op is computed as transformers computes it, so fp32 greedy output is transformers' token for token.
+Each op is computed as transformers computes it, so fp32 greedy output is transformers' token for token;
+in bf16 the fused CPU kernels (models/elementwise.py's GemmaOps) give the torch ops' bits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -27,17 +28,16 @@ from tokenmill.attention import AttentionBackend
 from tokenmill.models import llama
 from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding_windows
 from tokenmill.models.checkpoint import Checkpoint
-from tokenmill.models.elementwise import ElementwiseOps, select_elementwise_ops, signed_sin
+from tokenmill.models.elementwise import (
+    ElementwiseOps,
+    GemmaOps,
+    select_elementwise_ops,
+    select_gemma_ops,
+    signed_sin,
+)
 from tokenmill.models.embedding import TokenEmbedding
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
-
-
-def gemma_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32, times `scale` (fp32, broadcast), then cast: transformers' Gemma3RMSNorm."""
-    normed = x.float()
-    normed = normed * normed.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return normed.mul_(scale).to(x.dtype)
 
 
 def norm_scale(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,20 +47,28 @@ def norm_scale(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class GemmaRMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, ops: GemmaOps) -> None:
         super().__init__()
         self.eps = eps
         self.register_buffer("scale", torch.ones(size), persistent=False)  # set by `load`
+        self.ops = ops
 
     def load(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.scale = norm_scale(weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemma_rms_norm(x, self.scale, self.eps)
+        return self.ops.rms_norm(x, self.scale, self.eps)
+
+    def add_then(self, x: torch.Tensor, residual: torch.Tensor,
+                 next_norm: GemmaRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (a block's output) normed by this norm and added to the residual stream, then the sum normed by
+        `next_norm`: (next_norm(summed), summed)."""
+        return self.ops.norm_add_norm(x, residual, self.scale, next_norm.scale, self.eps)
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps,
+                 gemma_ops: GemmaOps) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.window = window
@@ -80,6 +88,7 @@ class Gemma3Attention(nn.Module):
         # scalar is the head_dim, as on every Gemma 3 but the 27B.
         self.query_factor = math.sqrt(self.head_dim / config.query_pre_attn_scalar)
         self.ops = ops
+        self.gemma_ops = gemma_ops
 
     def load_qk_norms(self, q_weight: torch.Tensor, k_weight: torch.Tensor, dtype: torch.dtype) -> None:
         q_scale = norm_scale(q_weight, dtype)
@@ -93,7 +102,7 @@ class Gemma3Attention(nn.Module):
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = gemma_rms_norm(qk, self.qk_scale, self.eps)
+        qk = self.gemma_ops.rms_norm(qk, self.qk_scale, self.eps)
         kv_pool = kv_cache[self.layer_index]
         meta = metas[self.window]
         q = self.ops.rope_store(qk, v.view(tokens, self.num_kv_heads, self.head_dim), cos, sin, kv_pool[0],
@@ -102,33 +111,39 @@ class Gemma3Attention(nn.Module):
 
 
 class GeluTanhMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, ops: GemmaOps) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
+        return self.down_proj(self.ops.gelu_tanh_mul(self.gate_up_proj(x)))
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps) -> None:
+    def __init__(self, config: PretrainedConfig, layer_index: int, window: int | None, ops: ElementwiseOps,
+                 gemma_ops: GemmaOps) -> None:
         super().__init__()
         self.layer_type = config.layer_types[layer_index]
-        self.self_attn = Gemma3Attention(config, layer_index, window, ops)
-        self.mlp = GeluTanhMLP(config)
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Gemma3Attention(config, layer_index, window, ops, gemma_ops)
+        self.mlp = GeluTanhMLP(config, gemma_ops)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps, gemma_ops)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps, gemma_ops)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps, gemma_ops)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps, gemma_ops)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
-        """x: the residual stream; each block's output is normed before it is added back."""
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attention, metas)
-        x = x + self.post_attention_layernorm(attended)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, next_norm: GemmaRMSNorm, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor, attention: AttentionBackend,
+                metas: StepMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, `normed` its input_layernorm; each block's output is normed before it is added
+        back, and the sum normed for what follows in the same op: `next_norm` is the next layer's input_layernorm
+        (the final norm after the last layer). Returns (the new stream, next_norm of it)."""
+        attended = self.self_attn(normed, cos, sin, kv_cache, attention, metas)
+        normed, x = self.post_attention_layernorm.add_then(attended, x, self.pre_feedforward_layernorm)
+        normed, x = self.post_feedforward_layernorm.add_then(self.mlp(normed), x, next_norm)
+        return x, normed
 
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -153,13 +168,15 @@ class Gemma3ForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         ops = select_elementwise_ops(device, dtype, config.head_dim)
+        gemma_ops = select_gemma_ops(device, dtype)
         windows = sliding_windows(config)
         self.kv_layout = KVLayout(config.num_attention_heads, config.num_key_value_heads, config.head_dim, windows)
         self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size, dtype)
         # NOTE: transformers rounds sqrt(hidden) to fp32, then to the model's dtype (bf16: 25.30 -> 25.25 on 270M).
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, device="cpu").to(dtype).item()
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, window, ops) for i, window in enumerate(windows))
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, window, ops, gemma_ops)
+                                    for i, window in enumerate(windows))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, gemma_ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.max_positions = max_positions
@@ -184,9 +201,11 @@ class Gemma3ForCausalLM(CausalLM):
         self._cover_positions(positions)
         rope = {kind: (cos[positions].to(x.dtype), signed_sin(sin[positions].to(x.dtype)))
                 for kind, (cos, sin) in self.rope.items()}
-        for layer in self.layers:
-            x = layer(x, *rope[layer.layer_type], kv_cache, attention, metas)
-        return self.norm(x)
+        layers: list[Gemma3DecoderLayer] = list(self.layers)
+        normed = layers[0].input_layernorm(x)
+        for layer, next_norm in zip(layers, [*(later.input_layernorm for later in layers[1:]), self.norm]):
+            x, normed = layer(x, normed, next_norm, *rope[layer.layer_type], kv_cache, attention, metas)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
