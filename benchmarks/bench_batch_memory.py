@@ -4,14 +4,17 @@ Writes synthetic files whose lines are cheap to answer (max_tokens 1): `--kind c
 token-id prompts with one of 4 shared 32-token prefixes; `--kind chat`, short user messages under
 one of 4 system prompts (tokenizing through the chat template is what the ordering pass pays for).
 Each runs through a real `tokenmill run` process on a tiny random Llama model (SmolLM2's
-tokenizer and chat template); peak RSS is the process's own (os.wait4).
+tokenizer and chat template); peak RSS is the process's own (os.wait4). With `--ray`, the process
+is the Ray driver (`tokenmill run --ray`, a local Ray, one replica per node) and its peak RSS is its
+own VmHWM, read from /proc as it runs.
 
 Sizes up to `--full-up-to` run to the end. Larger ones are measured over the ordering pass plus the
 first `--first-results` results: the output's lines are counted as they land, and the process is
 SIGKILLed once it holds that many. Per size: peak RSS, the time to the first result line, the wall
 time (to the kill, for those), the ordering pass's seconds (the summary's, finished runs only) and
 its disk: the ordering file `<output>.order.sqlite3` (and its journal) just before the kill, or the
-summary's `ordering_disk_bytes` (else the largest size seen) for a finished run.
+summary's `ordering_disk_bytes` (else the largest size seen) for a finished run. With `--ray`,
+the output is a folder (its shard, `summary.json`, `order.sqlite3`).
 
     .venv/bin/python benchmarks/bench_batch_memory.py --kind chat --out /tmp/mem --keep
 
@@ -117,34 +120,53 @@ class LineCounter:
             self.file.close()
 
 
-def ordering_disk_bytes(output: Path) -> int:
-    stem = output.name.removesuffix(".jsonl")
-    return sum(p.stat().st_blocks * 512 for p in output.parent.glob(f"{stem}.order.sqlite3*") if p.exists())
+def ordering_disk_bytes(output: Path, ray: bool) -> int:
+    folder, pattern = (output, "order.sqlite3*") if ray else \
+        (output.parent, f"{output.name.removesuffix('.jsonl')}.order.sqlite3*")
+    return sum(p.stat().st_blocks * 512 for p in folder.glob(pattern) if p.exists())
 
 
-def remove_outputs(output: Path) -> None:
+def remove_outputs(output: Path, ray: bool) -> None:
+    if ray:
+        shutil.rmtree(output, ignore_errors=True)
+        return
     for path in output.parent.glob(output.name.removesuffix(".jsonl") + ".*"):
         path.unlink()
 
 
-def measure(model: Path, input_path: Path, output: Path, stop_after: int | None) -> dict[str, Any]:
+def own_peak_rss_mib(pid: int) -> float:
+    """The process's own peak RSS so far (VmHWM); 0 once it has exited (a zombie has no VmHWM)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
+def measure(model: Path, input_path: Path, output: Path, stop_after: int | None, ray: bool) -> dict[str, Any]:
     """Runs `tokenmill run` to the end, or SIGKILLs it once OUTPUT holds `stop_after` lines."""
-    remove_outputs(output)  # a stale output would be counted as this run's results
+    remove_outputs(output, ray)  # a stale output would be counted as this run's results
     log = output.with_name(output.name.removesuffix(".jsonl") + ".log")
     load, start = os.getloadavg()[0], time.perf_counter()
     with log.open("w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(input_path), "-o", str(output),
                                     "--overwrite", "--model", str(model), "--dtype", "float32",
-                                    "--kv-cache-memory", "16MiB"], stdout=subprocess.DEVNULL, stderr=stderr)
-    results, first_result, disk, killed = LineCounter(output), None, 0, False
+                                    "--kv-cache-memory", "16MiB", *(["--ray"] if ray else [])],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    results, first_result, disk, killed = LineCounter(output / "output-00000.jsonl" if ray else output), None, 0, False
+    driver_peak = 0.0
     while True:
+        # NOTE: a Ray driver reaps the Ray processes it started, and wait4's maximum covers reaped
+        # descendants (the replicas' engines among them), so the driver's own peak is sampled instead.
+        driver_peak = max(driver_peak, own_peak_rss_mib(process.pid)) if ray else 0.0
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # this child's own peak, not the maximum of all
         if pid:
             break
         lines = results.count()
         if lines and first_result is None:
             first_result = time.perf_counter() - start
-        disk = ordering_disk_bytes(output) if stop_after is not None else max(disk, ordering_disk_bytes(output))
+        disk = ordering_disk_bytes(output, ray) if stop_after is not None else \
+            max(disk, ordering_disk_bytes(output, ray))
         if stop_after is not None and lines >= stop_after:
             os.kill(process.pid, signal.SIGKILL)
             _, status, usage = os.wait4(process.pid, 0)
@@ -157,10 +179,11 @@ def measure(model: Path, input_path: Path, output: Path, stop_after: int | None)
     results.close()
     if not killed and os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"tokenmill run failed on {input_path}:\n{log.read_text()[-3000:]}")
-    summary = {} if killed else json.loads(output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
-                                           .read_text())
-    remove_outputs(output)
-    return {"rss_mib": usage.ru_maxrss / 1024, "first_result_s": first_result, "wall_s": wall,
+    summary_file = output / "summary.json" if ray else \
+        output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
+    summary = {} if killed else json.loads(summary_file.read_text())
+    remove_outputs(output, ray)
+    return {"rss_mib": driver_peak if ray else usage.ru_maxrss / 1024, "first_result_s": first_result, "wall_s": wall,
             "ordering_s": summary.get("ordering_seconds"), "disk_bytes": summary.get("ordering_disk_bytes", disk),
             "load": load}
 
@@ -173,11 +196,13 @@ def main() -> None:
     parser.add_argument("--first-results", type=int, default=100_000)
     parser.add_argument("--out", type=Path, help="where inputs, the model and outputs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="leave the inputs and the model in --out for a rerun")
+    parser.add_argument("--ray", action="store_true", help="measure the Ray driver (`tokenmill run --ray`)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-batch-memory-"))
     out.mkdir(parents=True, exist_ok=True)
     model = tiny_model(out / "model")
-    print(f"`--kind {args.kind}`, one output token a line; a tiny Llama, float32, KV pool 16 MiB\n\n"
+    print(f"`--kind {args.kind}`{' --ray (the driver)' if args.ray else ''}, one output token a line; a tiny Llama, "
+          "float32, KV pool 16 MiB\n\n"
           "| input lines | measured over | peak RSS (MiB) | first result (s) | wall (s) | ordering (s) "
           "| ordering disk (MiB) | load |\n|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
     inputs = []
@@ -185,7 +210,8 @@ def main() -> None:
         inputs.append(out / f"in-{args.kind}-{lines}.jsonl")
         write_input(inputs[-1], lines, args.kind)
         cut = lines > args.full_up_to
-        m = measure(model, inputs[-1], out / f"out-{args.kind}-{lines}.jsonl", args.first_results if cut else None)
+        output = out / (f"out-{args.kind}-{lines}-ray" if args.ray else f"out-{args.kind}-{lines}.jsonl")
+        m = measure(model, inputs[-1], output, args.first_results if cut else None, args.ray)
         over = f"ordering + first {args.first_results}" if cut else "all"
         first = "-" if m["first_result_s"] is None else f"{m['first_result_s']:.1f}"
         ordering = "-" if m["ordering_s"] is None else f"{m['ordering_s']:.1f}"
