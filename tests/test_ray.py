@@ -140,6 +140,7 @@ def test_driver_killed_then_rerun_completes_without_recomputing(tmp_path: Path, 
         f.write(b'{"id": "batch_req_torn", "custom_')
     survivors = shard.read_bytes().count(b"\n")
     assert 0 < survivors < 320
+    assert (output_dir / "order.sqlite3").exists()  # the finished first pass, kept for the rerun
 
     summary = run_ray(input_path, output_dir, tiny_models["llama"], "--batch-lines", "16")
     assert summary["skipped_already_done"] == survivors  # not computed again
@@ -147,6 +148,7 @@ def test_driver_killed_then_rerun_completes_without_recomputing(tmp_path: Path, 
     assert len(summary["shards"]) == 2  # the killed run's and the rerun's
     records = shard_records(output_dir)
     assert Counter(r["custom_id"] for r in records) == Counter(f"req-{i:04d}" for i in range(320))
+    assert not (output_dir / "order.sqlite3").exists()
 
 
 @pytest.mark.slow

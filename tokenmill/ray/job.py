@@ -22,7 +22,6 @@ A call lost with a dead driver was never written, so it runs again.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -176,15 +175,11 @@ def _order(input_path: Path, output_dir: Path, fingerprint: str, engine_config: 
     """The job's prefix order: an earlier run's, or built now (bad lines get their error records as it goes)."""
     start = time.perf_counter()
     stamp = f"{fingerprint} {summary.model} block_size={engine_config.block_size}"
-    order = JobOrder.reuse(output_dir / ORDER_FILE, stamp)
-    if order is None:
-        frontend = Frontend.from_config(engine_config)
-        scan = tqdm(scan_lines(input_path, output_dir / CUSTOM_IDS_FILE), total=summary.total_lines,
-                    desc="ordering", unit="line", dynamic_ncols=True, leave=False)
-        with contextlib.closing(scan):
-            order = JobOrder.build(output_dir / ORDER_FILE, stamp, scan, functools.partial(prepare_line, frontend),
-                                   fail, done, engine_config.block_size, threading.Event())
-        assert order is not None  # None only when cancelled
+    order = JobOrder.reuse_or_build(output_dir / ORDER_FILE, stamp,
+                                    lambda: scan_lines(input_path, output_dir / CUSTOM_IDS_FILE), summary.total_lines,
+                                    functools.partial(prepare_line, Frontend.from_config(engine_config)), fail, done,
+                                    engine_config.block_size, threading.Event(), progress=True)
+    assert order is not None  # None only when cancelled
     summary.ordering_seconds = round(time.perf_counter() - start, 3)
     summary.ordering_disk_bytes = order.disk_bytes()
     return order
