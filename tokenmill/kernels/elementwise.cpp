@@ -279,8 +279,9 @@ at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
   return q;
 }
 
-// gate_up [T, 2I] -> SiLU(gate) * up [T, I]: SiLU in fp32 rounded to bf16, then the bf16 product.
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+// gate_up [T, 2I] -> activation(gate) * up [T, I]: the activation in fp32 rounded to bf16, then the bf16 product.
+template <typename Activation>
+at::Tensor gated_mul(const at::Tensor& gate_up, Activation activation) {
   check_bf16_rows(gate_up, "gate_up");
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
@@ -292,14 +293,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       bf16* o = out.data_ptr<bf16>() + r * n;
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = tail_mask(n - i);
-        const __m512 g = load_bf16(gate + i, m);
-        const __m512 silu = bf16_round_trip(
-            _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-        store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(up + i, m)), m);
+        store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(activation(load_bf16(gate + i, m))), load_bf16(up + i, m)),
+                   m);
       }
     }
   });
   return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  return gated_mul(gate_up, [](__m512 g) {
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  });
 }
 
 // Gemma's RMSNorm of one row, as transformers' Gemma3RMSNorm computes it: in fp32, x * rsqrt(mean(x^2) + eps),
@@ -397,25 +402,9 @@ inline __m512 gelu_tanh_as_torch(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, tanh));
 }
 
-// gate_up [T, 2I] -> GELU-tanh(gate) * up [T, I]: the GELU rounded to bf16, then the bf16 product.
+// gate_up [T, 2I] -> GELU-tanh(gate) * up [T, I].
 at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
-  check_bf16_rows(gate_up, "gate_up");
-  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
-  at::Tensor out = at::empty({rows, n}, gate_up.options());
-  at::parallel_for(0, rows, grain(2 * n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const bf16* gate = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
-      const bf16* up = gate + n;
-      bf16* o = out.data_ptr<bf16>() + r * n;
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(gelu_tanh_as_torch(load_bf16(gate + i, m))),
-                                        load_bf16(up + i, m)), m);
-      }
-    }
-  });
-  return out;
+  return gated_mul(gate_up, [](__m512 g) { return gelu_tanh_as_torch(g); });
 }
 
 }  // namespace
