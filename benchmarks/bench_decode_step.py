@@ -38,8 +38,10 @@ def main() -> None:
     args = parser.parse_args()
 
     first_step = args.batch * (args.prompt % EngineConfig.block_size + 1)  # all B in one step
+    # NOTE: speculation off: a decode step here is one token per sequence (drafts, on by default in
+    # small batches, would verify several and end the requests steps early).
     client = LocalClient(Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                                             max_num_seqs=max(args.batch, 1),
+                                             max_num_seqs=max(args.batch, 1), speculative="off",
                                              max_num_batched_tokens=max(first_step, 256), kv_cache_memory="2GiB")))
     rng = random.Random(0)
     vocab = client.frontend.vocab_size
