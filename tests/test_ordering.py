@@ -107,7 +107,7 @@ def test_sigkill_during_the_ordering_pass_then_rerun_completes_exactly_once(
     input_path = write_jsonl(tmp_path / "in.jsonl", lines)
     output = tmp_path / "out.jsonl"
     building = tmp_path / "out.order.sqlite3.building"
-    kill_job_when(input_path, output, tiny_models["llama"], lambda: building.exists() and building.stat().st_size)
+    kill_job_when(input_path, output, tiny_models["llama"], building.exists)
     assert not (tmp_path / "out.order.sqlite3").exists() and not read_jsonl(output)
 
     run_cli(input_path, "-o", output, "--model", tiny_models["llama"], "--dtype", "float32", timeout=600)

@@ -97,6 +97,12 @@ def order_key(token_ids: list[int], block_size: int) -> bytes:
     return b"".join(parts)
 
 
+def order_stamp(fingerprint: str, model: str, block_size: int, endpoint: str | None = None) -> str:
+    """What a job's order depends on: its input, the model that tokenizes it, the block size that
+    keys it, and the endpoint the job's lines must have (a server batch's)."""
+    return f"{fingerprint} {model} block_size={block_size} endpoint={endpoint}"
+
+
 def scratch_database(path: Path) -> sqlite3.Connection:
     """An SQLite file for a job's scratch tables: no journal, no fsync, a bounded page cache."""
     # check_same_thread=False: the ordered lines may be read on another thread than the one that
@@ -177,9 +183,8 @@ class JobOrder:
     def reuse_or_build(cls, path: Path, stamp: str, scan: Callable[[], ScannedLines], total_lines: int,
                        prepare: Callable[[BatchLine], list[Prompt]], fail: Callable[[int, LineError], None],
                        done: LineSet, block_size: int, cancel: threading.Event, progress: bool) -> JobOrder | None:
-        """The job's prefix order: an earlier run's with this stamp (which names what the order
-        depends on: the input's fingerprint, the model, the block size), or built now over `scan()`
-        with a progress bar; None if `cancel` was set meanwhile."""
+        """The job's prefix order: an earlier run's with this stamp (`order_stamp`), or built now over
+        `scan()` with a progress bar; None if `cancel` was set meanwhile."""
         order = cls.reuse(path, stamp)
         if order is not None:
             return order

@@ -42,7 +42,7 @@ from tokenmill.batch.journal import (
     record_id,
 )
 from tokenmill.batch.lengths import LengthPredictor
-from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines, scratch_database
+from tokenmill.batch.ordering import JobOrder, Lines, order_stamp, read_lines, scan_lines, scratch_database
 from tokenmill.endpoints import Prompt, check_task
 from tokenmill.engine.client import EngineClient, Submission, drive
 from tokenmill.errors import RequestError
@@ -106,6 +106,10 @@ class JobSummary(LineCounts):
 
     def hit_rate(self) -> float:
         return self.cached_prompt_tokens / max(1, self.prompt_tokens)
+
+    def record_ordering(self, order: JobOrder, seconds: float) -> None:
+        self.ordering_seconds = round(seconds, 3)
+        self.ordering_disk_bytes = order.disk_bytes()
 
     def finish(self, elapsed: float) -> None:
         self.wall_time_s = round(elapsed, 3)
@@ -372,16 +376,15 @@ class BatchJob:
         executor = LineExecutor(self.client, self.fingerprint, sink, undone, prefix_order=self.prefix_order,
                                 window=self.window, cancel=self.cancel)
         try:
-            order = self._order(executor, done) if self.prefix_order else None
-            if order is not None:
-                executor.run(order.lines(self.input, done))
-                if not self.cancel.is_set() and not summary.failed_internally:  # every line has its record
-                    order.remove()
-            elif not self.prefix_order:
+            if not self.prefix_order:
                 # NOTE: lines done in an earlier run are read again, only so that duplicates are
                 # judged exactly as they were then.
                 executor.run((line_no, line) for line_no, line in read_lines(self.input, self.custom_ids,
                                                                              self.endpoint) if line_no not in done)
+            elif (order := self._order(executor, done)) is not None:  # None: cancelled during the first pass
+                executor.run(order.lines(self.input, done))
+                if not self.cancel.is_set() and not summary.failed_internally:  # every line has its record
+                    order.remove()
         finally:
             bar.close()
 
@@ -389,15 +392,14 @@ class BatchJob:
         """The job's prefix order: an earlier run's, or built now (bad lines get their error records
         as it goes); None if the job was cancelled meanwhile."""
         start = time.perf_counter()
-        config = self.client.frontend.config
-        stamp = f"{self.fingerprint} {self.summary.model} block_size={config.block_size} endpoint={self.endpoint}"
-        order = JobOrder.reuse_or_build(self.order_path, stamp,
+        block_size = self.client.frontend.config.block_size
+        order = JobOrder.reuse_or_build(self.order_path,
+                                        order_stamp(self.fingerprint, self.summary.model, block_size, self.endpoint),
                                         lambda: scan_lines(self.input, self.custom_ids, self.endpoint),
                                         self.summary.total_lines, executor.prepare, executor.fail, done,
-                                        config.block_size, self.cancel, self.use_tqdm)
+                                        block_size, self.cancel, self.use_tqdm)
         if order is not None:
-            self.summary.ordering_seconds = round(time.perf_counter() - start, 3)
-            self.summary.ordering_disk_bytes = order.disk_bytes()
+            self.summary.record_ordering(order, time.perf_counter() - start)
         return order
 
 

@@ -48,7 +48,7 @@ from tokenmill.batch.journal import (
     input_fingerprint,
     record_id,
 )
-from tokenmill.batch.ordering import JobOrder, Lines, read_lines, scan_lines
+from tokenmill.batch.ordering import JobOrder, Lines, order_stamp, read_lines, scan_lines
 from tokenmill.batch.runner import JobSummary, LineCounts, count_lines, prepare_line, write_summary
 from tokenmill.engine.config import EngineConfig
 from tokenmill.frontend import Frontend
@@ -174,14 +174,13 @@ def _order(input_path: Path, output_dir: Path, fingerprint: str, engine_config: 
            fail: Fail, summary: RayJobSummary) -> JobOrder:
     """The job's prefix order: an earlier run's, or built now (bad lines get their error records as it goes)."""
     start = time.perf_counter()
-    stamp = f"{fingerprint} {summary.model} block_size={engine_config.block_size}"
+    stamp = order_stamp(fingerprint, summary.model, engine_config.block_size)
     order = JobOrder.reuse_or_build(output_dir / ORDER_FILE, stamp,
                                     lambda: scan_lines(input_path, output_dir / CUSTOM_IDS_FILE), summary.total_lines,
                                     functools.partial(prepare_line, Frontend.from_config(engine_config)), fail, done,
                                     engine_config.block_size, threading.Event(), progress=True)
     assert order is not None  # None only when cancelled
-    summary.ordering_seconds = round(time.perf_counter() - start, 3)
-    summary.ordering_disk_bytes = order.disk_bytes()
+    summary.record_ordering(order, time.perf_counter() - start)
     return order
 
 
