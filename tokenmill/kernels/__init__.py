@@ -12,6 +12,9 @@
   their dequantization to bf16 (bit for bit gguf's), and quantization of bf16/fp32 weights to Q8_0;
   and x W^T on plain bf16/fp32 weights packed once at load (`dense_linear`), batch-invariant too, with
   the bias and a GELU applied where each sum ends.
+- `int8_dot.cpp`: GGUF weights on int8 activations (AVX-512 VNNI): each row of x quantized in blocks of 32,
+  integer dot products on the weights' own quants repacked once at load, batch-invariant; bf16 models'
+  path for the types it serves (`int8_dot_available()`: VNNI and a working build).
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
 TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
@@ -44,6 +47,7 @@ ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane
 # gguf.GGMLQuantizationType values that quant_linear and dequantize take:
 # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 QUANT_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
+INT8_DOT_TYPES = frozenset({2, 3, 6, 8, 12, 14})
 
 # torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
@@ -72,11 +76,19 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.pack_dense: (weight [N, K] fp32 or bf16) -> the weight in dense_linear's layout, same dtype
 # torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N, bias=None [N] fp32 or bf16,
 #  activation="none" | "gelu" | "gelu_tanh") -> [M, N]: act(x W^T + b), in fp32 then rounded once (batch-invariant)
+# gguf.GGMLQuantizationType values that int8_pack and int8_linear take: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K.
+# torch.ops.tokenmill.quantize_rows: (x [M, K] bf16, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 4] fp32):
+#  each block of 32 of a row as d * q (d = amax / 127, q rounded to nearest-even), sums = (d, d sum(q), d sum of
+#  its first 16 q, d sum of its last 16)
+# torch.ops.tokenmill.int8_pack: (blocks [N, row_bytes] uint8, qtype, in_features K) -> uint8
+#  [ceil(N / 16), K / block, bytes]: the weight in int8_linear's layout, made once at load
+# torch.ops.tokenmill.int8_linear: (q, sums, packed, qtype, out_features N) -> [M, N] bf16: x W^T on x's quantized
+#  blocks and the weight's exact values, in fp32 then rounded once (batch-invariant)
 # torch.ops.tokenmill.add_layer_norm: (x [rows, n] bf16 or fp32 with contiguous rows, residual like x, weight [n],
 #  bias [n] (fp32 or x's dtype), eps) -> LayerNorm(x + residual) [rows, n], the sum kept in fp32
 
 SOURCES = [str(Path(__file__).with_name(name))
-           for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp")]
+           for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp", "int8_dot.cpp")]
 # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
 # -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -114,3 +126,8 @@ def _build() -> bool:
 def available() -> bool:
     """Whether the kernels run here: compiles them (or loads them from the cache) on the first call."""
     return cpu_has_avx512() and _build()
+
+
+def int8_dot_available() -> bool:
+    """Whether int8_dot.cpp's ops run here: the kernels, and VNNI (built only where the CPU has it)."""
+    return available() and torch._C._dispatch_has_kernel("tokenmill::int8_linear")

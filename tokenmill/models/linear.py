@@ -9,10 +9,11 @@ weights reads `Linear.in_features` and `out_features`, never a method's storage.
 
 Where tokenmill's kernels run (AVX-512), quantized, bf16 and fp32 weights get batch-invariant methods: a
 row's result depends on that row and the weight alone, bit for bit, never on the other rows of the batch
-(a request's output must not depend on what it was batched with). `QuantizedLinear` (models/quantized.py)
-serves weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32 CPU weights, through
-tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32 sum per
-output, in order of k): faster than oneDNN's packed GEMM up to M=64 (1.2-1.6x at M=1 and 8), up to 5%
+(a request's output must not depend on what it was batched with). `Int8DotLinear` (models/int8_dot.py) serves
+bf16 models' weights in the block formats it has a kernel for (int8 activations), `QuantizedLinear`
+(models/quantized.py) the other weights kept in ggml's block formats; `InvariantPlainLinear` plain bf16/fp32
+CPU weights, through tokenmill's dense kernel (`dense_linear` in kernels/quant.cpp: packed once at load, one fp32
+sum per output, in order of k): faster than oneDNN's packed GEMM up to M=64 (1.2-1.6x at M=1 and 8), up to 5%
 slower at M=256, and within 3% of it at M=1024-4096 on an encoder's shapes (K=384/1536;
 benchmarks/bench_plain_linear.py). It adds the bias and applies the
 activation where each sum ends, in fp32, rounding once (no passes over the output after the product);
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import kernels
+from tokenmill.models.int8_dot import Int8DotLinear
 from tokenmill.models.linear_method import Activation, LinearMethod, activate
 from tokenmill.models.quantized import QuantizedLinear, Weight
 
@@ -91,8 +93,8 @@ class InvariantPlainLinear(LinearMethod):
 
 
 # In order of preference; the torch method serves every plain weight.
-LINEAR_METHODS: tuple[type[LinearMethod], ...] = (QuantizedLinear, InvariantPlainLinear, OneDnnPackedLinear,
-                                                  TorchLinear)
+LINEAR_METHODS: tuple[type[LinearMethod], ...] = (Int8DotLinear, QuantizedLinear, InvariantPlainLinear,
+                                                  OneDnnPackedLinear, TorchLinear)
 
 
 def select_linear_method(weight: Weight) -> type[LinearMethod]:

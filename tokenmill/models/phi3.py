@@ -25,6 +25,7 @@ applies it (`causal_lm.sliding_windows`). No biases. What differs is the rope:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ def widen(table: torch.Tensor, head_dim: int, fill: float) -> torch.Tensor:
 def permute_rows(weight: Weight, order: torch.Tensor) -> Weight:
     """The weight's output features (rows) in `order`; a quantized weight's block rows likewise."""
     if isinstance(weight, QuantizedWeight):
-        return QuantizedWeight(weight.blocks[order], weight.qtype, weight.in_features)
+        return dataclasses.replace(weight, blocks=weight.blocks[order])
     if isinstance(weight, torch.Tensor):
         return weight[order]
     raise ValueError("a stacked quantized projection cannot be permuted")

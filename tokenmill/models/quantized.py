@@ -11,7 +11,7 @@ type and concatenates outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from gguf import GGMLQuantizationType
@@ -25,6 +25,8 @@ class QuantizedWeight:
     blocks: torch.Tensor  # uint8 [out_features, row_bytes]
     qtype: GGMLQuantizationType
     in_features: int
+    # Multiplied on int8 activations (models/int8_dot.py), set at load for bf16 models (loader.prepare_weights).
+    int8_activations: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,8 +60,7 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | StackedQuantiz
             runs[-1].append(part)
         else:
             runs.append([part])
-    merged = tuple(run[0] if len(run) == 1 else
-                   QuantizedWeight(torch.cat([p.blocks for p in run]), run[0].qtype, run[0].in_features)
+    merged = tuple(run[0] if len(run) == 1 else replace(run[0], blocks=torch.cat([p.blocks for p in run]))
                    for run in runs)
     return merged[0] if len(merged) == 1 else StackedQuantizedWeight(merged)
 

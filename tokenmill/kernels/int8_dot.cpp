@@ -1,0 +1,499 @@
+// x W^T with GGUF weights on int8 activations: integer dot products (AVX-512 VNNI vpdpbusd) on the weights' own
+// quants, batch-invariant. For bf16 models (models/int8_dot.py); quant.cpp's quant_linear (the weights widened
+// to bf16) stays the path for fp32 models and for the types below that have no packing here.
+//
+// - quantize_rows(x [M, K] bf16, rows contiguous, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 4]
+//   fp32): each block of 32 values of a row as int8 q = round-to-nearest-even(x / d) (clamped to +-127), with
+//   d = amax / 127 (0 for a block of zeros, its q all 0); sums[m, b] = (d, d * sum(q), d * sum(first 16 q),
+//   d * sum(last 16 q)). A row's quantization depends on that row only.
+// - int8_pack(blocks [N, row_bytes] uint8, qtype, in_features K) -> packed uint8 [ceil(N / 16), K / block,
+//   bytes]: the weight repacked once at load (see "Layout"), zeros past N.
+// - int8_linear(q, sums, packed, qtype, out_features N) -> [M, N] bf16: out[m, n] = sum over blocks b of 32
+//   of x's block dequantized (d q) times W's values (gguf's dequantization), to fp32 rounding, then rounded to
+//   bf16 as torch rounds. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
+//
+// Every type is written value = ws * q - wm with unsigned quants q per sub-block (32 weights; Q6_K's scales are
+// per 16): Q8_0 d (q + 128) - 128 d (quants stored offset by 128), Q4_0 d q - 8 d, Q4_1 d q - (-m), Q5_0 d q -
+// 16 d, Q4_K (d sc) q - dmin m, Q6_K (d sc) q - 32 d sc. With x's block dequantized as dx qx:
+//   sum_k w x = dx (ws isum - wm sum(qx)),  isum = sum_k q qx (exact in int32),
+// computed per output as acc = fma(float(isum), ws * dx, acc); acc = fnmadd(wm, dx sum(qx), acc), once per
+// (sub-)block in order of k from zero (Q6_K: for each half of 16 with its own ws, wm and half-sum). That one
+// sequence of fp32 operations for every output whatever M and the rows beside it: batch invariance, bit for bit.
+//
+// Layout: lanes along output features, as dense_linear's (quant.cpp): 16 features per group, each 32-bit lane
+// 4 consecutive k's quants of its feature, so one vpdpbusd (the 4 bytes of a row of x broadcast to every lane)
+// adds 4 k's products to 16 outputs' sums, and no sums across lanes are needed. A group's packed block (the
+// file's block size along k: 256 for the K-quants, 32 for the others) is its quants, then its scales:
+// - 4-bit quants (all types but Q8_0, and Q6_K's low 4 bits): per sub-block of 32 k, 4 vectors of 64 bytes;
+//   vector i, lane n, byte j holds k = 4i + j in its low nibble and k = 16 + 4i + j in its high one (steps i and
+//   4 + i of the sub-block: one and / shift + and each). Q5_0's fifth bits: one vector per block, bit s of byte
+//   (n, j) for k = 4s + j. Q6_K's top 2 bits: two vectors per sub-block, step s in bits 2(s / 2) of vector s % 2.
+//   Q8_0: 8 vectors of bytes q + 128.
+// - scales kept compact, widened to fp32 per group in registers: fp16 d (and m or dmin) per feature and block;
+//   Q4_K's 6-bit sc and m unpacked to one byte per feature and sub-block, Q6_K's int8 sc per 16. Bytes per
+//   weight: the file's for every type but Q4_K (4.625 bits against 4.5).
+// Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
+// sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next),
+// work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed by another
+// process leaves its items to the other).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <tuple>
+
+#include "common.h"
+
+// Without VNNI (AVX-512 before Cascade Lake / Zen 4) nothing here is built: kernels.int8_dot_available() says so.
+#ifdef __AVX512VNNI__
+
+namespace {
+
+using namespace tokenmill;
+using bf16 = c10::BFloat16;
+
+enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+
+constexpr int kLanes = 16;          // output features per group
+constexpr int kSub = 32;            // k per sub-block, and per block of x
+constexpr int kSums = 4;            // per block of x: d, d sum(q), d sum(first 16), d sum(last 16)
+constexpr int kMaxRows = 8;         // rows of x per pass
+constexpr int64_t kPanelBytes = 256 * 1024;
+
+inline float fp16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+alignas(64) constexpr uint8_t kZeroBlock[256] = {};  // the file's block of a feature past N: zero quants and scales
+
+// --- Packing, once at load: each format reads one file block per feature of a group (16 pointers) and writes the
+// group's packed block (see "Layout"). Scalar code, ~1 ns a weight per thread.
+
+// 16 features x 32 quants (their low 4 bits) as 4 vectors: vector i, lane n, byte j: k = 4i + j low, 16 + 4i + j high.
+void put_nibbles(const uint8_t (&q)[kLanes][kSub], uint8_t* out) {
+  for (int i = 0; i < 4; ++i) {
+    for (int n = 0; n < kLanes; ++n) {
+      for (int j = 0; j < 4; ++j) {
+        out[64 * i + 4 * n + j] = static_cast<uint8_t>((q[n][4 * i + j] & 15) | (q[n][16 + 4 * i + j] & 15) << 4);
+      }
+    }
+  }
+}
+
+// The 2-byte fp16 fields at `offset` of each feature's block, side by side (16 of them).
+void put_fp16(const uint8_t* const (&rows)[kLanes], int offset, uint8_t* out) {
+  for (int n = 0; n < kLanes; ++n) std::memcpy(out + 2 * n, rows[n] + offset, 2);
+}
+
+// Step s (k = 4s .. 4s + 3) of a sub-block in the 4-bit layout at p.
+inline __m512i nibbles(const uint8_t* p, int s) {
+  const __m512i v = _mm512_loadu_si512(p + 64 * (s & 3));
+  return _mm512_and_si512(s < 4 ? v : _mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+}
+
+inline __m512 fp16_vector(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// Each format: kBlock weights of a feature in kFileBytes in the file, a group's block in kBytes packed; kHalves:
+// scales per 16 weights. Unpack(p) reads a packed block's scales; quants(j, s) gives sub-block j's step s (16
+// features x 4 k, unsigned bytes), scales(j, half, ws, wm) its values' ws and wm.
+struct Q8_0 {  // d * q, q int8: packed as q + 128
+  static constexpr int64_t kBlock = 32, kFileBytes = 34, kBytes = 8 * 64 + 32;
+  static constexpr bool kHalves = false;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    for (int n = 0; n < kLanes; ++n) {
+      for (int k = 0; k < kSub; ++k) out[64 * (k / 4) + 4 * n + k % 4] = rows[n][2 + k] ^ 0x80;
+    }
+    put_fp16(rows, 0, out + 512);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 512)) {}
+    __m512i quants(int, int s) const { return _mm512_loadu_si512(p + 64 * s); }
+    void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(128.0f)); }
+  };
+};
+
+// The 32 low nibbles of a Q4_0 / Q4_1 / Q5_0 block's 16 bytes at qs: weight l < 16 low, l >= 16 high.
+void small_nibbles(const uint8_t* qs, uint8_t (&q)[kSub]) {
+  for (int l = 0; l < 16; ++l) q[l] = qs[l] & 15, q[16 + l] = qs[l] >> 4;
+}
+
+struct Q4_0 {  // d * (q - 8)
+  static constexpr int64_t kBlock = 32, kFileBytes = 18, kBytes = 256 + 32;
+  static constexpr bool kHalves = false;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    uint8_t q[kLanes][kSub];
+    for (int n = 0; n < kLanes; ++n) small_nibbles(rows[n] + 2, q[n]);
+    put_nibbles(q, out);
+    put_fp16(rows, 0, out + 256);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 256)) {}
+    __m512i quants(int, int s) const { return nibbles(p, s); }
+    void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(8.0f)); }
+  };
+};
+
+struct Q4_1 {  // d * q + m
+  static constexpr int64_t kBlock = 32, kFileBytes = 20, kBytes = 256 + 64;
+  static constexpr bool kHalves = false;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    uint8_t q[kLanes][kSub];
+    for (int n = 0; n < kLanes; ++n) small_nibbles(rows[n] + 4, q[n]);
+    put_nibbles(q, out);
+    put_fp16(rows, 0, out + 256);
+    put_fp16(rows, 2, out + 288);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d, m;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 256)), m(fp16_vector(block + 288)) {}
+    __m512i quants(int, int s) const { return nibbles(p, s); }
+    void scales(int, int, __m512& ws, __m512& wm) const {
+      ws = d;
+      wm = _mm512_sub_ps(_mm512_setzero_ps(), m);  // value = d q - (-m)
+    }
+  };
+};
+
+struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
+  static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
+  static constexpr bool kHalves = false;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    uint8_t q[kLanes][kSub];
+    for (int n = 0; n < kLanes; ++n) {
+      small_nibbles(rows[n] + 6, q[n]);
+      uint32_t fifth;
+      std::memcpy(&fifth, rows[n] + 2, 4);
+      for (int j = 0; j < 4; ++j) {
+        uint8_t byte = 0;
+        for (int s = 0; s < 8; ++s) byte |= ((fifth >> (4 * s + j)) & 1) << s;
+        out[256 + 4 * n + j] = byte;
+      }
+    }
+    put_nibbles(q, out);
+    put_fp16(rows, 0, out + 320);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 320)) {}
+    __m512i quants(int, int s) const {
+      const __m512i low = nibbles(p, s);
+      const __mmask64 fifth = _mm512_test_epi8_mask(_mm512_loadu_si512(p + 256), _mm512_set1_epi8(1 << s));
+      return _mm512_mask_add_epi8(low, fifth, low, _mm512_set1_epi8(16));
+    }
+    void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(16.0f)); }
+  };
+};
+
+// d, dmin, scales[12] (8 6-bit scales and mins, ggml's get_scale_min_k4), qs[128]: sub-block c's weight l is
+// the low (c even) or high nibble of qs[32 (c / 2) + l]; value d sc[c] q - dmin m[c].
+struct Q4_K {
+  static constexpr int64_t kBlock = 256, kFileBytes = 144, kBytes = 8 * 256 + 2 * 128 + 2 * 32;
+  static constexpr bool kHalves = false;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    for (int c = 0; c < 8; ++c) {
+      uint8_t q[kLanes][kSub];
+      for (int n = 0; n < kLanes; ++n) {
+        const uint8_t* r = rows[n];
+        const uint8_t* scales = r + 4;
+        for (int l = 0; l < kSub; ++l) q[n][l] = c % 2 ? r[16 + 32 * (c / 2) + l] >> 4 : r[16 + 32 * (c / 2) + l] & 15;
+        const bool low = c < 4;
+        out[2048 + 16 * c + n] = low ? scales[c] & 63 : (scales[c + 4] & 0xF) | ((scales[c - 4] >> 6) << 4);
+        out[2176 + 16 * c + n] = low ? scales[c + 4] & 63 : (scales[c + 4] >> 4) | ((scales[c] >> 6) << 4);
+      }
+      put_nibbles(q, out + 256 * c);
+    }
+    put_fp16(rows, 0, out + 2304);
+    put_fp16(rows, 2, out + 2336);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d, dmin;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 2304)), dmin(fp16_vector(block + 2336)) {}
+    __m512i quants(int j, int s) const { return nibbles(p + 256 * j, s); }
+    void scales(int j, int, __m512& ws, __m512& wm) const {
+      const auto bytes = [&](int offset) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + offset + 16 * j))));
+      };
+      ws = _mm512_mul_ps(d, bytes(2048));
+      wm = _mm512_mul_ps(dmin, bytes(2176));
+    }
+  };
+};
+
+// ql[128], qh[64], scales[16] (int8, one per 16 weights), d: weight 32c + l (c = 4h + s) is d * scale[2c + l / 16]
+// * (q - 32), q = 4 bits of ql[64h + 32(s % 2) + l] (high ones for s >= 2) with bits 2s, 2s + 1 of qh[32h + l]
+// above them. Packed: the low 4 bits as the 4-bit layout, the top 2 in two vectors per sub-block (step t in bits
+// 2 (t / 2) of vector t % 2), the 16 scales as bytes, d.
+struct Q6_K {
+  static constexpr int64_t kBlock = 256, kFileBytes = 210, kBytes = 8 * 256 + 8 * 128 + 16 * 16 + 32;
+  static constexpr bool kHalves = true;
+  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
+    std::memset(out + 2048, 0, 1024);
+    for (int c = 0; c < 8; ++c) {
+      const int h = c / 4, s = c % 4;
+      uint8_t q[kLanes][kSub];
+      for (int n = 0; n < kLanes; ++n) {
+        const uint8_t* r = rows[n];
+        for (int l = 0; l < kSub; ++l) {
+          const uint8_t low = r[64 * h + 32 * (s % 2) + l];
+          q[n][l] = static_cast<uint8_t>((s >= 2 ? low >> 4 : low & 15) | ((r[128 + 32 * h + l] >> (2 * s)) & 3) << 4);
+        }
+        for (int step = 0; step < 8; ++step) {
+          for (int j = 0; j < 4; ++j) {
+            out[2048 + 128 * c + 64 * (step % 2) + 4 * n + j] |= (q[n][4 * step + j] >> 4) << (2 * (step / 2));
+          }
+        }
+      }
+      put_nibbles(q, out + 256 * c);
+    }
+    for (int i = 0; i < 16; ++i) {
+      for (int n = 0; n < kLanes; ++n) out[3072 + 16 * i + n] = rows[n][192 + i];
+    }
+    put_fp16(rows, 208, out + 3328);
+  }
+  struct Unpack {
+    const uint8_t* p;
+    __m512 d;
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 3328)) {}
+    __m512i quants(int j, int s) const {
+      const __m512i top = _mm512_loadu_si512(p + 2048 + 128 * j + 64 * (s % 2));
+      const int t = s / 2;  // bits 2t, 2t + 1 of each byte, moved to bits 4, 5
+      const __m512i moved = t == 0 ? _mm512_slli_epi16(top, 4) : t == 1 ? _mm512_slli_epi16(top, 2) :
+                            t == 2 ? top : _mm512_srli_epi16(top, 2);
+      return _mm512_or_si512(nibbles(p + 256 * j, s), _mm512_and_si512(moved, _mm512_set1_epi8(0x30)));
+    }
+    void scales(int j, int half, __m512& ws, __m512& wm) const {
+      const __m128i sc = _mm_loadu_si128((const __m128i*)(p + 3072 + 16 * (2 * j + half)));
+      ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+      wm = _mm512_mul_ps(ws, _mm512_set1_ps(32.0f));
+    }
+  };
+};
+
+// --- The product.
+
+// MR rows of x (quants at q, row m at q + m q_stride; block sums likewise) times one group's packed blocks at w,
+// over all of K, rounded to bf16 into out (row m at out + m out_stride), its first `features` lanes.
+// NOTE: not inlined, as dense_tile (quant.cpp): inlined into the dispatch, the accumulators went to memory.
+template <class F, int MR>
+__attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, const float* sums, int64_t sums_stride,
+                                          const uint8_t* w, int64_t K, bf16* out, int64_t out_stride, int features) {
+  constexpr int kSubBlocks = F::kBlock / kSub;
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t blocks = K / F::kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const typename F::Unpack unpack(w + b * F::kBytes);
+#pragma GCC unroll 8
+    for (int j = 0; j < kSubBlocks; ++j) {
+      const int64_t xb = b * kSubBlocks + j;  // x's block
+      __m512i isum[MR];
+      // The (half) sub-block's integer sums into the fp32 accumulators: the one sequence of fp32 operations.
+      const auto fold = [&](int half) {
+        __m512 ws, wm;
+        unpack.scales(j, half, ws, wm);
+        for (int m = 0; m < MR; ++m) {
+          const float* s = sums + m * sums_stride + xb * kSums;
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(ws, _mm512_set1_ps(s[0])), acc[m]);
+          acc[m] = _mm512_fnmadd_ps(wm, _mm512_set1_ps(s[F::kHalves ? 2 + half : 1]), acc[m]);
+          isum[m] = _mm512_setzero_si512();
+        }
+      };
+      for (int m = 0; m < MR; ++m) isum[m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int s = 0; s < 8; ++s) {
+        const __m512i wq = unpack.quants(j, s);
+        for (int m = 0; m < MR; ++m) {
+          int32_t x4;
+          std::memcpy(&x4, q + m * q_stride + xb * kSub + 4 * s, 4);
+          isum[m] = _mm512_dpbusd_epi32(isum[m], wq, _mm512_set1_epi32(x4));
+        }
+        if (F::kHalves && s == 3) fold(0);
+      }
+      fold(F::kHalves ? 1 : 0);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_mask_storeu_epi16(out + m * out_stride, tail_mask(features), round_bf16(acc[m]));
+}
+
+template <class F>
+void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint8_t* packed, int64_t N, bf16* out) {
+  const int64_t groups = (N + kLanes - 1) / kLanes, group_bytes = K / F::kBlock * F::kBytes;
+  const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
+  const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
+  const int64_t threads = at::get_num_threads();
+  // Enough items for the threads to even out (8 each), runs of at least one group.
+  const int64_t wanted_runs = std::min(groups, std::max<int64_t>(1, 8 * threads / panels));
+  const int64_t run_groups = (groups + wanted_runs - 1) / wanted_runs, runs = (groups + run_groups - 1) / run_groups;
+  const int64_t items = panels * runs;
+  // At least ~64k weights per thread: waking the second thread costs more below.
+  const int64_t workers = std::min({threads, items, std::max<int64_t>(1, N * K / 65536)});
+  std::atomic<int64_t> next{0};
+  const auto work = [&](int64_t, int64_t) {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
+      const int64_t panel = item / runs, run = item % runs;
+      const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
+      const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
+      for (int64_t g = run * run_groups; g < std::min(groups, (run + 1) * run_groups); ++g) {
+        const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
+        for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
+          const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
+          const int8_t* qm = q + m * K;
+          const float* sm = sums + m * (K / kSub * kSums);
+          bf16* om = out + m * N + g * kLanes;
+          const uint8_t* wg = packed + g * group_bytes;
+          const int64_t qs = K, ss = K / kSub * kSums;
+          switch (here) {
+            case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features); break;
+          }
+          m += here;
+        }
+      }
+    }
+  };
+  if (workers == 1) {
+    work(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, work);
+  }
+}
+
+// --- The ops.
+
+// Calls fn with a value-initialized format struct of the type, or fails naming the types served.
+template <class Fn>
+void with_format(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case kQ8_0: return fn(Q8_0{});
+    case kQ4_0: return fn(Q4_0{});
+    case kQ4_1: return fn(Q4_1{});
+    case kQ5_0: return fn(Q5_0{});
+    case kQ4_K: return fn(Q4_K{});
+    case kQ6_K: return fn(Q6_K{});
+    default: TORCH_CHECK(false, "quantized type ", qtype, " has no int8 kernel (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K "
+                         "are 8, 2, 3, 6, 12, 14)");
+  }
+}
+
+inline int64_t groups_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be bf16 [M, K] with contiguous rows, not ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K > 0 && K % kSub == 0, "in_features ", K, " is not a multiple of ", kSub);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor sums = at::empty({M, K / kSub, kSums}, x.options().dtype(at::kFloat));
+  const bf16* xp = x.data_ptr<bf16>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t b = 0; b < K / kSub; ++b) {
+        const bf16* v = xp + m * x.stride(0) + b * kSub;
+        const __m512 low = load_bf16(v, 0xFFFF), high = load_bf16(v + 16, 0xFFFF);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+        const float d = amax / 127.0f, inverse = d == 0.0f ? 0.0f : 1.0f / d;
+        const auto quantize = [&](__m512 values) {  // nearest-even (MXCSR's default), within +-127
+          const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(inverse)));
+          return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), r));
+        };
+        const __m512i q_low = quantize(low), q_high = quantize(high);
+        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub), _mm512_cvtepi32_epi8(q_low));
+        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
+        const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
+        float* s = sp + (m * (K / kSub) + b) * kSums;
+        s[0] = d;
+        s[1] = d * static_cast<float>(sum_low + sum_high);
+        s[2] = d * static_cast<float>(sum_low);
+        s[3] = d * static_cast<float>(sum_high);
+      }
+    }
+  });
+  return {q, sums};
+}
+
+at::Tensor int8_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.stride(1) == 1,
+              "blocks must be uint8 [N, row_bytes] with contiguous rows");
+  at::Tensor packed;
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    const int64_t N = blocks.size(0), K = in_features, per_row = K / F::kBlock;
+    TORCH_CHECK(K > 0 && K % F::kBlock == 0, "in_features ", K, " is not a multiple of the type's block of ",
+                F::kBlock);
+    TORCH_CHECK(blocks.size(1) == per_row * F::kFileBytes, "blocks have ", blocks.size(1), " bytes a row, ",
+                per_row * F::kFileBytes, " expected for ", K, " weights");
+    packed = at::empty({groups_of(N), per_row, F::kBytes}, blocks.options());
+    const uint8_t* w = blocks.data_ptr<uint8_t>();
+    uint8_t* out = packed.data_ptr<uint8_t>();
+    const int64_t stride = blocks.stride(0);
+    at::parallel_for(0, groups_of(N), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t b = 0; b < per_row; ++b) {
+          const uint8_t* rows[kLanes];
+          for (int n = 0; n < kLanes; ++n) {
+            const int64_t feature = g * kLanes + n;
+            rows[n] = feature < N ? w + feature * stride + b * F::kFileBytes : kZeroBlock;
+          }
+          F::pack(rows, out + (g * per_row + b) * F::kBytes);
+        }
+      }
+    });
+  });
+  return packed;
+}
+
+at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& packed, int64_t qtype,
+                       int64_t out_features) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "q must be quantize_rows' int8 [M, K]");
+  const int64_t M = q.size(0), K = q.size(1), N = out_features;
+  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 3 && sums.size(0) == M &&
+              sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 4]");
+  at::Tensor out = at::empty({M, N}, q.options().dtype(at::kBFloat16));
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    TORCH_CHECK(K > 0 && K % F::kBlock == 0 && N > 0, "in_features ", K, " is not a multiple of the type's block of ",
+                F::kBlock, " (or no out_features)");
+    const std::vector<int64_t> expected = {groups_of(N), K / F::kBlock, F::kBytes};
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.sizes() == expected,
+                "packed must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K, ", not ",
+                packed.sizes());
+    if (M == 0) return;
+    linear<F>(q.data_ptr<int8_t>(), sums.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), N,
+              out.data_ptr<bf16>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
+  m.def("int8_pack(Tensor blocks, int qtype, int in_features) -> Tensor", &int8_pack);
+  m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features) -> Tensor", &int8_linear);
+}
+
+#endif  // __AVX512VNNI__

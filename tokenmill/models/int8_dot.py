@@ -1,0 +1,51 @@
+"""GGUF weights multiplied on int8 activations: bf16 models' linear method for the types kernels/int8_dot.cpp serves.
+
+Each row of x is quantized in blocks of 32 (int8, an fp32 scale: amax / 127), and multiplied by the weight's own
+quants in integers (AVX-512 VNNI), its blocks repacked once at load into 16-feature lanes; fp32 sums in an order
+that depends on the row alone, so batch-invariant as every kernel method is. Against quant_linear (the blocks
+widened to bf16): no widening (M=1 ~1.3-2x on the 4-bit types, memory-bound) and twice the multiply rate of bf16
+at large M, for an error of the activations' rounding to 8 bits per block (SmolLM2 Q4_1 teacher-forced against
+its fp32 dequantization: tests/test_quantized_model.py). Chosen at load (`QuantizedWeight.int8_activations`,
+set by loader.prepare_weights for bf16 models); fp32 models keep QuantizedLinear, the accuracy mode. A fused
+projection of several types (a Q4_K_M file's Q6_K value rows beside Q4_K query and key) quantizes x once and
+concatenates the parts' outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill import kernels
+from tokenmill.models.linear_method import Activation, LinearMethod, activate
+from tokenmill.models.quantized import QuantizedWeight, StackedQuantizedWeight
+
+
+def int8_dot_serves(weight: QuantizedWeight) -> bool:
+    """Whether the int8 kernels take the weight's type here."""
+    return int(weight.qtype) in kernels.INT8_DOT_TYPES and kernels.int8_dot_available()
+
+
+class Int8DotLinear(LinearMethod):
+    @classmethod
+    def supports(cls, weight: object) -> bool:
+        parts = weight.parts if isinstance(weight, StackedQuantizedWeight) else (weight,)
+        return all(isinstance(p, QuantizedWeight) and p.int8_activations and int8_dot_serves(p) for p in parts)
+
+    def __init__(self, weight: QuantizedWeight | StackedQuantizedWeight, bias: torch.Tensor | None,
+                 activation: Activation = None) -> None:
+        parts = weight.parts if isinstance(weight, StackedQuantizedWeight) else (weight,)
+        self.in_features = weight.shape[1]
+        # (packed blocks, qtype, out_features) per part; the file's blocks are not kept (a tied embedding keeps its
+        # own for lookups).
+        self.parts = [(torch.ops.tokenmill.int8_pack(p.blocks, int(p.qtype), p.in_features), int(p.qtype), p.shape[0])
+                      for p in parts]
+        self.bias, self.activation = bias, activation
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, sums = torch.ops.tokenmill.quantize_rows(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+        outputs = [torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n) for packed, qtype, n in self.parts]
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).to(x.dtype)
+        if self.bias is not None:
+            y += self.bias
+        return activate(y.view(*shape[:-1], y.shape[-1]), self.activation)
