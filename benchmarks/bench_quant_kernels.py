@@ -5,13 +5,15 @@
 
 For each type, shape (K x N) and M rows of x, the time of:
 - `quant`: torch.ops.tokenmill.quant_linear on the blocks;
+- `int8`: the int8-activation path bf16 models take (models/int8_dot.py): quantize_rows on x, then int8_linear
+  on the blocks packed once by int8_pack (types it serves; others print "-");
 - `onednn`: oneDNN's bf16 GEMM on the dequantized weight, packed once as at load (`OneDnnPackedLinear`);
 - `deq+gemm`: dequantize the whole weight into a buffer kept from call to call (a fresh tensor would cost
   more in page faults than the rest), then a bf16 GEMM on it (the faster of F.linear and reorder + packed
   GEMM): what a caller routing large M to oneDNN pays per call.
 The same run measures the machine's references: memory bandwidth (a torch sum over 1 GiB of fp32) and the
-bf16 GEMM peak (oneDNN packed, M=512, 2048 x 16384). Printed: per type, ms per call; quant_linear's GB/s of
-weight bytes at M=1 and GFLOP/s at each M, as shares of those references; dequantize's GB/s written; and
+bf16 GEMM peak (oneDNN packed, M=512, 2048 x 16384). Printed: per type, ms per call; quant_linear's and int8's
+GB/s of weight bytes at M=1 and GFLOP/s at each M, as shares of those references; dequantize's GB/s written; and
 the crossover: the smallest M from which `deq+gemm` takes less time than `quant`, over the shapes together
 and per shape.
 
@@ -80,6 +82,11 @@ def random_blocks(qtype: Q, rows: int, in_features: int) -> torch.Tensor:
     return blocks.reshape(rows, -1)
 
 
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor:
+    q, sums = torch.ops.tokenmill.quantize_rows(x)
+    return torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, out_features)
+
+
 def dequantize_then_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, buffer: torch.Tensor,
                          reorder: bool) -> torch.Tensor:
     weight = torch.ops.tokenmill.dequantize(blocks, qtype, x.shape[1], out=buffer)
@@ -119,6 +126,8 @@ def main() -> None:
             linears = [OneDnnPackedLinear(torch.ops.tokenmill.dequantize(b, qtype, k), None) for b in blocks]
             blocks += [random_blocks(qtype, n, k) for _ in range(math.ceil(COPIES_BYTES / blocks[0].numel()) -
                                                                  len(blocks))]
+            serves = int(qtype) in kernels.INT8_DOT_TYPES and kernels.int8_dot_available()
+            packs = [torch.ops.tokenmill.int8_pack(b, qtype, k) for b in blocks] if serves else []  # (copies as blocks)
             buffer = torch.empty(n, k, dtype=torch.bfloat16)
             weight_bytes[name] = blocks[0].numel()
             if name == "gate_up" or dequantize_rate == 0.0:
@@ -127,31 +136,38 @@ def main() -> None:
             for m in args.rows:
                 x = xs[m][:, :k].contiguous()
                 copies = len(blocks) if m == 1 else 1
-                times[name, m] = best_times(args.min_time, {
+                int8 = {"int8": cycling([partial(int8_linear, x, p, qtype, n) for p in packs[:copies]])} if packs \
+                    else {}
+                times[name, m] = {"int8": math.nan} | best_times(args.min_time, {
                     "quant": cycling([partial(torch.ops.tokenmill.quant_linear, x, b, qtype) for b in blocks[:copies]]),
+                    **int8,
                     "onednn": cycling([partial(linear.apply, x) for linear in linears[:copies]]),
                     "deq+linear": cycling([partial(dequantize_then_gemm, x, b, qtype, buffer, False)
                                            for b in blocks[:copies]]),
                     "deq+packed": cycling([partial(dequantize_then_gemm, x, b, qtype, buffer, True)
                                            for b in blocks[:copies]])})
-            del blocks, linears
-        print(f"\n{type_name}: ms per call, quant / onednn / deq+gemm; quant's GFLOP/s (share of the peak)")
-        print("   M  " + "".join(f"{name:>26}" for name in args.shapes) + f"{'total':>26}  GFLOP/s")
+            del blocks, linears, packs
+        print(f"\n{type_name}: ms per call, quant / int8 / onednn / deq+gemm; quant's and int8's GFLOP/s (share of "
+              "the peak)")
+        print("   M  " + "".join(f"{name:>35}" for name in args.shapes) + f"{'total':>35}  GFLOP/s quant, int8")
         crossover: dict[str, int | None] = dict.fromkeys([*args.shapes, "total"])
         for m in args.rows:
-            cells = {s: (times[s, m]["quant"], times[s, m]["onednn"],
+            cells = {s: (times[s, m]["quant"], times[s, m]["int8"], times[s, m]["onednn"],
                          min(times[s, m]["deq+linear"], times[s, m]["deq+packed"])) for s in args.shapes}
             cells["total"] = tuple(sum(column) for column in zip(*cells.values()))
             flops = sum(2 * m * SHAPES[s][0] * SHAPES[s][1] for s in args.shapes)
-            rate = flops / cells["total"][0] / 1e9
-            print(f"{m:>4}  " + "".join(f"{a * 1e3:>8.3f} /{b * 1e3:>7.3f} /{c * 1e3:>7.3f}" for a, b, c in
-                                        cells.values()) + f"  {rate:>5.0f} ({rate / peak:.0%})")
-            for s, (quant, _, staged) in cells.items():
+            rate, int8_rate = flops / cells["total"][0] / 1e9, flops / cells["total"][1] / 1e9
+            print(f"{m:>4}  " + "".join(f"{a * 1e3:>8.3f} /{b * 1e3:>8.3f} /{c * 1e3:>7.3f} /{d * 1e3:>7.3f}"
+                                        for a, b, c, d in cells.values()) +
+                  f"  {rate:>5.0f} ({rate / peak:.0%}), {int8_rate:>5.0f} ({int8_rate / peak:.0%})")
+            for s, (quant, _, _, staged) in cells.items():
                 if crossover[s] is None and staged < quant:
                     crossover[s] = m
         if 1 in args.rows:
-            rate = sum(weight_bytes.values()) / sum(times[s, 1]["quant"] for s in args.shapes) / 1e9
-            print(f"M=1: {rate:.1f} GB/s of weight bytes read = {rate / bandwidth:.0%} of the bandwidth")
+            for method in ("quant", "int8"):
+                rate = sum(weight_bytes.values()) / sum(times[s, 1][method] for s in args.shapes) / 1e9
+                print(f"M=1 {method}: {rate:.1f} GB/s of the file's weight bytes = {rate / bandwidth:.0%} of the "
+                      "bandwidth")
         print(f"dequantize into a buffer: {dequantize_rate:.1f} GB/s of bf16 written")
         print("crossover (deq+gemm faster from M =): " + ", ".join(
             f"{s} {'never' if m is None else m}" for s, m in crossover.items()) + f" (up to M={max(args.rows)})")

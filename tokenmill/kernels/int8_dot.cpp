@@ -31,7 +31,14 @@
 //   Q8_0: 8 vectors of bytes q + 128.
 // - scales kept compact, widened to fp32 per group in registers: fp16 d (and m or dmin) per feature and block;
 //   Q4_K's 6-bit sc and m unpacked to one byte per feature and sub-block, Q6_K's int8 sc per 16. Bytes per
-//   weight: the file's for every type but Q4_K (4.625 bits against 4.5).
+//   weight: the file's for every type but Q4_K (4.625 bits against 4.5). (fp32 ws and wm per sub-block would be
+//   2 more bits a weight: +44% bytes for Q4_K at M=1, where the bytes are the time.)
+// Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd and 3 fp32 multiplies
+// (the fold; cvt aside), all on the two pipes that do 512-bit multiplies: at most 64 x 8 / 11 = 46 products a
+// cycle against vdpbf16ps' 32. Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a
+// sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048): 1.35x, at that bound. At M=1
+// no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against quant_linear's table lookups):
+// Q4_K 1.5-1.7x quant_linear's speed (one thread, 96 MB of copies, a loaded machine).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
 // sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next),
 // work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed by another
@@ -76,16 +83,24 @@ inline float fp16_at(const uint8_t* p) {
 alignas(64) constexpr uint8_t kZeroBlock[256] = {};  // the file's block of a feature past N: zero quants and scales
 
 // --- Packing, once at load: each format reads one file block per feature of a group (16 pointers) and writes the
-// group's packed block (see "Layout"). Scalar code, ~1 ns a weight per thread.
+// group's packed block (see "Layout"), 4 bytes at a time: 1.1 (Q4_K) to 7 (Q4_1) G weights/s a thread.
 
-// 16 features x 32 quants (their low 4 bits) as 4 vectors: vector i, lane n, byte j: k = 4i + j low, 16 + 4i + j high.
-void put_nibbles(const uint8_t (&q)[kLanes][kSub], uint8_t* out) {
-  for (int i = 0; i < 4; ++i) {
-    for (int n = 0; n < kLanes; ++n) {
-      for (int j = 0; j < 4; ++j) {
-        out[64 * i + 4 * n + j] = static_cast<uint8_t>((q[n][4 * i + j] & 15) | (q[n][16 + 4 * i + j] & 15) << 4);
-      }
-    }
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline void put_u32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
+
+constexpr uint32_t kLowNibbles = 0x0F0F0F0F;
+
+// A sub-block's 4-bit layout from each feature's 8 words of quants (word t: k = 4t .. 4t + 3, a byte each, < 16):
+// vector i, lane n holds word i in its low nibbles and word 4 + i in its high ones.
+template <class Word>
+void put_nibbles(uint8_t* out, Word&& word) {
+  for (int n = 0; n < kLanes; ++n) {
+    for (int i = 0; i < 4; ++i) put_u32(out + 64 * i + 4 * n, word(n, i) | word(n, 4 + i) << 4);
   }
 }
 
@@ -110,7 +125,7 @@ struct Q8_0 {  // d * q, q int8: packed as q + 128
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int n = 0; n < kLanes; ++n) {
-      for (int k = 0; k < kSub; ++k) out[64 * (k / 4) + 4 * n + k % 4] = rows[n][2 + k] ^ 0x80;
+      for (int t = 0; t < 8; ++t) put_u32(out + 64 * t + 4 * n, u32_at(rows[n] + 2 + 4 * t) ^ 0x80808080);
     }
     put_fp16(rows, 0, out + 512);
   }
@@ -123,18 +138,19 @@ struct Q8_0 {  // d * q, q int8: packed as q + 128
   };
 };
 
-// The 32 low nibbles of a Q4_0 / Q4_1 / Q5_0 block's 16 bytes at qs: weight l < 16 low, l >= 16 high.
-void small_nibbles(const uint8_t* qs, uint8_t (&q)[kSub]) {
-  for (int l = 0; l < 16; ++l) q[l] = qs[l] & 15, q[16 + l] = qs[l] >> 4;
+// A Q4_0 / Q4_1 / Q5_0 block's 16 bytes at `offset` hold weight l < 16 in the low nibble of byte l and weight
+// 16 + l in its high one: already the 4-bit layout's bytes, word i of each feature to lane n of vector i.
+void put_small_nibbles(const uint8_t* const (&rows)[kLanes], int offset, uint8_t* out) {
+  for (int n = 0; n < kLanes; ++n) {
+    for (int i = 0; i < 4; ++i) put_u32(out + 64 * i + 4 * n, u32_at(rows[n] + offset + 4 * i));
+  }
 }
 
 struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kFileBytes = 18, kBytes = 256 + 32;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    uint8_t q[kLanes][kSub];
-    for (int n = 0; n < kLanes; ++n) small_nibbles(rows[n] + 2, q[n]);
-    put_nibbles(q, out);
+    put_small_nibbles(rows, 2, out);
     put_fp16(rows, 0, out + 256);
   }
   struct Unpack {
@@ -150,9 +166,7 @@ struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kFileBytes = 20, kBytes = 256 + 64;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    uint8_t q[kLanes][kSub];
-    for (int n = 0; n < kLanes; ++n) small_nibbles(rows[n] + 4, q[n]);
-    put_nibbles(q, out);
+    put_small_nibbles(rows, 4, out);
     put_fp16(rows, 0, out + 256);
     put_fp16(rows, 2, out + 288);
   }
@@ -172,18 +186,10 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
   static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    uint8_t q[kLanes][kSub];
-    for (int n = 0; n < kLanes; ++n) {
-      small_nibbles(rows[n] + 6, q[n]);
-      uint32_t fifth;
-      std::memcpy(&fifth, rows[n] + 2, 4);
-      for (int j = 0; j < 4; ++j) {
-        uint8_t byte = 0;
-        for (int s = 0; s < 8; ++s) byte |= ((fifth >> (4 * s + j)) & 1) << s;
-        out[256 + 4 * n + j] = byte;
-      }
+    put_small_nibbles(rows, 6, out);
+    for (int n = 0; n < kLanes; ++n) {  // byte j: the fifth bits of k = j, 4 + j, 8 + j, ...
+      for (int j = 0; j < 4; ++j) out[256 + 4 * n + j] = static_cast<uint8_t>(_pext_u32(u32_at(rows[n] + 2), 0x11111111u << j));
     }
-    put_nibbles(q, out);
     put_fp16(rows, 0, out + 320);
   }
   struct Unpack {
@@ -206,16 +212,16 @@ struct Q4_K {
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
-      uint8_t q[kLanes][kSub];
+      put_nibbles(out + 256 * c, [&](int n, int t) {
+        const uint32_t word = u32_at(rows[n] + 16 + 32 * (c / 2) + 4 * t);
+        return (c % 2 ? word >> 4 : word) & kLowNibbles;
+      });
       for (int n = 0; n < kLanes; ++n) {
-        const uint8_t* r = rows[n];
-        const uint8_t* scales = r + 4;
-        for (int l = 0; l < kSub; ++l) q[n][l] = c % 2 ? r[16 + 32 * (c / 2) + l] >> 4 : r[16 + 32 * (c / 2) + l] & 15;
+        const uint8_t* scales = rows[n] + 4;
         const bool low = c < 4;
         out[2048 + 16 * c + n] = low ? scales[c] & 63 : (scales[c + 4] & 0xF) | ((scales[c - 4] >> 6) << 4);
         out[2176 + 16 * c + n] = low ? scales[c + 4] & 63 : (scales[c + 4] >> 4) | ((scales[c] >> 6) << 4);
       }
-      put_nibbles(q, out + 256 * c);
     }
     put_fp16(rows, 0, out + 2304);
     put_fp16(rows, 2, out + 2336);
@@ -243,23 +249,18 @@ struct Q6_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 210, kBytes = 8 * 256 + 8 * 128 + 16 * 16 + 32;
   static constexpr bool kHalves = true;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    std::memset(out + 2048, 0, 1024);
     for (int c = 0; c < 8; ++c) {
       const int h = c / 4, s = c % 4;
-      uint8_t q[kLanes][kSub];
+      put_nibbles(out + 256 * c, [&](int n, int t) {
+        const uint32_t word = u32_at(rows[n] + 64 * h + 32 * (s % 2) + 4 * t);
+        return (s >= 2 ? word >> 4 : word) & kLowNibbles;
+      });
       for (int n = 0; n < kLanes; ++n) {
-        const uint8_t* r = rows[n];
-        for (int l = 0; l < kSub; ++l) {
-          const uint8_t low = r[64 * h + 32 * (s % 2) + l];
-          q[n][l] = static_cast<uint8_t>((s >= 2 ? low >> 4 : low & 15) | ((r[128 + 32 * h + l] >> (2 * s)) & 3) << 4);
-        }
-        for (int step = 0; step < 8; ++step) {
-          for (int j = 0; j < 4; ++j) {
-            out[2048 + 128 * c + 64 * (step % 2) + 4 * n + j] |= (q[n][4 * step + j] >> 4) << (2 * (step / 2));
-          }
-        }
+        uint32_t top[2] = {0, 0};  // step t's 2-bit fields at bits 2 (t / 2) of word t % 2
+        for (int t = 0; t < 8; ++t) top[t % 2] |= ((u32_at(rows[n] + 128 + 32 * h + 4 * t) >> (2 * s)) & 0x03030303u) << (2 * (t / 2));
+        put_u32(out + 2048 + 128 * c + 4 * n, top[0]);
+        put_u32(out + 2048 + 128 * c + 64 + 4 * n, top[1]);
       }
-      put_nibbles(q, out + 256 * c);
     }
     for (int i = 0; i < 16; ++i) {
       for (int n = 0; n < kLanes; ++n) out[3072 + 16 * i + n] = rows[n][192 + i];
