@@ -2,21 +2,40 @@
 
     .venv/bin/python benchmarks/bench_moe.py [--folder /tmp/tokenmill-qwen3-moe] [--threads 2]
                                              [--dtype bfloat16] [--npl 1,16,64] [--npp 128] [--ntg 32]
+                                             [--gguf q8_0|q4_k_m|f32] [--llama-quantize PATH]
 
 Builds once (kept in FOLDER) a Qwen3-MoE model of ~0.5B parameters with random weights: 8 layers, hidden
 1024, 16 query and 4 KV heads, 32 experts of 512, top 4 (renormalised), SmolLM2's tokenizer (49,152
 tokens, untied head). Then runs `tokenmill bench batched --transformers` on it: the same prompts through
 tokenmill and transformers' `generate` (greedy, every sequence decoding NTG tokens, same dtype and
 threads) in one run, and prints both tables and tokenmill's ratios (S_TG is decode tokens/s).
+
+`--gguf KIND` also writes the same model as llama.cpp's converter writes a GGUF (`write_gguf`, kept in
+FOLDER: Q8_0 or F32 by `gguf` itself, Q4_K_M by llama.cpp's `llama-quantize` from an F32 file), runs
+tokenmill on that file (its experts in the file's blocks) on the same prompts (the grid's prompts are drawn
+from a fixed seed and the vocabulary), and prints its decode speed over transformers' and over tokenmill's
+on the folder. Decode at B=16 reads every expert's weights each step, so quantized blocks, read 2-4x fewer
+bytes, are what moves it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen3MoeConfig
 
 from tokenmill import cli
 from tokenmill.models.loader import default_model_path
@@ -25,6 +44,26 @@ CONFIG = dict(vocab_size=49152, hidden_size=1024, intermediate_size=2048, num_hi
               num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
               num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, norm_topk_prob=True,
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+Q = gguf.GGMLQuantizationType
+GGUF_TYPES = {"q8_0": Q.Q8_0, "f32": Q.F32}  # written by gguf; q4_k_m by llama-quantize from an F32 file
+FILE_TYPES = {Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.F32: gguf.LlamaFileType.ALL_F32}
+# llama.cpp's architecture for each model type (Mixtral is written as llama), and the routing its graphs fix:
+# a config whose norm_topk_prob differs is not the model llama.cpp runs from the file.
+GGUF_ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+LLAMA_CPP_NORM_TOPK = {"qwen3_moe": True, "qwen2_moe": False}
+LAYER_NAMES = {  # transformers' layer names -> llama.cpp's
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+                "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
 
 
 def build_model(folder: Path) -> None:
@@ -35,8 +74,121 @@ def build_model(folder: Path) -> None:
     model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**CONFIG), dtype=torch.bfloat16)
     print(f"built a Qwen3-MoE model of {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
     model.save_pretrained(folder)
-    gguf = default_model_path()
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    gguf_path = default_model_path()
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+
+
+def make_gguf_module() -> object:
+    """benchmarks/make_gguf_model.py, for its tokenizer copy."""
+    spec = importlib.util.spec_from_file_location("make_gguf_model", Path(__file__).with_name("make_gguf_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def llama_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The row order llama.cpp's LlamaModel gives q and k (each head's rope halves interleaved)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def gguf_tensors(folder: Path, config: PretrainedConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """The folder's tensors under llama.cpp's names and in its layout, fp32: experts stacked [E, rows, cols]
+    per layer and projection, Mixtral's q/k rows permuted, the shared expert's gate a vector."""
+    experts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        data = tensor.float().numpy()
+        if name in GLOBAL_NAMES:
+            yield GLOBAL_NAMES[name], data
+            continue
+        layer, module, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
+        if expert := re.fullmatch(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)", module):
+            experts[f"blk.{layer}.{EXPERT_NAMES[expert[2]]}.weight"][int(expert[1])] = data
+            continue
+        gguf_name = LAYER_NAMES[module]
+        if GGUF_ARCHITECTURES[config.model_type] == "llama" and gguf_name in ("attn_q", "attn_k"):
+            data = llama_permuted(data, config.num_attention_heads if gguf_name == "attn_q" else
+                                  config.num_key_value_heads)
+        yield f"blk.{layer}.{gguf_name}.{kind}", data.reshape(-1) if gguf_name == "ffn_gate_inp_shexp" else data
+    for name, by_expert in experts.items():
+        yield name, np.stack([by_expert[e] for e in range(len(by_expert))])
+
+
+def write_gguf(folder: Path, path: Path, kind: gguf.GGMLQuantizationType) -> None:
+    """The folder's MoE model (Qwen3-MoE, Qwen2-MoE, Mixtral) as llama.cpp's convert_hf_to_gguf.py writes it,
+    its matrices in `kind` where their rows are whole blocks (norms, biases and the router stay F32, as llama.cpp
+    keeps them), SmolLM2's tokenizer copied from the default model."""
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type in LLAMA_CPP_NORM_TOPK and config.norm_topk_prob != LLAMA_CPP_NORM_TOPK[config.model_type]:
+        raise ValueError(f"llama.cpp runs {config.model_type} with norm_topk_prob={not config.norm_topk_prob}")
+    if config.model_type == "mixtral" and config.sliding_window is not None:
+        raise ValueError("llama.cpp runs Mixtral with full attention: a sliding window has no place in its file")
+    architecture = GGUF_ARCHITECTURES[config.model_type]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_name(folder.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if architecture == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_expert_count(getattr(config, "num_experts", None) or config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if moe_intermediate_size := getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(moe_intermediate_size)
+    if shared := getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(shared)
+    writer.add_file_type(FILE_TYPES[kind])
+    make_gguf = make_gguf_module()
+    writer.add_vocab_size(make_gguf.copy_tokenizer(writer, gguf.GGUFReader(make_gguf.smollm2_gguf())))
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    for name, data in gguf_tensors(folder, config):
+        if kind != Q.F32 and data.ndim >= 2 and data.shape[-1] % block == 0 and ".ffn_gate_inp." not in name:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def build_gguf(folder: Path, kind: str, llama_quantize: str | None) -> Path:
+    """FOLDER/model-KIND.gguf, written unless already there."""
+    path = folder / f"model-{kind}.gguf"
+    if path.is_file():
+        return path
+    if kind in GGUF_TYPES:
+        write_gguf(folder, path, GGUF_TYPES[kind])
+        return path
+    if llama_quantize is None or not Path(llama_quantize).is_file():
+        raise SystemExit(f"--gguf {kind} needs llama.cpp's llama-quantize: pass --llama-quantize PATH")
+    f32 = path.with_name(path.name + ".f32.tmp")
+    try:
+        write_gguf(folder, f32, Q.F32)
+        result = subprocess.run([llama_quantize, str(f32), str(path), kind.upper()], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"llama-quantize failed:\n{result.stderr[-2000:]}")
+    finally:
+        f32.unlink(missing_ok=True)
+    return path
+
+
+def bench(model: Path, args: argparse.Namespace, jsonl: Path, transformers: bool) -> None:
+    max_batch = max(int(b) for b in args.npl.split(","))
+    code = cli.main(["bench", "batched", "--model", str(model), "--threads", str(args.threads), "--dtype", args.dtype,
+                     "--npl", args.npl, "--npp", args.npp, "--ntg", args.ntg, "--max-num-seqs", str(max_batch),
+                     "--kv-cache-memory", "2GiB", "--jsonl", str(jsonl)] + (["--transformers"] if transformers else []))
+    if code:
+        raise SystemExit(code)
 
 
 def main() -> None:
@@ -47,13 +199,31 @@ def main() -> None:
     parser.add_argument("--npl", default="1,16,64")
     parser.add_argument("--npp", default="128")
     parser.add_argument("--ntg", default="32")
+    parser.add_argument("--gguf", choices=sorted([*GGUF_TYPES, "q4_k_m"]),
+                        help="also run tokenmill on the model written as a GGUF of this type")
+    parser.add_argument("--llama-quantize", default=shutil.which("llama-quantize"),
+                        help="llama.cpp's llama-quantize, for q4_k_m (default: the one on PATH)")
     args = parser.parse_args()
     build_model(args.folder)
-    max_batch = max(int(b) for b in args.npl.split(","))
-    raise SystemExit(cli.main(["bench", "batched", "--model", str(args.folder), "--transformers",
-                               "--threads", str(args.threads), "--dtype", args.dtype, "--npl", args.npl,
-                               "--npp", args.npp, "--ntg", args.ntg, "--max-num-seqs", str(max_batch),
-                               "--kv-cache-memory", "2GiB"]))
+    gguf_path = build_gguf(args.folder, args.gguf, args.llama_quantize) if args.gguf else None
+    with tempfile.TemporaryDirectory() as scratch:
+        folder_rows, gguf_rows = Path(scratch) / "folder.jsonl", Path(scratch) / "gguf.jsonl"
+        bench(args.folder, args, folder_rows, transformers=True)
+        if gguf_path is None:
+            return
+        print(f"\n{gguf_path.name} ({gguf_path.stat().st_size / 2**30:.2f} GiB):")
+        bench(gguf_path, args, gguf_rows, transformers=False)
+        s_tg = defaultdict(dict)
+        for path, label in ((folder_rows, None), (gguf_rows, "gguf")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                s_tg[(row["PP"], row["TG"], row["B"])][label or row["engine"]] = row["S_TG"]
+    print(f"\nS_TG of tokenmill on {gguf_path.name} over transformers ({args.dtype}, the folder) and over tokenmill "
+          f"({args.dtype}, the folder):\n\n| PP | TG | B | gguf S_TG | / transformers | / tokenmill |\n"
+          "|---|---|---|---|---|---|")
+    for (pp, tg, b), speeds in sorted(s_tg.items()):
+        print(f"| {pp} | {tg} | {b} | {speeds['gguf']:.1f} | {speeds['gguf'] / speeds['transformers']:.2f}x "
+              f"| {speeds['gguf'] / speeds['tokenmill']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -42,17 +42,19 @@ class Checkpoint:
 
     def load_linear(self, linear: Linear, names: list[str]) -> None:
         """names: the checkpoint's layers whose weights are stacked, in order, into this one."""
-        weights = [self.take(f"{name}.weight") for name in names]
-        if len(weights) == 1:
-            weight = self.cast(weights[0])
-        elif all(isinstance(w, QuantizedWeight) for w in weights):
-            weight = stack_rows(weights)
-        elif all(isinstance(w, torch.Tensor) for w in weights):
-            weight = torch.cat(weights).to(self.dtype)
-        else:
-            raise ValueError(f"weights {names} mix quantized and plain tensors")
+        weight = self.stacked([self.take(f"{name}.weight") for name in names], names)
         bias = torch.cat([self.plain(f"{name}.bias") for name in names]).to(self.dtype) if linear.has_bias else None
         linear.load(weight, bias)
+
+    def stacked(self, weights: list[Weight], names: list[str]) -> Weight:
+        """One weight of the weights' rows in order: quantized blocks kept, plain tensors in the model's dtype."""
+        if len(weights) == 1:
+            return self.cast(weights[0])
+        if all(isinstance(w, QuantizedWeight) for w in weights):
+            return stack_rows(weights)
+        if all(isinstance(w, torch.Tensor) for w in weights):
+            return torch.cat(weights).to(self.dtype)
+        raise ValueError(f"weights {names} mix quantized and plain tensors")
 
     def load_embedding_and_head(self, embedding: TokenEmbedding, head: Linear, tied: bool, lm_head: bool) -> None:
         """The token embedding, and the output head: the checkpoint's own, or the embedding's weights

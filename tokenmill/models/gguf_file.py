@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 from transformers.integrations.gguf import reader as hf_reader
@@ -28,8 +28,24 @@ from transformers.integrations.gguf.reader import GgufHeader, TensorInfo
 from tokenmill.models import gemma3, phi3
 from tokenmill.models.quantized import QuantizedWeight
 
-# GGUF architectures of the Llama family, and the transformers model type each is.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3_text"}
+# GGUF architectures tokenmill runs, and the transformers model type each is.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3_text",
+                 "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Mixture-of-experts model types: llama.cpp's expert keys for each, beyond transformers' key table (which has
+# only the counts, under Qwen's names), and the values llama.cpp's graphs fix per architecture, which no key
+# states: Qwen3-MoE's top-k renormalised, Qwen2-MoE's not (whatever the model's norm_topk_prob was), Mixtral's
+# attention full (the file carries no window). llama.cpp writes Mixtral as "llama" with an expert count.
+_EXPERT_KEYS = {
+    "mixtral": {"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok"},
+    "qwen2_moe": {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+                  "expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+                  "expert_feed_forward_length": "moe_intermediate_size"},
+}
+_EXPERT_VALUES = {"mixtral": {"sliding_window": None}, "qwen2_moe": {"norm_topk_prob": False},
+                  "qwen3_moe": {"norm_topk_prob": True}}
+_WITH_EXPERTS = {"llama": "mixtral"}  # architectures whose files with an expert count are another model type
 PLAIN_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                GGMLQuantizationType.BF16: torch.bfloat16}
 
@@ -38,6 +54,11 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # mixture of experts (models/moe.py): the router, the experts stacked, the shared expert and its gate
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Per architecture, llama.cpp's layer names whose layer differs from the Llama family's.
 _ARCHITECTURE_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
@@ -60,7 +81,9 @@ def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
         return None
     layer_names = _LAYER_NAMES | _ARCHITECTURE_LAYER_NAMES.get(architecture, {})
     if (match := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)) and match[2] in layer_names:
-        return f"model.layers.{match[1]}.{layer_names[match[2]]}.{match[3]}"
+        # NOTE: stacked experts are named as transformers 5's modules name theirs, parameters without ".weight".
+        suffix = "" if match[2].endswith("_exps") else f".{match[3]}"
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}{suffix}"
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
@@ -97,18 +120,31 @@ class GGUFFile:
         self.path = path
         self.metadata, self.header = read_header(path)
         self.architecture = self.metadata["general.architecture"]
-        if f"{self.architecture}.expert_count" in self.metadata:  # llama.cpp's stacked experts (ffn_*_exps)
-            raise ValueError("mixture-of-experts GGUF files are not supported yet; load the model's "
-                             "Hugging Face folder")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"GGUF architecture {self.architecture!r} is not supported; tokenmill runs "
                              f"{', '.join(ARCHITECTURES)}")
+        self.model_type = ARCHITECTURES[self.architecture]
+        if f"{self.architecture}.expert_count" in self.metadata:
+            self.model_type = _WITH_EXPERTS.get(self.model_type, self.model_type)
+            self._check_routing()
         self.tensor_names = {info.name for info in self.header.tensors}
         self.config = self._config()
 
+    def _check_routing(self) -> None:
+        """A clear error for experts these families do not route as llama.cpp would."""
+        key = f"{self.architecture}.expert"
+        if self.model_type not in _EXPERT_KEYS:
+            raise ValueError(f"GGUF architecture {self.architecture!r} with experts is not supported; tokenmill runs "
+                             f"the mixture-of-experts files of {', '.join(sorted(_EXPERT_KEYS))}")
+        if self.metadata.get(f"{key}_gating_func", ExpertGatingFuncType.SOFTMAX) != ExpertGatingFuncType.SOFTMAX or \
+                self.metadata.get(f"{key}_weights_scale", 1.0) not in (0.0, 1.0) or \
+                self.metadata.get(f"{key}_group_count", 0) > 1:
+            raise ValueError(f"the file's expert routing (gating function, weight scale or expert groups) is not "
+                             f"{self.model_type}'s softmax top-k, which tokenmill runs")
+
     def _config(self) -> PretrainedConfig:
         """transformers' config for the file, from its metadata through transformers' key table."""
-        model_type = ARCHITECTURES[self.architecture]
+        model_type = self.model_type
         name = str(self.metadata.get("general.name", ""))
         values = {}
         if model_type == "llama" and "mistral" in name.lower():
@@ -116,8 +152,9 @@ class GGUFFile:
             # NOTE: and runs them with full attention, the file carrying no window (MistralConfig's
             # default, 4096, is v0.1's; later Mistrals have none).
             values["sliding_window"] = None
+        key_table = GGUF_CONFIG_MAPPING.get(self.architecture) or GGUF_CONFIG_MAPPING[model_type]  # qwen2_moe's
         for section, keys in (("general", GGUF_CONFIG_MAPPING["general"]),
-                              (self.architecture, GGUF_CONFIG_MAPPING[self.architecture])):
+                              (self.architecture, key_table | _EXPERT_KEYS.get(model_type, {}))):
             for key, hf_key in keys.items():
                 if hf_key is not None and f"{section}.{key}" in self.metadata:
                     values[hf_key] = self.metadata[f"{section}.{key}"]
@@ -135,9 +172,12 @@ class GGUFFile:
             values["rope_freq_factors"] = self._plain_tensor("rope_freqs.weight").tolist()
         if config_values := _CONFIG_VALUES.get(self.architecture):
             values |= config_values(self.metadata, self._plain_tensor, self.tensor_names)
+        values |= _EXPERT_VALUES.get(model_type, {})
         values["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                    "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[model_type]]
+                                    "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                                    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                                    "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]]
         return AutoConfig.for_model(model_type, **values)
 
     def _read(self, file: BinaryIO, info: TensorInfo) -> torch.Tensor:
@@ -181,6 +221,8 @@ class GGUFFile:
                     tensor = unpermute_rows(tensor, heads[projection])
                 if self.architecture in _NORMS_PLUS_ONE and name.endswith("norm.weight"):
                     tensor = tensor.float() - 1
+                if name.endswith("shared_expert_gate.weight"):  # llama.cpp stores this [1, hidden] weight as a row
+                    tensor = tensor.reshape(1, -1)
                 if qtype not in PLAIN_TYPES:
                     tensor = QuantizedWeight(tensor, qtype, width)
                 tensors[name] = tensor

@@ -11,10 +11,13 @@ feed-forward output [T, hidden], as transformers' sparse MoE blocks do (Qwen2-Mo
   grouped_mm path sums them, so a token's output never depends on the other tokens of the step (each
   expert's linear is row-wise batch-invariant where the kernels run: models/linear.py);
 - a shared expert, where the config has one (Qwen2-MoE), runs on every token, scaled by sigmoid(x w_gate).
-Weights load from either layout transformers checkpoints have: one tensor per expert and projection
-(`mlp.experts.{e}.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published
-checkpoints have and transformers 5.24's save_pretrained writes) or stacked (`mlp.experts.gate_up_proj`
-[E, 2F, H] and `mlp.experts.down_proj` [E, H, F]: transformers 5's modules as they are).
+Weights load from one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published checkpoints have and transformers 5.24's
+save_pretrained writes) or from the experts stacked, each projection one tensor of every expert's rows in
+turn: transformers 5's modules as they are (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj`
+[E, H, F]), or a GGUF file's `ffn_gate/up/down_exps` (`mlp.experts.gate_proj`, `up_proj`, `down_proj`: plain
+[E, rows, cols], or quantized blocks of E * rows rows; models/gguf_file.py). Each expert's weight is a view of
+its rows (a quantized expert keeps the file's blocks); gate and up are stacked per expert.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import ElementwiseOps
 from tokenmill.models.linear import Linear
+from tokenmill.models.quantized import QuantizedWeight, Weight
 
 
 @dataclass(frozen=True)
@@ -98,14 +102,14 @@ class SparseMoeBlock(nn.Module):
                       self.routing.modules[0])
         p = f"{layer_prefix}{module}."
         checkpoint.load_linear(self.gate, [f"{p}gate"])
-        if f"{p}experts.gate_up_proj" in checkpoint.tensors:
-            gate_up, down = checkpoint.plain(f"{p}experts.gate_up_proj"), checkpoint.plain(f"{p}experts.down_proj")
-            if (gate_up.shape[0], down.shape[0]) != (len(self.experts),) * 2:
-                raise ValueError(f"{p}experts holds {gate_up.shape[0]} gate_up and {down.shape[0]} down projections "
-                                 f"for the config's {len(self.experts)} experts")
+        if f"{p}experts.down_proj" in checkpoint.tensors:
+            names = [f"{p}experts.{n}" for n in (["gate_up_proj"] if f"{p}experts.gate_up_proj" in checkpoint.tensors
+                                                  else ["gate_proj", "up_proj"])]
+            gate_up = [expert_slices(checkpoint.take(name), name, len(self.experts)) for name in names]
+            down = expert_slices(checkpoint.take(f"{p}experts.down_proj"), f"{p}experts.down_proj", len(self.experts))
             for e, expert in enumerate(self.experts):
-                expert.gate_up_proj.load(gate_up[e].to(checkpoint.dtype), None)
-                expert.down_proj.load(down[e].to(checkpoint.dtype), None)
+                expert.gate_up_proj.load(checkpoint.stacked([parts[e] for parts in gate_up], names), None)
+                expert.down_proj.load(checkpoint.cast(down[e]), None)
         else:
             gate_name, up_name, down_name = self.routing.expert_names
             for e, expert in enumerate(self.experts):
@@ -117,3 +121,16 @@ class SparseMoeBlock(nn.Module):
             checkpoint.load_linear(self.shared_expert.gate_up_proj, [f"{q}gate_proj", f"{q}up_proj"])
             checkpoint.load_linear(self.shared_expert.down_proj, [f"{q}down_proj"])
             checkpoint.load_linear(self.shared_expert_gate, [f"{p}shared_expert_gate"])
+
+
+def expert_slices(weight: Weight, name: str, experts: int) -> list[Weight]:
+    """Each expert's weight in a stacked one (plain [E, rows, cols], or E * rows rows, plain or quantized), as
+    views of its rows: no copies."""
+    rows = weight.blocks if isinstance(weight, QuantizedWeight) else weight
+    if not isinstance(rows, torch.Tensor) or (rows.dim() == 3 and rows.shape[0] != experts) or \
+            rows.reshape(-1, rows.shape[-1]).shape[0] % experts:
+        raise ValueError(f"{name} of shape {tuple(weight.shape)} does not stack the config's {experts} experts")
+    views = rows.reshape(experts, -1, rows.shape[-1]).unbind()
+    if isinstance(weight, QuantizedWeight):
+        return [QuantizedWeight(view, weight.qtype, weight.in_features) for view in views]
+    return list(views)
