@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_moe.py [--folder /tmp/tokenmill-qwen3-moe] [--threads 2]
                                              [--dtype bfloat16] [--npl 1,16,64] [--npp 128] [--ntg 32]
-                                             [--gguf q8_0|q4_k_m|f32] [--llama-quantize PATH]
+                                             [--gguf q8_0,q4_k_m,f32] [--llama-quantize PATH]
 
 Builds once (kept in FOLDER) a Qwen3-MoE model of ~0.5B parameters with random weights: 8 layers, hidden
 1024, 16 query and 4 KV heads, 32 experts of 512, top 4 (renormalised), SmolLM2's tokenizer (49,152
@@ -10,11 +10,11 @@ tokens, untied head). Then runs `tokenmill bench batched --transformers` on it: 
 tokenmill and transformers' `generate` (greedy, every sequence decoding NTG tokens, same dtype and
 threads) in one run, and prints both tables and tokenmill's ratios (S_TG is decode tokens/s).
 
-`--gguf KIND` also writes the same model as llama.cpp's converter writes a GGUF (`write_gguf`, kept in
-FOLDER: Q8_0 or F32 by `gguf` itself, Q4_K_M by llama.cpp's `llama-quantize` from an F32 file), runs
-tokenmill on that file (its experts in the file's blocks) on the same prompts (the grid's prompts are drawn
-from a fixed seed and the vocabulary), and prints its decode speed over transformers' and over tokenmill's
-on the folder. Decode at B=16 reads every expert's weights each step, so quantized blocks, read 2-4x fewer
+`--gguf KINDS` also writes the same model as llama.cpp's converter writes a GGUF of each kind (`write_gguf`,
+kept in FOLDER: Q8_0 or F32 by `gguf` itself, Q4_K_M by llama.cpp's `llama-quantize` from an F32 file), runs
+tokenmill on each file (its experts in the file's blocks) on the same prompts (the grid's prompts are drawn
+from a fixed seed and the vocabulary), and prints each file's decode speed over transformers' and over
+tokenmill's on the folder. Decode at B=16 reads every expert's weights each step, so quantized blocks, read 2-4x fewer
 bytes, are what moves it.
 """
 
@@ -199,31 +199,34 @@ def main() -> None:
     parser.add_argument("--npl", default="1,16,64")
     parser.add_argument("--npp", default="128")
     parser.add_argument("--ntg", default="32")
-    parser.add_argument("--gguf", choices=sorted([*GGUF_TYPES, "q4_k_m"]),
-                        help="also run tokenmill on the model written as a GGUF of this type")
+    parser.add_argument("--gguf", default="", help=f"also run tokenmill on the model written as a GGUF of each of "
+                        f"these types (comma-separated: {', '.join([*GGUF_TYPES, 'q4_k_m'])})")
     parser.add_argument("--llama-quantize", default=shutil.which("llama-quantize"),
                         help="llama.cpp's llama-quantize, for q4_k_m (default: the one on PATH)")
     args = parser.parse_args()
     build_model(args.folder)
-    gguf_path = build_gguf(args.folder, args.gguf, args.llama_quantize) if args.gguf else None
+    kinds = [k for k in args.gguf.split(",") if k]
+    if unknown := set(kinds) - {*GGUF_TYPES, "q4_k_m"}:
+        raise SystemExit(f"--gguf: unknown types {sorted(unknown)}")
+    files = [build_gguf(args.folder, kind, args.llama_quantize) for kind in kinds]
     with tempfile.TemporaryDirectory() as scratch:
-        folder_rows, gguf_rows = Path(scratch) / "folder.jsonl", Path(scratch) / "gguf.jsonl"
-        bench(args.folder, args, folder_rows, transformers=True)
-        if gguf_path is None:
-            return
-        print(f"\n{gguf_path.name} ({gguf_path.stat().st_size / 2**30:.2f} GiB):")
-        bench(gguf_path, args, gguf_rows, transformers=False)
-        s_tg = defaultdict(dict)
-        for path, label in ((folder_rows, None), (gguf_rows, "gguf")):
-            for line in path.read_text().splitlines():
+        s_tg: dict[tuple[int, int, int], dict[str, float]] = defaultdict(dict)
+        for model in [args.folder, *files]:
+            if model != args.folder:
+                print(f"\n{model.name} ({model.stat().st_size / 2**30:.2f} GiB):")
+            rows = Path(scratch) / "rows.jsonl"
+            bench(model, args, rows, transformers=model == args.folder)
+            for line in rows.read_text().splitlines():
                 row = json.loads(line)
-                s_tg[(row["PP"], row["TG"], row["B"])][label or row["engine"]] = row["S_TG"]
-    print(f"\nS_TG of tokenmill on {gguf_path.name} over transformers ({args.dtype}, the folder) and over tokenmill "
-          f"({args.dtype}, the folder):\n\n| PP | TG | B | gguf S_TG | / transformers | / tokenmill |\n"
-          "|---|---|---|---|---|---|")
-    for (pp, tg, b), speeds in sorted(s_tg.items()):
-        print(f"| {pp} | {tg} | {b} | {speeds['gguf']:.1f} | {speeds['gguf'] / speeds['transformers']:.2f}x "
-              f"| {speeds['gguf'] / speeds['tokenmill']:.2f}x |")
+                label = row["engine"] if model == args.folder else model.name
+                s_tg[(row["PP"], row["TG"], row["B"])][label] = row["S_TG"]
+    for path in files:
+        print(f"\nS_TG of tokenmill on {path.name} over transformers ({args.dtype}, the folder) and over tokenmill "
+              f"({args.dtype}, the folder):\n\n| PP | TG | B | S_TG | / transformers | / tokenmill |\n"
+              "|---|---|---|---|---|---|")
+        for (pp, tg, b), speeds in sorted(s_tg.items()):
+            print(f"| {pp} | {tg} | {b} | {speeds[path.name]:.1f} | {speeds[path.name] / speeds['transformers']:.2f}x "
+                  f"| {speeds[path.name] / speeds['tokenmill']:.2f}x |")
 
 
 if __name__ == "__main__":
