@@ -19,7 +19,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.sampler import sample, top_logprobs
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.engine.speculation import DraftPolicy, propose
+from tokenmill.engine.speculation import MAX_DRAFT, DraftPolicy, propose
 from tokenmill.engine.structured import StructuredOutputs
 from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.kv.manager import KVCacheManager, attention_reach, cdiv
@@ -284,14 +284,16 @@ class Engine:
         if self.drafts is None:
             return
         running = self.scheduler.running
-        length = self.drafts.draft_length(len(running))
-        for seq in running:
-            if length and seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1:
-                # Room for the step's own token and the drafts within max_tokens and the context.
-                room = seq.request.max_total_tokens - seq.num_tokens - 1
-                seq.draft_token_ids = propose(seq.token_ids, min(length, room))
-            else:
-                seq.draft_token_ids = []  # what a step the budget cut short left
+        proposed: list[list[int]] = [[] for _ in running]  # none also clears what a step the budget cut short left
+        if self.drafts.may_draft(len(running)):
+            # Room for the step's own token and the drafts within max_tokens and the context.
+            proposed = [propose(seq.token_ids, min(MAX_DRAFT, seq.request.max_total_tokens - seq.num_tokens - 1))
+                        if seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1 else []
+                        for seq in running]
+            lengths = self.drafts.draft_lengths(len(running), [len(drafts) for drafts in proposed])
+            proposed = [drafts[:length] for drafts, length in zip(proposed, lengths)]
+        for seq, drafts in zip(running, proposed):
+            seq.draft_token_ids = drafts
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, ahead: list[int]) -> list[int]:
         """One token per row, of the sequence beside it (`ahead` tokens after its next: sampler.sample);

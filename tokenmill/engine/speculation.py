@@ -12,28 +12,37 @@ the same step, as a k + 1 token chunk, and keep the drafts its own sampler agree
   step's last token. For a one-token draft this is the standard rejection rule (kept with
   probability p(draft), else a sample of p without it), so outputs keep their distribution, and
   greedy or seeded outputs are the very tokens decoding without speculation gives.
-- How many: a step costs about `fixed + per_token x tokens` (weights read once, plus compute per
-  token), fitted online on the fastest decode step seen at each token count (the minimum, as a
-  machine shared with other work makes single steps slow at random). Draft i is kept with probability a_i
-  given drafts 1 .. i-1 were (measured per position: a copied span tends to go on, so later drafts
-  are kept more often than the first, not less), so k drafts yield 1 + a_1 + a_1 a_2 + ... tokens
-  per sequence; `draft_length` picks the k (0 .. MAX_DRAFT) that maximises tokens per second for
-  the step's batch, so it is 0 once the batch is large enough that computing drafts costs more
-  than it saves.
+- How many: a step of T tokens costs the fastest decode step measured at T (the minimum, as a
+  machine shared with other work makes single steps slow at random), interpolated between measured
+  token counts; not a line: the first extra tokens of a step cost more than the next ones. Draft i
+  is kept with probability a_i given drafts 1 .. i-1 were (measured per position: a copied span
+  tends to go on, so later drafts are kept more often than the first, not less), so the chance
+  that a sequence's draft i is kept is c_i = a_1 ... a_i, the same for every sequence. Each step,
+  `draft_lengths` takes the drafts position by position (every sequence's first before any
+  second: c_i falls with i) up to the total that maximises expected tokens per second; 0 once the
+  batch is large enough that computing drafts costs more than they save.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
+from operator import mul
 
 MIN_NGRAM, MAX_NGRAM = 1, 3
 MAX_DRAFT = 8
-# Until steps of token counts this far apart are measured: a step of one token costs as much as
-# this many more (weights vs compute).
-PRIOR_TOKENS_PER_WEIGHT_READ, MIN_TOKEN_SPREAD = 8.0, 4
-# The acceptance rate of a draft position before it is judged (as PRIOR_WEIGHT observations), and
-# how much of its past each position's count keeps per new observation (to follow a job's phases).
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT, ACCEPTANCE_MEMORY = 0.5, 4.0, 0.98
+# Where no step was measured: a step of one token costs as much as this many more (weights read vs
+# compute per token), scaled from the nearest measured token count.
+PRIOR_TOKENS_PER_WEIGHT_READ = 8.0
+# Steps measured at a token count before its fastest is trusted: the first steps of a new size are
+# slow (buffers, kernel set-up), and one slow step must not put a draft length out of reach for good.
+STEPS_TO_TRUST = 3
+# Each draft position's acceptance before it is judged, as PRIOR_WEIGHT observations: even odds for
+# the first, optimistic for later ones (so long drafts get tried; a few verifications override it).
+# ACCEPTANCE_MEMORY: how much of its past a position's count keeps per observation (a job's phases).
+PRIOR_FIRST_ACCEPTANCE, PRIOR_LATER_ACCEPTANCE, PRIOR_WEIGHT, ACCEPTANCE_MEMORY = 0.5, 0.9, 2.0, 0.98
 
 
 def propose(token_ids: list[int], max_tokens: int) -> list[int]:
@@ -53,16 +62,21 @@ def propose(token_ids: list[int], max_tokens: int) -> list[int]:
 
 
 class DraftPolicy:
-    """Chooses each step's draft length from measured step costs and acceptance (module docstring)."""
+    """Chooses each step's draft lengths from measured step costs and acceptance (module docstring)."""
 
     def __init__(self) -> None:
         # Per draft position i (0-based): decayed counts of verifications reaching it, and of kept ones.
         self.reached = [PRIOR_WEIGHT] * MAX_DRAFT
-        self.kept = [PRIOR_WEIGHT * PRIOR_ACCEPTANCE] * MAX_DRAFT
+        self.kept = [PRIOR_WEIGHT * (PRIOR_LATER_ACCEPTANCE if i else PRIOR_FIRST_ACCEPTANCE) for i in range(MAX_DRAFT)]
         self.fastest: dict[int, float] = {}  # tokens of a decode step -> its fastest time, seconds
+        self.measured: dict[int, int] = {}  # tokens of a decode step -> steps timed
+        self._knots: list[tuple[int, float]] | None = []  # the cost table step_cost reads; None: rebuild
 
     def observe_step(self, tokens: int, seconds: float) -> None:
-        self.fastest[tokens] = min(seconds, self.fastest.get(tokens, seconds))
+        self.measured[tokens] = self.measured.get(tokens, 0) + 1
+        if seconds < self.fastest.get(tokens, math.inf) or self.measured[tokens] == STEPS_TO_TRUST:
+            self.fastest[tokens] = min(seconds, self.fastest.get(tokens, seconds))
+            self._knots = None
 
     def observe_drafts(self, drafted: int, accepted: int) -> None:
         """A sequence's k drafted tokens were verified, the first `accepted` kept."""
@@ -73,27 +87,63 @@ class DraftPolicy:
     def acceptance(self, position: int) -> float:
         return self.kept[position] / self.reached[position]
 
-    def tokens_per_weight_read(self) -> float:
-        """fixed / per_token of the fitted step cost: how many tokens cost one read of the weights."""
-        if len(self.fastest) < 2 or max(self.fastest) - min(self.fastest) < MIN_TOKEN_SPREAD:
-            return PRIOR_TOKENS_PER_WEIGHT_READ
-        n = len(self.fastest)
-        mean_t, mean_s = sum(self.fastest) / n, sum(self.fastest.values()) / n
-        per_token = sum((t - mean_t) * (s - mean_s) for t, s in self.fastest.items()) / \
-            sum((t - mean_t) ** 2 for t in self.fastest)
-        if per_token <= 0:  # no cost per token measurable: every step is a read of the weights
-            return float(MAX_DRAFT * 64)
-        return max(0.0, (mean_s - per_token * mean_t) / per_token)
+    def knots(self) -> list[tuple[int, float]]:
+        """(tokens, seconds) per trusted token count, the fastest step there or at any larger count."""
+        if self._knots is None:
+            # NOTE: a larger step is never cheaper, and noise only slows steps: a fast step at T is
+            # the better bound for every smaller count, so the table is monotone in T.
+            cheapest, knots = math.inf, []
+            for tokens in sorted((t for t, n in self.measured.items() if n >= STEPS_TO_TRUST), reverse=True):
+                cheapest = min(cheapest, self.fastest[tokens])
+                knots.append((tokens, cheapest))
+            self._knots = knots[::-1]
+        return self._knots
 
-    def draft_length(self, batch_size: int) -> int:
-        """The k maximising expected tokens per unit of step time for batch_size sequences drafting k each."""
+    def step_cost(self, tokens: int) -> float:
+        """A decode step's seconds for this many tokens (relative units before any step is measured)."""
+        knots = self.knots()
+        i = bisect_left(knots, (tokens,))
+        if 0 < i < len(knots) and knots[i][0] != tokens:  # between two measured counts: interpolate
+            (low, low_s), (high, high_s) = knots[i - 1], knots[i]
+            return low_s + (high_s - low_s) * (tokens - low) / (high - low)
+        nearest, seconds = knots[min(i, len(knots) - 1)] if knots else (0, PRIOR_TOKENS_PER_WEIGHT_READ)
+        return seconds * (PRIOR_TOKENS_PER_WEIGHT_READ + tokens) / (PRIOR_TOKENS_PER_WEIGHT_READ + nearest)
+
+    def may_draft(self, batch_size: int) -> bool:
+        """Whether drafts could pay for batch_size sequences were MAX_DRAFT of them found for each (an
+        upper bound on draft_lengths: checked before proposing, which costs time in large batches)."""
+        return self._best_total(batch_size, [batch_size] * MAX_DRAFT) > 0
+
+    def draft_lengths(self, batch_size: int, available: list[int]) -> list[int]:
+        """How many of its `available` drafts each sequence computes in a step of batch_size sequences."""
+        reaching = [sum(a > i for a in available) for i in range(MAX_DRAFT)]  # sequences with an (i+1)th
+        total = self._best_total(batch_size, reaching)
+        ends = list(accumulate(reaching))
+        full = bisect_right(ends, total)  # positions every sequence with drafts there fills
+        remainder = total - (ends[full - 1] if full else 0)  # given to the first sequences reaching the next one
+        lengths = []
+        for a in available:
+            extra = a > full and remainder > 0
+            remainder -= extra
+            lengths.append(min(a, full) + extra)
+        return lengths
+
+    def _best_total(self, batch_size: int, reaching: list[int]) -> int:
+        """The number of drafts, taken position by position, maximising expected tokens per second."""
         if batch_size == 0:
             return 0
-        ratio = self.tokens_per_weight_read()
-        best, best_rate, produced, chance = 0, 1 / (ratio + batch_size), 1.0, 1.0
-        for k in range(1, MAX_DRAFT + 1):
-            chance *= self.acceptance(k - 1)  # that draft k is reached and kept
-            produced += chance
-            if (rate := produced / (ratio + batch_size * (k + 1))) > best_rate:
-                best, best_rate = k, rate
+        chances = list(accumulate((self.acceptance(i) for i in range(MAX_DRAFT)), mul))  # c_i
+        gains = list(accumulate((n * c for n, c in zip(reaching, chances)), initial=0.0))  # of whole positions
+        ends = list(accumulate(reaching))
+        # NOTE: between a position's ends and between measured token counts, expected tokens and step
+        # cost are both linear in the total, so their ratio is monotone there: its best is at one of
+        # those points, and checking only them keeps this cheap at large batches.
+        candidates = set(ends) | {t - batch_size for t, _ in self.knots() if 0 < t - batch_size < ends[-1]}
+        best, best_rate = 0, batch_size / self.step_cost(batch_size)
+        for total in sorted(candidates):
+            position = bisect_left(ends, total)  # the position this total's last draft is at
+            start = ends[position] - reaching[position]
+            produced = batch_size + gains[position] + (total - start) * chances[position]
+            if (rate := produced / self.step_cost(batch_size + total)) > best_rate:
+                best, best_rate = total, rate
         return best
