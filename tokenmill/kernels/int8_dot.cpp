@@ -23,8 +23,11 @@
 // Layout: lanes along output features, as dense_linear's (quant.cpp): 16 features per group, each 32-bit lane
 // 4 consecutive k's quants of its feature, so one vpdpbusd (the 4 bytes of a row of x broadcast to every lane)
 // adds 4 k's products to 16 outputs' sums, and no sums across lanes are needed. A group's packed block (the
-// file's block size along k: 256 for the K-quants, 32 for the others) is its quants, then its scales:
-// - 4-bit quants (all types but Q8_0, and Q6_K's low 4 bits): per sub-block of 32 k, 4 vectors of 64 bytes;
+// file's block size along k: 256 for the K-quants, 32 for the others) is its scales, then its quants, each
+// sub-block's together (Q6_K's low and top bits side by side), so that a group is read as one sequential stream:
+// with the scales after the quants and Q6_K's top bits apart from its low ones (3 streams a block), one thread read
+// from memory at M=1 Q4_K 27 GB/s, Q6_K 9.5, Q8_0 24; now 46, 31 and 33 (2048 x 16384, 4 copies).
+// - 4-bit quants (all types but Q8_0; Q6_K's low 4 bits): per sub-block of 32 k, 4 vectors of 64 bytes;
 //   vector i, lane n, byte j holds k = 4i + j in its low nibble and k = 16 + 4i + j in its high one (steps i and
 //   4 + i of the sub-block: one and / shift + and each). Q5_0's fifth bits: one vector per block, bit s of byte
 //   (n, j) for k = 4s + j. Q6_K's top 2 bits: two vectors per sub-block, step s in bits 2(s / 2) of vector s % 2.
@@ -38,7 +41,8 @@
 // cycle against vdpbf16ps' 32. Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a
 // sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048): 1.35x, at that bound. At M=1
 // no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against quant_linear's table lookups):
-// Q4_K 1.5-1.7x quant_linear's speed (one thread, 96 MB of copies, a loaded machine).
+// and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0 2.2-2.4x (one thread,
+// 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
 // sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next),
 // work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed by another
@@ -125,15 +129,15 @@ struct Q8_0 {  // d * q, q int8: packed as q + 128
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int n = 0; n < kLanes; ++n) {
-      for (int t = 0; t < 8; ++t) put_u32(out + 64 * t + 4 * n, u32_at(rows[n] + 2 + 4 * t) ^ 0x80808080);
+      for (int t = 0; t < 8; ++t) put_u32(out + 32 + 64 * t + 4 * n, u32_at(rows[n] + 2 + 4 * t) ^ 0x80808080);
     }
-    put_fp16(rows, 0, out + 512);
+    put_fp16(rows, 0, out);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 512)) {}
-    __m512i quants(int, int s) const { return _mm512_loadu_si512(p + 64 * s); }
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)) {}
+    __m512i quants(int, int s) const { return _mm512_loadu_si512(p + 32 + 64 * s); }
     void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(128.0f)); }
   };
 };
@@ -150,14 +154,14 @@ struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kFileBytes = 18, kBytes = 256 + 32;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    put_small_nibbles(rows, 2, out);
-    put_fp16(rows, 0, out + 256);
+    put_fp16(rows, 0, out);
+    put_small_nibbles(rows, 2, out + 32);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 256)) {}
-    __m512i quants(int, int s) const { return nibbles(p, s); }
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)) {}
+    __m512i quants(int, int s) const { return nibbles(p + 32, s); }
     void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(8.0f)); }
   };
 };
@@ -166,15 +170,15 @@ struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kFileBytes = 20, kBytes = 256 + 64;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    put_small_nibbles(rows, 4, out);
-    put_fp16(rows, 0, out + 256);
-    put_fp16(rows, 2, out + 288);
+    put_fp16(rows, 0, out);
+    put_fp16(rows, 2, out + 32);
+    put_small_nibbles(rows, 4, out + 64);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d, m;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 256)), m(fp16_vector(block + 288)) {}
-    __m512i quants(int, int s) const { return nibbles(p, s); }
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)), m(fp16_vector(block + 32)) {}
+    __m512i quants(int, int s) const { return nibbles(p + 64, s); }
     void scales(int, int, __m512& ws, __m512& wm) const {
       ws = d;
       wm = _mm512_sub_ps(_mm512_setzero_ps(), m);  // value = d q - (-m)
@@ -186,19 +190,19 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
   static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    put_small_nibbles(rows, 6, out);
+    put_fp16(rows, 0, out);
+    put_small_nibbles(rows, 6, out + 96);
     for (int n = 0; n < kLanes; ++n) {  // byte j: the fifth bits of k = j, 4 + j, 8 + j, ...
-      for (int j = 0; j < 4; ++j) out[256 + 4 * n + j] = static_cast<uint8_t>(_pext_u32(u32_at(rows[n] + 2), 0x11111111u << j));
+      for (int j = 0; j < 4; ++j) out[32 + 4 * n + j] = static_cast<uint8_t>(_pext_u32(u32_at(rows[n] + 2), 0x11111111u << j));
     }
-    put_fp16(rows, 0, out + 320);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 320)) {}
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)) {}
     __m512i quants(int, int s) const {
-      const __m512i low = nibbles(p, s);
-      const __mmask64 fifth = _mm512_test_epi8_mask(_mm512_loadu_si512(p + 256), _mm512_set1_epi8(1 << s));
+      const __m512i low = nibbles(p + 96, s);
+      const __mmask64 fifth = _mm512_test_epi8_mask(_mm512_loadu_si512(p + 32), _mm512_set1_epi8(1 << s));
       return _mm512_mask_add_epi8(low, fifth, low, _mm512_set1_epi8(16));
     }
     void scales(int, int, __m512& ws, __m512& wm) const { ws = d, wm = _mm512_mul_ps(d, _mm512_set1_ps(16.0f)); }
@@ -212,74 +216,74 @@ struct Q4_K {
   static constexpr bool kHalves = false;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
-      put_nibbles(out + 256 * c, [&](int n, int t) {
+      put_nibbles(out + 320 + 256 * c, [&](int n, int t) {
         const uint32_t word = u32_at(rows[n] + 16 + 32 * (c / 2) + 4 * t);
         return (c % 2 ? word >> 4 : word) & kLowNibbles;
       });
       for (int n = 0; n < kLanes; ++n) {
         const uint8_t* scales = rows[n] + 4;
         const bool low = c < 4;
-        out[2048 + 16 * c + n] = low ? scales[c] & 63 : (scales[c + 4] & 0xF) | ((scales[c - 4] >> 6) << 4);
-        out[2176 + 16 * c + n] = low ? scales[c + 4] & 63 : (scales[c + 4] >> 4) | ((scales[c] >> 6) << 4);
+        out[64 + 16 * c + n] = low ? scales[c] & 63 : (scales[c + 4] & 0xF) | ((scales[c - 4] >> 6) << 4);
+        out[192 + 16 * c + n] = low ? scales[c + 4] & 63 : (scales[c + 4] >> 4) | ((scales[c] >> 6) << 4);
       }
     }
-    put_fp16(rows, 0, out + 2304);
-    put_fp16(rows, 2, out + 2336);
+    put_fp16(rows, 0, out);
+    put_fp16(rows, 2, out + 32);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d, dmin;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 2304)), dmin(fp16_vector(block + 2336)) {}
-    __m512i quants(int j, int s) const { return nibbles(p + 256 * j, s); }
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)), dmin(fp16_vector(block + 32)) {}
+    __m512i quants(int j, int s) const { return nibbles(p + 320 + 256 * j, s); }
     void scales(int j, int, __m512& ws, __m512& wm) const {
       const auto bytes = [&](int offset) {
         return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + offset + 16 * j))));
       };
-      ws = _mm512_mul_ps(d, bytes(2048));
-      wm = _mm512_mul_ps(dmin, bytes(2176));
+      ws = _mm512_mul_ps(d, bytes(64));
+      wm = _mm512_mul_ps(dmin, bytes(192));
     }
   };
 };
 
 // ql[128], qh[64], scales[16] (int8, one per 16 weights), d: weight 32c + l (c = 4h + s) is d * scale[2c + l / 16]
 // * (q - 32), q = 4 bits of ql[64h + 32(s % 2) + l] (high ones for s >= 2) with bits 2s, 2s + 1 of qh[32h + l]
-// above them. Packed: the low 4 bits as the 4-bit layout, the top 2 in two vectors per sub-block (step t in bits
-// 2 (t / 2) of vector t % 2), the 16 scales as bytes, d.
+// above them. Packed: d, the 16 scales as bytes, then per sub-block the low 4 bits as the 4-bit layout and the
+// top 2 in two vectors (step t in bits 2 (t / 2) of vector t % 2).
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 210, kBytes = 8 * 256 + 8 * 128 + 16 * 16 + 32;
   static constexpr bool kHalves = true;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
       const int h = c / 4, s = c % 4;
-      put_nibbles(out + 256 * c, [&](int n, int t) {
+      put_nibbles(out + 288 + 384 * c, [&](int n, int t) {
         const uint32_t word = u32_at(rows[n] + 64 * h + 32 * (s % 2) + 4 * t);
         return (s >= 2 ? word >> 4 : word) & kLowNibbles;
       });
       for (int n = 0; n < kLanes; ++n) {
         uint32_t top[2] = {0, 0};  // step t's 2-bit fields at bits 2 (t / 2) of word t % 2
         for (int t = 0; t < 8; ++t) top[t % 2] |= ((u32_at(rows[n] + 128 + 32 * h + 4 * t) >> (2 * s)) & 0x03030303u) << (2 * (t / 2));
-        put_u32(out + 2048 + 128 * c + 4 * n, top[0]);
-        put_u32(out + 2048 + 128 * c + 64 + 4 * n, top[1]);
+        put_u32(out + 288 + 384 * c + 256 + 4 * n, top[0]);
+        put_u32(out + 288 + 384 * c + 320 + 4 * n, top[1]);
       }
     }
     for (int i = 0; i < 16; ++i) {
-      for (int n = 0; n < kLanes; ++n) out[3072 + 16 * i + n] = rows[n][192 + i];
+      for (int n = 0; n < kLanes; ++n) out[32 + 16 * i + n] = rows[n][192 + i];
     }
-    put_fp16(rows, 208, out + 3328);
+    put_fp16(rows, 208, out);
   }
   struct Unpack {
     const uint8_t* p;
     __m512 d;
-    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block + 3328)) {}
+    explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)) {}
     __m512i quants(int j, int s) const {
-      const __m512i top = _mm512_loadu_si512(p + 2048 + 128 * j + 64 * (s % 2));
+      const __m512i top = _mm512_loadu_si512(p + 288 + 384 * j + 256 + 64 * (s % 2));
       const int t = s / 2;  // bits 2t, 2t + 1 of each byte, moved to bits 4, 5
       const __m512i moved = t == 0 ? _mm512_slli_epi16(top, 4) : t == 1 ? _mm512_slli_epi16(top, 2) :
                             t == 2 ? top : _mm512_srli_epi16(top, 2);
-      return _mm512_or_si512(nibbles(p + 256 * j, s), _mm512_and_si512(moved, _mm512_set1_epi8(0x30)));
+      return _mm512_or_si512(nibbles(p + 288 + 384 * j, s), _mm512_and_si512(moved, _mm512_set1_epi8(0x30)));
     }
     void scales(int j, int half, __m512& ws, __m512& wm) const {
-      const __m128i sc = _mm_loadu_si128((const __m128i*)(p + 3072 + 16 * (2 * j + half)));
+      const __m128i sc = _mm_loadu_si128((const __m128i*)(p + 32 + 16 * (2 * j + half)));
       ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
       wm = _mm512_mul_ps(ws, _mm512_set1_ps(32.0f));
     }
@@ -295,6 +299,9 @@ template <class F, int MR>
 __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, const float* sums, int64_t sums_stride,
                                           const uint8_t* w, int64_t K, bf16* out, int64_t out_stride, int features) {
   constexpr int kSubBlocks = F::kBlock / kSub;
+  // Independent integer sums per row, added at each fold (exact: any split gives the same sum): one chain of 8
+  // dependent vpdpbusd (~5 cycles each) per sub-block held M=1 to ~22 GB/s.
+  constexpr int kChains = MR == 1 ? 4 : MR == 2 ? 2 : 1;
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t blocks = K / F::kBlock;
@@ -303,26 +310,28 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
 #pragma GCC unroll 8
     for (int j = 0; j < kSubBlocks; ++j) {
       const int64_t xb = b * kSubBlocks + j;  // x's block
-      __m512i isum[MR];
+      __m512i isum[kChains][MR];
+      for (auto& chain : isum) for (auto& v : chain) v = _mm512_setzero_si512();
       // The (half) sub-block's integer sums into the fp32 accumulators: the one sequence of fp32 operations.
       const auto fold = [&](int half) {
         __m512 ws, wm;
         unpack.scales(j, half, ws, wm);
         for (int m = 0; m < MR; ++m) {
+          __m512i total = isum[0][m];
+          for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, isum[c][m]);
           const float* s = sums + m * sums_stride + xb * kSums;
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(ws, _mm512_set1_ps(s[0])), acc[m]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(ws, _mm512_set1_ps(s[0])), acc[m]);
           acc[m] = _mm512_fnmadd_ps(wm, _mm512_set1_ps(s[F::kHalves ? 2 + half : 1]), acc[m]);
-          isum[m] = _mm512_setzero_si512();
+          for (auto& chain : isum) chain[m] = _mm512_setzero_si512();
         }
       };
-      for (int m = 0; m < MR; ++m) isum[m] = _mm512_setzero_si512();
 #pragma GCC unroll 8
       for (int s = 0; s < 8; ++s) {
         const __m512i wq = unpack.quants(j, s);
         for (int m = 0; m < MR; ++m) {
           int32_t x4;
           std::memcpy(&x4, q + m * q_stride + xb * kSub + 4 * s, 4);
-          isum[m] = _mm512_dpbusd_epi32(isum[m], wq, _mm512_set1_epi32(x4));
+          isum[s % kChains][m] = _mm512_dpbusd_epi32(isum[s % kChains][m], wq, _mm512_set1_epi32(x4));
         }
         if (F::kHalves && s == 3) fold(0);
       }
