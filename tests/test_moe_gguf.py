@@ -153,6 +153,19 @@ def test_int8_quantizes_the_experts(arch: str, layout: str, tiny_models: dict[st
     assert [q[0] for q in quantized] == [e[0] for e in exact]
 
 
+@needs_kernels
+def test_int8_on_a_files_plain_experts_gives_the_q8_0_files_blocks(moe_files: dict[str, dict[str, Path]]) -> None:
+    """quantization="int8" on the F32 file's stacked experts: each expert's blocks are byte for byte the Q8_0
+    file's (gguf's quantization)."""
+    quantized = sparse_blocks(load_model(moe_files["qwen2-moe"]["f32"], torch.float32, quantization="int8").model)
+    expected = sparse_blocks(load_model(moe_files["qwen2-moe"]["q8_0"], torch.float32).model)
+    for block, expected_block in zip(quantized, expected, strict=True):
+        for expert, expected_expert in zip(block.experts, expected_block.experts, strict=True):
+            for linear in ("gate_up_proj", "down_proj"):
+                ours, theirs = (getattr(e, linear).method.parts for e in (expert, expected_expert))
+                assert [p.qtype for p in ours] == [Q.Q8_0] and torch.equal(ours[0].blocks, theirs[0].blocks)
+
+
 @pytest.mark.parametrize(("architecture", "keys", "error"), [
     ("qwen2", {"add_expert_count": 8}, "GGUF architecture 'qwen2' with experts is not supported"),
     ("qwen3moe", {"add_expert_count": 8, "add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID},
