@@ -44,7 +44,9 @@
 // and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0 2.2-2.4x (one thread,
 // 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
-// sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next),
+// sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next; each
+// panel streams the weight from memory again: 256 KB panels held Q8_0 8192 x 2048 at M=128-512 to 222-226
+// GFLOP/s a thread, 512 KB ones reach 276-280),
 // work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed by another
 // process leaves its items to the other).
 
@@ -76,7 +78,7 @@ constexpr int kLanes = 16;          // output features per group
 constexpr int kSub = 32;            // k per sub-block, and per block of x
 constexpr int kSums = 4;            // per block of x: d, d sum(q), d sum(first 16), d sum(last 16)
 constexpr int kMaxRows = 8;         // rows of x per pass
-constexpr int64_t kPanelBytes = 256 * 1024;
+constexpr int64_t kPanelBytes = 512 * 1024;
 
 inline float fp16_at(const uint8_t* p) {
   uint16_t h;
