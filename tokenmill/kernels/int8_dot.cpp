@@ -36,12 +36,12 @@
 //   Q4_K's 6-bit sc and m unpacked to one byte per feature and sub-block, Q6_K's int8 sc per 16. Bytes per
 //   weight: the file's for every type but Q4_K (4.625 bits against 4.5). (fp32 ws and wm per sub-block would be
 //   2 more bits a weight: +44% bytes for Q4_K at M=1, where the bytes are the time.)
-// Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd and 3 fp32 multiplies
-// (the fold; cvt aside), all on the two pipes that do 512-bit multiplies: at most 64 x 8 / 11 = 46 products a
-// cycle against vdpbf16ps' 32. Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a
-// sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048): 1.35x, at that bound. At M=1
-// no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against quant_linear's table lookups):
-// and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0 2.2-2.4x (one thread,
+// Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd (64 products each, against
+// vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and
+// 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048):
+// 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum in the integers ran no faster: Q8_0
+// 306, Q6_K 249.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
+// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0 2.2-2.4x (one thread,
 // 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
 // sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next; each
