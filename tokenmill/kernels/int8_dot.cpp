@@ -41,8 +41,8 @@
 // 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048):
 // 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum in the integers ran no faster: Q8_0
 // 306, Q6_K 249.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
-// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0 2.2-2.4x (one thread,
-// 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
+// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x,
+// Q8_0 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
 // sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next; each
 // panel streams the weight from memory again: 256 KB panels held Q8_0 8192 x 2048 at M=128-512 to 222-226
