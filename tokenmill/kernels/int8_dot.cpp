@@ -195,7 +195,8 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
     put_fp16(rows, 0, out);
     put_small_nibbles(rows, 6, out + 96);
     for (int n = 0; n < kLanes; ++n) {  // byte j: the fifth bits of k = j, 4 + j, 8 + j, ...
-      for (int j = 0; j < 4; ++j) out[32 + 4 * n + j] = static_cast<uint8_t>(_pext_u32(u32_at(rows[n] + 2), 0x11111111u << j));
+      const uint32_t fifth = u32_at(rows[n] + 2);
+      for (int j = 0; j < 4; ++j) out[32 + 4 * n + j] = static_cast<uint8_t>(_pext_u32(fifth, 0x11111111u << j));
     }
   }
   struct Unpack {
@@ -263,7 +264,10 @@ struct Q6_K {
       });
       for (int n = 0; n < kLanes; ++n) {
         uint32_t top[2] = {0, 0};  // step t's 2-bit fields at bits 2 (t / 2) of word t % 2
-        for (int t = 0; t < 8; ++t) top[t % 2] |= ((u32_at(rows[n] + 128 + 32 * h + 4 * t) >> (2 * s)) & 0x03030303u) << (2 * (t / 2));
+        for (int t = 0; t < 8; ++t) {
+          const uint32_t bits = (u32_at(rows[n] + 128 + 32 * h + 4 * t) >> (2 * s)) & 0x03030303u;
+          top[t % 2] |= bits << (2 * (t / 2));
+        }
         put_u32(out + 288 + 384 * c + 256 + 4 * n, top[0]);
         put_u32(out + 288 + 384 * c + 320 + 4 * n, top[1]);
       }
@@ -480,7 +484,8 @@ at::Tensor int8_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_feature
 
 at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& packed, int64_t qtype,
                        int64_t out_features) {
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "q must be quantize_rows' int8 [M, K]");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
+              "q must be quantize_rows' int8 [M, K]");
   const int64_t M = q.size(0), K = q.size(1), N = out_features;
   TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 3 && sums.size(0) == M &&
               sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 4]");
