@@ -94,7 +94,7 @@ def load_embedder(model: str | os.PathLike | None, dtype: torch.dtype, max_model
         max_model_len = min(decoder_context(config, max_model_len), limit)
         if not any(name.startswith("model.") for name in tensors):  # a bare Qwen3Model's checkpoint
             tensors = {f"model.{name}": weight for name, weight in tensors.items()}
-        running = prepare_weights(tensors, quantization)
+        running = prepare_weights(tensors, quantization, dtype)
         embedder = build_decoder(config, tensors, dtype, max_model_len, path, lm_head=False)
     matryoshka = bool(getattr(config, "matryoshka_dimensions", None) or getattr(config, "is_matryoshka", False))
     return LoadedEmbedder(embedder, config, tokenizer, pooling, max_model_len, path, model_name(model), running,

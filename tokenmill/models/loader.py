@@ -9,7 +9,8 @@ quantized ones kept in their blocks; a folder's come from safetensors or `pytorc
 - "int8": every linear weight and the embedding as Q8_0 blocks (32 values, one fp16 scale),
   quantized at load when they are not Q8_0 already.
 Quantized types the kernels do not take (or all of them, where the kernels cannot run) are
-dequantized at load, with one log line naming them.
+dequantized at load, with one log line naming them. In a bf16 model, the blocks of the types the int8
+kernels serve are multiplied on int8 activations (models/int8_dot.py; "with int8 activations" in what runs).
 
 `generation_defaults` are the sampling settings the model's makers recommend, as vLLM reads them
 (`generation_config="auto"`): those of GENERATION_DEFAULTS that generation_config.json sets.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -40,14 +42,17 @@ from tokenmill.engine.config import QUANTIZATIONS
 from tokenmill.models.causal_lm import CausalLM
 from tokenmill.models.families import SUPPORTED_ARCHITECTURES, family_of
 from tokenmill.models.gguf_file import GGUFFile
+from tokenmill.models.int8_dot import int8_dot_serves
 from tokenmill.models.quantized import QuantizedWeight, Weight, quantize_q8_0
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The weights "int8" quantizes: every linear layer's and the embedding (norms and biases stay).
-_INT8_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
+# The weights "int8" quantizes: every linear layer's and the embedding (norms, biases and routers stay): Mixtral's
+# experts are w1/w2/w3; stacked experts (models/moe.py) are parameters without ".weight".
+_INT8_WEIGHTS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "experts.gate_up_proj",
+                 "experts.gate_proj", "experts.up_proj", "experts.down_proj", "lm_head.weight", "embed_tokens.weight")
 # The SamplingParams fields a generation_config.json gives defaults for (vLLM's, but max_new_tokens:
 # a face sets its own token limit).
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -182,8 +187,9 @@ def generation_defaults(model_config: dict[str, Any] | None, generation_config: 
     return defaults
 
 
-def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
-    """Puts each weight in the form `quantization` asks for, in place; returns what runs (LoadedModel's)."""
+def prepare_weights(tensors: dict[str, Weight], quantization: str, dtype: torch.dtype) -> str:
+    """Puts each weight in the form `quantization` asks for, in place, for a model in `dtype`; returns what runs
+    (LoadedModel's)."""
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     runnable = kernels.QUANT_TYPES if kernels.available() else frozenset()
@@ -199,7 +205,7 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
             if isinstance(weight, QuantizedWeight) and weight.qtype != GGMLQuantizationType.Q8_0:
                 weight = weight.dequantize()
             if isinstance(weight, torch.Tensor) and weight.shape[-1] % 32 == 0:
-                tensors[name] = quantize_q8_0(weight)
+                tensors[name] = quantize_q8_0(weight.reshape(-1, weight.shape[-1]))  # stacked experts' rows
             elif isinstance(weight, torch.Tensor):
                 unquantized.append(name)
     if widened and quantization != "none":
@@ -208,8 +214,14 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str) -> str:
     if unquantized:
         logger.warning("quantization='int8' leaves %d weights in the model's dtype (rows not a multiple of 32): %s",
                        len(unquantized), ", ".join(unquantized[:3]))
+    int8 = False
+    if dtype == torch.bfloat16:
+        for name, weight in tensors.items():
+            if isinstance(weight, QuantizedWeight) and int8_dot_serves(weight):
+                tensors[name], int8 = dataclasses.replace(weight, int8_activations=True), True
     kept = Counter(w.qtype.name for w in tensors.values() if isinstance(w, QuantizedWeight))
-    return ", ".join(name for name, _ in kept.most_common()) or "none"
+    running = ", ".join(name for name, _ in kept.most_common()) or "none"
+    return f"{running} with int8 activations" if int8 else running
 
 
 def release_freed_memory() -> None:
@@ -255,7 +267,7 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     model_generation = read_generation_config(path) if path.is_dir() else None
     defaults = generation_defaults(model_generation, generation_config)
     max_model_len = decoder_context(config, max_model_len)
-    running = prepare_weights(tensors, quantization)
+    running = prepare_weights(tensors, quantization, dtype)
     model_ = build_decoder(config, tensors, dtype, max_model_len, path)
     return LoadedModel(model_, config, tokenizer_, eos_token_ids(config, model_generation, tokenizer_), max_model_len,
                        path, model_name(model), running, defaults)
