@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.models.gguf_file import GGUFFile, hf_name
+from tokenmill.models.int8_dot import Int8DotLinear
 from tokenmill.models.loader import ModelLoadError, load_model
 from tokenmill.models.moe import SparseMoeBlock
 from tokenmill.models.quantized import QuantizedLinear
@@ -132,6 +133,14 @@ def test_a_q8_0_file_keeps_its_experts_in_blocks(arch: str, moe_files: dict[str,
     exact = LLM(str(files["f32"]), dtype="float32", quantization="none", kv_cache_memory=1 << 24).generate(
         PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=3), use_tqdm=False)
     assert all(q[0] in e.outputs[0].logprobs[0] for q, e in zip(quantized, exact))
+
+
+@pytest.mark.skipif(not kernels.int8_dot_available(), reason="int8 activations need tokenmill's VNNI kernels")
+def test_a_bf16_models_experts_run_on_int8_activations(moe_files: dict[str, dict[str, Path]]) -> None:
+    """In bf16 the experts' blocks, views of the stacked tensor, keep the int8 mark the loader gave it."""
+    for block in sparse_blocks(load_model(moe_files["qwen3-moe"]["q8_0"], torch.bfloat16).model):
+        methods = [m for e in block.experts for m in (e.gate_up_proj.method, e.down_proj.method)]
+        assert all(isinstance(m, Int8DotLinear) for m in methods)
 
 
 @needs_kernels

@@ -22,7 +22,7 @@ its rows (a quantized expert keeps the file's blocks); gate and up are stacked p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -132,5 +132,5 @@ def expert_slices(weight: Weight, name: str, experts: int) -> list[Weight]:
         raise ValueError(f"{name} of shape {tuple(weight.shape)} does not stack the config's {experts} experts")
     views = rows.reshape(experts, -1, rows.shape[-1]).unbind()
     if isinstance(weight, QuantizedWeight):
-        return [QuantizedWeight(view, weight.qtype, weight.in_features) for view in views]
+        return [replace(weight, blocks=view) for view in views]  # its type and int8 mark kept
     return list(views)
