@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen3MoeConfig
 
 from tokenmill import cli
+from tokenmill.models import gguf_file
 from tokenmill.models.loader import default_model_path
 
 CONFIG = dict(vocab_size=49152, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
@@ -48,22 +49,17 @@ CONFIG = dict(vocab_size=49152, hidden_size=1024, intermediate_size=2048, num_hi
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"q8_0": Q.Q8_0, "f32": Q.F32}  # written by gguf; q4_k_m by llama-quantize from an F32 file
 FILE_TYPES = {Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.F32: gguf.LlamaFileType.ALL_F32}
-# llama.cpp's architecture for each model type (Mixtral is written as llama), and the routing its graphs fix:
-# a config whose norm_topk_prob differs is not the model llama.cpp runs from the file.
+# llama.cpp's architecture for each model type (Mixtral is written as llama).
 GGUF_ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
-LLAMA_CPP_NORM_TOPK = {"qwen3_moe": True, "qwen2_moe": False}
-LAYER_NAMES = {  # transformers' layer names -> llama.cpp's
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
-    "block_sparse_moe.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
-    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-}
+# The routing llama.cpp's graphs fix, as the loader sets it: a config whose norm_topk_prob differs is not the model
+# llama.cpp runs from the file.
+LLAMA_CPP_NORM_TOPK = {t: v["norm_topk_prob"] for t, v in gguf_file._EXPERT_VALUES.items() if "norm_topk_prob" in v}
+# transformers' names -> llama.cpp's: the loader's tables read backwards (experts apart: written stacked).
+LAYER_NAMES = {hf: name for name, hf in gguf_file._LAYER_NAMES.items() if not name.endswith("_exps")} | \
+    {"block_sparse_moe.gate": "ffn_gate_inp"}
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                 "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
+GLOBAL_NAMES = {f"{hf}.weight": f"{name}.weight" for name, hf in gguf_file._GLOBAL_NAMES.items()}
 
 
 def build_model(folder: Path) -> None:
