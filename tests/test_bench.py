@@ -63,6 +63,14 @@ def test_batched_runs_transformers_on_the_same_grid(tiny_models: dict[str, Path]
     assert "tokenmill / transformers:" in out and "| 16 | 4 | 2 |" in out.split("tokenmill / transformers:")[1]
 
 
+def test_batched_runs_with_one_sequence_at_a_time(tiny_models: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "batched", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--npp", "16",
+            "--ntg", "4", "--npl", "1", "--max-num-seqs", "1"]
+    assert main(args) == 0  # the warm-up too fits one sequence
+    assert "| tokenmill | 16 | 4 | 1 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-num-seqs", "2"], "do not fit one step"),  # 3 sequences cannot decode together
     (["--kv-cache-memory", f"{14 * 4096}B"], "did not decode in lockstep"),  # 14 4-KiB blocks: prompts evicted

@@ -325,7 +325,7 @@ def batched(config: EngineConfig, npp: list[int], ntg: list[int], npl: list[int]
     engine = Engine(config)
     client = LocalClient(engine)
     rng, vocab = random.Random(0), client.frontend.vocab_size
-    warmup = _random_prompts(rng, vocab, 16, 2, shared_prompt)
+    warmup = _random_prompts(rng, vocab, 16, min(2, config.max_num_seqs), shared_prompt)  # all in one step
     grid = {(pp, tg, b): _random_prompts(rng, vocab, pp, b, shared_prompt) for pp, tg, b in points}
     ttft_prompts = [[rng.randrange(3, vocab) for _ in range(pp)] for pp in npp]
     run_point(client, 4, warmup, shared_prompt)
