@@ -55,9 +55,12 @@ def test_rows_are_quantized_per_block_of_32() -> None:
     expected = torch.where(d[..., None] > 0, blocks * (1 / d[..., None]), 0).round().clamp(-127, 127)  # half to even
     assert torch.equal(q.view(7, 3, 32).float(), expected)
     assert torch.equal(sums[..., 0], d)
-    halves = expected.view(7, 3, 2, 16).sum(-1)
+    halves = expected.view(7, 3, 2, 16).sum(-1).int()
     assert torch.equal(sums[..., 1], d * halves.sum(-1))
-    assert torch.equal(sums[..., 2:], d[..., None] * halves)
+    # The weights' offsets times sum(q), negated, as int32: Q4_0's 8, Q5_0's 16, Q8_0's 128, Q6_K's 32 per half.
+    offsets = sums[..., 2:].contiguous().view(torch.int32)
+    total = halves.sum(-1, keepdim=True)
+    assert torch.equal(offsets, torch.cat((-8 * total, -16 * total, -128 * total, -32 * halves, 0 * total), -1))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -82,6 +85,21 @@ def test_a_rows_result_does_not_depend_on_the_batch(qtype: Q) -> None:
     for rows in ([0], [5], [299], list(range(7, 44)), [3, 250, 17]):
         alone = int8_linear(x[rows].contiguous(), blocks, qtype)
         assert torch.equal(alone.view(torch.int16), everything[rows].view(torch.int16)), rows
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=lambda t: t.name)
+def test_widened_output_is_the_bf16_output_in_fp32(qtype: Q) -> None:
+    """A head's logits: the kernel stores its bf16 results as fp32 itself, the same values bit for bit."""
+    k = 512
+    blocks = torch.from_numpy(random_blocks(qtype, 37, k, seed=4))
+    q, sums = torch.ops.tokenmill.quantize_rows(random_rows(20, k, seed=5))
+    packed = torch.ops.tokenmill.int8_pack(blocks, qtype, k)
+    narrow = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, 37)
+    wide = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, 37, True)
+    assert wide.dtype == torch.float32 and torch.equal(wide, narrow.float())
+    weight = QuantizedWeight(blocks, qtype, k, int8_activations=True)
+    x = random_rows(20, k, seed=5)
+    assert torch.equal(Int8DotLinear(weight, None).apply(x, widened=True), narrow.float())
 
 
 def test_a_mixed_projection_quantizes_x_once_and_concatenates() -> None:

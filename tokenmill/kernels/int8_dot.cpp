@@ -2,23 +2,28 @@
 // quants, batch-invariant. For bf16 models (models/int8_dot.py); quant.cpp's quant_linear (the weights widened
 // to bf16) stays the path for fp32 models and for the types below that have no packing here.
 //
-// - quantize_rows(x [M, K] bf16, rows contiguous, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 4]
+// - quantize_rows(x [M, K] bf16, rows contiguous, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 8]
 //   fp32): each block of 32 values of a row as int8 q = round-to-nearest-even(x / d) (clamped to +-127), with
-//   d = amax / 127 (0 for a block of zeros, its q all 0); sums[m, b] = (d, d * sum(q), d * sum(first 16 q),
-//   d * sum(last 16 q)). A row's quantization depends on that row only.
+//   d = amax / 127 (0 for a block of zeros, its q all 0); sums[m, b] = (d, d * sum(q), then six int32 values in
+//   fp32's bits: -8 sum(q), -16 sum(q), -128 sum(q), -32 sum(first 16 q), -32 sum(last 16 q), 0). A row's
+//   quantization depends on that row only.
 // - int8_pack(blocks [N, row_bytes] uint8, qtype, in_features K) -> packed uint8 [ceil(N / 16), K / block,
 //   bytes]: the weight repacked once at load (see "Layout"), zeros past N.
-// - int8_linear(q, sums, packed, qtype, out_features N) -> [M, N] bf16: out[m, n] = sum over blocks b of 32
-//   of x's block dequantized (d q) times W's values (gguf's dequantization), to fp32 rounding, then rounded to
-//   bf16 as torch rounds. Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
+// - int8_linear(q, sums, packed, qtype, out_features N, widened=false) -> [M, N] bf16: out[m, n] = sum over blocks
+//   b of 32 of x's block dequantized (d q) times W's values (gguf's dequantization), to fp32 rounding, then rounded
+//   to bf16 as torch rounds; widened: the same bf16 values stored as fp32 (a head's logits, which the sampler takes
+//   in fp32: no second pass over a vocabulary-wide output to widen them). Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K,
+//   Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
 //
 // Every type is written value = ws * q - wm with unsigned quants q per sub-block (32 weights; Q6_K's scales are
 // per 16): Q8_0 d (q + 128) - 128 d (quants stored offset by 128), Q4_0 d q - 8 d, Q4_1 d q - (-m), Q5_0 d q -
 // 16 d, Q4_K (d sc) q - dmin m, Q6_K (d sc) q - 32 d sc. With x's block dequantized as dx qx:
 //   sum_k w x = dx (ws isum - wm sum(qx)),  isum = sum_k q qx (exact in int32),
 // computed per output as acc = fma(float(isum), ws * dx, acc); acc = fnmadd(wm, dx sum(qx), acc), once per
-// (sub-)block in order of k from zero (Q6_K: for each half of 16 with its own ws, wm and half-sum). That one
-// sequence of fp32 operations for every output whatever M and the rows beside it: batch invariance, bit for bit.
+// (sub-)block in order of k from zero (Q6_K: for each half of 16 with its own ws and half-sum). Where wm is an
+// integer c times ws (Q8_0, Q4_0, Q5_0, Q6_K) the offset is taken in the integers instead, isum starting at
+// -c sum(qx) (quantize_rows' sums), so one fma a fold and the sum exact up to that fma. That one sequence of fp32
+// operations for every output whatever M and the rows beside it: batch invariance, bit for bit.
 //
 // Layout: lanes along output features, as dense_linear's (quant.cpp): 16 features per group, each 32-bit lane
 // 4 consecutive k's quants of its feature, so one vpdpbusd (the 4 bytes of a row of x broadcast to every lane)
@@ -39,16 +44,18 @@
 // Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd (64 products each, against
 // vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and
 // 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048):
-// 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum in the integers ran no faster: Q8_0
-// 306, Q6_K 249.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
+// 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum at the fold, a vector op per row,
+// ran no faster: Q8_0 306, Q6_K 249. Starting isum there instead, a broadcast load where a zeroing was, did: one
+// thread, M=64, A/B in one process, Q5_0 4096 x 640 279 -> 300 GFLOP/s, Q6_K 640 x 2048 246 -> 275, Q8_0 256 x 640
+// 301 -> 321; Q4_K unchanged.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
 // quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x,
 // Q8_0 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
 // sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next; each
 // panel streams the weight from memory again: 256 KB panels held Q8_0 8192 x 2048 at M=128-512 to 222-226
-// GFLOP/s a thread, 512 KB ones reach 276-280),
-// work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed by another
-// process leaves its items to the other).
+// GFLOP/s a thread, 512 KB ones reach 276-280), the next group's weights prefetched during a group's passes (see
+// linear()), work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed
+// by another process leaves its items to the other).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -76,7 +83,9 @@ enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, k
 
 constexpr int kLanes = 16;          // output features per group
 constexpr int kSub = 32;            // k per sub-block, and per block of x
-constexpr int kSums = 4;            // per block of x: d, d sum(q), d sum(first 16), d sum(last 16)
+// Per block of x: d, d sum(q), then int32 values in fp32's bits: -8 sum(q), -16 sum(q), -128 sum(q), -32 sum(first
+// 16 q), -32 sum(last 16 q), 0 (the offsets of Q4_0, Q5_0, Q8_0 and Q6_K's halves, times sum(q)).
+constexpr int kSums = 8;
 constexpr int kMaxRows = 8;         // rows of x per pass
 constexpr int64_t kPanelBytes = 512 * 1024;
 
@@ -129,6 +138,7 @@ inline __m512 fp16_vector(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_load
 struct Q8_0 {  // d * q, q int8: packed as q + 128
   static constexpr int64_t kBlock = 32, kFileBytes = 34, kBytes = 8 * 64 + 32;
   static constexpr bool kHalves = false;
+  static constexpr int kOffsetSlot = 4;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int n = 0; n < kLanes; ++n) {
       for (int t = 0; t < 8; ++t) put_u32(out + 32 + 64 * t + 4 * n, u32_at(rows[n] + 2 + 4 * t) ^ 0x80808080);
@@ -155,6 +165,7 @@ void put_small_nibbles(const uint8_t* const (&rows)[kLanes], int offset, uint8_t
 struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kFileBytes = 18, kBytes = 256 + 32;
   static constexpr bool kHalves = false;
+  static constexpr int kOffsetSlot = 2;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
     put_small_nibbles(rows, 2, out + 32);
@@ -171,6 +182,7 @@ struct Q4_0 {  // d * (q - 8)
 struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kFileBytes = 20, kBytes = 256 + 64;
   static constexpr bool kHalves = false;
+  static constexpr int kOffsetSlot = -1;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
     put_fp16(rows, 2, out + 32);
@@ -191,6 +203,7 @@ struct Q4_1 {  // d * q + m
 struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
   static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
   static constexpr bool kHalves = false;
+  static constexpr int kOffsetSlot = 3;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
     put_small_nibbles(rows, 6, out + 96);
@@ -217,6 +230,7 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
 struct Q4_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 144, kBytes = 8 * 256 + 2 * 128 + 2 * 32;
   static constexpr bool kHalves = false;
+  static constexpr int kOffsetSlot = -1;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
       put_nibbles(out + 320 + 256 * c, [&](int n, int t) {
@@ -255,6 +269,7 @@ struct Q4_K {
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 210, kBytes = 8 * 256 + 8 * 128 + 16 * 16 + 32;
   static constexpr bool kHalves = true;
+  static constexpr int kOffsetSlot = 5;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
       const int h = c / 4, s = c % 4;
@@ -303,21 +318,36 @@ struct Q6_K {
 // NOTE: not inlined, as dense_tile (quant.cpp): inlined into the dispatch, the accumulators went to memory.
 template <class F, int MR>
 __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, const float* sums, int64_t sums_stride,
-                                          const uint8_t* w, int64_t K, bf16* out, int64_t out_stride, int features) {
+                                          const uint8_t* w, int64_t K, void* out, int64_t out_stride, int features,
+                                          bool widened, const uint8_t* ahead, int64_t ahead_lines) {
   constexpr int kSubBlocks = F::kBlock / kSub;
   // Independent integer sums per row, added at each fold (exact: any split gives the same sum): one chain of 8
   // dependent vpdpbusd (~5 cycles each) per sub-block held M=1 to ~22 GB/s.
   constexpr int kChains = MR == 1 ? 4 : MR == 2 ? 2 : 1;
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t blocks = K / F::kBlock;
+  const int64_t blocks = K / F::kBlock, lines_per_block = (ahead_lines + blocks - 1) / blocks;
   for (int64_t b = 0; b < blocks; ++b) {
     const typename F::Unpack unpack(w + b * F::kBytes);
+    for (int64_t line = b * lines_per_block; line < std::min(ahead_lines, (b + 1) * lines_per_block); ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < kSubBlocks; ++j) {
       const int64_t xb = b * kSubBlocks + j;  // x's block
       __m512i isum[kChains][MR];
-      for (auto& chain : isum) for (auto& v : chain) v = _mm512_setzero_si512();
+      // Each row's integer sum starts at the weights' offset times sum(qx) (negated; 0 for the types with a min),
+      // so that it ends as the exact sum of the signed products.
+      const auto start = [&](int half) {
+        for (int m = 0; m < MR; ++m) {
+          for (auto& chain : isum) chain[m] = _mm512_setzero_si512();
+          if constexpr (F::kOffsetSlot >= 0) {
+            int32_t offset;
+            std::memcpy(&offset, sums + m * sums_stride + xb * kSums + F::kOffsetSlot + half, 4);
+            isum[0][m] = _mm512_set1_epi32(offset);
+          }
+        }
+      };
       // The (half) sub-block's integer sums into the fp32 accumulators: the one sequence of fp32 operations.
       const auto fold = [&](int half) {
         __m512 ws, wm;
@@ -327,10 +357,10 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
           for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, isum[c][m]);
           const float* s = sums + m * sums_stride + xb * kSums;
           acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(ws, _mm512_set1_ps(s[0])), acc[m]);
-          acc[m] = _mm512_fnmadd_ps(wm, _mm512_set1_ps(s[F::kHalves ? 2 + half : 1]), acc[m]);
-          for (auto& chain : isum) chain[m] = _mm512_setzero_si512();
+          if constexpr (F::kOffsetSlot < 0) acc[m] = _mm512_fnmadd_ps(wm, _mm512_set1_ps(s[1]), acc[m]);
         }
       };
+      start(0);
 #pragma GCC unroll 8
       for (int s = 0; s < 8; ++s) {
         const __m512i wq = unpack.quants(j, s);
@@ -339,16 +369,26 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
           std::memcpy(&x4, q + m * q_stride + xb * kSub + 4 * s, 4);
           isum[s % kChains][m] = _mm512_dpbusd_epi32(isum[s % kChains][m], wq, _mm512_set1_epi32(x4));
         }
-        if (F::kHalves && s == 3) fold(0);
+        if (F::kHalves && s == 3) {
+          fold(0);
+          start(1);
+        }
       }
       fold(F::kHalves ? 1 : 0);
     }
   }
-  for (int m = 0; m < MR; ++m) _mm256_mask_storeu_epi16(out + m * out_stride, tail_mask(features), round_bf16(acc[m]));
+  for (int m = 0; m < MR; ++m) {
+    if (widened) {
+      _mm512_mask_storeu_ps(static_cast<float*>(out) + m * out_stride, tail_mask(features), bf16_round_trip(acc[m]));
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<bf16*>(out) + m * out_stride, tail_mask(features), round_bf16(acc[m]));
+    }
+  }
 }
 
 template <class F>
-void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint8_t* packed, int64_t N, bf16* out) {
+void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint8_t* packed, int64_t N, void* out,
+            bool widened) {
   const int64_t groups = (N + kLanes - 1) / kLanes, group_bytes = K / F::kBlock * F::kBytes;
   const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
   const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
@@ -365,24 +405,33 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
       const int64_t panel = item / runs, run = item % runs;
       const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
       const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
+      // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
+      // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
+      // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
+      // reads the weight as one steady stream, which the hardware prefetches.
+      const int64_t group_lines = (group_bytes + 63) / 64;
+      const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
       for (int64_t g = run * run_groups; g < std::min(groups, (run + 1) * run_groups); ++g) {
         const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
         for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
           const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
           const int8_t* qm = q + m * K;
           const float* sm = sums + m * (K / kSub * kSums);
-          bf16* om = out + m * N + g * kLanes;
+          void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
           const uint8_t* wg = packed + g * group_bytes;
           const int64_t qs = K, ss = K / kSub * kSums;
+          const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
+          const int64_t ahead_lines =
+              g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
           switch (here) {
-            case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features); break;
-            default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features); break;
+            case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+            default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
           }
           m += here;
         }
@@ -441,10 +490,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
         _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
         const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
         float* s = sp + (m * (K / kSub) + b) * kSums;
+        const int sum = sum_low + sum_high;
+        const int32_t offsets[6] = {-8 * sum, -16 * sum, -128 * sum, -32 * sum_low, -32 * sum_high, 0};
         s[0] = d;
-        s[1] = d * static_cast<float>(sum_low + sum_high);
-        s[2] = d * static_cast<float>(sum_low);
-        s[3] = d * static_cast<float>(sum_high);
+        s[1] = d * static_cast<float>(sum);
+        std::memcpy(s + 2, offsets, sizeof(offsets));
       }
     }
   });
@@ -483,13 +533,13 @@ at::Tensor int8_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_feature
 }
 
 at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& packed, int64_t qtype,
-                       int64_t out_features) {
+                       int64_t out_features, bool widened) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
               "q must be quantize_rows' int8 [M, K]");
   const int64_t M = q.size(0), K = q.size(1), N = out_features;
   TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 3 && sums.size(0) == M &&
-              sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 4]");
-  at::Tensor out = at::empty({M, N}, q.options().dtype(at::kBFloat16));
+              sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 8]");
+  at::Tensor out = at::empty({M, N}, q.options().dtype(widened ? at::kFloat : at::kBFloat16));
   with_format(qtype, [&](auto format) {
     using F = decltype(format);
     TORCH_CHECK(K > 0 && K % F::kBlock == 0 && N > 0, "in_features ", K, " is not a multiple of the type's block of ",
@@ -499,8 +549,8 @@ at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Te
                 "packed must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K, ", not ",
                 packed.sizes());
     if (M == 0) return;
-    linear<F>(q.data_ptr<int8_t>(), sums.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), N,
-              out.data_ptr<bf16>());
+    linear<F>(q.data_ptr<int8_t>(), sums.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), N, out.data_ptr(),
+              widened);
   });
   return out;
 }
@@ -510,7 +560,8 @@ at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Te
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("int8_pack(Tensor blocks, int qtype, int in_features) -> Tensor", &int8_pack);
-  m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features) -> Tensor", &int8_linear);
+  m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features, bool widened=False) -> Tensor",
+        &int8_linear);
 }
 
 #endif  // __AVX512VNNI__

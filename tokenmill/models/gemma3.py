@@ -208,10 +208,10 @@ class Gemma3ForCausalLM(CausalLM):
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.softcap is not None:  # in the model's dtype, as transformers does
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        if self.softcap is None:
+            return self.lm_head.forward_fp32(hidden)
+        logits = self.lm_head(hidden)  # soft-capped in the model's dtype, as transformers does
+        return (torch.tanh(logits / self.softcap) * self.softcap).float()
 
     def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
         """Fuses q/k/v and gate/up (models/checkpoint.py)."""

@@ -44,11 +44,15 @@ class Int8DotLinear(LinearMethod):
                       for p in parts]
         self.bias, self.activation = bias, activation
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, widened: bool = False) -> torch.Tensor:
+        """widened: the product's bf16 values stored as fp32 by the kernel (a head's logits: no pass over them to
+        widen them); a bias and an activation are then applied in fp32, unrounded."""
         shape = x.shape
         q, sums = torch.ops.tokenmill.quantize_rows(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-        outputs = [torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n) for packed, qtype, n in self.parts]
-        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).to(x.dtype)
+        outputs = [torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n, widened)
+                   for packed, qtype, n in self.parts]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        y = y if widened else y.to(x.dtype)
         if self.bias is not None:
             y += self.bias
         return activate(y.view(*shape[:-1], y.shape[-1]), self.activation)
