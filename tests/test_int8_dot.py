@@ -88,14 +88,15 @@ def test_a_rows_result_does_not_depend_on_the_batch(qtype: Q) -> None:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=lambda t: t.name)
-def test_widened_output_is_the_bf16_output_in_fp32(qtype: Q) -> None:
+@pytest.mark.parametrize("n", [37, 64])  # rows at any offset (partial groups), and whole 64-byte lines (streamed)
+def test_widened_output_is_the_bf16_output_in_fp32(qtype: Q, n: int) -> None:
     """A head's logits: the kernel stores its bf16 results as fp32 itself, the same values bit for bit."""
     k = 512
-    blocks = torch.from_numpy(random_blocks(qtype, 37, k, seed=4))
+    blocks = torch.from_numpy(random_blocks(qtype, n, k, seed=4))
     q, sums = torch.ops.tokenmill.quantize_rows(random_rows(20, k, seed=5))
     packed = torch.ops.tokenmill.int8_pack(blocks, qtype, k)
-    narrow = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, 37)
-    wide = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, 37, True)
+    narrow = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n)
+    wide = torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n, True)
     assert wide.dtype == torch.float32 and torch.equal(wide, narrow.float())
     weight = QuantizedWeight(blocks, qtype, k, int8_activations=True)
     x = random_rows(20, k, seed=5)
