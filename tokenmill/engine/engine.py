@@ -19,7 +19,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.sampler import sample, top_logprobs
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.engine.speculation import MAX_DRAFT, DraftPolicy, propose
+from tokenmill.engine.speculation import MAX_DRAFT, Draft, DraftPolicy, propose
 from tokenmill.engine.structured import StructuredOutputs
 from tokenmill.errors import INTERNAL_ERROR, RequestError
 from tokenmill.kv.manager import KVCacheManager, attention_reach, cdiv
@@ -260,7 +260,7 @@ class Engine:
             seq.num_computed_tokens += accepted  # those drafts' K/V are the sequence's own now
             seq.draft_token_ids = []
             if drafts:
-                self.drafts.observe_drafts(len(drafts), accepted)
+                self.drafts.observe_drafts(seq.draft_ngram, len(drafts), accepted)
                 self.stats.draft_tokens += len(drafts)
                 self.stats.accepted_draft_tokens += accepted
             if seq.request.metrics.first_token_time is None:
@@ -284,16 +284,16 @@ class Engine:
         if self.drafts is None:
             return
         running = self.scheduler.running
-        proposed: list[list[int]] = [[] for _ in running]  # none also clears what a step the budget cut short left
+        proposed = [Draft([], 0) for _ in running]  # none also clears what a step the budget cut short left
         if self.drafts.may_draft(len(running)):
             # Room for the step's own token and the drafts within max_tokens and the context.
             proposed = [propose(seq.token_ids, min(MAX_DRAFT, seq.request.max_total_tokens - seq.num_tokens - 1))
-                        if seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1 else []
+                        if seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1 else Draft([], 0)
                         for seq in running]
-            lengths = self.drafts.draft_lengths(len(running), [len(drafts) for drafts in proposed])
-            proposed = [drafts[:length] for drafts, length in zip(proposed, lengths)]
-        for seq, drafts in zip(running, proposed):
-            seq.draft_token_ids = drafts
+            lengths = self.drafts.draft_lengths(len(running), proposed)
+            proposed = [Draft(draft.tokens[:length], draft.ngram) for draft, length in zip(proposed, lengths)]
+        for seq, draft in zip(running, proposed):
+            seq.draft_token_ids, seq.draft_ngram = draft.tokens, draft.ngram
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, ahead: list[int]) -> list[int]:
         """One token per row, of the sequence beside it (`ahead` tokens after its next: sampler.sample);
