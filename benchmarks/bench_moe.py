@@ -21,7 +21,6 @@ bytes, are what moves it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -32,10 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
+import hf_to_gguf
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen3MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
 from tokenmill import cli
 from tokenmill.models import gguf_file
@@ -54,12 +54,9 @@ GGUF_ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral
 # The routing llama.cpp's graphs fix, as the loader sets it: a config whose norm_topk_prob differs is not the model
 # llama.cpp runs from the file.
 LLAMA_CPP_NORM_TOPK = {t: v["norm_topk_prob"] for t, v in gguf_file._EXPERT_VALUES.items() if "norm_topk_prob" in v}
-# transformers' names -> llama.cpp's: the loader's tables read backwards (experts apart: written stacked).
-LAYER_NAMES = {hf: name for name, hf in gguf_file._LAYER_NAMES.items() if not name.endswith("_exps")} | \
-    {"block_sparse_moe.gate": "ffn_gate_inp"}
-EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
-                "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
-GLOBAL_NAMES = {f"{hf}.weight": f"{name}.weight" for name, hf in gguf_file._GLOBAL_NAMES.items()}
+# Per-expert tensor names -> the stacked experts' (transformers 5's module names), Mixtral's as Qwen's.
+STACKED_EXPERTS = {"gate_proj": "gate_proj", "w1": "gate_proj", "up_proj": "up_proj", "w3": "up_proj",
+                   "down_proj": "down_proj", "w2": "down_proj"}
 
 
 def build_model(folder: Path) -> None:
@@ -74,46 +71,24 @@ def build_model(folder: Path) -> None:
     AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
 
 
-def make_gguf_module() -> object:
-    """benchmarks/make_gguf_model.py, for its tokenizer copy."""
-    spec = importlib.util.spec_from_file_location("make_gguf_model", Path(__file__).with_name("make_gguf_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def llama_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
-    """The row order llama.cpp's LlamaModel gives q and k (each head's rope halves interleaved)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
-
-
-def gguf_tensors(folder: Path, config: PretrainedConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """The folder's tensors under llama.cpp's names and in its layout, fp32: experts stacked [E, rows, cols]
-    per layer and projection, Mixtral's q/k rows permuted, the shared expert's gate a vector."""
+def stacked_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """The folder's tensors in fp32 under transformers' names, as llama.cpp lays them out: experts stacked [E, rows,
+    cols] per layer and projection (named as transformers 5's modules), Mixtral's block as Qwen's "mlp", the shared
+    expert's gate a vector."""
     experts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for name, tensor in load_file(folder / "model.safetensors").items():
-        data = tensor.float().numpy()
-        if name in GLOBAL_NAMES:
-            yield GLOBAL_NAMES[name], data
-            continue
-        layer, module, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
-        if expert := re.fullmatch(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)", module):
-            experts[f"blk.{layer}.{EXPERT_NAMES[expert[2]]}.weight"][int(expert[1])] = data
-            continue
-        gguf_name = LAYER_NAMES[module]
-        if GGUF_ARCHITECTURES[config.model_type] == "llama" and gguf_name in ("attn_q", "attn_k"):
-            data = llama_permuted(data, config.num_attention_heads if gguf_name == "attn_q" else
-                                  config.num_key_value_heads)
-        yield f"blk.{layer}.{gguf_name}.{kind}", data.reshape(-1) if gguf_name == "ffn_gate_inp_shexp" else data
+        data, name = tensor.float().numpy(), name.replace(".block_sparse_moe.", ".mlp.")
+        if expert := re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name):
+            experts[f"{expert[1]}.{STACKED_EXPERTS[expert[3]]}"][int(expert[2])] = data
+        else:
+            yield name, data.reshape(-1) if name.endswith("shared_expert_gate.weight") else data
     for name, by_expert in experts.items():
         yield name, np.stack([by_expert[e] for e in range(len(by_expert))])
 
 
 def write_gguf(folder: Path, path: Path, kind: gguf.GGMLQuantizationType) -> None:
     """The folder's MoE model (Qwen3-MoE, Qwen2-MoE, Mixtral) as llama.cpp's convert_hf_to_gguf.py writes it,
-    its matrices in `kind` where their rows are whole blocks (norms, biases and the router stay F32, as llama.cpp
-    keeps them), SmolLM2's tokenizer copied from the default model."""
+    its matrices in `kind` where their rows are whole blocks (benchmarks/hf_to_gguf.py)."""
     config = AutoConfig.from_pretrained(folder)
     if config.model_type in LLAMA_CPP_NORM_TOPK and config.norm_topk_prob != LLAMA_CPP_NORM_TOPK[config.model_type]:
         raise ValueError(f"llama.cpp runs {config.model_type} with norm_topk_prob={not config.norm_topk_prob}")
@@ -121,15 +96,7 @@ def write_gguf(folder: Path, path: Path, kind: gguf.GGMLQuantizationType) -> Non
         raise ValueError("llama.cpp runs Mixtral with full attention: a sliding window has no place in its file")
     architecture = GGUF_ARCHITECTURES[config.model_type]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(path, architecture)
-    writer.add_name(folder.name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer = hf_to_gguf.start(path, architecture, config, folder.name)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     if architecture == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -143,18 +110,8 @@ def write_gguf(folder: Path, path: Path, kind: gguf.GGMLQuantizationType) -> Non
     if shared := getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(shared)
     writer.add_file_type(FILE_TYPES[kind])
-    make_gguf = make_gguf_module()
-    writer.add_vocab_size(make_gguf.copy_tokenizer(writer, gguf.GGUFReader(make_gguf.smollm2_gguf())))
-    block = gguf.GGML_QUANT_SIZES[kind][0]
-    for name, data in gguf_tensors(folder, config):
-        if kind != Q.F32 and data.ndim >= 2 and data.shape[-1] % block == 0 and ".ffn_gate_inp." not in name:
-            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-        else:
-            writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    hf_to_gguf.add_weights(writer, architecture, config, stacked_tensors(folder), kind)
+    hf_to_gguf.finish(writer)
 
 
 def build_gguf(folder: Path, kind: str, llama_quantize: str | None) -> Path:

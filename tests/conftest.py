@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ from transformers import (
 
 from tokenmill import LLM
 from tokenmill.models.loader import default_model_path
+
+# The benchmarks' modules (benchmarks/hf_to_gguf.py, bench_moe.py) import each other by name, as when a script there
+# runs: the tests that write model files import them the same way.
+sys.path.append(str(Path(__file__).parents[1] / "benchmarks"))
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB = 49152  # SmolLM2's tokenizer, reused by the tiny models

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import hf_to_gguf
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.models import gemma3, llama
 from tokenmill.models.elementwise import GEMMA_TORCH_OPS
 from tokenmill.models.gguf_file import GGUFFile
-from tokenmill.models.loader import ModelLoadError, default_model_path, load_model
+from tokenmill.models.loader import ModelLoadError, load_model
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               head_dim=32, sliding_window=16, max_position_embeddings=512, initializer_range=0.3, eos_token_id=2,
@@ -106,50 +107,23 @@ def test_bf16_gemma3_gives_the_same_logprobs_with_and_without_the_fused_kernels(
     assert outputs[0] == outputs[1]
 
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-              "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-
 def write_gemma3_gguf(path: Path, config: Gemma3TextConfig, tensors: dict[str, torch.Tensor],
                       extra_tensor: str | None = None) -> None:
     """The model as llama.cpp's converter writes a Gemma 3 (F32; its norms plus 1), SmolLM2's tokenizer."""
-    writer = gguf.GGUFWriter(path, "gemma3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    writer = hf_to_gguf.start(path, "gemma3", config, "tiny-gemma3")
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
     writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(config.rope_parameters["full_attention"]["factor"])
     writer.add_sliding_window(config.sliding_window)
     writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    for key, field in gguf.GGUFReader(default_model_path()).fields.items():
-        if key.startswith("tokenizer."):
-            writer.add_key_value(key, field.contents(), field.types[0], field.types[-1])
-    for name, tensor in tensors.items():
-        stem = name.removeprefix("model.").removesuffix(".weight")
-        if stem.startswith("layers."):
-            _, index, layer_name = stem.split(".", 2)
-            stem = f"blk.{index}.{GGUF_NAMES[layer_name]}"
-        else:
-            stem = {"embed_tokens": "token_embd", "norm": "output_norm"}[stem]
-        values = tensor.numpy()
-        writer.add_tensor(f"{stem}.weight", values + np.float32(1) if stem.endswith("norm") else values)
+    weights = ((name, tensor.numpy()) for name, tensor in tensors.items())
+    hf_to_gguf.add_weights(writer, "gemma3", config, weights, gguf.GGMLQuantizationType.F32)
     if extra_tensor is not None:
         writer.add_tensor(extra_tensor, np.zeros(4, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    hf_to_gguf.finish(writer)
 
 
 @pytest.fixture(scope="module")

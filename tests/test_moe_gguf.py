@@ -8,11 +8,10 @@ qwen2moe, and llama with an expert count for Mixtral; ffn_*_exps stacked [E, row
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
-from types import ModuleType
 
+import bench_moe
 import gguf
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ from tokenmill.models.moe import SparseMoeBlock
 from tokenmill.models.quantized import QuantizedLinear
 
 Q = gguf.GGMLQuantizationType
-BENCH_MOE = Path(__file__).parents[1] / "benchmarks" / "bench_moe.py"
 LLAMA_CPP_ROUTING = {"qwen3-moe": {"norm_topk_prob": True, "mlp_only_layers": []},
                      "qwen2-moe": {"norm_topk_prob": False}, "mixtral": {"sliding_window": None}}
 PROMPTS = [[(37 * i + 11 * j) % 49000 + 3 for j in range(n)] for i, n in enumerate((1, 7, 23, 40))]
@@ -39,16 +37,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="quantized we
 
 
 @pytest.fixture(scope="module")
-def bench_moe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_moe", BENCH_MOE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def moe_files(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path,
-              bench_moe: ModuleType) -> dict[str, dict[str, Path]]:
+def moe_files(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> dict[str, dict[str, Path]]:
     """Per family: its HF folder, and the folder written as an F32 and a Q8_0 GGUF."""
     root = tmp_path_factory.mktemp("moe-gguf")
     files = {}

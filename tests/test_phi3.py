@@ -4,7 +4,6 @@ tests/test_exactness.py runs the tiny "phi3" and "phi3-longrope" models against 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import random
@@ -12,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import hf_to_gguf
 import numpy as np
 import pytest
 import torch
@@ -26,11 +26,6 @@ from tokenmill.models.gguf_file import GGUFFile, hf_name
 from tokenmill.models.phi3 import Phi3ForCausalLM, rotary_order
 
 ORIGINAL_CONTEXT = 64
-MAKE_GGUF = Path(__file__).parents[1] / "benchmarks" / "make_gguf_model.py"
-# HF names -> llama.cpp's, as its converter writes a Phi-3 (layer names after "model.layers.N.").
-GGUF_LAYER_NAMES = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 def long_context_config(**overrides: object) -> Phi3Config:
@@ -114,49 +109,24 @@ def test_partial_rotary_in_its_layout_is_transformers_rope_bit_for_bit(dtype: to
 
 def write_phi3_gguf(folder: Path, path: Path, kind: gguf.GGMLQuantizationType) -> None:
     """The folder's model as llama.cpp's convert_hf_to_gguf.py writes a Phi-3 (Phi3MiniModel), its matrices in
-    `kind`, the tokenizer copied from the default model (benchmarks/make_gguf_model.py's copy_tokenizer)."""
-    spec = importlib.util.spec_from_file_location("make_gguf_model", MAKE_GGUF)
-    make_gguf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_gguf)
+    `kind` (benchmarks/hf_to_gguf.py)."""
     config = Phi3Config.from_pretrained(folder)
     rope = config.rope_parameters
     original = rope["original_max_position_embeddings"]
-    writer = gguf.GGUFWriter(path, "phi3")
-    writer.add_name("tiny-phi3")
-    writer.add_context_length(config.max_position_embeddings)
+    writer = hf_to_gguf.start(path, "phi3", config, "tiny-phi3")
     writer.add_rope_scaling_orig_ctx_len(original)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     rotary_dims = int(rope["partial_rotary_factor"] * config.hidden_size) // config.num_attention_heads
     writer.add_rope_dimension_count(rotary_dims)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_sliding_window(config.sliding_window or 0)
     scale = config.max_position_embeddings / original
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
-    make_gguf.copy_tokenizer(writer, gguf.GGUFReader(make_gguf.smollm2_gguf()))
     assert len(rope["long_factor"]) == rotary_dims // 2
     writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
     writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
-    for name, tensor in load_file(folder / "model.safetensors").items():
-        stem = name.removesuffix(".weight")
-        if stem.startswith("model.layers."):
-            layer, _, rest = stem.removeprefix("model.layers.").partition(".")
-            gguf_name = f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}.weight"
-        else:
-            gguf_name = f"{GGUF_GLOBAL_NAMES[stem]}.weight"
-        data = tensor.numpy()
-        if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-        else:
-            writer.add_tensor(gguf_name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    weights = ((name, tensor.numpy()) for name, tensor in load_file(folder / "model.safetensors").items())
+    hf_to_gguf.add_weights(writer, "phi3", config, weights, kind)
+    hf_to_gguf.finish(writer)
 
 
 def test_llama_cpps_phi3_names() -> None:
