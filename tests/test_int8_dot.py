@@ -100,7 +100,7 @@ def test_widened_output_is_the_bf16_output_in_fp32(qtype: Q, n: int) -> None:
     assert wide.dtype == torch.float32 and torch.equal(wide, narrow.float())
     weight = QuantizedWeight(blocks, qtype, k, int8_activations=True)
     x = random_rows(20, k, seed=5)
-    assert torch.equal(Int8DotLinear(weight, None).apply(x, widened=True), narrow.float())
+    assert torch.equal(Int8DotLinear(weight, None).apply_fp32(x), narrow.float())
 
 
 def test_a_mixed_projection_quantizes_x_once_and_concatenates() -> None:

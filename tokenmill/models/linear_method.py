@@ -36,3 +36,7 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> activation(x W^T + b): [..., out_features]."""
+
+    def apply_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """apply's values widened to fp32 (a head's logits), where a method can store them so itself."""
+        return self.apply(x).float()
