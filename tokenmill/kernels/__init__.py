@@ -77,18 +77,20 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N, bias=None [N] fp32 or bf16,
 #  activation="none" | "gelu" | "gelu_tanh") -> [M, N]: act(x W^T + b), in fp32 then rounded once (batch-invariant)
 # gguf.GGMLQuantizationType values that int8_pack and int8_linear take: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K.
-# torch.ops.tokenmill.quantize_rows: (x [M, K] bf16, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 4] fp32):
-#  each block of 32 of a row as d * q (d = amax / 127, q rounded to nearest-even), sums = (d, d sum(q), d sum of
-#  its first 16 q, d sum of its last 16)
+# torch.ops.tokenmill.quantize_rows: (x [M, K] bf16, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 8] fp32):
+#  each block of 32 of a row as d * q (d = amax / 127, q rounded to nearest-even), sums = (d, d sum(q), then int32s
+#  in fp32's bits: sum(q) times -8, -16 and -128, the sums of its first and last 16 q times -32, 0)
 # torch.ops.tokenmill.int8_pack: (blocks [N, row_bytes] uint8, qtype, in_features K) -> uint8
 #  [ceil(N / 16), K / block, bytes]: the weight in int8_linear's layout, made once at load
-# torch.ops.tokenmill.int8_linear: (q, sums, packed, qtype, out_features N) -> [M, N] bf16: x W^T on x's quantized
-#  blocks and the weight's exact values, in fp32 then rounded once (batch-invariant)
+# torch.ops.tokenmill.int8_linear: (q, sums, packed, qtype, out_features N, widened=False) -> [M, N] bf16: x W^T on
+#  x's quantized blocks and the weight's exact values, in fp32 then rounded once (batch-invariant); widened: those
+#  bf16 values stored as fp32
 # torch.ops.tokenmill.add_layer_norm: (x [rows, n] bf16 or fp32 with contiguous rows, residual like x, weight [n],
 #  bias [n] (fp32 or x's dtype), eps) -> LayerNorm(x + residual) [rows, n], the sum kept in fp32
 
 SOURCES = [str(Path(__file__).with_name(name))
-           for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp", "int8_dot.cpp")]
+           for name in ("attention.cpp", "elementwise.cpp", "quant.cpp", "encoder_attention.cpp", "int8_dot.cpp",
+                        "layer_stack.cpp")]
 # -fopenmp: at::parallel_for is OpenMP inline code (torch's own libgomp, already loaded).
 # -ffp-contract=off: no multiply-add fused where torch's ops round in between (bit-exact ops).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

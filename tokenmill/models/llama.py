@@ -11,11 +11,13 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from tokenmill import kernels
 from tokenmill.attention import AttentionBackend
 from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding_windows
 from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import TORCH_OPS, ElementwiseOps, select_elementwise_ops, signed_sin
 from tokenmill.models.embedding import TokenEmbedding
+from tokenmill.models.layer_stack import LayerStack, int8_projection
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
 
@@ -166,6 +168,7 @@ class LlamaForCausalLM(CausalLM):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_positions = max_positions
+        self.layer_stack: LayerStack | None = None  # set by load_weights where it serves
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()
@@ -195,6 +198,9 @@ class LlamaForCausalLM(CausalLM):
         self._cover_positions(positions)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = signed_sin(self.rope_sin[positions].to(x.dtype))
+        if self.layer_stack is not None and (hidden := self.layer_stack.forward(x, cos, sin, kv_cache, metas)) \
+                is not None:
+            return hidden
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, kv_cache, attention, metas)
         return self.norm(x, residual)[0]
@@ -220,3 +226,25 @@ class LlamaForCausalLM(CausalLM):
             checkpoint.copy_to(layer.input_layernorm.weight, f"{p}input_layernorm.weight")
             checkpoint.copy_to(layer.post_attention_layernorm.weight, f"{p}post_attention_layernorm.weight")
         checkpoint.check_all_used()
+        self.layer_stack = self.build_layer_stack()
+
+    def build_layer_stack(self) -> LayerStack | None:
+        """The layers as one C++ call for a whole step (models/layer_stack.py), where every layer is the plain
+        Llama one on the int8 kernels and the fused elementwise ops, all under one window; else None."""
+        fused = torch.ops.tokenmill if kernels.available() else None
+        if len(self.kv_layout.distinct_windows) != 1 or fused is None:
+            return None
+        stack = LayerStack(self.kv_layout.num_heads, self.kv_layout.num_kv_heads, self.kv_layout.head_dim,
+                            self.norm.eps, self.norm.weight)
+        for layer in self.layers:
+            attn, mlp, ops = layer.self_attn, layer.mlp, layer.input_layernorm.ops
+            if type(attn) is not Attention or type(mlp) is not MLP or attn.qk_norm or \
+                    (ops.add_rms_norm, ops.rope_store, ops.silu_mul) != (fused.add_rms_norm, fused.rope_store,
+                                                                         fused.silu_mul):
+                return None
+            projections = [int8_projection(linear) for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                   mlp.down_proj)]
+            if None in projections:
+                return None
+            stack.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *projections)
+        return stack
