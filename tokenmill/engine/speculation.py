@@ -35,7 +35,9 @@ from itertools import accumulate, groupby
 from operator import mul
 from typing import NamedTuple
 
-MIN_NGRAM, MAX_NGRAM = 1, 3
+# Longer matches first: their drafts are kept more often (replaying the extraction benchmark at B=4, 3 -> 5 took
+# 2.04x over no drafts to 2.30x), and each length's acceptance is its own.
+MIN_NGRAM, MAX_NGRAM = 1, 5
 MAX_DRAFT = 8
 # Where no step was measured: a step of one token costs as much as this many more (weights read vs
 # compute per token), scaled from the nearest measured token count.
