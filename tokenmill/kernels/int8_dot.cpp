@@ -14,8 +14,7 @@
 //   to bf16 as torch rounds; widened: the same bf16 values stored as fp32 (a head's logits, which the sampler takes
 //   in fp32: no second pass over a vocabulary-wide output to widen them; whole lines stored non-temporally, Gemma 3's
 //   262,144-row head at M=64 then ran 8-14% faster, one or two threads, the sampler's amax over them included).
-//   Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K,
-//   Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
+//   Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
 //
 // Every type is written value = ws * q - wm with unsigned quants q per sub-block (32 weights; Q6_K's scales are
 // per 16): Q8_0 d (q + 128) - 128 d (quants stored offset by 128), Q4_0 d q - 8 d, Q4_1 d q - (-m), Q5_0 d q -

@@ -239,8 +239,8 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             attn, mlp, ops = layer.self_attn, layer.mlp, layer.input_layernorm.ops
             if type(attn) is not Attention or type(mlp) is not MLP or attn.qk_norm or \
-                    (ops.add_rms_norm, ops.rope_store, ops.silu_mul) != (fused.add_rms_norm, fused.rope_store,
-                                                                         fused.silu_mul):
+                    (ops.rms_norm, ops.add_rms_norm, ops.rope_store, ops.silu_mul) != \
+                    (fused.rms_norm, fused.add_rms_norm, fused.rope_store, fused.silu_mul):
                 return None
             projections = [int8_projection(linear) for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                                    mlp.down_proj)]
