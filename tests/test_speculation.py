@@ -171,12 +171,17 @@ def test_greedy_smollm2_outputs_are_unchanged_and_drafts_are_kept() -> None:
                [{"role": "user", "content": f"Extract the address from: {COPY_TEXT}"}],
                [{"role": "user", "content": f"Rewrite in plain words: {COPY_TEXT}"}]]
     params = SamplingParams(temperature=0, max_tokens=48)
-    plain, _ = generate(None, prompts, params, speculative="off", max_num_seqs=4)
+    plain, plain_llm = generate(None, prompts, params, speculative="off", max_num_seqs=4)
     drafted, llm = generate(None, prompts, params, max_num_seqs=4)
     assert drafted == plain
     stats = llm.engine.stats
     assert stats.accepted_draft_tokens > 10 and stats.draft_tokens > stats.accepted_draft_tokens
     assert stats.generated_tokens == sum(len(t[0]) for t in drafted)
+    # Every token but each prompt's first and those decoded in the step that took the last prompt (chunked
+    # prefill: the prompts need two steps here) comes from a step that only decoded.
+    plain_stats = plain_llm.engine.stats
+    assert plain_stats.generated_tokens - 3 - 2 == plain_stats.decode_tokens and plain_stats.decode_seconds > 0
+    assert stats.generated_tokens - 3 - 2 >= stats.decode_tokens > stats.generated_tokens / 2
 
 
 def random_prompts(count: int) -> list[list[int]]:

@@ -56,6 +56,10 @@ class EngineStats:
     # Time in steps that ran fewer than half of max_num_seqs sequences with none waiting: the machine
     # not full for lack of work (a job's tail, where its longest requests run on alone).
     thin_batch_seconds: float = 0.0
+    # Steps that only decoded (one new token per sequence, its drafts beside it; no prompt tokens): their time and
+    # the tokens they produced, so that decode speed is told apart from prefill (llama-batched-bench's S_TG).
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
     draft_tokens: int = 0  # drafted and verified (speculation.py)
     accepted_draft_tokens: int = 0  # of those, kept
 
@@ -247,7 +251,7 @@ class Engine:
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
         now = time.monotonic()
-        row = 0
+        row, generated_before = 0, self.stats.generated_tokens
         for seq in seqs:
             drafts = seq.draft_token_ids
             sampled = tokens[row:row + 1 + len(drafts)]
@@ -273,8 +277,11 @@ class Engine:
         for seq in result.computed_prompts:  # max_tokens 0: the prompt was all there was to do
             self.scheduler.finish(seq, "length")
         seconds = time.perf_counter() - started
-        if decodes_only and self.drafts is not None:
-            self.drafts.observe_step(batch.num_tokens, seconds)
+        if decodes_only:
+            self.stats.decode_seconds += seconds
+            self.stats.decode_tokens += self.stats.generated_tokens - generated_before
+            if self.drafts is not None:
+                self.drafts.observe_step(batch.num_tokens, seconds)
         if 2 * len(batch.seqs) < self.scheduler.max_num_seqs and not self.scheduler.waiting:
             self.stats.thin_batch_seconds += seconds
         return self._collect_outputs(seqs + result.computed_prompts)
