@@ -15,6 +15,7 @@ from tokenmill.engine.speculation import (
     MAX_NGRAM,
     MIN_NGRAM,
     PROBE_INTERVAL,
+    STEPS_REMEMBERED,
     STEPS_TO_TRUST,
     Draft,
     DraftPolicy,
@@ -46,6 +47,17 @@ def measured_policy() -> DraftPolicy:
             policy.observe_step(tokens, ms / 1e3 * random.uniform(1, 1.5))  # noise only slows steps
             policy.observe_step(tokens, ms / 1e3)
     return policy
+
+
+def test_step_cost_is_the_fastest_of_each_counts_recent_steps() -> None:
+    # A quiet machine's hundreds of plain decode steps must not outweigh a busy machine's few verifications.
+    policy = DraftPolicy()
+    for _ in range(200):
+        policy.observe_step(4, 0.010)
+    for tokens in (4, 12):
+        for _ in range(STEPS_REMEMBERED):
+            policy.observe_step(tokens, 0.020 if tokens == 4 else 0.030)
+    assert policy.step_cost(4) == pytest.approx(0.020) and policy.step_cost(12) == pytest.approx(0.030)
 
 
 def test_step_cost_interpolates_the_fastest_steps_and_is_monotone() -> None:

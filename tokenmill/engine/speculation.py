@@ -12,8 +12,9 @@ the same step, as a k + 1 token chunk, and keep the drafts its own sampler agree
   step's last token. For a one-token draft this is the standard rejection rule (kept with
   probability p(draft), else a sample of p without it), so outputs keep their distribution, and
   greedy or seeded outputs are the very tokens decoding without speculation gives.
-- How many: a step of T tokens costs the fastest decode step measured at T (the minimum, as a
-  machine shared with other work makes single steps slow at random), interpolated between measured
+- How many: a step of T tokens costs the fastest of the last few decode steps measured at T (the
+  minimum, as a machine shared with other work makes single steps slow at random; of as many steps
+  for every T, so that a busy machine slows every count alike), interpolated between measured
   token counts; not a line: the first extra tokens of a step cost more than the next ones. Draft i
   is kept with probability a_i given drafts 1 .. i-1 were, measured per draft position and per
   length n of the n-gram that found it (a copied span tends to go on, so later drafts are kept more
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left
+from collections import deque
 from itertools import accumulate, groupby
 from operator import mul
 from typing import NamedTuple
@@ -45,6 +47,12 @@ PRIOR_TOKENS_PER_WEIGHT_READ = 8.0
 # Steps measured at a token count before its fastest is trusted: the first steps of a new size are
 # slow (buffers, kernel set-up), and one slow step must not put a draft length out of reach for good.
 STEPS_TO_TRUST = 3
+# A token count's cost is the fastest of its last STEPS_REMEMBERED steps: as many for every count, and recent.
+# NOTE: the fastest of all steps ever measured compared a minimum over hundreds of plain decode steps with
+# one over a few verification steps, so on a busy machine (where most steps are slowed at random) drafts
+# looked dear and stopped for good: B=4 on the extraction benchmark at a load of ~5 drafted 63 tokens where a
+# quiet run drafts ~1,500. A job's machine also gets busier or quieter as it runs.
+STEPS_REMEMBERED = 8
 # Each draft position's acceptance before it is judged, as PRIOR_WEIGHT observations: even odds for
 # the first, optimistic for later ones (so long drafts get tried; a few verifications override it).
 # ACCEPTANCE_MEMORY: how much of its past a position's count keeps per observation (a job's phases).
@@ -88,16 +96,15 @@ class DraftPolicy:
         self.kept = [list(prior) for _ in classes]
         self.prior_chances = list(accumulate((kept / PRIOR_WEIGHT for kept in prior), mul))
         self.steps_without_drafts = 0
-        self.fastest: dict[int, float] = {}  # tokens of a decode step -> its fastest time, seconds
+        self.recent: dict[int, deque[float]] = {}  # tokens of a decode step -> its last steps' seconds
         self.measured: dict[int, int] = {}  # tokens of a decode step -> steps timed
         self._knots: list[tuple[int, float]] | None = []  # the cost table step_cost reads; None: rebuild
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         self.steps_without_drafts += 1
         self.measured[tokens] = self.measured.get(tokens, 0) + 1
-        if seconds < self.fastest.get(tokens, math.inf) or self.measured[tokens] == STEPS_TO_TRUST:
-            self.fastest[tokens] = min(seconds, self.fastest.get(tokens, seconds))
-            self._knots = None
+        self.recent.setdefault(tokens, deque(maxlen=STEPS_REMEMBERED)).append(seconds)
+        self._knots = None
 
     def observe_drafts(self, ngram: int, drafted: int, accepted: int) -> None:
         """A sequence's k drafted tokens (found by an n-gram of this length) were verified, the first `accepted`
@@ -116,13 +123,13 @@ class DraftPolicy:
         return list(accumulate((self.acceptance(ngram, i) for i in range(MAX_DRAFT)), mul))
 
     def knots(self) -> list[tuple[int, float]]:
-        """(tokens, seconds) per trusted token count, the fastest step there or at any larger count."""
+        """(tokens, seconds) per trusted token count, the fastest recent step there or at any larger count."""
         if self._knots is None:
             # NOTE: a larger step is never cheaper, and noise only slows steps: a fast step at T is
             # the better bound for every smaller count, so the table is monotone in T.
             cheapest, knots = math.inf, []
             for tokens in sorted((t for t, n in self.measured.items() if n >= STEPS_TO_TRUST), reverse=True):
-                cheapest = min(cheapest, self.fastest[tokens])
+                cheapest = min(cheapest, *self.recent[tokens])
                 knots.append((tokens, cheapest))
             self._knots = knots[::-1]
         return self._knots
