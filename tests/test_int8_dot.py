@@ -115,6 +115,23 @@ def test_a_mixed_projection_quantizes_x_once_and_concatenates() -> None:
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_grouped_experts_are_each_experts_product(qtype: Q) -> None:
+    """int8_grouped_linear: each expert's rows (odd counts, none, more than a pass of 8) through its own weight, bit
+    for bit int8_linear's on those rows alone, at N past whole groups (partial ones) and whole runs of groups."""
+    k = 512
+    for n, rows in ((37, [3, 0, 1, 17, 0, 2]), (528, [0, 5, 9, 1]), (64, [0, 0, 0])):
+        packed = [torch.ops.tokenmill.int8_pack(torch.from_numpy(random_blocks(qtype, n, k, seed=e)), qtype, k)
+                  for e in range(len(rows))]
+        q, sums = torch.ops.tokenmill.quantize_rows(random_rows(sum(rows), k, seed=n))
+        got = torch.ops.tokenmill.int8_grouped_linear(q, sums, torch.tensor(rows), packed, qtype, n)
+        starts = np.cumsum([0, *rows])
+        expected = [torch.ops.tokenmill.int8_linear(q[a:b].contiguous(), sums[a:b].contiguous(), w, qtype, n)
+                    for a, b, w in zip(starts[:-1], starts[1:], packed)]
+        assert got.shape == (sum(rows), n)
+        assert torch.equal(got.view(torch.int16), torch.cat(expected).view(torch.int16)), (n, rows)
+
+
 def test_only_marked_weights_of_served_types_take_int8_activations() -> None:
     q4_k = QuantizedWeight(torch.from_numpy(random_blocks(Q.Q4_K, 16, 256, 0)), Q.Q4_K, 256)
     q5_k = QuantizedWeight(torch.from_numpy(random_blocks(Q.Q5_K, 16, 256, 0)), Q.Q5_K, 256, int8_activations=True)
@@ -135,6 +152,12 @@ def test_bad_input_is_refused_clearly() -> None:
     packed = torch.ops.tokenmill.int8_pack(blocks, int(Q.Q4_K), 256)
     with pytest.raises(RuntimeError, match="packed must be"):
         torch.ops.tokenmill.int8_linear(q, sums, packed, int(Q.Q4_K), 40)
+    with pytest.raises(RuntimeError, match="add up to 3, q has 2"):
+        torch.ops.tokenmill.int8_grouped_linear(q, sums, torch.tensor([1, 2]), [packed, packed], int(Q.Q4_K), 16)
+    with pytest.raises(RuntimeError, match="one per packed weight"):
+        torch.ops.tokenmill.int8_grouped_linear(q, sums, torch.tensor([2]), [packed, packed], int(Q.Q4_K), 16)
+    with pytest.raises(RuntimeError, match="each packed weight must be"):
+        torch.ops.tokenmill.int8_grouped_linear(q, sums, torch.tensor([2, 0]), [packed, packed.view(-1)], int(Q.Q4_K), 16)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="tokenmill's CPU kernels do not run here")

@@ -69,6 +69,7 @@
 #include <atomic>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -95,6 +96,8 @@ inline float fp16_at(const uint8_t* p) {
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
+
+inline int64_t groups_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
 
 alignas(64) constexpr uint8_t kZeroBlock[256] = {};  // the file's block of a feature past N: zero quants and scales
 
@@ -392,10 +395,66 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
   }
 }
 
+// Rows [row_begin, row_begin + rows) of x times groups [group_begin, group_end) of a weight (N x K, packed), into
+// out (row m at out + m N, of 2 bytes a value or 4 widened): one work item of linear() or grouped_linear().
+template <class F>
+void multiply_groups(const int8_t* q, const float* sums, int64_t K, const uint8_t* packed, int64_t N,
+                     int64_t row_begin, int64_t rows, int64_t group_begin, int64_t group_end, void* out,
+                     bool widened) {
+  const int64_t groups = groups_of(N), group_bytes = K / F::kBlock * F::kBytes;
+  const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
+  // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
+  // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
+  // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
+  // reads the weight as one steady stream, which the hardware prefetches.
+  const int64_t group_lines = (group_bytes + 63) / 64;
+  const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
+    for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
+      const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
+      const int8_t* qm = q + m * K;
+      const float* sm = sums + m * (K / kSub * kSums);
+      void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
+      const uint8_t* wg = packed + g * group_bytes;
+      const int64_t qs = K, ss = K / kSub * kSums;
+      const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
+      const int64_t ahead_lines = g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
+      switch (here) {
+        case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+      }
+      m += here;
+    }
+  }
+}
+
+// Runs work(item) for items 0 .. items - 1 on up to `workers` threads, each taking the next item from a shared
+// counter (2 shared cores: a thread slowed by another process leaves its items to the other).
+template <class Work>
+void share_items(int64_t items, int64_t workers, Work&& work) {
+  std::atomic<int64_t> next{0};
+  const auto take = [&](int64_t, int64_t) {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) work(item);
+    _mm_sfence();  // the widened outputs' streamed lines
+  };
+  if (workers == 1) {
+    take(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, take);
+  }
+}
+
 template <class F>
 void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint8_t* packed, int64_t N, void* out,
             bool widened) {
-  const int64_t groups = (N + kLanes - 1) / kLanes, group_bytes = K / F::kBlock * F::kBytes;
+  const int64_t groups = groups_of(N);
   const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
   const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
   const int64_t threads = at::get_num_threads();
@@ -405,54 +464,50 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
   const int64_t items = panels * runs;
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t workers = std::min({threads, items, std::max<int64_t>(1, N * K / 65536)});
-  std::atomic<int64_t> next{0};
-  const auto work = [&](int64_t, int64_t) {
-    for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      const int64_t panel = item / runs, run = item % runs;
-      const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
-      const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
-      // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
-      // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
-      // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
-      // reads the weight as one steady stream, which the hardware prefetches.
-      const int64_t group_lines = (group_bytes + 63) / 64;
-      const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
-      for (int64_t g = run * run_groups; g < std::min(groups, (run + 1) * run_groups); ++g) {
-        const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
-        for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
-          const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
-          const int8_t* qm = q + m * K;
-          const float* sm = sums + m * (K / kSub * kSums);
-          void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
-          const uint8_t* wg = packed + g * group_bytes;
-          const int64_t qs = K, ss = K / kSub * kSums;
-          const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
-          const int64_t ahead_lines =
-              g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
-          switch (here) {
-            case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-          }
-          m += here;
-        }
+  share_items(items, workers, [&](int64_t item) {
+    const int64_t panel = item / runs, run = item % runs;
+    const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
+    multiply_groups<F>(q, sums, K, packed, N, row_begin, rows, run * run_groups,
+                       std::min(groups, (run + 1) * run_groups), out, widened);
+  });
+}
+
+// Each expert's rows of x (grouped: expert e's are the rows after those of experts 0 .. e - 1, rows[e] of them)
+// times its own weight (packed[e]), into the same rows of out: linear()'s product row by row, in one parallel
+// region for all the experts. Items are (expert, panel, run of groups): runs of kGroupedRunGroups groups, enough
+// items for 2 threads to even out over a decode step's ~30 experts of a few rows each, few enough that taking one
+// costs nothing beside its ~10-40 KB of weights.
+constexpr int64_t kGroupedRunGroups = 16;
+
+template <class F>
+void grouped_linear(const int8_t* q, const float* sums, const std::vector<int64_t>& rows,
+                    const std::vector<const uint8_t*>& packed, int64_t K, int64_t N, void* out) {
+  const int64_t groups = groups_of(N), runs = (groups + kGroupedRunGroups - 1) / kGroupedRunGroups;
+  const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
+  struct Item {
+    int64_t expert, row_begin, rows, run;
+  };
+  std::vector<Item> items;
+  int64_t row_begin = 0, weights = 0;
+  for (size_t e = 0; e < rows.size(); ++e) {
+    const int64_t panels = (rows[e] + panel_most - 1) / panel_most;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t panel_rows = (rows[e] + panels - 1) / panels, begin = panel * panel_rows;
+      for (int64_t run = 0; run < runs; ++run) {
+        items.push_back({static_cast<int64_t>(e), row_begin + begin, std::min(rows[e], begin + panel_rows) - begin,
+                         run});
       }
     }
-  };
-  if (workers == 1) {
-    work(0, 1);
-    _mm_sfence();
-  } else {
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      work(begin, end);
-      _mm_sfence();
-    });
+    weights += rows[e] ? N * K : 0;
+    row_begin += rows[e];
   }
+  const int64_t workers = std::min({static_cast<int64_t>(at::get_num_threads()), static_cast<int64_t>(items.size()),
+                                    std::max<int64_t>(1, weights / 65536)});
+  share_items(static_cast<int64_t>(items.size()), workers, [&](int64_t i) {
+    const Item& item = items[i];
+    multiply_groups<F>(q, sums, K, packed[item.expert], N, item.row_begin, item.rows, item.run * kGroupedRunGroups,
+                       std::min(groups, (item.run + 1) * kGroupedRunGroups), out, false);
+  });
 }
 
 // --- The ops.
@@ -471,8 +526,6 @@ void with_format(int64_t qtype, Fn&& fn) {
                          "are 8, 2, 3, 6, 12, 14)");
   }
 }
-
-inline int64_t groups_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
 
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
@@ -565,6 +618,42 @@ at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Te
   return out;
 }
 
+at::Tensor int8_grouped_linear(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& rows,
+                               at::TensorList packed, int64_t qtype, int64_t out_features) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
+              "q must be quantize_rows' int8 [M, K]");
+  const int64_t M = q.size(0), K = q.size(1), N = out_features, experts = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 3 && sums.size(0) == M &&
+              sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 8]");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == experts,
+              "rows must be int64 [", experts, "]: each expert's count of q's rows, one per packed weight");
+  const at::Tensor counts = rows.contiguous();
+  const std::vector<int64_t> row_counts(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + experts);
+  int64_t total = 0;
+  for (const int64_t count : row_counts) {
+    TORCH_CHECK(count >= 0, "rows must not be negative");
+    total += count;
+  }
+  TORCH_CHECK(total == M, "rows add up to ", total, ", q has ", M);
+  at::Tensor out = at::empty({M, N}, q.options().dtype(at::kBFloat16));
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    TORCH_CHECK(K > 0 && K % F::kBlock == 0 && N > 0, "in_features ", K, " is not a multiple of the type's block of ",
+                F::kBlock, " (or no out_features)");
+    const std::vector<int64_t> expected = {groups_of(N), K / F::kBlock, F::kBytes};
+    std::vector<const uint8_t*> weights;
+    for (const at::Tensor& weight : packed) {
+      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.sizes() == expected,
+                  "each packed weight must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K,
+                  ", not ", weight.sizes());
+      weights.push_back(weight.data_ptr<uint8_t>());
+    }
+    if (M == 0) return;
+    grouped_linear<F>(q.data_ptr<int8_t>(), sums.data_ptr<float>(), row_counts, weights, K, N, out.data_ptr());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
@@ -572,6 +661,8 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("int8_pack(Tensor blocks, int qtype, int in_features) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features, bool widened=False) -> Tensor",
         &int8_linear);
+  m.def("int8_grouped_linear(Tensor q, Tensor sums, Tensor rows, Tensor[] packed, int qtype, int out_features) -> "
+        "Tensor", &int8_grouped_linear);
 }
 
 #endif  // __AVX512VNNI__

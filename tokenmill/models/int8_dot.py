@@ -12,6 +12,11 @@ tests/test_int8_dot.py). Chosen at load (`QuantizedWeight.int8_activations`,
 set by loader.prepare_weights for bf16 models); fp32 models keep QuantizedLinear, the accuracy mode. A fused
 projection of several types (a Q4_K_M file's Q6_K value rows beside Q4_K query and key) quantizes x once and
 concatenates the parts' outputs.
+
+`GroupedInt8Experts`: a mixture-of-experts layer's experts (models/moe.py) on these kernels in one call per
+projection for all the step's experts (`int8_grouped_linear`), where each expert's gate_up and down are one block
+type each: each expert's rows through its own weight as Int8DotLinear multiplies them, bit for bit, in one parallel
+region instead of one kernel call (and its Python, and its thread wake-up) per expert and projection.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill import kernels
+from tokenmill.models.elementwise import ElementwiseOps
 from tokenmill.models.linear_method import Activation, LinearMethod, activate
 from tokenmill.models.quantized import QuantizedWeight, StackedQuantizedWeight
 
@@ -66,3 +72,35 @@ class Int8DotLinear(LinearMethod):
         if self.bias is not None:
             y += self.bias
         return activate(y.view(*shape[:-1], y.shape[-1]), self.activation)
+
+
+class GroupedInt8Experts:
+    """A layer's experts, gate_up then SiLU(gate) * up then down, for rows grouped by expert, in two kernel calls."""
+
+    @classmethod
+    def of(cls, experts: list[tuple[LinearMethod, LinearMethod]], ops: ElementwiseOps) -> GroupedInt8Experts | None:
+        """experts: each expert's (gate_up, down) methods as loaded. None unless all are Int8DotLinear of one block
+        type per projection, with no bias or activation (as experts are)."""
+        projections = list(zip(*experts))
+        if not all(isinstance(m, Int8DotLinear) and len(m.parts) == 1 and m.bias is None and m.activation is None
+                   for methods in projections for m in methods):
+            return None
+        if any(len({m.parts[0][1:] for m in methods}) > 1 for methods in projections):
+            return None
+        return cls(*projections, ops=ops)
+
+    def __init__(self, gate_up: list[Int8DotLinear], down: list[Int8DotLinear], ops: ElementwiseOps) -> None:
+        # (packed weights (the experts' own: nothing copied), qtype, out_features) per projection
+        self.gate_up = ([m.parts[0][0] for m in gate_up], *gate_up[0].parts[0][1:])
+        self.down = ([m.parts[0][0] for m in down], *down[0].parts[0][1:])
+        self.ops = ops
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x: [R, hidden] bf16, expert e's rows after experts 0 .. e - 1's; rows: [E] int64, each expert's count."""
+        gate_up = self._product(x, rows, *self.gate_up)
+        return self._product(self.ops.silu_mul(gate_up), rows, *self.down)
+
+    @staticmethod
+    def _product(x: torch.Tensor, rows: torch.Tensor, packed: list[torch.Tensor], qtype: int, n: int) -> torch.Tensor:
+        q, sums = torch.ops.tokenmill.quantize_rows(x.contiguous())
+        return torch.ops.tokenmill.int8_grouped_linear(q, sums, rows, packed, qtype, n)

@@ -9,7 +9,9 @@ feed-forward output [T, hidden], as transformers' sparse MoE blocks do (Qwen2-Mo
   expert's weights are read once and multiplied as one GEMM over a contiguous run of rows; experts with no
   tokens are skipped. A token's k results are weighted and summed in its own top-k order, as transformers'
   grouped_mm path sums them, so a token's output never depends on the other tokens of the step (each
-  expert's linear is row-wise batch-invariant where the kernels run: models/linear.py);
+  expert's linear is row-wise batch-invariant where the kernels run: models/linear.py); where every expert
+  runs on int8 activations (a bf16 model's GGUF blocks), all of them run in two kernel calls (one per projection,
+  `GroupedInt8Experts` in models/int8_dot.py, chosen once at load), the same bits as an expert at a time;
 - a shared expert, where the config has one (Qwen2-MoE), runs on every token, scaled by sigmoid(x w_gate).
 Weights load from one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published checkpoints have and transformers 5.24's
@@ -29,6 +31,7 @@ from torch import nn
 
 from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import ElementwiseOps
+from tokenmill.models.int8_dot import GroupedInt8Experts
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import QuantizedWeight, Weight
 
@@ -63,6 +66,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden_size, routing.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(Expert(hidden_size, routing.intermediate_size, ops)
                                      for _ in range(routing.num_experts))
+        self.grouped_experts: GroupedInt8Experts | None = None  # set by load_weights where it serves
         if routing.shared_intermediate_size:
             self.shared_expert = Expert(hidden_size, routing.shared_intermediate_size, ops)
             self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
@@ -82,19 +86,25 @@ class SparseMoeBlock(nn.Module):
         pairs = experts.flatten()  # pair i is token i // top_k's (i % top_k)-th choice
         order = torch.argsort(pairs, stable=True)
         grouped = x.index_select(0, order // self.routing.top_k)  # the pairs' rows, expert by expert
-        counts = torch.bincount(pairs, minlength=self.routing.num_experts).tolist()
-        outputs, start = [], 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                outputs.append(expert(grouped[start:start + count]))
-                start += count
-        by_pair = torch.empty_like(grouped).index_copy_(0, order, torch.cat(outputs))
+        counts = torch.bincount(pairs, minlength=self.routing.num_experts)
+        by_pair = torch.empty_like(grouped).index_copy_(0, order, self.run_experts(grouped, counts))
         weighted = by_pair.view(tokens, -1, hidden) * weights.unsqueeze(-1)
         # NOTE: in fp32, as torch sums a bf16 tensor (its bf16 sum over a middle dim took 3x as long).
         out = weighted.float().sum(dim=1).to(x.dtype)
         if self.routing.shared_intermediate_size:
             out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def run_experts(self, grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """grouped: the pairs' rows, expert by expert (counts[e] of expert e's) -> each row through its expert."""
+        if self.grouped_experts is not None:
+            return self.grouped_experts(grouped, counts)
+        outputs, start = [], 0
+        for expert, count in zip(self.experts, counts.tolist()):
+            if count:
+                outputs.append(expert(grouped[start:start + count]))
+                start += count
+        return torch.cat(outputs)
 
     def load_weights(self, checkpoint: Checkpoint, layer_prefix: str) -> None:
         """The router's and the experts' weights, per expert or stacked (see the module docstring)."""
@@ -121,6 +131,8 @@ class SparseMoeBlock(nn.Module):
             checkpoint.load_linear(self.shared_expert.gate_up_proj, [f"{q}gate_proj", f"{q}up_proj"])
             checkpoint.load_linear(self.shared_expert.down_proj, [f"{q}down_proj"])
             checkpoint.load_linear(self.shared_expert_gate, [f"{p}shared_expert_gate"])
+        self.grouped_experts = GroupedInt8Experts.of(
+            [(e.gate_up_proj.method, e.down_proj.method) for e in self.experts], self.experts[0].ops)
 
 
 def expert_slices(weight: Weight, name: str, experts: int) -> list[Weight]:
