@@ -68,6 +68,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -472,44 +473,6 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
   });
 }
 
-// Each expert's rows of x (grouped: expert e's are the rows after those of experts 0 .. e - 1, rows[e] of them)
-// times its own weight (packed[e]), into the same rows of out: linear()'s product row by row, in one parallel
-// region for all the experts. Items are (expert, panel, run of groups): runs of kGroupedRunGroups groups, enough
-// items for 2 threads to even out over a decode step's ~30 experts of a few rows each, few enough that taking one
-// costs nothing beside its ~10-40 KB of weights.
-constexpr int64_t kGroupedRunGroups = 16;
-
-template <class F>
-void grouped_linear(const int8_t* q, const float* sums, const std::vector<int64_t>& rows,
-                    const std::vector<const uint8_t*>& packed, int64_t K, int64_t N, void* out) {
-  const int64_t groups = groups_of(N), runs = (groups + kGroupedRunGroups - 1) / kGroupedRunGroups;
-  const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
-  struct Item {
-    int64_t expert, row_begin, rows, run;
-  };
-  std::vector<Item> items;
-  int64_t row_begin = 0, weights = 0;
-  for (size_t e = 0; e < rows.size(); ++e) {
-    const int64_t panels = (rows[e] + panel_most - 1) / panel_most;
-    for (int64_t panel = 0; panel < panels; ++panel) {
-      const int64_t panel_rows = (rows[e] + panels - 1) / panels, begin = panel * panel_rows;
-      for (int64_t run = 0; run < runs; ++run) {
-        items.push_back({static_cast<int64_t>(e), row_begin + begin, std::min(rows[e], begin + panel_rows) - begin,
-                         run});
-      }
-    }
-    weights += rows[e] ? N * K : 0;
-    row_begin += rows[e];
-  }
-  const int64_t workers = std::min({static_cast<int64_t>(at::get_num_threads()), static_cast<int64_t>(items.size()),
-                                    std::max<int64_t>(1, weights / 65536)});
-  share_items(static_cast<int64_t>(items.size()), workers, [&](int64_t i) {
-    const Item& item = items[i];
-    multiply_groups<F>(q, sums, K, packed[item.expert], N, item.row_begin, item.rows, item.run * kGroupedRunGroups,
-                       std::min(groups, (item.run + 1) * kGroupedRunGroups), out, false);
-  });
-}
-
 // --- The ops.
 
 // Calls fn with a value-initialized format struct of the type, or fails naming the types served.
@@ -527,6 +490,30 @@ void with_format(int64_t qtype, Fn&& fn) {
   }
 }
 
+// One row of K values as quantize_rows gives it: K int8 at q, K / 32 blocks of kSums at sums.
+void quantize_row(const bf16* x, int64_t K, int8_t* q, float* sums) {
+  for (int64_t b = 0; b < K / kSub; ++b) {
+    const bf16* v = x + b * kSub;
+    const __m512 low = load_bf16(v, 0xFFFF), high = load_bf16(v + 16, 0xFFFF);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+    const float d = amax / 127.0f, inverse = d == 0.0f ? 0.0f : 1.0f / d;
+    const auto quantize = [&](__m512 values) {  // nearest-even (MXCSR's default), within +-127
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(inverse)));
+      return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), r));
+    };
+    const __m512i q_low = quantize(low), q_high = quantize(high);
+    _mm_storeu_si128((__m128i*)(q + b * kSub), _mm512_cvtepi32_epi8(q_low));
+    _mm_storeu_si128((__m128i*)(q + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
+    const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
+    float* s = sums + b * kSums;
+    const int sum = sum_low + sum_high;
+    const int32_t offsets[6] = {-8 * sum, -16 * sum, -128 * sum, -32 * sum_low, -32 * sum_high, 0};
+    s[0] = d;
+    s[1] = d * static_cast<float>(sum);
+    std::memcpy(s + 2, offsets, sizeof(offsets));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               "x must be bf16 [M, K] with contiguous rows, not ", x.scalar_type(), " ", x.sizes());
@@ -538,28 +525,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = sums.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < K / kSub; ++b) {
-        const bf16* v = xp + m * x.stride(0) + b * kSub;
-        const __m512 low = load_bf16(v, 0xFFFF), high = load_bf16(v + 16, 0xFFFF);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
-        const float d = amax / 127.0f, inverse = d == 0.0f ? 0.0f : 1.0f / d;
-        const auto quantize = [&](__m512 values) {  // nearest-even (MXCSR's default), within +-127
-          const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(inverse)));
-          return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), r));
-        };
-        const __m512i q_low = quantize(low), q_high = quantize(high);
-        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub), _mm512_cvtepi32_epi8(q_low));
-        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
-        const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
-        float* s = sp + (m * (K / kSub) + b) * kSums;
-        const int sum = sum_low + sum_high;
-        const int32_t offsets[6] = {-8 * sum, -16 * sum, -128 * sum, -32 * sum_low, -32 * sum_high, 0};
-        s[0] = d;
-        s[1] = d * static_cast<float>(sum);
-        std::memcpy(s + 2, offsets, sizeof(offsets));
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * x.stride(0), K, qp + m * K, sp + m * (K / kSub * kSums));
   });
   return {q, sums};
 }
@@ -618,39 +584,186 @@ at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Te
   return out;
 }
 
-at::Tensor int8_grouped_linear(const at::Tensor& q, const at::Tensor& sums, const at::Tensor& rows,
-                               at::TensorList packed, int64_t qtype, int64_t out_features) {
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
-              "q must be quantize_rows' int8 [M, K]");
-  const int64_t M = q.size(0), K = q.size(1), N = out_features, experts = static_cast<int64_t>(packed.size());
-  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 3 && sums.size(0) == M &&
-              sums.size(1) == K / kSub && sums.size(2) == kSums, "sums must be quantize_rows' fp32 [M, K / 32, 8]");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == experts,
-              "rows must be int64 [", experts, "]: each expert's count of q's rows, one per packed weight");
-  const at::Tensor counts = rows.contiguous();
-  const std::vector<int64_t> row_counts(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + experts);
-  int64_t total = 0;
-  for (const int64_t count : row_counts) {
-    TORCH_CHECK(count >= 0, "rows must not be negative");
-    total += count;
-  }
-  TORCH_CHECK(total == M, "rows add up to ", total, ", q has ", M);
-  at::Tensor out = at::empty({M, N}, q.options().dtype(at::kBFloat16));
+// --- A mixture-of-experts layer's routed experts in one call (int8_moe; models/int8_dot.py's GroupedInt8Experts).
+
+// One projection of every expert: each expert's packed weight, and its type's multiply_groups.
+struct ExpertProjection {
+  std::vector<const uint8_t*> packed;
+  void (*multiply)(const int8_t*, const float*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   void*, bool);
+};
+
+ExpertProjection expert_projection(at::TensorList packed, int64_t qtype, int64_t N, int64_t K, const char* name) {
+  ExpertProjection projection{{}, nullptr};
   with_format(qtype, [&](auto format) {
     using F = decltype(format);
-    TORCH_CHECK(K > 0 && K % F::kBlock == 0 && N > 0, "in_features ", K, " is not a multiple of the type's block of ",
-                F::kBlock, " (or no out_features)");
+    TORCH_CHECK(K % F::kBlock == 0, name, "'s in_features ", K, " is not a multiple of the type's block of ",
+                F::kBlock);
     const std::vector<int64_t> expected = {groups_of(N), K / F::kBlock, F::kBytes};
-    std::vector<const uint8_t*> weights;
     for (const at::Tensor& weight : packed) {
-      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.sizes() == expected,
-                  "each packed weight must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K,
+      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.sizes() == expected, "each ",
+                  name, " weight must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K,
                   ", not ", weight.sizes());
-      weights.push_back(weight.data_ptr<uint8_t>());
+      projection.packed.push_back(weight.data_ptr<uint8_t>());
     }
-    if (M == 0) return;
-    grouped_linear<F>(q.data_ptr<int8_t>(), sums.data_ptr<float>(), row_counts, weights, K, N, out.data_ptr());
+    projection.multiply = &multiply_groups<F>;
   });
+  return projection;
+}
+
+// A layer's work in stages, each a list of items that the threads take in order from one counter: each expert's rows
+// quantized; its gate_up in (panel, run of groups) items, the last of which applies SiLU(gate) * up to the expert's
+// rows and quantizes them; its down likewise; then the tokens' weighted sums. An item waits (spinning) for what it
+// reads: an expert's earlier stage, or for the sums every expert. Every item it waits on was taken before it by a
+// running thread, so the waits end; with one thread they never happen.
+constexpr int64_t kMoeRunGroups = 16;  // groups (of 16 outputs) per item: ~10-40 KB of weights
+
+enum class Stage { kQuantize, kGateUp, kDown, kCombine };
+
+struct MoeItem {
+  Stage stage;
+  int64_t expert, row_begin, rows, group_begin, group_end;  // kCombine: tokens [row_begin, row_begin + rows)
+};
+
+at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, at::TensorList gate_up,
+                    int64_t gate_up_qtype, at::TensorList down, int64_t down_qtype, int64_t intermediate_size) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be bf16 [T, hidden] with contiguous rows, not ", x.scalar_type(), " ", x.sizes());
+  const int64_t T = x.size(0), H = x.size(1), F = intermediate_size, E = static_cast<int64_t>(gate_up.size());
+  TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 2 && experts.size(0) == T &&
+              experts.is_contiguous(), "experts must be int64 [T, top_k], contiguous");
+  const int64_t k = experts.size(1), R = T * k;
+  TORCH_CHECK((weights.scalar_type() == at::kBFloat16 || weights.scalar_type() == at::kFloat) &&
+              weights.sizes() == experts.sizes() && weights.is_contiguous(),
+              "weights must be bf16 or fp32 [T, top_k] as experts, contiguous");
+  TORCH_CHECK(static_cast<int64_t>(down.size()) == E, gate_up.size(), " gate_up weights but ", down.size(), " down");
+  TORCH_CHECK(H % kSub == 0 && F > 0 && F % kSub == 0, "hidden ", H, " and intermediate ", F,
+              " must be multiples of ", kSub);
+  const ExpertProjection up = expert_projection(gate_up, gate_up_qtype, 2 * F, H, "gate_up");
+  const ExpertProjection dn = expert_projection(down, down_qtype, H, F, "down");
+  at::Tensor out = at::empty({T, H}, x.options());
+  if (T == 0) return out;
+
+  // The (token, expert) pairs grouped by expert: pair i (token i / k's choice i % k) is row row_of[i]; expert e's
+  // rows are first[e] .. first[e + 1] - 1. (Their order within an expert changes no bits: each row's are its own.)
+  const int64_t* chosen = experts.data_ptr<int64_t>();
+  std::vector<int64_t> first(E + 1, 0), row_of(R), token_of(R);
+  for (int64_t i = 0; i < R; ++i) {
+    TORCH_CHECK(chosen[i] >= 0 && chosen[i] < E, "expert ", chosen[i], " of a layer of ", E);
+    ++first[chosen[i] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  std::vector<int64_t> next_row(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < R; ++i) {
+    row_of[i] = next_row[chosen[i]]++;
+    token_of[row_of[i]] = i / k;
+  }
+
+  // Scratch: x's rows quantized, gate_up's outputs, the activations (bf16, then quantized), down's outputs.
+  const auto bytes = x.options().dtype(at::kByte);
+  at::Tensor scratch = at::empty({R * (H + H / kSub * kSums * 4 + 2 * F * 2 + F * 2 + F + F / kSub * kSums * 4 + H * 2)},
+                                 bytes);
+  uint8_t* cursor = scratch.data_ptr<uint8_t>();
+  const auto take_bytes = [&](int64_t n) { uint8_t* p = cursor; cursor += n; return p; };
+  int8_t* qx = reinterpret_cast<int8_t*>(take_bytes(R * H));
+  float* sx = reinterpret_cast<float*>(take_bytes(R * H / kSub * kSums * 4));
+  bf16* hidden = reinterpret_cast<bf16*>(take_bytes(R * 2 * F * 2));
+  bf16* act = reinterpret_cast<bf16*>(take_bytes(R * F * 2));
+  int8_t* qa = reinterpret_cast<int8_t*>(take_bytes(R * F));
+  float* sa = reinterpret_cast<float*>(take_bytes(R * F / kSub * kSums * 4));
+  bf16* y = reinterpret_cast<bf16*>(take_bytes(R * H * 2));
+
+  std::vector<MoeItem> items;
+  std::unique_ptr<std::atomic<int64_t>[]> gate_up_left(new std::atomic<int64_t>[E]),
+      down_left(new std::atomic<int64_t>[E]);
+  std::unique_ptr<std::atomic<bool>[]> quantized(new std::atomic<bool>[E]), activated(new std::atomic<bool>[E]);
+  int64_t busy_experts = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    gate_up_left[e] = down_left[e] = 0;
+    quantized[e] = activated[e] = false;
+    if (first[e + 1] > first[e]) {
+      ++busy_experts;
+      items.push_back({Stage::kQuantize, e, first[e], first[e + 1] - first[e], 0, 0});
+    }
+  }
+  const auto product_items = [&](Stage stage, int64_t N, int64_t K, std::atomic<int64_t>* left) {
+    const int64_t groups = groups_of(N), panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t rows = first[e + 1] - first[e], panels = (rows + panel_most - 1) / panel_most;
+      for (int64_t panel = 0; panel < panels; ++panel) {
+        const int64_t panel_rows = (rows + panels - 1) / panels, begin = panel * panel_rows;
+        for (int64_t g = 0; g < groups; g += kMoeRunGroups) {
+          items.push_back({stage, e, first[e] + begin, std::min(rows, begin + panel_rows) - begin, g,
+                           std::min(groups, g + kMoeRunGroups)});
+          ++left[e];
+        }
+      }
+    }
+  };
+  product_items(Stage::kGateUp, 2 * F, H, gate_up_left.get());
+  product_items(Stage::kDown, H, F, down_left.get());
+  const int64_t threads = at::get_num_threads(), chunk = std::max<int64_t>(1, T / (4 * threads));
+  for (int64_t t = 0; t < T; t += chunk) items.push_back({Stage::kCombine, 0, t, std::min(chunk, T - t), 0, 0});
+
+  std::atomic<int64_t> experts_done{0};
+  const auto wait = [](const std::atomic<bool>& flag) {
+    while (!flag.load(std::memory_order_acquire)) _mm_pause();
+  };
+  const bf16* xp = x.data_ptr<bf16>();
+  const bool bf16_weights = weights.scalar_type() == at::kBFloat16;
+  const void* wp = weights.data_ptr();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t sums_h = H / kSub * kSums, sums_f = F / kSub * kSums;
+  const auto work = [&](int64_t index) {
+    const MoeItem& item = items[index];
+    const int64_t e = item.expert;
+    switch (item.stage) {
+      case Stage::kQuantize:
+        for (int64_t r = item.row_begin; r < item.row_begin + item.rows; ++r) {
+          quantize_row(xp + token_of[r] * x.stride(0), H, qx + r * H, sx + r * sums_h);
+        }
+        quantized[e].store(true, std::memory_order_release);
+        break;
+      case Stage::kGateUp:
+        wait(quantized[e]);
+        up.multiply(qx, sx, H, up.packed[e], 2 * F, item.row_begin, item.rows, item.group_begin, item.group_end,
+                    hidden, false);
+        if (gate_up_left[e].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the expert's last: its activations
+          for (int64_t r = first[e]; r < first[e + 1]; ++r) {
+            gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu16);
+            quantize_row(act + r * F, F, qa + r * F, sa + r * sums_f);
+          }
+          activated[e].store(true, std::memory_order_release);
+        }
+        break;
+      case Stage::kDown:
+        wait(activated[e]);
+        dn.multiply(qa, sa, F, dn.packed[e], H, item.row_begin, item.rows, item.group_begin, item.group_end, y, false);
+        if (down_left[e].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+          experts_done.fetch_add(1, std::memory_order_release);
+        }
+        break;
+      case Stage::kCombine:
+        // Each token's k rows times their weights (rounded to bf16 where the weights are bf16, as torch's bf16
+        // product), summed in fp32 from zero in the token's top-k order (torch's sum over that dim), rounded once.
+        while (experts_done.load(std::memory_order_acquire) < busy_experts) _mm_pause();
+        for (int64_t t = item.row_begin; t < item.row_begin + item.rows; ++t) {
+          for (int64_t c = 0; c < H; c += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < k; ++j) {
+              const __m512 value = load_bf16(y + row_of[t * k + j] * H + c, 0xFFFF);
+              const __m512 product = _mm512_mul_ps(
+                  value, bf16_weights ? _mm512_set1_ps(static_cast<float>(static_cast<const bf16*>(wp)[t * k + j]))
+                                      : _mm512_set1_ps(static_cast<const float*>(wp)[t * k + j]));
+              acc = _mm512_add_ps(acc, bf16_weights ? bf16_round_trip(product) : product);
+            }
+            store_bf16(op + t * H + c, acc, 0xFFFF);
+          }
+        }
+        break;
+    }
+  };
+  share_items(static_cast<int64_t>(items.size()), threads, work);
   return out;
 }
 
@@ -661,8 +774,8 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("int8_pack(Tensor blocks, int qtype, int in_features) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features, bool widened=False) -> Tensor",
         &int8_linear);
-  m.def("int8_grouped_linear(Tensor q, Tensor sums, Tensor rows, Tensor[] packed, int qtype, int out_features) -> "
-        "Tensor", &int8_grouped_linear);
+  m.def("int8_moe(Tensor x, Tensor experts, Tensor weights, Tensor[] gate_up, int gate_up_qtype, Tensor[] down, "
+        "int down_qtype, int intermediate_size) -> Tensor", &int8_moe);
 }
 
 #endif  // __AVX512VNNI__

@@ -13,10 +13,11 @@ set by loader.prepare_weights for bf16 models); fp32 models keep QuantizedLinear
 projection of several types (a Q4_K_M file's Q6_K value rows beside Q4_K query and key) quantizes x once and
 concatenates the parts' outputs.
 
-`GroupedInt8Experts`: a mixture-of-experts layer's experts (models/moe.py) on these kernels in one call per
-projection for all the step's experts (`int8_grouped_linear`), where each expert's gate_up and down are one block
-type each: each expert's rows through its own weight as Int8DotLinear multiplies them, bit for bit, in one parallel
-region instead of one kernel call (and its Python, and its thread wake-up) per expert and projection.
+`GroupedInt8Experts`: a mixture-of-experts layer's routed experts (models/moe.py) in one kernel call a step
+(`int8_moe`), where each expert's gate_up and down are one block type each: the step's (token, expert) pairs grouped
+by expert, each expert's rows through its weights as Int8DotLinear multiplies them, SiLU(gate) * up as the fused
+silu_mul, and each token's weighted sum as SparseMoeBlock's torch ops, bit for bit, in one parallel region instead of
+a kernel call (and its Python, and its thread wake-up) per expert and projection and the ops around them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from tokenmill import kernels
-from tokenmill.models.elementwise import ElementwiseOps
 from tokenmill.models.linear_method import Activation, LinearMethod, activate
 from tokenmill.models.quantized import QuantizedWeight, StackedQuantizedWeight
 
@@ -75,10 +75,12 @@ class Int8DotLinear(LinearMethod):
 
 
 class GroupedInt8Experts:
-    """A layer's experts, gate_up then SiLU(gate) * up then down, for rows grouped by expert, in two kernel calls."""
+    """A layer's routed experts on int8 activations, for all of a step's tokens in one kernel call (`int8_moe`):
+    each (token, expert) pair's row through the expert's gate_up, SiLU(gate) * up and down as Int8DotLinear and the
+    fused silu_mul compute it, then each token's rows times its routing weights, summed as SparseMoeBlock sums them."""
 
     @classmethod
-    def of(cls, experts: list[tuple[LinearMethod, LinearMethod]], ops: ElementwiseOps) -> GroupedInt8Experts | None:
+    def of(cls, experts: list[tuple[LinearMethod, LinearMethod]]) -> GroupedInt8Experts | None:
         """experts: each expert's (gate_up, down) methods as loaded. None unless all are Int8DotLinear of one block
         type per projection, with no bias or activation (as experts are)."""
         projections = list(zip(*experts))
@@ -87,20 +89,16 @@ class GroupedInt8Experts:
             return None
         if any(len({m.parts[0][1:] for m in methods}) > 1 for methods in projections):
             return None
-        return cls(*projections, ops=ops)
+        return cls(*projections)
 
-    def __init__(self, gate_up: list[Int8DotLinear], down: list[Int8DotLinear], ops: ElementwiseOps) -> None:
-        # (packed weights (the experts' own: nothing copied), qtype, out_features) per projection
-        self.gate_up = ([m.parts[0][0] for m in gate_up], *gate_up[0].parts[0][1:])
-        self.down = ([m.parts[0][0] for m in down], *down[0].parts[0][1:])
-        self.ops = ops
+    def __init__(self, gate_up: list[Int8DotLinear], down: list[Int8DotLinear]) -> None:
+        # The experts' own packed weights (nothing copied), and each projection's block type.
+        self.gate_up = [m.parts[0][0] for m in gate_up]
+        self.down = [m.parts[0][0] for m in down]
+        (_, self.gate_up_qtype, gate_up_features), (_, self.down_qtype, _) = gate_up[0].parts[0], down[0].parts[0]
+        self.intermediate_size = gate_up_features // 2
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x: [R, hidden] bf16, expert e's rows after experts 0 .. e - 1's; rows: [E] int64, each expert's count."""
-        gate_up = self._product(x, rows, *self.gate_up)
-        return self._product(self.ops.silu_mul(gate_up), rows, *self.down)
-
-    @staticmethod
-    def _product(x: torch.Tensor, rows: torch.Tensor, packed: list[torch.Tensor], qtype: int, n: int) -> torch.Tensor:
-        q, sums = torch.ops.tokenmill.quantize_rows(x.contiguous())
-        return torch.ops.tokenmill.int8_grouped_linear(q, sums, rows, packed, qtype, n)
+    def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] bf16; experts, weights: [T, top_k] (int64; bf16 or fp32), each token's choices in order."""
+        return torch.ops.tokenmill.int8_moe(x, experts, weights, self.gate_up, self.gate_up_qtype, self.down,
+                                            self.down_qtype, self.intermediate_size)

@@ -10,8 +10,8 @@ feed-forward output [T, hidden], as transformers' sparse MoE blocks do (Qwen2-Mo
   tokens are skipped. A token's k results are weighted and summed in its own top-k order, as transformers'
   grouped_mm path sums them, so a token's output never depends on the other tokens of the step (each
   expert's linear is row-wise batch-invariant where the kernels run: models/linear.py); where every expert
-  runs on int8 activations (a bf16 model's GGUF blocks), all of them run in two kernel calls (one per projection,
-  `GroupedInt8Experts` in models/int8_dot.py, chosen once at load), the same bits as an expert at a time;
+  runs on int8 activations (a bf16 model's GGUF blocks), the routed experts and the weighted sums are one kernel
+  call a step (`GroupedInt8Experts` in models/int8_dot.py, chosen once at load), the same bits as the torch ops;
 - a shared expert, where the config has one (Qwen2-MoE), runs on every token, scaled by sigmoid(x w_gate).
 Weights load from one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published checkpoints have and transformers 5.24's
@@ -81,30 +81,31 @@ class SparseMoeBlock(nn.Module):
         return (weights if self.routing.fp32_weights else weights.to(x.dtype)), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, hidden = x.shape
         weights, experts = self.route(x)
-        pairs = experts.flatten()  # pair i is token i // top_k's (i % top_k)-th choice
-        order = torch.argsort(pairs, stable=True)
-        grouped = x.index_select(0, order // self.routing.top_k)  # the pairs' rows, expert by expert
-        counts = torch.bincount(pairs, minlength=self.routing.num_experts)
-        by_pair = torch.empty_like(grouped).index_copy_(0, order, self.run_experts(grouped, counts))
-        weighted = by_pair.view(tokens, -1, hidden) * weights.unsqueeze(-1)
-        # NOTE: in fp32, as torch sums a bf16 tensor (its bf16 sum over a middle dim took 3x as long).
-        out = weighted.float().sum(dim=1).to(x.dtype)
+        if self.grouped_experts is not None:
+            out = self.grouped_experts(x, experts, weights)
+        else:
+            out = self.routed_experts(x, experts, weights)
         if self.routing.shared_intermediate_size:
             out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def run_experts(self, grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """grouped: the pairs' rows, expert by expert (counts[e] of expert e's) -> each row through its expert."""
-        if self.grouped_experts is not None:
-            return self.grouped_experts(grouped, counts)
+    def routed_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's experts on its row, their outputs weighted and summed: torch ops, an expert at a time."""
+        tokens, hidden = x.shape
+        pairs = experts.flatten()  # pair i is token i // top_k's (i % top_k)-th choice
+        order = torch.argsort(pairs, stable=True)
+        grouped = x.index_select(0, order // self.routing.top_k)  # the pairs' rows, expert by expert
+        counts = torch.bincount(pairs, minlength=self.routing.num_experts).tolist()
         outputs, start = [], 0
-        for expert, count in zip(self.experts, counts.tolist()):
+        for expert, count in zip(self.experts, counts):
             if count:
                 outputs.append(expert(grouped[start:start + count]))
                 start += count
-        return torch.cat(outputs)
+        by_pair = torch.empty_like(grouped).index_copy_(0, order, torch.cat(outputs))
+        weighted = by_pair.view(tokens, -1, hidden) * weights.unsqueeze(-1)
+        # NOTE: in fp32, as torch sums a bf16 tensor (its bf16 sum over a middle dim took 3x as long).
+        return weighted.float().sum(dim=1).to(x.dtype)
 
     def load_weights(self, checkpoint: Checkpoint, layer_prefix: str) -> None:
         """The router's and the experts' weights, per expert or stacked (see the module docstring)."""
@@ -131,8 +132,8 @@ class SparseMoeBlock(nn.Module):
             checkpoint.load_linear(self.shared_expert.gate_up_proj, [f"{q}gate_proj", f"{q}up_proj"])
             checkpoint.load_linear(self.shared_expert.down_proj, [f"{q}down_proj"])
             checkpoint.load_linear(self.shared_expert_gate, [f"{p}shared_expert_gate"])
-        self.grouped_experts = GroupedInt8Experts.of(
-            [(e.gate_up_proj.method, e.down_proj.method) for e in self.experts], self.experts[0].ops)
+        self.grouped_experts = GroupedInt8Experts.of([(e.gate_up_proj.method, e.down_proj.method)
+                                                      for e in self.experts])
 
 
 def expert_slices(weight: Weight, name: str, experts: int) -> list[Weight]:
