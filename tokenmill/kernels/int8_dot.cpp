@@ -68,7 +68,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -611,20 +610,13 @@ ExpertProjection expert_projection(at::TensorList packed, int64_t qtype, int64_t
   return projection;
 }
 
-// A layer's work in stages, each a list of items that the threads take in order from one counter: each expert's rows
-// quantized; its gate_up in (panel, run of groups) items, the last of which applies SiLU(gate) * up to the expert's
-// rows and quantizes them; its down likewise; then the tokens' weighted sums. An item waits (spinning) for what it
-// reads: an expert's earlier stage, or for the sums every expert. Every item it waits on was taken before it by a
-// running thread, so the waits end; with one thread they never happen.
-constexpr int64_t kMoeRunGroups = 16;  // groups (of 16 outputs) per item: ~10-40 KB of weights
-
-enum class Stage { kQuantize, kGateUp, kDown, kCombine };
-
-struct MoeItem {
-  Stage stage;
-  int64_t expert, row_begin, rows, group_begin, group_end;  // kCombine: tokens [row_begin, row_begin + rows)
-};
-
+// The layer's pairs grouped by expert and their rows quantized, by the calling thread (~10 us at a decode step's 64
+// rows); then items of (expert, panel of its rows), each the panel's gate_up, SiLU(gate) * up and its quantization,
+// and down, taken by the threads from one counter; then each token's weighted sum. NOTE: an item depends on no other
+// (one thread does an expert's panel from end to end): with items split by output groups, a thread waited (spinning)
+// for an expert's gate_up to end before its down, and on these 2 shared cores the thread it waited on was often
+// descheduled: a layer took 8-12 ms in multiples of the scheduler's 4 ms tick against 1.7 ms on one thread. Whole
+// experts leave at most one (~1 MB of Q4_K weights, ~30 us) to the last thread.
 at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, at::TensorList gate_up,
                     int64_t gate_up_qtype, at::TensorList down, int64_t down_qtype, int64_t intermediate_size) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
@@ -647,123 +639,78 @@ at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& experts, const at::Te
   // The (token, expert) pairs grouped by expert: pair i (token i / k's choice i % k) is row row_of[i]; expert e's
   // rows are first[e] .. first[e + 1] - 1. (Their order within an expert changes no bits: each row's are its own.)
   const int64_t* chosen = experts.data_ptr<int64_t>();
-  std::vector<int64_t> first(E + 1, 0), row_of(R), token_of(R);
+  std::vector<int64_t> first(E + 1, 0), row_of(R);
   for (int64_t i = 0; i < R; ++i) {
     TORCH_CHECK(chosen[i] >= 0 && chosen[i] < E, "expert ", chosen[i], " of a layer of ", E);
     ++first[chosen[i] + 1];
   }
   for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
   std::vector<int64_t> next_row(first.begin(), first.end() - 1);
-  for (int64_t i = 0; i < R; ++i) {
-    row_of[i] = next_row[chosen[i]]++;
-    token_of[row_of[i]] = i / k;
-  }
+  for (int64_t i = 0; i < R; ++i) row_of[i] = next_row[chosen[i]]++;
 
-  // Scratch: x's rows quantized, gate_up's outputs, the activations (bf16, then quantized), down's outputs.
-  const auto bytes = x.options().dtype(at::kByte);
-  at::Tensor scratch = at::empty({R * (H + H / kSub * kSums * 4 + 2 * F * 2 + F * 2 + F + F / kSub * kSums * 4 + H * 2)},
-                                 bytes);
+  // Scratch: the rows quantized, gate_up's outputs, the activations (bf16, then quantized), down's outputs.
+  const int64_t sums_h = H / kSub * kSums, sums_f = F / kSub * kSums;
+  at::Tensor scratch = at::empty({R * (H + 4 * sums_h + 4 * F + 2 * F + F + 4 * sums_f + 2 * H)},
+                                 x.options().dtype(at::kByte));
   uint8_t* cursor = scratch.data_ptr<uint8_t>();
-  const auto take_bytes = [&](int64_t n) { uint8_t* p = cursor; cursor += n; return p; };
-  int8_t* qx = reinterpret_cast<int8_t*>(take_bytes(R * H));
-  float* sx = reinterpret_cast<float*>(take_bytes(R * H / kSub * kSums * 4));
-  bf16* hidden = reinterpret_cast<bf16*>(take_bytes(R * 2 * F * 2));
-  bf16* act = reinterpret_cast<bf16*>(take_bytes(R * F * 2));
-  int8_t* qa = reinterpret_cast<int8_t*>(take_bytes(R * F));
-  float* sa = reinterpret_cast<float*>(take_bytes(R * F / kSub * kSums * 4));
-  bf16* y = reinterpret_cast<bf16*>(take_bytes(R * H * 2));
+  const auto carve = [&](int64_t n) {
+    uint8_t* p = cursor;
+    cursor += n;
+    return p;
+  };
+  int8_t* qx = reinterpret_cast<int8_t*>(carve(R * H));
+  float* sx = reinterpret_cast<float*>(carve(R * 4 * sums_h));
+  bf16* hidden = reinterpret_cast<bf16*>(carve(R * 4 * F));
+  bf16* act = reinterpret_cast<bf16*>(carve(R * 2 * F));
+  int8_t* qa = reinterpret_cast<int8_t*>(carve(R * F));
+  float* sa = reinterpret_cast<float*>(carve(R * 4 * sums_f));
+  bf16* y = reinterpret_cast<bf16*>(carve(R * 2 * H));
 
-  std::vector<MoeItem> items;
-  std::unique_ptr<std::atomic<int64_t>[]> gate_up_left(new std::atomic<int64_t>[E]),
-      down_left(new std::atomic<int64_t>[E]);
-  std::unique_ptr<std::atomic<bool>[]> quantized(new std::atomic<bool>[E]), activated(new std::atomic<bool>[E]);
-  int64_t busy_experts = 0;
+  const bf16* xp = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < R; ++i) quantize_row(xp + i / k * x.stride(0), H, qx + row_of[i] * H, sx + row_of[i] * sums_h);
+
+  struct Item {
+    int64_t expert, row_begin, rows;
+  };
+  std::vector<Item> items;
+  const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / std::max(H, F));
   for (int64_t e = 0; e < E; ++e) {
-    gate_up_left[e] = down_left[e] = 0;
-    quantized[e] = activated[e] = false;
-    if (first[e + 1] > first[e]) {
-      ++busy_experts;
-      items.push_back({Stage::kQuantize, e, first[e], first[e + 1] - first[e], 0, 0});
+    const int64_t rows = first[e + 1] - first[e], panels = (rows + panel_most - 1) / panel_most;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t panel_rows = (rows + panels - 1) / panels, begin = panel * panel_rows;
+      items.push_back({e, first[e] + begin, std::min(rows, begin + panel_rows) - begin});
     }
   }
-  const auto product_items = [&](Stage stage, int64_t N, int64_t K, std::atomic<int64_t>* left) {
-    const int64_t groups = groups_of(N), panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t rows = first[e + 1] - first[e], panels = (rows + panel_most - 1) / panel_most;
-      for (int64_t panel = 0; panel < panels; ++panel) {
-        const int64_t panel_rows = (rows + panels - 1) / panels, begin = panel * panel_rows;
-        for (int64_t g = 0; g < groups; g += kMoeRunGroups) {
-          items.push_back({stage, e, first[e] + begin, std::min(rows, begin + panel_rows) - begin, g,
-                           std::min(groups, g + kMoeRunGroups)});
-          ++left[e];
-        }
-      }
+  const int64_t gate_up_groups = groups_of(2 * F), down_groups = groups_of(H);
+  share_items(static_cast<int64_t>(items.size()), at::get_num_threads(), [&](int64_t index) {
+    const Item& item = items[index];
+    up.multiply(qx, sx, H, up.packed[item.expert], 2 * F, item.row_begin, item.rows, 0, gate_up_groups, hidden, false);
+    for (int64_t r = item.row_begin; r < item.row_begin + item.rows; ++r) {
+      gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu16);
+      quantize_row(act + r * F, F, qa + r * F, sa + r * sums_f);
     }
-  };
-  product_items(Stage::kGateUp, 2 * F, H, gate_up_left.get());
-  product_items(Stage::kDown, H, F, down_left.get());
-  const int64_t threads = at::get_num_threads(), chunk = std::max<int64_t>(1, T / (4 * threads));
-  for (int64_t t = 0; t < T; t += chunk) items.push_back({Stage::kCombine, 0, t, std::min(chunk, T - t), 0, 0});
+    dn.multiply(qa, sa, F, dn.packed[item.expert], H, item.row_begin, item.rows, 0, down_groups, y, false);
+  });
 
-  std::atomic<int64_t> experts_done{0};
-  const auto wait = [](const std::atomic<bool>& flag) {
-    while (!flag.load(std::memory_order_acquire)) _mm_pause();
-  };
-  const bf16* xp = x.data_ptr<bf16>();
+  // Each token's k rows times their weights (rounded to bf16 where the weights are bf16, as torch's bf16 product),
+  // summed in fp32 from zero in the token's top-k order (torch's sum over that dim), rounded once.
   const bool bf16_weights = weights.scalar_type() == at::kBFloat16;
   const void* wp = weights.data_ptr();
   bf16* op = out.data_ptr<bf16>();
-  const int64_t sums_h = H / kSub * kSums, sums_f = F / kSub * kSums;
-  const auto work = [&](int64_t index) {
-    const MoeItem& item = items[index];
-    const int64_t e = item.expert;
-    switch (item.stage) {
-      case Stage::kQuantize:
-        for (int64_t r = item.row_begin; r < item.row_begin + item.rows; ++r) {
-          quantize_row(xp + token_of[r] * x.stride(0), H, qx + r * H, sx + r * sums_h);
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / (k * H)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t c = 0; c < H; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; ++j) {
+          const float w = bf16_weights ? static_cast<float>(static_cast<const bf16*>(wp)[t * k + j])
+                                       : static_cast<const float*>(wp)[t * k + j];
+          const __m512 product = _mm512_mul_ps(load_bf16(y + row_of[t * k + j] * H + c, 0xFFFF), _mm512_set1_ps(w));
+          acc = _mm512_add_ps(acc, bf16_weights ? bf16_round_trip(product) : product);
         }
-        quantized[e].store(true, std::memory_order_release);
-        break;
-      case Stage::kGateUp:
-        wait(quantized[e]);
-        up.multiply(qx, sx, H, up.packed[e], 2 * F, item.row_begin, item.rows, item.group_begin, item.group_end,
-                    hidden, false);
-        if (gate_up_left[e].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the expert's last: its activations
-          for (int64_t r = first[e]; r < first[e + 1]; ++r) {
-            gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu16);
-            quantize_row(act + r * F, F, qa + r * F, sa + r * sums_f);
-          }
-          activated[e].store(true, std::memory_order_release);
-        }
-        break;
-      case Stage::kDown:
-        wait(activated[e]);
-        dn.multiply(qa, sa, F, dn.packed[e], H, item.row_begin, item.rows, item.group_begin, item.group_end, y, false);
-        if (down_left[e].fetch_sub(1, std::memory_order_acq_rel) == 1) {
-          experts_done.fetch_add(1, std::memory_order_release);
-        }
-        break;
-      case Stage::kCombine:
-        // Each token's k rows times their weights (rounded to bf16 where the weights are bf16, as torch's bf16
-        // product), summed in fp32 from zero in the token's top-k order (torch's sum over that dim), rounded once.
-        while (experts_done.load(std::memory_order_acquire) < busy_experts) _mm_pause();
-        for (int64_t t = item.row_begin; t < item.row_begin + item.rows; ++t) {
-          for (int64_t c = 0; c < H; c += 16) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < k; ++j) {
-              const __m512 value = load_bf16(y + row_of[t * k + j] * H + c, 0xFFFF);
-              const __m512 product = _mm512_mul_ps(
-                  value, bf16_weights ? _mm512_set1_ps(static_cast<float>(static_cast<const bf16*>(wp)[t * k + j]))
-                                      : _mm512_set1_ps(static_cast<const float*>(wp)[t * k + j]));
-              acc = _mm512_add_ps(acc, bf16_weights ? bf16_round_trip(product) : product);
-            }
-            store_bf16(op + t * H + c, acc, 0xFFFF);
-          }
-        }
-        break;
+        store_bf16(op + t * H + c, acc, 0xFFFF);
+      }
     }
-  };
-  share_items(static_cast<int64_t>(items.size()), threads, work);
+  });
   return out;
 }
 
