@@ -115,6 +115,49 @@ def test_a_mixed_projection_quantizes_x_once_and_concatenates() -> None:
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 
+def moe_one_row_at_a_time(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                          gate_up: list[tuple[np.ndarray, Q]], down: list[tuple[np.ndarray, Q]]) -> torch.Tensor:
+    """int8_moe's oracle: each (token, expert) pair's row alone through int8_linear, torch's SiLU(gate) * up and
+    int8_linear, then the rows weighted and summed as models/moe.py's torch path does."""
+    rows = []
+    for token, expert in enumerate(experts.flatten().tolist()):
+        hidden = int8_linear(x[token // experts.shape[1]][None], *gate_up[expert])
+        gate, up = hidden.split(hidden.shape[1] // 2, dim=1)
+        rows.append(int8_linear(torch.nn.functional.silu(gate).mul_(up), *down[expert]))
+    weighted = torch.cat(rows).view(*experts.shape, -1) * weights.unsqueeze(-1)
+    return weighted.float().sum(dim=1).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("gate_up_type", "down_type", "hidden", "intermediate"), [
+    (Q.Q4_K, Q.Q6_K, 768, 256), (Q.Q8_0, Q.Q8_0, 96, 160), (Q.Q4_0, Q.Q5_0, 512, 96), (Q.Q4_1, Q.Q4_K, 256, 512)],
+    ids=lambda v: v.name if isinstance(v, Q) else str(v))
+def test_a_moe_layer_in_one_call_is_each_rows_product(gate_up_type: Q, down_type: Q, hidden: int,
+                                                      intermediate: int) -> None:
+    """int8_moe, bit for bit each row alone through its expert and the torch sums: odd token counts, idle experts,
+    an expert with more rows than a pass (8), top 1, 2 and 4, bf16 (Qwen) and fp32 (Mixtral) routing weights;
+    partial runs of groups."""
+    num_experts = 6
+    gate_up = [(random_blocks(gate_up_type, 2 * intermediate, hidden, seed=e), gate_up_type)
+               for e in range(num_experts)]
+    down = [(random_blocks(down_type, hidden, intermediate, seed=10 + e), down_type) for e in range(num_experts)]
+    packed = [[torch.ops.tokenmill.int8_pack(torch.from_numpy(blocks), qtype, k) for blocks, qtype in projection]
+              for projection, k in ((gate_up, hidden), (down, intermediate))]
+    generator = torch.Generator().manual_seed(0)
+    for tokens, top_k, dtype in ((1, 1, torch.bfloat16), (3, 2, torch.float32), (13, 4, torch.bfloat16),
+                                 (7, 2, torch.bfloat16)):
+        x = random_rows(tokens, hidden, seed=tokens)
+        scores = torch.rand(tokens, num_experts, generator=generator)
+        scores[:, 4:] = -1  # experts 4 and 5 idle
+        if tokens == 13:
+            scores[:, 0] = 2  # expert 0 in every token's choices: 13 rows
+        weights, experts = torch.topk(scores.softmax(-1), top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
+        got = torch.ops.tokenmill.int8_moe(x, experts, weights, packed[0], gate_up_type, packed[1], down_type,
+                                           intermediate)
+        expected = moe_one_row_at_a_time(x, experts, weights, gate_up, down)
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), (tokens, top_k, dtype)
+
+
 def test_only_marked_weights_of_served_types_take_int8_activations() -> None:
     q4_k = QuantizedWeight(torch.from_numpy(random_blocks(Q.Q4_K, 16, 256, 0)), Q.Q4_K, 256)
     q5_k = QuantizedWeight(torch.from_numpy(random_blocks(Q.Q5_K, 16, 256, 0)), Q.Q5_K, 256, int8_activations=True)
@@ -135,6 +178,14 @@ def test_bad_input_is_refused_clearly() -> None:
     packed = torch.ops.tokenmill.int8_pack(blocks, int(Q.Q4_K), 256)
     with pytest.raises(RuntimeError, match="packed must be"):
         torch.ops.tokenmill.int8_linear(q, sums, packed, int(Q.Q4_K), 40)
+    gate_up, down = (torch.ops.tokenmill.int8_pack(torch.from_numpy(random_blocks(Q.Q4_K, n, 256, 0)), int(Q.Q4_K),
+                                                   256) for n in (512, 256))
+    x, experts, weights = torch.ones(2, 256, dtype=torch.bfloat16), torch.tensor([[0], [2]]), torch.ones(2, 1)
+    with pytest.raises(RuntimeError, match="expert 2 of a layer of 2"):
+        torch.ops.tokenmill.int8_moe(x, experts, weights, [gate_up] * 2, int(Q.Q4_K), [down] * 2, int(Q.Q4_K), 256)
+    with pytest.raises(RuntimeError, match="each down weight must be"):
+        torch.ops.tokenmill.int8_moe(x, experts, weights, [gate_up] * 3, int(Q.Q4_K), [down, down, gate_up],
+                                     int(Q.Q4_K), 256)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="tokenmill's CPU kernels do not run here")

@@ -132,6 +132,26 @@ def test_a_bf16_models_experts_run_on_int8_activations(moe_files: dict[str, dict
         assert all(isinstance(m, Int8DotLinear) for m in methods)
 
 
+@pytest.mark.skipif(not kernels.int8_dot_available(), reason="int8 activations need tokenmill's VNNI kernels")
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_grouped_experts_give_an_expert_at_a_times_bits(arch: str, moe_files: dict[str, dict[str, Path]]) -> None:
+    """A bf16 model's int8 experts run grouped, two kernel calls a layer, with the bits of one expert at a time: 1 to
+    40 tokens (experts with no rows, with one, with many). fp32 models keep an expert at a time."""
+    assert all(b.grouped_experts is None for b in sparse_blocks(load_model(moe_files[arch]["q8_0"],
+                                                                           torch.float32).model))
+    blocks = sparse_blocks(load_model(moe_files[arch]["q8_0"], torch.bfloat16).model)
+    generator = torch.Generator().manual_seed(0)
+    for block in blocks:
+        assert block.grouped_experts is not None
+        for tokens in (1, 3, 40):
+            x = torch.randn(tokens, block.gate.in_features, generator=generator).to(torch.bfloat16)
+            grouped = block(x)
+            grouped_experts, block.grouped_experts = block.grouped_experts, None
+            one_at_a_time = block(x)
+            block.grouped_experts = grouped_experts
+            assert torch.equal(grouped.view(torch.int16), one_at_a_time.view(torch.int16)), (tokens,)
+
+
 @needs_kernels
 @pytest.mark.parametrize("layout", ["per expert", "stacked"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)

@@ -14,7 +14,8 @@
   the bias and a GELU applied where each sum ends.
 - `int8_dot.cpp`: GGUF weights on int8 activations (AVX-512 VNNI): each row of x quantized in blocks of 32,
   integer dot products on the weights' own quants repacked once at load, batch-invariant; bf16 models'
-  path for the types it serves (`int8_dot_available()`: VNNI and a working build).
+  path for the types it serves (`int8_dot_available()`: VNNI and a working build); and a mixture-of-experts
+  layer's routed experts in one call (`int8_moe`).
 
 Built with g++ through torch's extension loader (`-march=native`, cached under
 TORCH_EXTENSIONS_DIR, named after this CPU's instruction sets; ~10 s the first time here), and
@@ -85,6 +86,10 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.int8_linear: (q, sums, packed, qtype, out_features N, widened=False) -> [M, N] bf16: x W^T on
 #  x's quantized blocks and the weight's exact values, in fp32 then rounded once (batch-invariant); widened: those
 #  bf16 values stored as fp32
+# torch.ops.tokenmill.int8_moe: (x [T, hidden] bf16, experts [T, top_k] int64, weights [T, top_k] bf16 or fp32,
+#  gate_up [E packed weights], gate_up_qtype, down [E], down_qtype, intermediate_size) -> [T, hidden] bf16: a MoE
+#  layer's routed experts, each (token, expert) row as int8_linear, the fused silu_mul and int8_linear give it, and
+#  each token's rows times its weights summed as torch sums them (models/moe.py), in one call
 # torch.ops.tokenmill.add_layer_norm: (x [rows, n] bf16 or fp32 with contiguous rows, residual like x, weight [n],
 #  bias [n] (fp32 or x's dtype), eps) -> LayerNorm(x + residual) [rows, n], the sum kept in fp32
 

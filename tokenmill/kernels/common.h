@@ -182,6 +182,24 @@ inline void store_bf16(void* p, __m512 x, __mmask16 mask) { _mm256_mask_storeu_e
 // x rounded to bf16, kept in fp32: a torch op's bf16 result, fed to the next op.
 inline __m512 bf16_round_trip(__m512 x) { return widen_bf16(round_bf16(x)); }
 
+// SiLU(g) = g / (1 + exp(-g)) in fp32, as torch's vectorized silu (bit for bit: tests/test_elementwise.py).
+inline __m512 silu16(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+// One row of act(gate) * up on bf16 (torch's act(gate).mul_(up): the activation rounded to bf16, then the product):
+// n values of gate, then of up, at gate_up; n results at out.
+template <class Activation>
+inline void gated_mul_row(const void* gate_up, int64_t n, void* out, Activation activation) {
+  const uint16_t* gate = static_cast<const uint16_t*>(gate_up);
+  const uint16_t* up = gate + n;
+  uint16_t* o = static_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(activation(load_bf16(gate + i, m))), load_bf16(up + i, m)), m);
+  }
+}
+
 // Slot indices a kernel will read or write through: all within the pool, as index_copy_ or
 // indexing would check (one reduction, cheap next to the kernels).
 inline void check_slots(const at::Tensor& slots, int64_t num_slots, const char* name) {

@@ -288,23 +288,14 @@ at::Tensor gated_mul(const at::Tensor& gate_up, Activation activation) {
   at::Tensor out = at::empty({rows, n}, gate_up.options());
   at::parallel_for(0, rows, grain(2 * n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const bf16* gate = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
-      const bf16* up = gate + n;
-      bf16* o = out.data_ptr<bf16>() + r * n;
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(activation(load_bf16(gate + i, m))), load_bf16(up + i, m)),
-                   m);
-      }
+      gated_mul_row(gate_up.data_ptr<bf16>() + r * gate_up.stride(0), n, out.data_ptr<bf16>() + r * n, activation);
     }
   });
   return out;
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
-  return gated_mul(gate_up, [](__m512 g) {
-    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-  });
+  return gated_mul(gate_up, silu16);
 }
 
 // Gemma's RMSNorm of one row, as transformers' Gemma3RMSNorm computes it: in fp32, x * rsqrt(mean(x^2) + eps),

@@ -15,6 +15,12 @@
 //   in fp32: no second pass over a vocabulary-wide output to widen them; whole lines stored non-temporally, Gemma 3's
 //   262,144-row head at M=64 then ran 8-14% faster, one or two threads, the sampler's amax over them included).
 //   Types: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K (INT8_DOT_TYPES in kernels/__init__.py).
+// - int8_moe(x [T, H] bf16, experts [T, k] int64, weights [T, k] bf16 or fp32, gate_up [E packed], its qtype, down
+//   [E packed], its qtype, F) -> [T, H] bf16: a mixture-of-experts layer's routed experts in one call, each (token,
+//   expert) pair's row as quantize_rows, int8_linear (gate_up), the fused silu_mul, quantize_rows and int8_linear
+//   (down) give it, then out[t] = sum over j of row(t, j) * weights[t, j] as models/moe.py's torch ops (see below).
+//   Why: at a decode step of 16 tokens a layer's ~28 busy experts were ~60 kernel calls and ~15 torch ops, each
+//   with its dispatch and thread wake-up, and the quantized experts ran no faster than bf16 ones.
 //
 // Every type is written value = ws * q - wm with unsigned quants q per sub-block (32 weights; Q6_K's scales are
 // per 16): Q8_0 d (q + 128) - 128 d (quants stored offset by 128), Q4_0 d q - 8 d, Q4_1 d q - (-m), Q5_0 d q -
@@ -69,6 +75,7 @@
 #include <atomic>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -95,6 +102,8 @@ inline float fp16_at(const uint8_t* p) {
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
+
+inline int64_t groups_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
 
 alignas(64) constexpr uint8_t kZeroBlock[256] = {};  // the file's block of a feature past N: zero quants and scales
 
@@ -392,10 +401,66 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
   }
 }
 
+// Rows [row_begin, row_begin + rows) of x times groups [group_begin, group_end) of a weight (N x K, packed), into
+// out (row m at out + m N, of 2 bytes a value or 4 widened): one work item of linear() or grouped_linear().
+template <class F>
+void multiply_groups(const int8_t* q, const float* sums, int64_t K, const uint8_t* packed, int64_t N,
+                     int64_t row_begin, int64_t rows, int64_t group_begin, int64_t group_end, void* out,
+                     bool widened) {
+  const int64_t groups = groups_of(N), group_bytes = K / F::kBlock * F::kBytes;
+  const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
+  // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
+  // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
+  // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
+  // reads the weight as one steady stream, which the hardware prefetches.
+  const int64_t group_lines = (group_bytes + 63) / 64;
+  const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
+    for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
+      const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
+      const int8_t* qm = q + m * K;
+      const float* sm = sums + m * (K / kSub * kSums);
+      void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
+      const uint8_t* wg = packed + g * group_bytes;
+      const int64_t qs = K, ss = K / kSub * kSums;
+      const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
+      const int64_t ahead_lines = g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
+      switch (here) {
+        case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+        default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+      }
+      m += here;
+    }
+  }
+}
+
+// Runs work(item) for items 0 .. items - 1 on up to `workers` threads, each taking the next item from a shared
+// counter (2 shared cores: a thread slowed by another process leaves its items to the other).
+template <class Work>
+void share_items(int64_t items, int64_t workers, Work&& work) {
+  std::atomic<int64_t> next{0};
+  const auto take = [&](int64_t, int64_t) {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) work(item);
+    _mm_sfence();  // the widened outputs' streamed lines
+  };
+  if (workers == 1) {
+    take(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, take);
+  }
+}
+
 template <class F>
 void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint8_t* packed, int64_t N, void* out,
             bool widened) {
-  const int64_t groups = (N + kLanes - 1) / kLanes, group_bytes = K / F::kBlock * F::kBytes;
+  const int64_t groups = groups_of(N);
   const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
   const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
   const int64_t threads = at::get_num_threads();
@@ -405,54 +470,12 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
   const int64_t items = panels * runs;
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t workers = std::min({threads, items, std::max<int64_t>(1, N * K / 65536)});
-  std::atomic<int64_t> next{0};
-  const auto work = [&](int64_t, int64_t) {
-    for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      const int64_t panel = item / runs, run = item % runs;
-      const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
-      const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
-      // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
-      // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
-      // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
-      // reads the weight as one steady stream, which the hardware prefetches.
-      const int64_t group_lines = (group_bytes + 63) / 64;
-      const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
-      for (int64_t g = run * run_groups; g < std::min(groups, (run + 1) * run_groups); ++g) {
-        const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
-        for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
-          const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
-          const int8_t* qm = q + m * K;
-          const float* sm = sums + m * (K / kSub * kSums);
-          void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
-          const uint8_t* wg = packed + g * group_bytes;
-          const int64_t qs = K, ss = K / kSub * kSums;
-          const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
-          const int64_t ahead_lines =
-              g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
-          switch (here) {
-            case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-            default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-          }
-          m += here;
-        }
-      }
-    }
-  };
-  if (workers == 1) {
-    work(0, 1);
-    _mm_sfence();
-  } else {
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      work(begin, end);
-      _mm_sfence();
-    });
-  }
+  share_items(items, workers, [&](int64_t item) {
+    const int64_t panel = item / runs, run = item % runs;
+    const int64_t row_begin = panel * panel_rows, rows = std::min(M, row_begin + panel_rows) - row_begin;
+    multiply_groups<F>(q, sums, K, packed, N, row_begin, rows, run * run_groups,
+                       std::min(groups, (run + 1) * run_groups), out, widened);
+  });
 }
 
 // --- The ops.
@@ -472,7 +495,29 @@ void with_format(int64_t qtype, Fn&& fn) {
   }
 }
 
-inline int64_t groups_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
+// One row of K values as quantize_rows gives it: K int8 at q, K / 32 blocks of kSums at sums.
+void quantize_row(const bf16* x, int64_t K, int8_t* q, float* sums) {
+  for (int64_t b = 0; b < K / kSub; ++b) {
+    const bf16* v = x + b * kSub;
+    const __m512 low = load_bf16(v, 0xFFFF), high = load_bf16(v + 16, 0xFFFF);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+    const float d = amax / 127.0f, inverse = d == 0.0f ? 0.0f : 1.0f / d;
+    const auto quantize = [&](__m512 values) {  // nearest-even (MXCSR's default), within +-127
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(inverse)));
+      return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), r));
+    };
+    const __m512i q_low = quantize(low), q_high = quantize(high);
+    _mm_storeu_si128((__m128i*)(q + b * kSub), _mm512_cvtepi32_epi8(q_low));
+    _mm_storeu_si128((__m128i*)(q + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
+    const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
+    float* s = sums + b * kSums;
+    const int sum = sum_low + sum_high;
+    const int32_t offsets[6] = {-8 * sum, -16 * sum, -128 * sum, -32 * sum_low, -32 * sum_high, 0};
+    s[0] = d;
+    s[1] = d * static_cast<float>(sum);
+    std::memcpy(s + 2, offsets, sizeof(offsets));
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
@@ -485,28 +530,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = sums.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < K / kSub; ++b) {
-        const bf16* v = xp + m * x.stride(0) + b * kSub;
-        const __m512 low = load_bf16(v, 0xFFFF), high = load_bf16(v + 16, 0xFFFF);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
-        const float d = amax / 127.0f, inverse = d == 0.0f ? 0.0f : 1.0f / d;
-        const auto quantize = [&](__m512 values) {  // nearest-even (MXCSR's default), within +-127
-          const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(inverse)));
-          return _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), r));
-        };
-        const __m512i q_low = quantize(low), q_high = quantize(high);
-        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub), _mm512_cvtepi32_epi8(q_low));
-        _mm_storeu_si128((__m128i*)(qp + m * K + b * kSub + 16), _mm512_cvtepi32_epi8(q_high));
-        const int sum_low = _mm512_reduce_add_epi32(q_low), sum_high = _mm512_reduce_add_epi32(q_high);
-        float* s = sp + (m * (K / kSub) + b) * kSums;
-        const int sum = sum_low + sum_high;
-        const int32_t offsets[6] = {-8 * sum, -16 * sum, -128 * sum, -32 * sum_low, -32 * sum_high, 0};
-        s[0] = d;
-        s[1] = d * static_cast<float>(sum);
-        std::memcpy(s + 2, offsets, sizeof(offsets));
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * x.stride(0), K, qp + m * K, sp + m * (K / kSub * kSums));
   });
   return {q, sums};
 }
@@ -565,6 +589,137 @@ at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& sums, const at::Te
   return out;
 }
 
+// --- A mixture-of-experts layer's routed experts in one call (int8_moe; models/int8_dot.py's GroupedInt8Experts).
+
+// One projection of every expert: each expert's packed weight, and its type's multiply_groups.
+struct ExpertProjection {
+  std::vector<const uint8_t*> packed;
+  void (*multiply)(const int8_t*, const float*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   void*, bool);
+};
+
+ExpertProjection expert_projection(at::TensorList packed, int64_t qtype, int64_t N, int64_t K, const char* name) {
+  ExpertProjection projection{{}, nullptr};
+  with_format(qtype, [&](auto format) {
+    using F = decltype(format);
+    TORCH_CHECK(K % F::kBlock == 0, name, "'s in_features ", K, " is not a multiple of the type's block of ",
+                F::kBlock);
+    const std::vector<int64_t> expected = {groups_of(N), K / F::kBlock, F::kBytes};
+    for (const at::Tensor& weight : packed) {
+      TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.sizes() == expected, "each ",
+                  name, " weight must be int8_pack's uint8 ", at::IntArrayRef(expected), " for ", N, " x ", K,
+                  ", not ", weight.sizes());
+      projection.packed.push_back(weight.data_ptr<uint8_t>());
+    }
+    projection.multiply = &multiply_groups<F>;
+  });
+  return projection;
+}
+
+// The layer's pairs grouped by expert and their rows quantized, by the calling thread (~10 us at a decode step's 64
+// rows); then items of (expert, panel of its rows), each the panel's gate_up, SiLU(gate) * up and its quantization,
+// and down, taken by the threads from one counter; then each token's weighted sum. NOTE: an item depends on no other
+// (one thread does an expert's panel from end to end): with items split by output groups, a thread waited (spinning)
+// for an expert's gate_up to end before its down, and on these 2 shared cores the thread it waited on was often
+// descheduled: a layer took 8-12 ms in multiples of the scheduler's 4 ms tick against 1.7 ms on one thread. Whole
+// experts leave at most one (~1 MB of Q4_K weights, ~30 us) to the last thread.
+at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, at::TensorList gate_up,
+                    int64_t gate_up_qtype, at::TensorList down, int64_t down_qtype, int64_t intermediate_size) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be bf16 [T, hidden] with contiguous rows, not ", x.scalar_type(), " ", x.sizes());
+  const int64_t T = x.size(0), H = x.size(1), F = intermediate_size, E = static_cast<int64_t>(gate_up.size());
+  TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 2 && experts.size(0) == T &&
+              experts.is_contiguous(), "experts must be int64 [T, top_k], contiguous");
+  const int64_t k = experts.size(1), R = T * k;
+  TORCH_CHECK((weights.scalar_type() == at::kBFloat16 || weights.scalar_type() == at::kFloat) &&
+              weights.sizes() == experts.sizes() && weights.is_contiguous(),
+              "weights must be bf16 or fp32 [T, top_k] as experts, contiguous");
+  TORCH_CHECK(static_cast<int64_t>(down.size()) == E, gate_up.size(), " gate_up weights but ", down.size(), " down");
+  TORCH_CHECK(H % kSub == 0 && F > 0 && F % kSub == 0, "hidden ", H, " and intermediate ", F,
+              " must be multiples of ", kSub);
+  const ExpertProjection up = expert_projection(gate_up, gate_up_qtype, 2 * F, H, "gate_up");
+  const ExpertProjection dn = expert_projection(down, down_qtype, H, F, "down");
+  at::Tensor out = at::empty({T, H}, x.options());
+  if (T == 0) return out;
+
+  // The (token, expert) pairs grouped by expert: pair i (token i / k's choice i % k) is row row_of[i]; expert e's
+  // rows are first[e] .. first[e + 1] - 1. (Their order within an expert changes no bits: each row's are its own.)
+  const int64_t* chosen = experts.data_ptr<int64_t>();
+  std::vector<int64_t> first(E + 1, 0), row_of(R);
+  for (int64_t i = 0; i < R; ++i) {
+    TORCH_CHECK(chosen[i] >= 0 && chosen[i] < E, "expert ", chosen[i], " of a layer of ", E);
+    ++first[chosen[i] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  std::vector<int64_t> next_row(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < R; ++i) row_of[i] = next_row[chosen[i]]++;
+
+  // Scratch: the rows quantized, gate_up's outputs, the activations (bf16, then quantized), down's outputs.
+  const int64_t sums_h = H / kSub * kSums, sums_f = F / kSub * kSums;
+  at::Tensor scratch = at::empty({R * (H + 4 * sums_h + 4 * F + 2 * F + F + 4 * sums_f + 2 * H)},
+                                 x.options().dtype(at::kByte));
+  uint8_t* cursor = scratch.data_ptr<uint8_t>();
+  const auto carve = [&](int64_t n) {
+    uint8_t* p = cursor;
+    cursor += n;
+    return p;
+  };
+  int8_t* qx = reinterpret_cast<int8_t*>(carve(R * H));
+  float* sx = reinterpret_cast<float*>(carve(R * 4 * sums_h));
+  bf16* hidden = reinterpret_cast<bf16*>(carve(R * 4 * F));
+  bf16* act = reinterpret_cast<bf16*>(carve(R * 2 * F));
+  int8_t* qa = reinterpret_cast<int8_t*>(carve(R * F));
+  float* sa = reinterpret_cast<float*>(carve(R * 4 * sums_f));
+  bf16* y = reinterpret_cast<bf16*>(carve(R * 2 * H));
+
+  const bf16* xp = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < R; ++i) quantize_row(xp + i / k * x.stride(0), H, qx + row_of[i] * H, sx + row_of[i] * sums_h);
+
+  struct Item {
+    int64_t expert, row_begin, rows;
+  };
+  std::vector<Item> items;
+  const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / std::max(H, F));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = first[e + 1] - first[e], panels = (rows + panel_most - 1) / panel_most;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t panel_rows = (rows + panels - 1) / panels, begin = panel * panel_rows;
+      items.push_back({e, first[e] + begin, std::min(rows, begin + panel_rows) - begin});
+    }
+  }
+  const int64_t gate_up_groups = groups_of(2 * F), down_groups = groups_of(H);
+  share_items(static_cast<int64_t>(items.size()), at::get_num_threads(), [&](int64_t index) {
+    const Item& item = items[index];
+    up.multiply(qx, sx, H, up.packed[item.expert], 2 * F, item.row_begin, item.rows, 0, gate_up_groups, hidden, false);
+    for (int64_t r = item.row_begin; r < item.row_begin + item.rows; ++r) {
+      gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu16);
+      quantize_row(act + r * F, F, qa + r * F, sa + r * sums_f);
+    }
+    dn.multiply(qa, sa, F, dn.packed[item.expert], H, item.row_begin, item.rows, 0, down_groups, y, false);
+  });
+
+  // Each token's k rows times their weights (rounded to bf16 where the weights are bf16, as torch's bf16 product),
+  // summed in fp32 from zero in the token's top-k order (torch's sum over that dim), rounded once.
+  const bool bf16_weights = weights.scalar_type() == at::kBFloat16;
+  const void* wp = weights.data_ptr();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / (k * H)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t c = 0; c < H; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; ++j) {
+          const float w = bf16_weights ? static_cast<float>(static_cast<const bf16*>(wp)[t * k + j])
+                                       : static_cast<const float*>(wp)[t * k + j];
+          const __m512 product = _mm512_mul_ps(load_bf16(y + row_of[t * k + j] * H + c, 0xFFFF), _mm512_set1_ps(w));
+          acc = _mm512_add_ps(acc, bf16_weights ? bf16_round_trip(product) : product);
+        }
+        store_bf16(op + t * H + c, acc, 0xFFFF);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
@@ -572,6 +727,8 @@ TORCH_LIBRARY_FRAGMENT(TOKENMILL_OPS, m) {
   m.def("int8_pack(Tensor blocks, int qtype, int in_features) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor q, Tensor sums, Tensor packed, int qtype, int out_features, bool widened=False) -> Tensor",
         &int8_linear);
+  m.def("int8_moe(Tensor x, Tensor experts, Tensor weights, Tensor[] gate_up, int gate_up_qtype, Tensor[] down, "
+        "int down_qtype, int intermediate_size) -> Tensor", &int8_moe);
 }
 
 #endif  // __AVX512VNNI__

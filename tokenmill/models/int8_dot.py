@@ -12,6 +12,12 @@ tests/test_int8_dot.py). Chosen at load (`QuantizedWeight.int8_activations`,
 set by loader.prepare_weights for bf16 models); fp32 models keep QuantizedLinear, the accuracy mode. A fused
 projection of several types (a Q4_K_M file's Q6_K value rows beside Q4_K query and key) quantizes x once and
 concatenates the parts' outputs.
+
+`GroupedInt8Experts`: a mixture-of-experts layer's routed experts (models/moe.py) in one kernel call a step
+(`int8_moe`), where each expert's gate_up and down are one block type each: the step's (token, expert) pairs grouped
+by expert, each expert's rows through its weights as Int8DotLinear multiplies them, SiLU(gate) * up as the fused
+silu_mul, and each token's weighted sum as SparseMoeBlock's torch ops, bit for bit, in one parallel region instead of
+a kernel call (and its Python, and its thread wake-up) per expert and projection and the ops around them.
 """
 
 from __future__ import annotations
@@ -66,3 +72,33 @@ class Int8DotLinear(LinearMethod):
         if self.bias is not None:
             y += self.bias
         return activate(y.view(*shape[:-1], y.shape[-1]), self.activation)
+
+
+class GroupedInt8Experts:
+    """A layer's routed experts on int8 activations, for all of a step's tokens in one kernel call (`int8_moe`):
+    each (token, expert) pair's row through the expert's gate_up, SiLU(gate) * up and down as Int8DotLinear and the
+    fused silu_mul compute it, then each token's rows times its routing weights, summed as SparseMoeBlock sums them."""
+
+    @classmethod
+    def of(cls, experts: list[tuple[LinearMethod, LinearMethod]]) -> GroupedInt8Experts | None:
+        """experts: each expert's (gate_up, down) methods as loaded. None unless all are Int8DotLinear of one block
+        type per projection, with no bias or activation (as experts are)."""
+        projections = list(zip(*experts))
+        if not all(isinstance(m, Int8DotLinear) and len(m.parts) == 1 and m.bias is None and m.activation is None
+                   for methods in projections for m in methods):
+            return None
+        if any(len({m.parts[0][1:] for m in methods}) > 1 for methods in projections):
+            return None
+        return cls(*projections)
+
+    def __init__(self, gate_up: list[Int8DotLinear], down: list[Int8DotLinear]) -> None:
+        # The experts' own packed weights (nothing copied), and each projection's block type.
+        self.gate_up = [m.parts[0][0] for m in gate_up]
+        self.down = [m.parts[0][0] for m in down]
+        (_, self.gate_up_qtype, gate_up_features), (_, self.down_qtype, _) = gate_up[0].parts[0], down[0].parts[0]
+        self.intermediate_size = gate_up_features // 2
+
+    def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] bf16; experts, weights: [T, top_k] (int64; bf16 or fp32), each token's choices in order."""
+        return torch.ops.tokenmill.int8_moe(x, experts, weights, self.gate_up, self.gate_up_qtype, self.down,
+                                            self.down_qtype, self.intermediate_size)

@@ -9,7 +9,9 @@ feed-forward output [T, hidden], as transformers' sparse MoE blocks do (Qwen2-Mo
   expert's weights are read once and multiplied as one GEMM over a contiguous run of rows; experts with no
   tokens are skipped. A token's k results are weighted and summed in its own top-k order, as transformers'
   grouped_mm path sums them, so a token's output never depends on the other tokens of the step (each
-  expert's linear is row-wise batch-invariant where the kernels run: models/linear.py);
+  expert's linear is row-wise batch-invariant where the kernels run: models/linear.py); where every expert
+  runs on int8 activations (a bf16 model's GGUF blocks), the routed experts and the weighted sums are one kernel
+  call a step (`GroupedInt8Experts` in models/int8_dot.py, chosen once at load), the same bits as the torch ops;
 - a shared expert, where the config has one (Qwen2-MoE), runs on every token, scaled by sigmoid(x w_gate).
 Weights load from one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`: what published checkpoints have and transformers 5.24's
@@ -29,6 +31,7 @@ from torch import nn
 
 from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import ElementwiseOps
+from tokenmill.models.int8_dot import GroupedInt8Experts
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import QuantizedWeight, Weight
 
@@ -63,6 +66,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden_size, routing.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(Expert(hidden_size, routing.intermediate_size, ops)
                                      for _ in range(routing.num_experts))
+        self.grouped_experts: GroupedInt8Experts | None = None  # set by load_weights where it serves
         if routing.shared_intermediate_size:
             self.shared_expert = Expert(hidden_size, routing.shared_intermediate_size, ops)
             self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
@@ -77,8 +81,18 @@ class SparseMoeBlock(nn.Module):
         return (weights if self.routing.fp32_weights else weights.to(x.dtype)), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, hidden = x.shape
         weights, experts = self.route(x)
+        if self.grouped_experts is not None:
+            out = self.grouped_experts(x, experts, weights)
+        else:
+            out = self.routed_experts(x, experts, weights)
+        if self.routing.shared_intermediate_size:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def routed_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's experts on its row, their outputs weighted and summed: torch ops, an expert at a time."""
+        tokens, hidden = x.shape
         pairs = experts.flatten()  # pair i is token i // top_k's (i % top_k)-th choice
         order = torch.argsort(pairs, stable=True)
         grouped = x.index_select(0, order // self.routing.top_k)  # the pairs' rows, expert by expert
@@ -91,10 +105,7 @@ class SparseMoeBlock(nn.Module):
         by_pair = torch.empty_like(grouped).index_copy_(0, order, torch.cat(outputs))
         weighted = by_pair.view(tokens, -1, hidden) * weights.unsqueeze(-1)
         # NOTE: in fp32, as torch sums a bf16 tensor (its bf16 sum over a middle dim took 3x as long).
-        out = weighted.float().sum(dim=1).to(x.dtype)
-        if self.routing.shared_intermediate_size:
-            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return weighted.float().sum(dim=1).to(x.dtype)
 
     def load_weights(self, checkpoint: Checkpoint, layer_prefix: str) -> None:
         """The router's and the experts' weights, per expert or stacked (see the module docstring)."""
@@ -121,6 +132,8 @@ class SparseMoeBlock(nn.Module):
             checkpoint.load_linear(self.shared_expert.gate_up_proj, [f"{q}gate_proj", f"{q}up_proj"])
             checkpoint.load_linear(self.shared_expert.down_proj, [f"{q}down_proj"])
             checkpoint.load_linear(self.shared_expert_gate, [f"{p}shared_expert_gate"])
+        self.grouped_experts = GroupedInt8Experts.of([(e.gate_up_proj.method, e.down_proj.method)
+                                                      for e in self.experts])
 
 
 def expert_slices(weight: Weight, name: str, experts: int) -> list[Weight]:
