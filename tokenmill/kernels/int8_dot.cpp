@@ -43,14 +43,14 @@
 //   weight: the file's for every type but Q4_K (4.625 bits against 4.5). (fp32 ws and wm per sub-block would be
 //   2 more bits a weight: +44% bytes for Q4_K at M=1, where the bytes are the time.)
 // Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd (64 products each, against
-// vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and
-// 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048):
-// 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum at the fold, a vector op per row,
-// ran no faster: Q8_0 306, Q6_K 249. Starting isum there instead, a broadcast load where a zeroing was, did: one
-// thread, M=64, A/B in one process, Q5_0 4096 x 640 279 -> 300 GFLOP/s, Q6_K 640 x 2048 246 -> 275, Q8_0 256 x 640
+// vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured (one group a pass; two: see "Work") 296-317 GFLOP/s
+// (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape
+// (N=64, K=2048): 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum at the fold, a vector op
+// per row, ran no faster: Q8_0 306, Q6_K 249. Starting isum there instead, a broadcast load where a zeroing was, did:
+// one thread, M=64, A/B in one process, Q5_0 4096 x 640 279 -> 300 GFLOP/s, Q6_K 640 x 2048 246 -> 275, Q8_0 256 x 640
 // 301 -> 321; Q4_K unchanged.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
-// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x,
-// Q8_0 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
+// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0
+// 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
 // What bounds it (a microbenchmark, one thread, 3.6 GHz): one 512-bit vpdpbusd a cycle (467 GOPS), and each
 // vmulps, vfmadd, vpand or shift beside them takes about one vpdpbusd's slot; vcvtdq2ps and broadcasts of x from
 // memory take none. So a (row, group, sub-block) costs 8 vpdpbusd plus its fold's multiply and one FMA (two with a
@@ -71,7 +71,9 @@
 // of 8 made M=8 0.92-0.94x, and larger M no faster. Below 8 rows, passes over one group (the same instructions as
 // before): each group one stream, which the hardware prefetches. Tried and not kept: 4, 5 or 7 rows over two groups
 // (7 spills); 10-14 rows a pass over one group (0.93-1.05x); each group's quants and fp32 scales unpacked once a
-// panel into a buffer that the passes load (0.65-1.03x: the stores and reloads cost more than the unpacking saved).
+// panel into a buffer that the passes load (0.65-1.03x: the stores and reloads cost more than the unpacking saved);
+// the high nibbles and Q6_K's top bits moved by one vgf2p8affineqb instead of a shift and an AND (0.92-0.95x at
+// M=8-64, Q4_1, Q4_K and Q6_K: it takes more than the two operations' slots).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
