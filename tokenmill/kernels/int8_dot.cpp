@@ -67,7 +67,8 @@
 // load 6-9), M = 16-64: Q4_1 +4-11% (SmolLM2's q, up and down projections 270-302 -> 286-326 GFLOP/s; 2048 x 2048
 // 298-301 -> 321-328), Q8_0 +4-8% (2048 x 2048 308-324 -> 333-343), Q4_K +0-5% (291-306 -> 298-311); where the
 // weight comes from memory, M=8 reads it in two passes with the next pair prefetched, not in one: Q8_0 8192 x 2048
-// 117 -> 198, Q4_1 242 -> 310. Q6_K stays on one group: its unpacking (5 operations a step) shared by 4 rows instead
+// 117 -> 198, Q4_1 242 -> 310; two threads, quiet (wall time): Q8_0 2048 x 2048 605-679 -> 666-710, SmolLM2's
+// projections +5-6%. Q6_K stays on one group: its unpacking (5 operations a step) shared by 4 rows instead
 // of 8 made M=8 0.92-0.94x, and larger M no faster. Below 8 rows, passes over one group (the same instructions as
 // before): each group one stream, which the hardware prefetches. Tried and not kept: 4, 5 or 7 rows over two groups
 // (7 spills); 10-14 rows a pass over one group (0.93-1.05x); each group's quants and fp32 scales unpacked once a
@@ -458,9 +459,10 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
   const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
   const int unit = F::kTwoGroupPasses && panel_rows >= kPairMinRows ? 2 : 1;  // groups per pass
   const int64_t threads = at::get_num_threads();
-  // Enough items for the threads to even out (8 each), runs of at least one unit.
+  // Enough items for the threads to even out (8 each), runs of whole units: rounded down, not up (SmolLM2's 36 groups
+  // on 2 threads: 18 runs of 2, where 9 runs of 4 left one thread a run more, 0.97x the one-group passes at M=64).
   const int64_t wanted_runs = std::min(groups, std::max<int64_t>(1, 8 * threads / panels));
-  const int64_t run_groups = ((groups + wanted_runs - 1) / wanted_runs + unit - 1) / unit * unit;
+  const int64_t run_groups = std::max<int64_t>(unit, (groups + wanted_runs - 1) / wanted_runs / unit * unit);
   const int64_t runs = (groups + run_groups - 1) / run_groups, items = panels * runs;
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t workers = std::min({threads, items, std::max<int64_t>(1, N * K / 65536)});
