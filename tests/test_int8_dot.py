@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not kernels.int8_dot_available(), reason="no AVX
 
 Q = gguf.GGMLQuantizationType
 TYPES = [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_1, Q.Q4_0, Q.Q5_0]
-SHAPES = [(1, 16, 256), (3, 37, 512), (300, 33, 256), (64, 100, 768)]  # M, N, K: N past whole groups of 16
+SHAPES = [(1, 16, 256), (3, 37, 512), (300, 33, 256), (64, 100, 768), (28, 64, 512)]  # M, N, K: N past whole groups
+# of 16, odd numbers of groups, passes over one group and over two
 
 
 def int8_linear(x: torch.Tensor, blocks: np.ndarray, qtype: Q) -> torch.Tensor:
@@ -85,6 +86,23 @@ def test_a_rows_result_does_not_depend_on_the_batch(qtype: Q) -> None:
     for rows in ([0], [5], [299], list(range(7, 44)), [3, 250, 17]):
         alone = int8_linear(x[rows].contiguous(), blocks, qtype)
         assert torch.equal(alone.view(torch.int16), everything[rows].view(torch.int16)), rows
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_every_row_count_gives_a_row_the_bits_it_gets_alone(qtype: Q) -> None:
+    """Passes of up to 8 rows over one group of 16 features, or up to 6 over two (from 8 or 16 rows of a panel on,
+    by type), split as evenly as they go; an odd last group, a partial one: any M from 1 to 70, 128 and 300 gives
+    each row the bits it gets alone."""
+    k = 256
+    for n in (16, 33, 48, 64, 100):  # groups: 1, 3 (the last of 1 feature), 3, 4, 7 (the last of 4)
+        blocks = torch.from_numpy(random_blocks(qtype, n, k, seed=n))
+        q, sums = torch.ops.tokenmill.quantize_rows(random_rows(300, k, seed=n + 1))
+        packed = torch.ops.tokenmill.int8_pack(blocks, qtype, k)
+        alone = torch.cat([torch.ops.tokenmill.int8_linear(q[i:i + 1], sums[i:i + 1], packed, qtype, n)
+                           for i in range(300)])
+        for m in [*range(1, 71), 128, 300]:
+            got = torch.ops.tokenmill.int8_linear(q[:m], sums[:m], packed, qtype, n)
+            assert torch.equal(got.view(torch.int16), alone[:m].view(torch.int16)), (n, m)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=lambda t: t.name)

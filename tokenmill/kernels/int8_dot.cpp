@@ -49,20 +49,38 @@
 //   weight: the file's for every type but Q4_K (4.625 bits against 4.5). (fp32 ws and wm per sub-block would be
 //   2 more bits a weight: +44% bytes for Q4_K at M=1, where the bytes are the time.)
 // Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd (64 products each, against
-// vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured 296-317 GFLOP/s (Q4_K, Q8_0, Q4_1) and
-// 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape (N=64, K=2048):
-// 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum at the fold, a vector op per row,
-// ran no faster: Q8_0 306, Q6_K 249. Starting isum there instead, a broadcast load where a zeroing was, did: one
-// thread, M=64, A/B in one process, Q5_0 4096 x 640 279 -> 300 GFLOP/s, Q6_K 640 x 2048 246 -> 275, Q8_0 256 x 640
+// vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured (one group a pass; two: see "Work") 296-317 GFLOP/s
+// (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape
+// (N=64, K=2048): 1.35x. (The offset types' fnmadd replaced by subtracting c sum(qx) from isum at the fold, a vector op
+// per row, ran no faster: Q8_0 306, Q6_K 249. Starting isum there instead, a broadcast load where a zeroing was, did:
+// one thread, M=64, A/B in one process, Q5_0 4096 x 640 279 -> 300 GFLOP/s, Q6_K 640 x 2048 246 -> 275, Q8_0 256 x 640
 // 301 -> 321; Q4_K unchanged.) At M=1 no decoding to bf16 (3 integer instructions unpack 128 4-bit quants, against
-// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x,
-// Q8_0 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
-// Work: output groups one at a time, each in passes of up to kMaxRows rows of x (one accumulator and one integer
-// sum per row in registers); rows in panels of about kPanelBytes of x (kept in L2 from one group to the next; each
-// panel streams the weight from memory again: 256 KB panels held Q8_0 8192 x 2048 at M=128-512 to 222-226
-// GFLOP/s a thread, 512 KB ones reach 276-280), the next group's weights prefetched during a group's passes (see
-// linear()), work items (a panel x a run of groups) taken from a shared counter (2 shared cores: a thread slowed
-// by another process leaves its items to the other).
+// quant_linear's table lookups) and the layout's one stream: Q4_K 1.6-1.7x quant_linear's speed, Q6_K 2.3-2.4x, Q8_0
+// 2.2-2.4x (one thread, 96 MB of copies, quantize_rows included; 2048 x 16384 and 8192 x 2048).
+// What bounds it (a microbenchmark, one thread, 3.6 GHz): one 512-bit vpdpbusd a cycle (467 GOPS), and each
+// vmulps, vfmadd, vpand or shift beside them takes about one vpdpbusd's slot; vcvtdq2ps and broadcasts of x from
+// memory take none. So a (row, group, sub-block) costs 8 vpdpbusd plus its fold's multiply and one FMA (two with a
+// min), plus the weights' unpacking shared by the rows of a pass: at most 374 GOPS for Q8_0, 340 for Q4_1 and Q4_K,
+// 311 for Q6_K; the fold's operations are the batch-invariant sequence and stay.
+// Work: output groups in units of one or two (kTwoGroupPasses, from kPairMinRows rows a panel on), each in passes of up
+// to kMaxRows rows of x over one group (one accumulator and one integer sum per row in registers) or kPairRows rows
+// over two (each broadcast of x and of its block sums feeds both groups); rows in panels of about kPanelBytes of x
+// (kept in L2 from one unit to the next; each panel streams the weight from memory again: 256 KB panels held Q8_0
+// 8192 x 2048 at M=128-512 to 222-226 GFLOP/s a thread, 512 KB ones reach 276-280), the next unit's weights
+// prefetched during a unit's passes (see linear()), work items (a panel x a run of units) taken from a shared counter
+// (2 shared cores: a thread slowed by another process leaves its items to the other). Two groups a pass against
+// one, bit for bit the same results: one thread, CPU time, old and new kernels alternated in one process (best of 9,
+// load 6-9), M = 16-64: Q4_1 +4-11% (SmolLM2's q, up and down projections 270-302 -> 286-326 GFLOP/s; 2048 x 2048
+// 298-301 -> 321-328), Q8_0 +4-8% (2048 x 2048 308-324 -> 333-343), Q4_K +0-5% (291-306 -> 298-311); where the
+// weight comes from memory, M=8 reads it in two passes with the next pair prefetched, not in one: Q8_0 8192 x 2048
+// 117 -> 198, Q4_1 242 -> 310; two threads, quiet (wall time): Q8_0 2048 x 2048 605-679 -> 666-710, SmolLM2's
+// projections +5-6%. Q6_K stays on one group: its unpacking (5 operations a step) shared by 4 rows instead
+// of 8 made M=8 0.92-0.94x, and larger M no faster. Below 8 rows, passes over one group (the same instructions as
+// before): each group one stream, which the hardware prefetches. Tried and not kept: 4, 5 or 7 rows over two groups
+// (7 spills); 10-14 rows a pass over one group (0.93-1.05x); each group's quants and fp32 scales unpacked once a
+// panel into a buffer that the passes load (0.65-1.03x: the stores and reloads cost more than the unpacking saved);
+// the high nibbles and Q6_K's top bits moved by one vgf2p8affineqb instead of a shift and an AND (0.92-0.95x at
+// M=8-64, Q4_1, Q4_K and Q6_K: it takes more than the two operations' slots).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -72,9 +90,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -94,7 +114,11 @@ constexpr int kSub = 32;            // k per sub-block, and per block of x
 // Per block of x: d, d sum(q), then int32 values in fp32's bits: -8 sum(q), -16 sum(q), -128 sum(q), -32 sum(first
 // 16 q), -32 sum(last 16 q), 0 (the offsets of Q4_0, Q5_0, Q8_0 and Q6_K's halves, times sum(q)).
 constexpr int kSums = 8;
-constexpr int kMaxRows = 8;         // rows of x per pass
+constexpr int kMaxRows = 8;         // rows of x per pass over one group
+// Rows per pass over two groups (each broadcast of x feeding two vpdpbusd): 2 x 6 accumulators and 2 x 6 integer
+// sums, the two groups' quants and x in 28 of the 32 registers (4, 5 or 7 rows: no faster); from kPairMinRows rows a
+// panel on (below, the passes over one group read the weight as one stream: see "Work").
+constexpr int kPairRows = 6, kPairMinRows = 8;
 constexpr int64_t kPanelBytes = 512 * 1024;
 
 inline float fp16_at(const uint8_t* p) {
@@ -143,11 +167,13 @@ inline __m512i nibbles(const uint8_t* p, int s) {
 inline __m512 fp16_vector(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 // Each format: kBlock weights of a feature in kFileBytes in the file, a group's block in kBytes packed; kHalves:
-// scales per 16 weights. Unpack(p) reads a packed block's scales; quants(j, s) gives sub-block j's step s (16
-// features x 4 k, unsigned bytes), scales(j, half, ws, wm) its values' ws and wm.
+// scales per 16 weights; kTwoGroupPasses: passes over two groups from kPairMinRows rows on (see "Work"). Unpack(p)
+// reads a packed block's scales; quants(j, s) gives sub-block j's step s (16 features x 4 k, unsigned bytes),
+// scales(j, half, ws, wm) its values' ws and wm.
 struct Q8_0 {  // d * q, q int8: packed as q + 128
   static constexpr int64_t kBlock = 32, kFileBytes = 34, kBytes = 8 * 64 + 32;
   static constexpr bool kHalves = false;
+  static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = 4;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int n = 0; n < kLanes; ++n) {
@@ -175,6 +201,7 @@ void put_small_nibbles(const uint8_t* const (&rows)[kLanes], int offset, uint8_t
 struct Q4_0 {  // d * (q - 8)
   static constexpr int64_t kBlock = 32, kFileBytes = 18, kBytes = 256 + 32;
   static constexpr bool kHalves = false;
+  static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = 2;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
@@ -192,6 +219,7 @@ struct Q4_0 {  // d * (q - 8)
 struct Q4_1 {  // d * q + m
   static constexpr int64_t kBlock = 32, kFileBytes = 20, kBytes = 256 + 64;
   static constexpr bool kHalves = false;
+  static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = -1;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
@@ -213,6 +241,7 @@ struct Q4_1 {  // d * q + m
 struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
   static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
   static constexpr bool kHalves = false;
+  static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = 3;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     put_fp16(rows, 0, out);
@@ -240,6 +269,7 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
 struct Q4_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 144, kBytes = 8 * 256 + 2 * 128 + 2 * 32;
   static constexpr bool kHalves = false;
+  static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = -1;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
@@ -279,6 +309,7 @@ struct Q4_K {
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kFileBytes = 210, kBytes = 8 * 256 + 8 * 128 + 16 * 16 + 32;
   static constexpr bool kHalves = true;
+  static constexpr bool kTwoGroupPasses = false;
   static constexpr int kOffsetSlot = 5;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
@@ -323,61 +354,76 @@ struct Q6_K {
 
 // --- The product.
 
-// MR rows of x (quants at q, row m at q + m q_stride; block sums likewise) times one group's packed blocks at w,
-// over all of K, rounded to bf16 into out (row m at out + m out_stride), its first `features` lanes.
+// MR rows of x (quants at q, row m at q + m q_stride; block sums likewise) times G consecutive groups' packed
+// blocks (group i at w + i group_bytes), over all of K, rounded to bf16 into out (row m at out + m out_stride, group
+// i's 16 columns at + 16 i), the last group's first `last_features` lanes.
 // NOTE: not inlined, as dense_tile (quant.cpp): inlined into the dispatch, the accumulators went to memory.
-template <class F, int MR>
+template <class F, int G, int MR>
 __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, const float* sums, int64_t sums_stride,
-                                          const uint8_t* w, int64_t K, void* out, int64_t out_stride, int features,
-                                          bool widened, const uint8_t* ahead, int64_t ahead_lines) {
+                                          const uint8_t* w, int64_t group_bytes, int64_t K, void* out,
+                                          int64_t out_stride, int last_features, bool widened, const uint8_t* ahead,
+                                          int64_t ahead_lines) {
   constexpr int kSubBlocks = F::kBlock / kSub;
   // Independent integer sums per row, added at each fold (exact: any split gives the same sum): one chain of 8
   // dependent vpdpbusd (~5 cycles each) per sub-block held M=1 to ~22 GB/s.
-  constexpr int kChains = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-  __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  constexpr int kChains = G * MR == 1 ? 4 : G * MR == 2 ? 2 : 1;
+  __m512 acc[G][MR];
+  for (auto& group : acc) {
+    for (auto& row : group) row = _mm512_setzero_ps();
+  }
   const int64_t blocks = K / F::kBlock, lines_per_block = (ahead_lines + blocks - 1) / blocks;
   for (int64_t b = 0; b < blocks; ++b) {
-    const typename F::Unpack unpack(w + b * F::kBytes);
+    const auto unpack = [&]<size_t... I>(std::index_sequence<I...>) {
+      return std::array<typename F::Unpack, G>{typename F::Unpack(w + I * group_bytes + b * F::kBytes)...};
+    }(std::make_index_sequence<G>());
     for (int64_t line = b * lines_per_block; line < std::min(ahead_lines, (b + 1) * lines_per_block); ++line) {
       _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < kSubBlocks; ++j) {
       const int64_t xb = b * kSubBlocks + j;  // x's block
-      __m512i isum[kChains][MR];
+      __m512i isum[kChains][G][MR];
       // Each row's integer sum starts at the weights' offset times sum(qx) (negated; 0 for the types with a min),
       // so that it ends as the exact sum of the signed products.
       const auto start = [&](int half) {
         for (int m = 0; m < MR; ++m) {
-          for (auto& chain : isum) chain[m] = _mm512_setzero_si512();
-          if constexpr (F::kOffsetSlot >= 0) {
-            int32_t offset;
-            std::memcpy(&offset, sums + m * sums_stride + xb * kSums + F::kOffsetSlot + half, 4);
-            isum[0][m] = _mm512_set1_epi32(offset);
+          for (int g = 0; g < G; ++g) {
+            for (auto& chain : isum) chain[g][m] = _mm512_setzero_si512();
+            if constexpr (F::kOffsetSlot >= 0) {
+              int32_t offset;
+              std::memcpy(&offset, sums + m * sums_stride + xb * kSums + F::kOffsetSlot + half, 4);
+              isum[0][g][m] = _mm512_set1_epi32(offset);
+            }
           }
         }
       };
       // The (half) sub-block's integer sums into the fp32 accumulators: the one sequence of fp32 operations.
       const auto fold = [&](int half) {
-        __m512 ws, wm;
-        unpack.scales(j, half, ws, wm);
+        __m512 ws[G], wm[G];
+        for (int g = 0; g < G; ++g) unpack[g].scales(j, half, ws[g], wm[g]);
         for (int m = 0; m < MR; ++m) {
-          __m512i total = isum[0][m];
-          for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, isum[c][m]);
           const float* s = sums + m * sums_stride + xb * kSums;
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(ws, _mm512_set1_ps(s[0])), acc[m]);
-          if constexpr (F::kOffsetSlot < 0) acc[m] = _mm512_fnmadd_ps(wm, _mm512_set1_ps(s[1]), acc[m]);
+          for (int g = 0; g < G; ++g) {
+            __m512i total = isum[0][g][m];
+            for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, isum[c][g][m]);
+            acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(ws[g], _mm512_set1_ps(s[0])),
+                                        acc[g][m]);
+            if constexpr (F::kOffsetSlot < 0) acc[g][m] = _mm512_fnmadd_ps(wm[g], _mm512_set1_ps(s[1]), acc[g][m]);
+          }
         }
       };
       start(0);
 #pragma GCC unroll 8
       for (int s = 0; s < 8; ++s) {
-        const __m512i wq = unpack.quants(j, s);
+        __m512i wq[G];
+        for (int g = 0; g < G; ++g) wq[g] = unpack[g].quants(j, s);
         for (int m = 0; m < MR; ++m) {
           int32_t x4;
           std::memcpy(&x4, q + m * q_stride + xb * kSub + 4 * s, 4);
-          isum[s % kChains][m] = _mm512_dpbusd_epi32(isum[s % kChains][m], wq, _mm512_set1_epi32(x4));
+          const __m512i x = _mm512_set1_epi32(x4);
+          for (int g = 0; g < G; ++g) {
+            isum[s % kChains][g][m] = _mm512_dpbusd_epi32(isum[s % kChains][g][m], wq[g], x);
+          }
         }
         if (F::kHalves && s == 3) {
           fold(0);
@@ -387,36 +433,53 @@ __attribute__((noinline)) void group_pass(const int8_t* q, int64_t q_stride, con
       fold(F::kHalves ? 1 : 0);
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    if (widened) {  // NOTE: a vocabulary's logits outgrow the caches: streamed past them, not read for ownership
-      float* o = static_cast<float*>(out) + m * out_stride;
-      if (features == kLanes && (reinterpret_cast<uintptr_t>(o) & 63) == 0) {
-        _mm512_stream_ps(o, bf16_round_trip(acc[m]));
+  for (int g = 0; g < G; ++g) {
+    const int features = g + 1 < G ? kLanes : last_features;
+    for (int m = 0; m < MR; ++m) {
+      if (widened) {  // NOTE: a vocabulary's logits outgrow the caches: streamed past them, not read for ownership
+        float* o = static_cast<float*>(out) + m * out_stride + g * kLanes;
+        if (features == kLanes && (reinterpret_cast<uintptr_t>(o) & 63) == 0) {
+          _mm512_stream_ps(o, bf16_round_trip(acc[g][m]));
+        } else {
+          _mm512_mask_storeu_ps(o, tail_mask(features), bf16_round_trip(acc[g][m]));
+        }
       } else {
-        _mm512_mask_storeu_ps(o, tail_mask(features), bf16_round_trip(acc[m]));
+        _mm256_mask_storeu_epi16(static_cast<bf16*>(out) + m * out_stride + g * kLanes, tail_mask(features),
+                                 round_bf16(acc[g][m]));
       }
-    } else {
-      _mm256_mask_storeu_epi16(static_cast<bf16*>(out) + m * out_stride, tail_mask(features), round_bf16(acc[m]));
     }
   }
 }
 
+// group_pass for `rows` (1 .. MR) rows.
+template <class F, int G, int MR, class... Args>
+void pass_rows(int64_t rows, Args... args) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return pass_rows<F, G, MR - 1>(rows, args...);
+  }
+  group_pass<F, G, MR>(args...);
+}
+
 // Rows [row_begin, row_begin + rows) of x times groups [group_begin, group_end) of a weight (N x K, packed), into
-// out (row m at out + m N, of 2 bytes a value or 4 widened): one work item of linear() or grouped_linear().
+// out (row m at out + m N, of 2 bytes a value or 4 widened): one work item of linear() or int8_moe.
 template <class F>
 void multiply_groups(const int8_t* q, const float* sums, int64_t K, const uint8_t* packed, int64_t N,
                      int64_t row_begin, int64_t rows, int64_t group_begin, int64_t group_end, void* out,
                      bool widened) {
   const int64_t groups = groups_of(N), group_bytes = K / F::kBlock * F::kBytes;
-  const int64_t passes = (rows + kMaxRows - 1) / kMaxRows;
-  // NOTE: with several passes, the next group's weights are prefetched, a share in each pass: left to the
-  // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
-  // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (M <= 8)
-  // reads the weight as one steady stream, which the hardware prefetches.
-  const int64_t group_lines = (group_bytes + 63) / 64;
-  const int64_t pass_lines = passes > 1 ? (group_lines + passes - 1) / passes : 0;
-  for (int64_t g = group_begin; g < group_end; ++g) {
-    const int features = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
+  const int unit = F::kTwoGroupPasses && rows >= kPairMinRows ? 2 : 1;  // groups per pass
+  for (int64_t g = group_begin; g < group_end; g += unit) {
+    const int here_groups = static_cast<int>(std::min<int64_t>(unit, group_end - g));
+    const int max_rows = here_groups == 2 ? kPairRows : kMaxRows;
+    const int64_t passes = (rows + max_rows - 1) / max_rows;
+    // NOTE: with several passes, the next unit's weights are prefetched, a share in each pass: left to the
+    // hardware, the first pass waited on memory for each group (bursts of 9 lines per 100 cycles) and the others
+    // none: Q8_0 65536 x 640 at M=64 ran at 195 GFLOP/s a thread against 320 for weights in L2. One pass (up to 8
+    // rows over one group) reads the weight as one steady stream, which the hardware prefetches.
+    const int64_t ahead_groups = std::min<int64_t>(unit, groups - g - here_groups);
+    const int64_t ahead_total = (ahead_groups * group_bytes + 63) / 64;
+    const int64_t pass_lines = passes > 1 ? (ahead_total + passes - 1) / passes : 0;
+    const int last_features = static_cast<int>(std::min<int64_t>(kLanes, N - (g + here_groups - 1) * kLanes));
     for (int64_t p = 0, m = row_begin; p < passes; ++p) {  // passes as even as they go (10 rows: 5 + 5)
       const int64_t left = row_begin + rows - m, here = (left + passes - p - 1) / (passes - p);
       const int8_t* qm = q + m * K;
@@ -424,17 +487,14 @@ void multiply_groups(const int8_t* q, const float* sums, int64_t K, const uint8_
       void* om = static_cast<char*>(out) + (m * N + g * kLanes) * (widened ? 4 : 2);
       const uint8_t* wg = packed + g * group_bytes;
       const int64_t qs = K, ss = K / kSub * kSums;
-      const uint8_t* ahead = wg + group_bytes + 64 * p * pass_lines;
-      const int64_t ahead_lines = g + 1 < groups ? std::clamp<int64_t>(group_lines - p * pass_lines, 0, pass_lines) : 0;
-      switch (here) {
-        case 1: group_pass<F, 1>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 2: group_pass<F, 2>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 3: group_pass<F, 3>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 4: group_pass<F, 4>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 5: group_pass<F, 5>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 6: group_pass<F, 6>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        case 7: group_pass<F, 7>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
-        default: group_pass<F, 8>(qm, qs, sm, ss, wg, K, om, N, features, widened, ahead, ahead_lines); break;
+      const uint8_t* ahead = wg + here_groups * group_bytes + 64 * p * pass_lines;
+      const int64_t ahead_lines = std::clamp<int64_t>(ahead_total - p * pass_lines, 0, pass_lines);
+      if (here_groups == 2) {
+        pass_rows<F, 2, kPairRows>(here, qm, qs, sm, ss, wg, group_bytes, K, om, N, last_features, widened, ahead,
+                                   ahead_lines);
+      } else {
+        pass_rows<F, 1, kMaxRows>(here, qm, qs, sm, ss, wg, group_bytes, K, om, N, last_features, widened, ahead,
+                                  ahead_lines);
       }
       m += here;
     }
@@ -463,11 +523,13 @@ void linear(const int8_t* q, const float* sums, int64_t M, int64_t K, const uint
   const int64_t groups = groups_of(N);
   const int64_t panel_most = std::max<int64_t>(kMaxRows, kPanelBytes / K);
   const int64_t panels = (M + panel_most - 1) / panel_most, panel_rows = (M + panels - 1) / panels;
+  const int unit = F::kTwoGroupPasses && panel_rows >= kPairMinRows ? 2 : 1;  // groups per pass
   const int64_t threads = at::get_num_threads();
-  // Enough items for the threads to even out (8 each), runs of at least one group.
+  // Enough items for the threads to even out (8 each), runs of whole units: rounded down, not up (SmolLM2's 36 groups
+  // on 2 threads: 18 runs of 2, where 9 runs of 4 left one thread a run more, 0.97x the one-group passes at M=64).
   const int64_t wanted_runs = std::min(groups, std::max<int64_t>(1, 8 * threads / panels));
-  const int64_t run_groups = (groups + wanted_runs - 1) / wanted_runs, runs = (groups + run_groups - 1) / run_groups;
-  const int64_t items = panels * runs;
+  const int64_t run_groups = std::max<int64_t>(unit, (groups + wanted_runs - 1) / wanted_runs / unit * unit);
+  const int64_t runs = (groups + run_groups - 1) / run_groups, items = panels * runs;
   // At least ~64k weights per thread: waking the second thread costs more below.
   const int64_t workers = std::min({threads, items, std::max<int64_t>(1, N * K / 65536)});
   share_items(items, workers, [&](int64_t item) {
