@@ -24,7 +24,8 @@
 //
 // - decode_attention: one query token per request. Each request's scores, softmax and weighted sum
 //   are one unit of parallel work; its rows are read in place from the pool, each key transposed in
-//   registers 16 tokens at a time. With `prefix_slots`
+//   registers 16 tokens at a time, the rows a thread reads next prefetched a fixed distance ahead as it
+//   reads (RowStream: decodes are bound by reading the KV pool). With `prefix_slots`
 //   (a prefix every request shares, a multiple of 16 tokens, which the prefix cache found; not under a
 //   window), that prefix's K/V are read once for all requests: its scores and its part of the weighted
 //   sums are two small GEMMs per KV head over all B x group queries (Hydragen), each request's own
@@ -33,8 +34,8 @@
 //   Per (request, KV head, 16 query rows), the same GEMMs, each row masked to its own span.
 // The GEMMs read copies packed once per call: keys transposed (unit i of 16 tokens in one register),
 // values as token pairs interleaved (their dims come out permuted; the output store puts them back).
-// head_dim 64, 128 or 256: the weighted sums take at most 128 dims (8 registers) per pass over the
-// tokens, so that their accumulators and the value units loaded stay in the 32 registers.
+// head_dim 64, 128 or 256: the weighted sums take at most 64 dims (4 registers) of 4 rows per pass over
+// the tokens, so that their accumulators and the value units loaded stay in the 32 registers.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +46,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -89,13 +91,67 @@ struct Units<float> {
   static void to_units(float*, int64_t) {}
 };
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t bytes, int hint_l2) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    if (hint_l2) _mm_prefetch(p + offset, _MM_HINT_T1); else _mm_prefetch(p + offset, _MM_HINT_T0);
+// The pool rows (all KV heads of a slot) one thread's decodes read, in the order they read them: request after
+// request, its keys, then its values (or only one of the two). Prefetched into L2 a fixed distance ahead of the
+// reading, the kernels advancing the stream a few lines at a time between their instructions as they read, so
+// that the memory works while they compute. NOTE: rows are contiguous only within a KV block, so the hardware
+// prefetcher loses the stream at each block; a burst of prefetches per 64 tokens (the way before) stalled the
+// core until the lines came, reading Gemma 3's B=64 KV at a third of the memory's speed.
+class RowStream {
+ public:
+  struct Span {
+    const int64_t* slots;
+    int64_t n;
+  };
+  static constexpr int kCreditBits = 10;  // advance_credits: lines in units of 2^-kCreditBits
+  // 32 KB ahead. Gemma 3's B=64 decodes, one thread: 256 to 2,048 lines all within the noise of each other, 128
+  // close to no gain.
+  static constexpr int64_t kDistanceLines = 512;
+
+  RowStream(const void* keys, const void* values, int64_t row_bytes, std::vector<Span> spans, int first_phase,
+            int last_phase)
+      : base_{static_cast<const char*>(keys), static_cast<const char*>(values)}, row_bytes_(row_bytes),
+        lines_per_row_(row_bytes / 64), spans_(std::move(spans)), first_phase_(first_phase), last_phase_(last_phase),
+        phase_(first_phase) {
+    if (!spans_.empty()) row_ = row_at(0);
+    advance(kDistanceLines);
   }
-}
+  // The next `lines` lines of the stream into L2.
+  void advance(int64_t lines) {
+    for (; lines > 0 && span_ < spans_.size(); --lines) next_line();
+  }
+  void advance_credits(int64_t credits) {
+    credit_ += credits;
+    advance(credit_ >> kCreditBits);
+    credit_ &= (int64_t{1} << kCreditBits) - 1;
+  }
+
+ private:
+  const char* row_at(int64_t t) const { return base_[phase_] + spans_[span_].slots[t] * row_bytes_; }
+  void next_line() {
+    _mm_prefetch(row_ + 64 * line_, _MM_HINT_T1);
+    if (++line_ < lines_per_row_) return;
+    line_ = 0;
+    if (++t_ == spans_[span_].n) {
+      t_ = 0;
+      if (phase_ < last_phase_) {
+        ++phase_;
+      } else {
+        phase_ = first_phase_;
+        if (++span_ == spans_.size()) return;
+      }
+    }
+    row_ = row_at(t_);
+  }
+
+  const char* base_[2];
+  int64_t row_bytes_, lines_per_row_;
+  std::vector<Span> spans_;
+  int first_phase_, last_phase_, phase_;
+  size_t span_ = 0;
+  int64_t t_ = 0, line_ = 0, credit_ = 0;
+  const char* row_ = nullptr;
+};
 
 // Where one KV head's rows are: element 0 of the head in slot 0, and a slot's stride.
 template <typename T>
@@ -160,8 +216,9 @@ void score_rows(const uint32_t* const* q, int rows, const uint32_t* keys, __m512
 // transposed in registers and used at once (no packed copy): the decode kernel's few heads per KV head.
 template <typename T, int D, int R>
 inline void score_tile_direct(const uint32_t* const* q, HeadRows<T> keys, const int64_t* slots, int64_t t0, int64_t n,
-                              __m512 scale, float* const* out) {
+                              __m512 scale, float* const* out, RowStream& stream) {
   constexpr int kUnits = D * sizeof(T) / 4;
+  const int64_t tile_rows = std::min<int64_t>(16, n - t0);  // each step reads a line of each
   const uint32_t* rows[16];
   for (int l = 0; l < 16; ++l) rows[l] = reinterpret_cast<const uint32_t*>(keys.at(slots[std::min(t0 + l, n - 1)]));
   __m512 acc[R];
@@ -169,6 +226,7 @@ inline void score_tile_direct(const uint32_t* const* q, HeadRows<T> keys, const 
   for (int u0 = 0; u0 < kUnits; u0 += 16) {
     __m512i r[16];
     for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + u0);
+    stream.advance(tile_rows);
     transpose16(r);
     for (int i = 0; i < 16; ++i) {
       for (int h = 0; h < R; ++h) {
@@ -181,17 +239,17 @@ inline void score_tile_direct(const uint32_t* const* q, HeadRows<T> keys, const 
 
 template <typename T, int D>
 void score_rows_direct(const uint32_t* const* q, int rows, HeadRows<T> keys, const int64_t* slots, int64_t t0,
-                       int64_t n, __m512 scale, float* const* out) {
+                       int64_t n, __m512 scale, float* const* out, RowStream& stream) {
   for (int r = 0; r < rows; r += 8) {
     switch (std::min(rows - r, 8)) {
-      case 1: score_tile_direct<T, D, 1>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 2: score_tile_direct<T, D, 2>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 3: score_tile_direct<T, D, 3>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 4: score_tile_direct<T, D, 4>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 5: score_tile_direct<T, D, 5>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 6: score_tile_direct<T, D, 6>(q + r, keys, slots, t0, n, scale, out + r); break;
-      case 7: score_tile_direct<T, D, 7>(q + r, keys, slots, t0, n, scale, out + r); break;
-      default: score_tile_direct<T, D, 8>(q + r, keys, slots, t0, n, scale, out + r); break;
+      case 1: score_tile_direct<T, D, 1>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 2: score_tile_direct<T, D, 2>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 3: score_tile_direct<T, D, 3>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 4: score_tile_direct<T, D, 4>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 5: score_tile_direct<T, D, 5>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 6: score_tile_direct<T, D, 6>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      case 7: score_tile_direct<T, D, 7>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
+      default: score_tile_direct<T, D, 8>(q + r, keys, slots, t0, n, scale, out + r, stream); break;
     }
   }
 }
@@ -234,8 +292,12 @@ struct PoolValues {
   HeadRows<T> rows;
   const int64_t* slots;
   int64_t n;
+  // A decode's reading advances its stream by `credits` (RowStream::advance_credits) per load.
+  RowStream* stream = nullptr;
+  int64_t credits = 0;
   template <int C>
   void load(int64_t j, int c0, __m512i* v) const {
+    if (stream != nullptr) stream->advance_credits(credits);
     if constexpr (Units<T>::kPerToken == 2) {
       const T* even = rows.at(slots[std::min(2 * j, n - 1)]) + 16 * c0;
       const T* odd = rows.at(slots[std::min(2 * j + 1, n - 1)]) + 16 * c0;
@@ -271,10 +333,12 @@ void pack_values(const PoolValues<T, D>& values, int64_t j0, int64_t j1, uint32_
   }
 }
 
-// Register chunks of the weighted sums per pass over the tokens: D = 256 takes two passes, each dim's
-// chain the same.
+// Register chunks of the weighted sums per pass over the tokens: D = 256 takes four passes, each dim's
+// chain the same. NOTE: 4 chunks of 4 rows rather than 8 of 2: each value unit loaded (and, bf16, unpacked)
+// serves 4 rows, not 2; Gemma 3's decodes (4 query heads a KV head, D = 256) 8-9% faster from L3, D = 128 the
+// same.
 template <int D>
-constexpr int kPassChunks = std::min(D / 16, 8);
+constexpr int kPassChunks = std::min(D / 16, 4);
 
 // acc[r] += the weighted sum of value units [j0, j1) for R rows of probability units: per dim, one
 // chain over the units in order.
@@ -341,22 +405,16 @@ inline void store_output(const __m512* acc, float sum, O* out) {
 
 // One request's query heads (all KV heads): their scores over its n own tokens (those after the
 // prefix) into scores[h * stride + t], 64 tokens at a time, every KV head's, so that each K row (all
-// heads) is read from memory once. The next 64 tokens' K and V rows are prefetched meanwhile: rows
-// are contiguous only within a KV block, so the hardware prefetcher loses the stream at each boundary.
+// heads) is read from memory once (the stream prefetching ahead as they are read).
 template <typename T, int D>
-void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, const T* value_cache, int64_t kv_heads,
-                    const int64_t* slots, int64_t n, float* scores, int64_t stride) {
+void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, int64_t kv_heads, const int64_t* slots,
+                    int64_t n, float* scores, int64_t stride, RowStream& stream) {
   const int64_t group = heads / kv_heads, row = kv_heads * D;
   constexpr int kUnits = D * sizeof(T) / 4;
   const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
   const uint32_t* q_rows[64];
   float* out_rows[64];
-  for (int64_t t0 = -kBlockTokens; t0 < n; t0 += kBlockTokens) {
-    for (int64_t t = t0 + kBlockTokens; t < std::min(n, t0 + 2 * kBlockTokens); ++t) {
-      prefetch_row(key_cache + slots[t] * row, row * sizeof(T), 1);
-      prefetch_row(value_cache + slots[t] * row, row * sizeof(T), 1);
-    }
-    if (t0 < 0) continue;
+  for (int64_t t0 = 0; t0 < n; t0 += kBlockTokens) {
     for (int64_t g = 0; g < kv_heads; ++g) {
       for (int64_t r = 0; r < group; ++r) {
         q_rows[r] = q + (g * group + r) * kUnits;
@@ -364,7 +422,7 @@ void request_scores(const uint32_t* q, int64_t heads, const T* key_cache, const 
       }
       for (int64_t t = t0; t < std::min(n, t0 + kBlockTokens); t += 16) {
         score_rows_direct<T, D>(q_rows, static_cast<int>(group), {key_cache + g * D, row}, slots, t, n, scale,
-                                out_rows);
+                                out_rows, stream);
       }
     }
   }
@@ -441,29 +499,32 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   auto tokens_from = [&](int64_t b) { return slots + b * max_context + skipped(b); };
   auto own_len = [&](int64_t b) { return lens[b] - skipped(b); };
   auto masked_len = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) - skipped(b) : 0; };
+  // The rows requests [begin, end) read, in order: keys then values (phases 0..1), or one of them.
+  auto stream_of = [&](int64_t begin, int64_t end, int first_phase, int last_phase) {
+    std::vector<RowStream::Span> spans;
+    for (int64_t b = begin; b < end; ++b) spans.push_back({tokens_from(b), own_len(b)});
+    return RowStream(k, v, row * static_cast<int64_t>(sizeof(T)), std::move(spans), first_phase, last_phase);
+  };
+  // value_rows' loads of one KV head's units: value_block calls (kValueRows rows each) x passes (kPassChunks)
+  // per unit. Each load advances the stream by its share of the V rows' lines.
+  constexpr int64_t kPasses = kChunks / kPassChunks<D>;
+  const int64_t loads_per_unit = kv_heads * ((group + kValueRows<T, D> - 1) / kValueRows<T, D>) * kPasses;
   // Request b's weighted sums over its own tokens, all heads (probabilities scores_b[h * stride + t]),
   // added to acc[h * kChunks + c]: 64 tokens at a time, every KV head's, so that each V row (all heads)
-  // is read from memory once, the next 64 tokens' rows prefetched meanwhile. NOTE: this works mostly
-  // from cache, so the memory would idle: the next request's first rows (next, next_n) go into L2
-  // meanwhile, a share before each block.
-  auto own_values = [&](int64_t b, const float* scores_b, __m512* acc, const int64_t* next, int64_t next_n) {
-    const int64_t n = own_len(b), units = (n + kPer - 1) / kPer, blocks = (n + kBlockTokens - 1) / kBlockTokens;
+  // is read from memory once.
+  auto own_values = [&](int64_t b, const float* scores_b, __m512* acc, RowStream& stream) {
+    const int64_t n = own_len(b), units = (n + kPer - 1) / kPer;
     const int64_t* own = tokens_from(b);
     for (int64_t t0 = 0; t0 < n; t0 += kBlockTokens) {
-      for (int64_t t = t0 + kBlockTokens; t < std::min(n, t0 + 2 * kBlockTokens); ++t) {
-        prefetch_row(v + own[t] * row, row * sizeof(T), 0);
-      }
-      const int64_t block = t0 / kBlockTokens;
-      for (int64_t t = block * next_n / blocks; t < (block + 1) * next_n / blocks; ++t) {
-        prefetch_row(k + next[t] * row, row * sizeof(T), 1);
-        prefetch_row(v + next[t] * row, row * sizeof(T), 1);
-      }
+      const int64_t block_units = std::min((t0 + kBlockTokens) / kPer, units) - t0 / kPer;
+      const int64_t block_lines = std::min(kBlockTokens, n - t0) * (row * static_cast<int64_t>(sizeof(T)) / 64);
+      const int64_t credits = (block_lines << RowStream::kCreditBits) / (block_units * loads_per_unit);
       for (int64_t g = 0; g < kv_heads; ++g) {
         const uint32_t* p_rows[64];
         for (int64_t r = 0; r < group; ++r) {
           p_rows[r] = reinterpret_cast<const uint32_t*>(scores_b + (g * group + r) * stride);
         }
-        const PoolValues<T, D> values{{v + g * D, row}, own, n};
+        const PoolValues<T, D> values{{v + g * D, row}, own, n, &stream, credits};
         value_rows<T, D>(p_rows, static_cast<int>(group), t0 / kPer, std::min((t0 + kBlockTokens) / kPer, units),
                          values, acc + g * group * kChunks);
       }
@@ -472,10 +533,12 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> local(prefix > 0 ? 0 : heads * stride);
     std::vector<__m512> acc(heads * kChunks);
+    // With a prefix, the values come in a later pass: keys only here.
+    RowStream stream = stream_of(begin, end, 0, prefix > 0 ? 0 : 1);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = own_len(b), masked = masked_len(b);
       float* scores_b = prefix > 0 ? own_scores.data() + b * heads * stride : local.data();
-      request_scores<T, D>(q + b * heads * kUnits, heads, k, v, kv_heads, tokens_from(b), n, scores_b, stride);
+      request_scores<T, D>(q + b * heads * kUnits, heads, k, kv_heads, tokens_from(b), n, scores_b, stride, stream);
       for (int64_t h = 0; h < heads; ++h) {
         float* s = scores_b + h * stride;
         float* ps = prefix > 0 ? prefix_scores.data() + (b * heads + h) * prefix_pad : nullptr;
@@ -491,8 +554,7 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
       }
       if (prefix > 0) continue;
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-      const bool last = b + 1 == end;
-      own_values(b, scores_b, acc.data(), tokens_from(last ? b : b + 1), last ? 0 : own_len(b + 1));
+      own_values(b, scores_b, acc.data(), stream);
       for (int64_t h = 0; h < heads; ++h) {
         store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }
@@ -520,9 +582,10 @@ void decode_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   });
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m512> acc(heads * kChunks);
+    RowStream stream = stream_of(begin, end, 1, 1);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < heads * kChunks; ++i) acc[i] = _mm512_loadu_ps(state.data() + b * heads * D + 16 * i);
-      own_values(b, own_scores.data() + b * heads * stride, acc.data(), slots, 0);
+      own_values(b, own_scores.data() + b * heads * stride, acc.data(), stream);
       for (int64_t h = 0; h < heads; ++h) {
         store_output<T, D>(acc.data() + h * kChunks, sums[b * heads + h], o + (b * heads + h) * D);
       }

@@ -187,16 +187,20 @@ inline __m512 silu16(__m512 g) {
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
+// SiLU of 16 bf16 gates (mask m) rounded to bf16, in fp32: silu_mul's activation for gated_mul_row.
+inline __m512 silu_rounded(const void* gate, __mmask16 m) { return bf16_round_trip(silu16(load_bf16(gate, m))); }
+
 // One row of act(gate) * up on bf16 (torch's act(gate).mul_(up): the activation rounded to bf16, then the product):
-// n values of gate, then of up, at gate_up; n results at out.
-template <class Activation>
-inline void gated_mul_row(const void* gate_up, int64_t n, void* out, Activation activation) {
+// n values of gate, then of up, at gate_up; n results at out. activated(gate, mask): 16 gates' activations, rounded
+// to bf16, in fp32.
+template <class Activated>
+inline void gated_mul_row(const void* gate_up, int64_t n, void* out, Activated activated) {
   const uint16_t* gate = static_cast<const uint16_t*>(gate_up);
   const uint16_t* up = gate + n;
   uint16_t* o = static_cast<uint16_t*>(out);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    store_bf16(o + i, _mm512_mul_ps(bf16_round_trip(activation(load_bf16(gate + i, m))), load_bf16(up + i, m)), m);
+    store_bf16(o + i, _mm512_mul_ps(activated(gate + i, m), load_bf16(up + i, m)), m);
   }
 }
 

@@ -754,7 +754,7 @@ at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& experts, const at::Te
     const Item& item = items[index];
     up.multiply(qx, sx, H, up.packed[item.expert], 2 * F, item.row_begin, item.rows, 0, gate_up_groups, hidden, false);
     for (int64_t r = item.row_begin; r < item.row_begin + item.rows; ++r) {
-      gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu16);
+      gated_mul_row(hidden + r * 2 * F, F, act + r * F, silu_rounded);
       quantize_row(act + r * F, F, qa + r * F, sa + r * sums_f);
     }
     dn.multiply(qa, sa, F, dn.packed[item.expert], H, item.row_begin, item.rows, 0, down_groups, y, false);
