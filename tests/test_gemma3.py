@@ -18,6 +18,7 @@ from conftest import TOKENIZER_FILES, VOCAB, hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
 
 from tokenmill import LLM, SamplingParams, kernels
+from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.models import gemma3, llama
 from tokenmill.models.elementwise import GEMMA_TORCH_OPS
 from tokenmill.models.gguf_file import GGUFFile
@@ -250,3 +251,17 @@ def test_gemma3_270m_quantized_answers_sensibly(gemma_gguf: Path) -> None:
     output = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_tokens=24),
                           use_tqdm=False)[0].outputs[0]
     assert "if n" in output.text and "return" in output.text, output.text
+
+
+def test_gemma3_text_survives_a_decode_stream_that_breaks(gemma_fp32: LLM) -> None:
+    # Gemma 3's own tokens for JSON in French (vLLM's issue 17448): bytes C2 A0 (a no-break space), a lone C2, then
+    # a guillemet. The lone byte turns the run's decoded text from "\xa0" into "���", so tokenizers' DecodeStream
+    # raises "Invalid prefix encountered"; the sequence must go on, its text as vLLM's test expects it.
+    tokenizer = gemma_fp32.get_tokenizer()
+    prompt = [107, 4606, 236787, 107]
+    tokens = [623, 121908, 147418, 569, 537, 236789, 65880, 1925, 1117, 2789, 432, 398, 602, 31118, 569, 124866,
+              134772, 509, 19478, 1640, 33779, 236743, 236770, 236819, 236825, 236771, 432, 398, 432, 237167, 827]
+    sequence = Sequence(Request("r", None, prompt, SamplingParams(), 4096), 0)
+    pieces = [sequence.append_token(token, tokenizer.backend_tokenizer) for token in tokens]
+    assert "".join(pieces) == sequence.text == tokenizer.decode(tokens[:-5]) + "\xa0»\","
+    assert sequence.text.endswith("depuis les années 1960\xa0»\",")

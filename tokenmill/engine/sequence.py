@@ -87,7 +87,17 @@ class Sequence:
     def append_token(self, token_id: int, tokenizer: Tokenizer) -> str:
         """Adds a generated token; returns the text it completes (may be empty mid-character)."""
         self.token_ids.append(token_id)
-        piece = self._decoder.step(tokenizer, token_id) or ""
+        try:
+            piece = self._decoder.step(tokenizer, token_id) or ""
+        except Exception as e:
+            # NOTE: tokenizers' DecodeStream fails when its window's text stops being a prefix of the text with the
+            # new token (byte-fallback tokens whose invalid UTF-8 decodes differently once a later token comes:
+            # Gemma 3 closing a French quotation with a no-break space and a guillemet; vLLM's issue 17448). As
+            # vLLM does, the stream starts afresh at this token; the text so far stands.
+            if not str(e).startswith("Invalid prefix encountered"):
+                raise
+            self._decoder = DecodeStream(skip_special_tokens=self.params.skip_special_tokens)
+            piece = self._decoder.step(tokenizer, token_id) or ""
         self.text += piece
         return piece
 
