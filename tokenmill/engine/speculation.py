@@ -47,7 +47,8 @@ PRIOR_TOKENS_PER_WEIGHT_READ = 8.0
 # Steps measured at a token count before its fastest is trusted: the first steps of a new size are
 # slow (buffers, kernel set-up), and one slow step must not put a draft length out of reach for good.
 STEPS_TO_TRUST = 3
-# A token count's cost is the fastest of its last STEPS_REMEMBERED steps: as many for every count, and recent.
+# A token count's cost is the fastest of its last STEPS_REMEMBERED steps (>= STEPS_TO_TRUST: a count is trusted once
+# it holds that many): as many for every count, and recent.
 # NOTE: the fastest of all steps ever measured compared a minimum over hundreds of plain decode steps with
 # one over a few verification steps, so on a busy machine (where most steps are slowed at random) drafts
 # looked dear and stopped for good: B=4 on the extraction benchmark at a load of ~5 drafted 63 tokens where a
@@ -97,12 +98,10 @@ class DraftPolicy:
         self.prior_chances = list(accumulate((kept / PRIOR_WEIGHT for kept in prior), mul))
         self.steps_without_drafts = 0
         self.recent: dict[int, deque[float]] = {}  # tokens of a decode step -> its last steps' seconds
-        self.measured: dict[int, int] = {}  # tokens of a decode step -> steps timed
         self._knots: list[tuple[int, float]] | None = []  # the cost table step_cost reads; None: rebuild
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         self.steps_without_drafts += 1
-        self.measured[tokens] = self.measured.get(tokens, 0) + 1
         self.recent.setdefault(tokens, deque(maxlen=STEPS_REMEMBERED)).append(seconds)
         self._knots = None
 
@@ -128,7 +127,7 @@ class DraftPolicy:
             # NOTE: a larger step is never cheaper, and noise only slows steps: a fast step at T is
             # the better bound for every smaller count, so the table is monotone in T.
             cheapest, knots = math.inf, []
-            for tokens in sorted((t for t, n in self.measured.items() if n >= STEPS_TO_TRUST), reverse=True):
+            for tokens in sorted((t for t, times in self.recent.items() if len(times) >= STEPS_TO_TRUST), reverse=True):
                 cheapest = min(cheapest, *self.recent[tokens])
                 knots.append((tokens, cheapest))
             self._knots = knots[::-1]
