@@ -76,3 +76,28 @@ def test_output_text_keeps_its_leading_space_on_metaspace_tokenizers() -> None:
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     seq = make_seq([1])  # "Hello"
     assert "".join(seq.append_token(t, tokenizer) for t in [2, 3]) == " world Paris"
+
+
+def test_output_text_completing_a_character_the_prompt_began_holds_only_that_character() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+
+    def byte_tokens(data: bytes) -> list[int]:  # one token a byte
+        return [tokenizer.token_to_id(_byte_char(b)) for b in data]
+
+    middle = "中".encode()  # E4 B8 AD
+    seq = make_seq(byte_tokens(b"a" + middle[:1]))  # the prompt stops inside the character
+    pieces = [seq.append_token(t, tokenizer) for t in byte_tokens(middle[1:] + b" ok")]
+    assert "".join(pieces) == seq.text == "中 ok"
+
+
+def _byte_char(b: int) -> str:
+    """GPT-2's byte-level alphabet: the printable character that stands for byte b."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(b))

@@ -19,6 +19,9 @@ from xgrammar import GrammarMatcher
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
+# The prompt's last tokens a sequence's text stream starts from (see Sequence._primed_decoder).
+PRIMER_TOKENS = 4
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -44,10 +47,7 @@ class Sequence:
         self.text = ""
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if self.params.logprobs is not None else None
-        # NOTE: primed with the prompt's last tokens, so that tokenizers that drop the leading space
-        # of a text's first word (SentencePiece's Metaspace) keep it on the first generated word.
-        self._decoder = DecodeStream(ids=request.prompt_token_ids[-4:],
-                                     skip_special_tokens=self.params.skip_special_tokens)
+        self._decoder: DecodeStream | None = None  # made on the first token, when the tokenizer is at hand
         self.grammar: GrammarMatcher | None = None  # set by the engine for structured output
         # Tokens drafted for this step (engine/speculation.py): computed after token_ids, kept as
         # far as the samples agree; cleared after every step. draft_ngram: the length of the n-gram
@@ -84,8 +84,28 @@ class Sequence:
         key = f"{self.params.seed}:{self.index}:{self.num_output_tokens + ahead}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
+    def _primed_decoder(self, tokenizer: Tokenizer) -> DecodeStream:
+        """A text stream that continues the prompt's: primed with its last tokens, so that tokenizers
+        that drop the leading space of a text's first word (SentencePiece's Metaspace) keep it on the
+        first generated word."""
+        skip = self.params.skip_special_tokens
+        primer = self.token_ids[max(0, self.num_prompt_tokens - PRIMER_TOKENS):self.num_prompt_tokens]
+        # NOTE: a prompt that ends inside a character (its last byte tokens an incomplete UTF-8
+        # sequence) would otherwise put the primer's text before the character the output completes
+        # ("a" + 0xE4, then 0xB8 0xAD, read "a中"): the primer ends before those bytes, which are fed as
+        # steps whose text (none while incomplete) is the prompt's.
+        dangling: list[int] = []
+        while primer and tokenizer.decode(primer, skip_special_tokens=skip).endswith("\ufffd"):
+            dangling.insert(0, primer.pop())
+        decoder = DecodeStream(ids=primer, skip_special_tokens=skip)
+        for token_id in dangling:
+            decoder.step(tokenizer, token_id)
+        return decoder
+
     def append_token(self, token_id: int, tokenizer: Tokenizer) -> str:
         """Adds a generated token; returns the text it completes (may be empty mid-character)."""
+        if self._decoder is None:
+            self._decoder = self._primed_decoder(tokenizer)
         self.token_ids.append(token_id)
         try:
             piece = self._decoder.step(tokenizer, token_id) or ""
