@@ -16,6 +16,7 @@ import gguf
 import pytest
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench import WARMUP_PROMPTS, WARMUP_TOKENS, openvino_spec
 from tokenmill.cli import main
 
 
@@ -175,3 +176,13 @@ def test_openvino_runs_the_same_token_ids_and_its_start_is_measured(tmp_path: Pa
     out = capsys.readouterr().out
     assert "| openvino | 16 | 4 | 3 | 60 |" in out and "tokenmill / openvino:" in out
     assert all(float(x) > 0 for x in load_table(out)["openvino"])
+
+
+def test_openvino_takes_the_warm_up_in_one_step_at_any_grid(tmp_path: Path) -> None:
+    # A grid of B = 1 once gave the peer room for one sequence, and its two warm-up prompts then ran one after the
+    # other ("a request decoded before every prompt was processed").
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_size": 64,
+                                                      "num_hidden_layers": 2, "num_key_value_heads": 2}))
+    spec = openvino_spec(tmp_path, 2, [(8, 4, 1)])
+    assert spec["max_num_seqs"] >= WARMUP_PROMPTS and spec["max_num_batched_tokens"] >= WARMUP_PROMPTS * WARMUP_TOKENS
+    assert openvino_spec(tmp_path, 2, [(64, 4, 32)])["max_num_batched_tokens"] == 64 * 32

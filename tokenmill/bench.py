@@ -192,17 +192,22 @@ def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+# Each engine first runs this many prompts of this many tokens in one step (tokenmill's: unless max_num_seqs is 1).
+WARMUP_PROMPTS, WARMUP_TOKENS = 2, 16
+
+
 def openvino_spec(folder: Path, threads: int, points: list[tuple[int, int, int]]) -> dict[str, Any]:
     """The peer script's settings (tokenmill/openvino_peer.py says what each is): a KV cache that holds the
     largest point's B * (PP + TG + 1) tokens with a quarter to spare at 2 bytes a value (OpenVINO's CPU
-    cache may take fewer), and every prompt phase in one step."""
+    cache may take fewer), and every prompt phase in one step, the warm-up's too."""
     config = json.loads((folder / "config.json").read_text())
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     per_token = 2 * 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
     tokens = max(b * (pp + tg + 1) for pp, tg, b in points)
     return {"model": str(folder), "threads": threads, "cache_gb": max(1, math.ceil(1.25 * tokens * per_token / 1e9)),
-            "max_num_seqs": max(b for _, _, b in points), "max_num_batched_tokens": max(b * pp for pp, _, b in points)}
+            "max_num_seqs": max(WARMUP_PROMPTS, *(b for _, _, b in points)),
+            "max_num_batched_tokens": max(WARMUP_PROMPTS * WARMUP_TOKENS, *(b * pp for pp, _, b in points))}
 
 
 def check_openvino(python: str, folder: Path) -> None:
@@ -325,7 +330,7 @@ def batched(config: EngineConfig, npp: list[int], ntg: list[int], npl: list[int]
     engine = Engine(config)
     client = LocalClient(engine)
     rng, vocab = random.Random(0), client.frontend.vocab_size
-    warmup = _random_prompts(rng, vocab, 16, min(2, config.max_num_seqs), shared_prompt)  # all in one step
+    warmup = _random_prompts(rng, vocab, WARMUP_TOKENS, min(WARMUP_PROMPTS, config.max_num_seqs), shared_prompt)
     grid = {(pp, tg, b): _random_prompts(rng, vocab, pp, b, shared_prompt) for pp, tg, b in points}
     ttft_prompts = [[rng.randrange(3, vocab) for _ in range(pp)] for pp in npp]
     run_point(client, 4, warmup, shared_prompt)
