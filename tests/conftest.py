@@ -4,12 +4,12 @@ supported architecture, built from `transformers` configs."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 import pytest
 import torch
 from transformers import (
@@ -29,6 +29,9 @@ from transformers import (
 
 from tokenmill import LLM
 from tokenmill.models.loader import default_model_path
+
+if TYPE_CHECKING:  # the server tests' client; not needed to build models (a GPU machine has no openai)
+    import openai
 
 # The benchmarks' modules (benchmarks/hf_to_gguf.py, bench_moe.py) import each other by name, as when a script there
 # runs: the tests that write model files import them the same way.
@@ -143,9 +146,17 @@ def build_tiny_model(arch: str, folder: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> dict[str, Path]:
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """SmolLM2's tokenizer files, for the tiny models: from TOKENMILL_TEST_TOKENIZER's folder where it is set (a
+    GPU machine without the SmolLM2 package: benchmarks/gpu_session.sh), else smol_dir's."""
+    folder = os.environ.get("TOKENMILL_TEST_TOKENIZER")
+    return Path(folder) if folder else request.getfixturevalue("smol_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny_model(arch, root / arch, smol_dir) for arch in TINY_ARCHS}
+    return {arch: build_tiny_model(arch, root / arch, tokenizer_dir) for arch in TINY_ARCHS}
 
 
 def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

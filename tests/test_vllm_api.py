@@ -70,7 +70,7 @@ def test_gpu_tuning_arguments_are_ignored_with_one_warning(tiny_models: dict[str
     ({"runner": "draft"}, ValueError, "runner='draft'"),
     ({"seed": "x"}, ValueError, "seed"),
     ({"gpu_memory_utilization": 0.5, "kv_cache_memory": "1GiB"}, TypeError, "gpu_memory_utilization"),
-    ({"gpu_memory_utilization": 1.5}, ValueError, "kv_cache_memory"),
+    ({"gpu_memory_utilization": 1.5}, ValueError, "gpu_memory_utilization"),
     ({"dtype": "float64"}, ValueError, "dtype"),
 ])
 def test_other_arguments_and_values_are_refused(kwargs: dict, error: type[Exception], match: str) -> None:

@@ -11,7 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.batch.runner import BatchJob, JobSummary, default_errors_path, summary_path, write_summary
-from tokenmill.engine.config import DEFAULT_STEP_TOKENS, DTYPES, QUANTIZATIONS, SPECULATIVE, TASKS, EngineConfig
+from tokenmill.engine.config import (
+    DEFAULT_STEP_TOKENS,
+    DTYPES,
+    GPU_STEP_TOKENS,
+    QUANTIZATIONS,
+    SPECULATIVE,
+    TASKS,
+    EngineConfig,
+)
 
 
 def _fatal(message: str) -> int:
@@ -24,7 +32,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, task=args.task,
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                        speculative=args.speculative)
+                        speculative=args.speculative, device=args.device,
+                        gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def _report(summary: JobSummary, summary_file: Path) -> int:
@@ -255,13 +264,19 @@ def main(argv: list[str] | None = None) -> int:
                               "embed: use a Llama-family model as an embedder (default: %(default)s)")
         sub.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                          help=f"tokens of one step (default: {DEFAULT_STEP_TOKENS['generate']} for generation, "
-                              f"{DEFAULT_STEP_TOKENS['embed']} for embeddings)")
+                              f"{DEFAULT_STEP_TOKENS['embed']} for embeddings; {GPU_STEP_TOKENS} on a GPU)")
         sub.add_argument("--speculative", default=EngineConfig.speculative, choices=SPECULATIVE,
                          help="ngram: draft tokens by prompt lookup when the batch is small, outputs unchanged; "
                               "off: never (default: %(default)s)")
         sub.add_argument("--kv-cache-memory", default=EngineConfig.kv_cache_memory,
                          help="KV cache size: bytes with a unit (4GiB, 512MB) or a fraction of the available RAM "
-                              "(0.2, 20%%; default: %(default)s)")
+                              "(0.2, 20%%; default: %(default)s; on a GPU, bytes only: see --gpu-memory-utilization)")
+        sub.add_argument("--device", default=EngineConfig.device,
+                         help="auto: CUDA where torch sees a GPU, else the CPU; cpu; cuda or cuda:N "
+                              "(default: %(default)s)")
+        sub.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
+                         help="on a GPU, the share of its memory for the weights, a step's activations and the KV "
+                              "cache together (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -74,7 +74,9 @@ VLLM_ARGS: dict[str, Translation] = {
     "quantization": _sets("quantization", lambda value: "auto" if value == "gguf" else value),
     "task": _sets("task", _choice({"auto": "auto", "generate": "generate", "embed": "embed", "embedding": "embed"})),
     "runner": _sets("task", _choice({"auto": "auto", "generate": "generate", "pooling": "embed"})),
-    "gpu_memory_utilization": _sets("kv_cache_memory", float),  # the KV cache's share of the RAM available
+    # On a GPU, vLLM's meaning; on the CPU, the KV cache's share of the RAM available.
+    "gpu_memory_utilization": lambda value: {} if value is None else {"gpu_memory_utilization": float(value),
+                                                                       "kv_cache_memory": float(value)},
     "kv_cache_memory_bytes": _sets("kv_cache_memory", int),
     "seed": _sets("seed"),
     # NOTE: tokenmill never runs a model's own code (it runs the architectures it implements), so
@@ -119,8 +121,9 @@ class LLM:
           number: `request_seed`), so that a script gives the same samples run after run whatever
           the batching (seeded sampling is batch-invariant). None (the default): unseeded requests
           draw fresh noise.
-        - `gpu_memory_utilization`: the KV cache's share of the RAM available (kv_cache_memory as a
-          fraction); `kv_cache_memory_bytes`: its size.
+        - `gpu_memory_utilization`: on a GPU, vLLM's (the share of its memory for weights, activations and
+          the KV cache); on the CPU, the KV cache's share of the RAM available (kv_cache_memory as a
+          fraction). `kv_cache_memory_bytes`: the KV cache's size.
         - `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
           `block_size`, `tokenizer` (a folder), `generation_config` ("auto", "vllm" or a folder),
           `task`/`runner`, `quantization` (tokenmill's values, or "gguf" for "auto"), `dtype`

@@ -21,10 +21,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 QUANTIZATIONS = ("auto", "none", "int8")  # what each means: tokenmill/models/loader.py
 TASKS = ("auto", "generate", "embed")
 SPECULATIVE = ("ngram", "off")
+DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" too
 # Tokens per step by default. Generation: measured (benchmarks/bench_scheduler.py, docs/PERFORMANCE.md),
 # 256 runs a mixed job 1-4% and a prompt-only job 5-14% faster than 1024 on this class of CPU.
 # Embeddings: whole prompts only, no decode to interleave; GEMMs need rows (benchmarks/bench_embeddings.py).
 DEFAULT_STEP_TOKENS = {"generate": 256, "embed": 4096}
+# On a GPU a step's cost hardly grows with its tokens until thousands (its weights are read once either
+# way), so its steps are as large as vLLM's default.
+GPU_STEP_TOKENS = 8192
+CPU = torch.device("cpu")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -58,14 +63,26 @@ def parse_memory(value: str | int | float) -> int | float:
     return value
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_device(device: str) -> torch.device:
+    """"auto": the first CUDA device where torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built {'with CUDA ' + str(torch.version.cuda) if torch.version.cuda else 'for CPU only'})")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device = CPU) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # NOTE: bf16 matmuls are only fast where the CPU has native bf16 instructions.
         capability = torch.backends.cpu.get_cpu_capability()
-        has_bf16 = torch.cuda.is_available() or _cpu_has_bf16() or capability == "AVX512_BF16"
-        return torch.bfloat16 if has_bf16 else torch.float32
+        return torch.bfloat16 if _cpu_has_bf16() or capability == "AVX512_BF16" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
@@ -94,8 +111,14 @@ class EngineConfig:
     # Tokens per step; None: the task's default (`step_tokens`).
     max_num_batched_tokens: int | None = None
     # Bytes (an int, or a string with a unit: "4GiB") or a fraction of the RAM available at start
-    # (a float, "0.2" or "20%"); normalised by `parse_memory` to an int or a float.
+    # (a float, "0.2" or "20%"); normalised by `parse_memory` to an int or a float. On a GPU, bytes
+    # size the pool; a fraction is not used there (gpu_memory_utilization is).
     kv_cache_memory: str | int | float = 0.2
+    # "auto": CUDA where torch sees a GPU, else the CPU; "cpu"; "cuda" or "cuda:N".
+    device: str = "auto"
+    # On a GPU: the share of its memory the engine may fill, weights, a step's activations and the KV
+    # pool together (vLLM's name and meaning).
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     block_size: int = 16
     max_model_len: int | None = None
@@ -120,6 +143,11 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {self.speculative!r}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, float | int) \
+                or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -136,6 +164,8 @@ class EngineConfig:
                            "the others wait", self.max_num_batched_tokens, self.max_num_seqs,
                            self.max_num_batched_tokens)
 
-    def step_tokens(self, task: str) -> int:
-        """The token budget of a step of the engine serving `task` ("generate" or "embed")."""
-        return self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[task]
+    def step_tokens(self, task: str, device: torch.device = CPU) -> int:
+        """The token budget of a step of the engine serving `task` ("generate" or "embed") on `device`."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return max(GPU_STEP_TOKENS, DEFAULT_STEP_TOKENS[task]) if device.type == "cuda" else DEFAULT_STEP_TOKENS[task]

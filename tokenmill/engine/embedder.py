@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tokenmill.engine.config import EngineConfig, resolve_dtype
+from tokenmill.engine.config import EngineConfig, resolve_device, resolve_dtype
 from tokenmill.engine.embedding_runner import DecoderRunner, EncoderRunner
 from tokenmill.engine.engine import EngineMetrics, EngineStats, check_token_ids
 from tokenmill.errors import INTERNAL_ERROR, RequestError
@@ -55,6 +55,8 @@ class EmbeddingEngine:
     task = "embed"
 
     def __init__(self, config: EngineConfig) -> None:
+        if resolve_device(config.device).type != "cpu" and config.device != "auto":
+            raise ValueError(f"embedding models run on the CPU only, not device={config.device!r}")
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
         loaded = load_embedder(config.model, self.dtype, config.max_model_len, config.quantization)

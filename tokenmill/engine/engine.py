@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import psutil
 import torch
 
-from tokenmill.engine.config import EngineConfig, resolve_dtype
+from tokenmill.engine.config import EngineConfig, resolve_device, resolve_dtype
+from tokenmill.engine.gpu_memory import gpu_kv_budget, step_activation_bytes
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.sampler import sample, top_logprobs
 from tokenmill.engine.scheduler import Scheduler
@@ -93,13 +94,14 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, self.dtype, config.max_model_len, config.quantization, config.tokenizer,
-                            config.generation_config)
+                            config.generation_config, self.device)
         self.model_path = loaded.path
         self.model_name = loaded.name
         self.quantization = loaded.quantization
-        logger.info("%s: weights %s, activations %s", self.model_name, self.quantization, self.dtype)
+        logger.info("%s on %s: weights %s, activations %s", self.model_name, self.device, self.quantization, self.dtype)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = loaded.max_model_len
@@ -108,8 +110,12 @@ class Engine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
 
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
+        step_tokens = config.step_tokens(self.task, self.device)
         budget = config.kv_cache_memory  # normalised by EngineConfig: bytes, or a fraction of the available RAM
-        if isinstance(budget, float):
+        if self.device.type == "cuda" and isinstance(budget, float):
+            budget = gpu_kv_budget(self.device, config.gpu_memory_utilization,
+                                   step_activation_bytes(loaded.config, step_tokens, config.max_num_seqs))
+        elif isinstance(budget, float):
             budget = int(psutil.virtual_memory().available * budget)
         # Never more blocks than max_num_seqs full-length sequences could use.
         useful = config.max_num_seqs * cdiv(self.max_model_len, config.block_size)
@@ -119,9 +125,9 @@ class Engine:
                              f"({block_bytes} bytes each)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  attention_reach(loaded.model.kv_layout.windows))
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.step_tokens(self.task))
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, step_tokens)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.drafts = DraftPolicy() if config.speculative == "ngram" else None
@@ -313,7 +319,7 @@ class Engine:
         tokens = sample(logits, seqs, self.eos_token_ids, ahead).tolist()
         if raw_logprobs is not None:
             chosen = [i for i, k in enumerate(want_logprobs) if k is not None]
-            entries = top_logprobs(raw_logprobs[chosen], torch.tensor(tokens)[chosen],
+            entries = top_logprobs(raw_logprobs[chosen], torch.tensor(tokens, device=logits.device)[chosen],
                                    [want_logprobs[i] for i in chosen])
             for i, entry in zip(chosen, entries):
                 self._decode_logprob_tokens(entry)
@@ -388,7 +394,7 @@ class Engine:
             return
         if skip > 0:
             logits, target = logits[skip:], target + skip
-        ids = torch.tensor(request.prompt_token_ids[target:target + logits.shape[0]])
+        ids = torch.tensor(request.prompt_token_ids[target:target + logits.shape[0]], device=logits.device)
         entries = top_logprobs(logits.log_softmax(dim=-1), ids, [request.params.prompt_logprobs] * len(ids))
         for entry in entries:
             self._decode_logprob_tokens(entry)

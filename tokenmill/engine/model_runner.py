@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import math
 import mmap
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from tokenmill.attention import AttentionBackend, AttentionSpec, BatchLayout, select_attention_backend
+from tokenmill.engine.config import CPU
 from tokenmill.engine.scheduler import ScheduledBatch
 from tokenmill.engine.sequence import Sequence
 from tokenmill.models.causal_lm import CausalLM, StepMetadata
@@ -48,19 +51,42 @@ def lazily_committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
-def paged_kv(model: CausalLM, num_blocks: int, block_size: int) -> tuple[torch.Tensor, AttentionBackend]:
-    """The model's KV pool, one for all layers ([layer, K|V, slot, kv_head, head_dim]), and the
+def paged_kv(model: CausalLM, num_blocks: int, block_size: int,
+             device: torch.device = CPU) -> tuple[torch.Tensor, AttentionBackend]:
+    """The model's KV pool on `device`, one for all layers ([layer, K|V, slot, kv_head, head_dim]), and the
     attention backend chosen for it."""
     kv = model.kv_layout
-    pool = lazily_committed_zeros((kv.num_layers, 2, num_blocks * block_size, kv.num_kv_heads, kv.head_dim),
-                                  model.dtype)
+    shape = (kv.num_layers, 2, num_blocks * block_size, kv.num_kv_heads, kv.head_dim)
+    pool = lazily_committed_zeros(shape, model.dtype) if device.type == "cpu" else \
+        torch.zeros(shape, dtype=model.dtype, device=device)
     spec = AttentionSpec(kv.num_heads, kv.num_kv_heads, kv.head_dim, block_size, model.dtype, pool.device)
     return pool, select_attention_backend(spec)
 
 
-def step_metadata(model: CausalLM, attention: AttentionBackend, layout: BatchLayout) -> StepMetadata:
-    """The step's attention metadata for each window the model's layers use."""
-    return {window: attention.build_metadata(layout, window) for window in model.kv_layout.distinct_windows}
+def step_metadata(model: CausalLM, attention: AttentionBackend, layout: BatchLayout,
+                  device: torch.device = CPU) -> StepMetadata:
+    """The step's attention metadata for each window the model's layers use, on `device`.
+
+    NOTE: built on the CPU from the host's lists whatever the device (a few small tensor ops, and the
+    backends' shape decisions read their values), then copied to the device once per step: no layer
+    waits on a host round trip."""
+    metas = {window: attention.build_metadata(layout, window) for window in model.kv_layout.distinct_windows}
+    return metas if device.type == "cpu" else {window: to_device(meta, device) for window, meta in metas.items()}
+
+
+T = TypeVar("T")
+
+
+def to_device(value: T, device: torch.device) -> T:
+    """value with every tensor in it (fields of dataclasses, items of lists and tuples) copied to device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device)  # type: ignore[misc]
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(item, device) for item in value)  # type: ignore[return-value]
+    return value
 
 
 # glibc's mallopt parameters, and the size up to which a step's tensors are kept in the heap.
@@ -85,11 +111,13 @@ def keep_step_tensors_in_heap() -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device = CPU) -> None:
         self.model = model
         self.block_size = block_size
-        self.kv_cache, self.attention = paged_kv(model, num_blocks, block_size)
-        keep_step_tensors_in_heap()
+        self.device = device
+        self.kv_cache, self.attention = paged_kv(model, num_blocks, block_size, device)
+        if device.type == "cpu":
+            keep_step_tensors_in_heap()
 
     @staticmethod
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -109,8 +137,9 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s in seqs)
         block_table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
         layout, positions = BatchLayout.of(num_new, context_len, block_table, self.block_size)
-        metas = step_metadata(self.model, self.attention, layout)
-        hidden = self.model(torch.tensor(input_ids), positions, self.kv_cache, self.attention, metas)
+        metas = step_metadata(self.model, self.attention, layout, self.device)
+        hidden = self.model(torch.tensor(input_ids).to(self.device, non_blocking=True),
+                            positions.to(self.device, non_blocking=True), self.kv_cache, self.attention, metas)
 
         # Logits only where they are used: each finished prompt's or decode's last token, and
         # the prompt rows of requests that asked for prompt logprobs.
@@ -131,6 +160,7 @@ class ModelRunner:
             elif done + n == seq.num_tokens + drafts:
                 sample_seqs.append(seq)
                 sample_rows.extend(range(first + n - 1 - drafts, first + n))
-        logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows + sample_rows, dtype=torch.long)])
+        rows = torch.tensor(prompt_rows + sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden[rows])
         prompt_logits = [(seq, target, logits[row:row + count]) for seq, row, count, target in prompt_spans]
         return StepLogits(sample_seqs, logits[len(prompt_rows):], prompt_logits, computed_prompts)

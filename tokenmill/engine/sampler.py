@@ -21,32 +21,35 @@ from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import Logprob, TokenLogprobs
 
 
-def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def _row_index(lengths: list[int]) -> torch.Tensor:
+def _row_index(lengths: list[int], device: torch.device) -> torch.Tensor:
     """For entries listed row after row, lengths[r] of them in row r: each entry's row."""
-    return torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+    return torch.arange(len(lengths), device=device).repeat_interleave(torch.tensor(lengths, device=device))
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [(i, bias) for i, s in enumerate(seqs) if (bias := s.request.logit_bias) is not None]
     if not rows:
         return
-    row_ids = torch.tensor([i for i, _ in rows])[_row_index([len(ids) for _, (ids, _) in rows])]
-    token_ids = torch.cat([ids for _, (ids, _) in rows])
-    logits.index_put_((row_ids, token_ids), torch.cat([values for _, (_, values) in rows]), accumulate=True)
+    device = logits.device
+    row_ids = torch.tensor([i for i, _ in rows], device=device)[_row_index([len(ids) for _, (ids, _) in rows], device)]
+    token_ids = torch.cat([ids for _, (ids, _) in rows]).to(device)
+    values = torch.cat([values for _, (_, values) in rows]).to(device)
+    logits.index_put_((row_ids, token_ids), values, accumulate=True)
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [(i, ids) for i, s in enumerate(seqs) if (ids := s.request.allowed_token_ids) is not None]
     if not rows:
         return
-    keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool)
-    keep[_row_index([len(ids) for _, ids in rows]), torch.cat([ids for _, ids in rows])] = True
-    index = torch.tensor([i for i, _ in rows])
+    device = logits.device
+    keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=device)
+    keep[_row_index([len(ids) for _, ids in rows], device), torch.cat([ids for _, ids in rows]).to(device)] = True
+    index = torch.tensor([i for i, _ in rows], device=device)
     logits[index] = logits[index].masked_fill_(~keep, float("-inf"))
 
 
@@ -65,20 +68,21 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             or s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0]
     if not rows:
         return
-    vocab = logits.shape[1]
+    vocab, device = logits.shape[1], logits.device
     sub = logits[rows]
     params = [seqs[i].params for i in rows]
     # Padding points at an extra column that is dropped afterwards.
-    outputs = _pad([seqs[i].output_token_ids for i in rows], vocab)
-    counts = torch.zeros(len(rows), vocab + 1).scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float))
+    outputs = _pad([seqs[i].output_token_ids for i in rows], vocab, device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+        1, outputs, torch.ones_like(outputs, dtype=torch.float))
     counts = counts[:, :vocab]
-    prompts = _pad([seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows], vocab)
-    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool).scatter_(1, prompts, True)[:, :vocab]
+    prompts = _pad([seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows], vocab, device)
+    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompts, True)[:, :vocab]
     seen |= counts > 0
-    rep = torch.tensor([p.repetition_penalty for p in params])[:, None]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub -= torch.tensor([p.frequency_penalty for p in params])[:, None] * counts
-    sub -= torch.tensor([p.presence_penalty for p in params])[:, None] * (counts > 0)
+    sub -= torch.tensor([p.frequency_penalty for p in params], device=device)[:, None] * counts
+    sub -= torch.tensor([p.presence_penalty for p in params], device=device)[:, None] * (counts > 0)
     logits[rows] = sub
 
 
@@ -87,20 +91,21 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     min_p = [s.params.min_p for s in seqs]
+    device = logits.device
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         vocab = logits.shape[1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab)[None, :]
-        k = torch.tensor([k if k > 0 else vocab for k in top_k])[:, None]
+        ranks = torch.arange(vocab, device=device)[None, :]
+        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Drop a token once the tokens before it already cover top_p; the first always stays.
-        drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p)[:, None]
+        drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=device)[:, None]
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(p > 0 for p in min_p):
         probs = logits.softmax(dim=-1)
-        threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p)[:, None]
+        threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device)[:, None]
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return logits
 
@@ -124,7 +129,7 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
         chunk_max = torch.cat((chunk_max, logits[:, full:].amax(dim=-1, keepdim=True)), dim=1)
     start = chunk_max.argmax(dim=-1, keepdim=True) * _ARGMAX_CHUNK
     # A short last chunk repeats the final column: argmax's first occurrence ignores the repeats.
-    window = (start + torch.arange(_ARGMAX_CHUNK)).clamp_(max=vocab - 1)
+    window = (start + torch.arange(_ARGMAX_CHUNK, device=logits.device)).clamp_(max=vocab - 1)
     return window.gather(1, logits.gather(1, window).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
@@ -148,12 +153,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
     if not random_rows:
         return tokens
     rseqs = [seqs[i] for i in random_rows]
-    temps = torch.tensor([s.params.temperature for s in rseqs])[:, None]
+    temps = torch.tensor([s.params.temperature for s in rseqs], device=logits.device)[:, None]
     probs = _filter(logits[random_rows] / temps, rseqs).softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded row
     # take its noise from a generator seeded for that very token.
     noise = torch.empty_like(probs).exponential_()
-    generator = torch.Generator()
+    generator = torch.Generator(logits.device)
     for row, (i, s) in enumerate(zip(random_rows, rseqs)):
         if (seed := s.next_token_seed(ahead[i])) is not None:
             noise[row].exponential_(generator=generator.manual_seed(seed))

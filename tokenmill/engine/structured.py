@@ -58,7 +58,7 @@ class StructuredOutputs:
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], self._vocab_size)
         for row, matcher in matchers:
             matcher.fill_next_token_bitmask(bitmask, row)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self._vocab_size,
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self._vocab_size,
                                         indices=[row for row, _ in matchers])
 
 

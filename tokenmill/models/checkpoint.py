@@ -16,9 +16,12 @@ from tokenmill.models.quantized import QuantizedWeight, Weight, stack_rows
 
 
 class Checkpoint:
-    def __init__(self, tensors: dict[str, Weight], dtype: torch.dtype) -> None:
+    def __init__(self, tensors: dict[str, Weight], dtype: torch.dtype, device: torch.device) -> None:
+        """Plain tensors are handed over on `device` (the model's); quantized blocks stay where they are (the CPU,
+        whose kernels run them)."""
         self.tensors = tensors
         self.dtype = dtype
+        self.device = device
 
     def take(self, name: str) -> Weight:
         try:
@@ -30,11 +33,11 @@ class Checkpoint:
         tensor = self.take(name)
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"weight {name!r} is quantized, which only linear layers and the embedding take")
-        return tensor
+        return tensor.to(self.device)
 
     def cast(self, weight: Weight) -> Weight:
         """A plain tensor in the model's dtype; quantized blocks as they are."""
-        return weight.to(self.dtype) if isinstance(weight, torch.Tensor) else weight
+        return weight.to(self.device, self.dtype) if isinstance(weight, torch.Tensor) else weight
 
     def copy_to(self, param: torch.Tensor, name: str) -> None:
         with torch.no_grad():
@@ -53,7 +56,7 @@ class Checkpoint:
         if all(isinstance(w, QuantizedWeight) for w in weights):
             return stack_rows(weights)
         if all(isinstance(w, torch.Tensor) for w in weights):
-            return torch.cat(weights).to(self.dtype)
+            return torch.cat(weights).to(self.device, self.dtype)
         raise ValueError(f"weights {names} mix quantized and plain tensors")
 
     def load_embedding_and_head(self, embedding: TokenEmbedding, head: Linear, tied: bool, lm_head: bool) -> None:

@@ -167,6 +167,7 @@ class Gemma3ForCausalLM(CausalLM):
         check_supported(config)
         self.config = config
         self.dtype = dtype
+        self.device = device
         ops = select_elementwise_ops(device, dtype, config.head_dim)
         gemma_ops = select_gemma_ops(device, dtype)
         windows = sliding_windows(config)
@@ -186,7 +187,8 @@ class Gemma3ForCausalLM(CausalLM):
         self._compute_rope(min(self.max_positions, llama.ROPE_ROWS_AT_START))
 
     def _compute_rope(self, rows: int) -> None:
-        self.rope = {kind: llama.rope_tables(self.config, rows, layer_type=kind) for kind in {*self.config.layer_types}}
+        tables = {kind: llama.rope_tables(self.config, rows, layer_type=kind) for kind in {*self.config.layer_types}}
+        self.rope = {kind: (cos.to(self.device), sin.to(self.device)) for kind, (cos, sin) in tables.items()}
 
     def _cover_positions(self, positions: torch.Tensor) -> None:
         """Grows the rope tables (doubling) as models/llama.py's do."""
@@ -215,7 +217,7 @@ class Gemma3ForCausalLM(CausalLM):
 
     def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
         """Fuses q/k/v and gate/up (models/checkpoint.py)."""
-        checkpoint = Checkpoint(tensors, self.dtype)
+        checkpoint = Checkpoint(tensors, self.dtype, self.device)
         checkpoint.load_embedding_and_head(self.embed_tokens, self.lm_head, self.config.tie_word_embeddings, lm_head)
         self.norm.load(checkpoint.plain("model.norm.weight"), self.dtype)
         for i, layer in enumerate(self.layers):

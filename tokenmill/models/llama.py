@@ -160,6 +160,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.device = device
         ops = select_elementwise_ops(device, dtype, head_dim_of(config))
         windows = sliding_windows(config)
         self.kv_layout = KVLayout(config.num_attention_heads, config.num_key_value_heads, head_dim_of(config), windows)
@@ -176,7 +177,10 @@ class LlamaForCausalLM(CausalLM):
     def reset_buffers(self) -> None:
         """Fills the rope tables' first rows; call again after moving off the meta device."""
         if self.rope_cos.device.type != "meta":
-            self.rope_cos, self.rope_sin = self.compute_rope_tables(min(self.max_positions, ROPE_ROWS_AT_START))
+            self._set_rope_rows(min(self.max_positions, ROPE_ROWS_AT_START))
+
+    def _set_rope_rows(self, rows: int) -> None:
+        self.rope_cos, self.rope_sin = (table.to(self.device) for table in self.compute_rope_tables(rows))
 
     def compute_rope_tables(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [rows, head_dim] of the first `rows` positions (a family with another rope overrides it)."""
@@ -189,8 +193,7 @@ class LlamaForCausalLM(CausalLM):
         identical after a regrowth (tests/test_exactness.py runs past the first rows)."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.rope_cos.shape[0]:
-            rows = min(self.max_positions, max(needed, 2 * self.rope_cos.shape[0]))
-            self.rope_cos, self.rope_sin = self.compute_rope_tables(rows)
+            self._set_rope_rows(min(self.max_positions, max(needed, 2 * self.rope_cos.shape[0])))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attention: AttentionBackend, metas: StepMetadata) -> torch.Tensor:
@@ -210,7 +213,7 @@ class LlamaForCausalLM(CausalLM):
 
     def load_weights(self, tensors: dict[str, Weight], lm_head: bool = True) -> None:
         """Fuses q/k/v and gate/up (models/checkpoint.py)."""
-        checkpoint = Checkpoint(tensors, self.dtype)
+        checkpoint = Checkpoint(tensors, self.dtype, self.device)
         checkpoint.load_embedding_and_head(self.embed_tokens, self.lm_head, self.config.tie_word_embeddings, lm_head)
         checkpoint.copy_to(self.norm.weight, "model.norm.weight")
         for i, layer in enumerate(self.layers):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from tokenmill import kernels
-from tokenmill.engine.config import QUANTIZATIONS
+from tokenmill.engine.config import CPU, QUANTIZATIONS
 from tokenmill.models.causal_lm import CausalLM
 from tokenmill.models.families import SUPPORTED_ARCHITECTURES, family_of
 from tokenmill.models.gguf_file import GGUFFile
@@ -187,14 +187,17 @@ def generation_defaults(model_config: dict[str, Any] | None, generation_config: 
     return defaults
 
 
-def prepare_weights(tensors: dict[str, Weight], quantization: str, dtype: torch.dtype) -> str:
-    """Puts each weight in the form `quantization` asks for, in place, for a model in `dtype`; returns what runs
-    (LoadedModel's)."""
+def prepare_weights(tensors: dict[str, Weight], quantization: str, dtype: torch.dtype,
+                    device: torch.device = CPU) -> str:
+    """Puts each weight in the form `quantization` asks for, in place, for a model in `dtype` on `device`;
+    returns what runs (LoadedModel's). The quantized kernels are the CPU's: on a GPU, blocks are dequantized."""
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    runnable = kernels.QUANT_TYPES if kernels.available() else frozenset()
+    on_cpu = device.type == "cpu"
+    runnable = kernels.QUANT_TYPES if on_cpu and kernels.available() else frozenset()
     if quantization == "int8" and not runnable:
-        raise ModelLoadError("quantization='int8' needs tokenmill's CPU kernels, which do not run here (AVX-512)")
+        raise ModelLoadError("quantization='int8' needs tokenmill's CPU kernels, which do not run here " +
+                             ("(AVX-512)" if on_cpu else f"(device {device})"))
     widened: set[str] = set()
     unquantized: list[str] = []  # int8: weights whose rows are not whole Q8_0 blocks
     for name, weight in tensors.items():
@@ -209,7 +212,8 @@ def prepare_weights(tensors: dict[str, Weight], quantization: str, dtype: torch.
             elif isinstance(weight, torch.Tensor):
                 unquantized.append(name)
     if widened and quantization != "none":
-        why = "no kernel for them" if runnable else "tokenmill's CPU kernels do not run here"
+        why = "no kernel for them" if runnable else \
+            "tokenmill's CPU kernels do not run here" if on_cpu else f"the {device.type} path runs {dtype} weights"
         logger.warning("weights of type %s dequantized at load (%s)", ", ".join(sorted(widened)), why)
     if unquantized:
         logger.warning("quantization='int8' leaves %d weights in the model's dtype (rows not a multiple of 32): %s",
@@ -238,10 +242,9 @@ def decoder_context(config: PretrainedConfig, max_model_len: int | None) -> int:
 
 
 def build_decoder(config: PretrainedConfig, tensors: dict[str, Weight], dtype: torch.dtype, max_model_len: int,
-                  path: Path, lm_head: bool = True) -> CausalLM:
-    """The config's family's model on the CPU with the checkpoint's weights (each linear layer's method
+                  path: Path, lm_head: bool = True, device: torch.device = CPU) -> CausalLM:
+    """The config's family's model on `device` with the checkpoint's weights (each linear layer's method
     is chosen as it loads its weight)."""
-    device = torch.device("cpu")
     try:
         family = family_of(config)
         with torch.device("meta"):
@@ -258,7 +261,7 @@ def build_decoder(config: PretrainedConfig, tensors: dict[str, Weight], dtype: t
 
 def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_len: int | None = None,
                quantization: str = "auto", tokenizer: str | None = None,
-               generation_config: str = "auto") -> LoadedModel:
+               generation_config: str = "auto", device: torch.device = CPU) -> LoadedModel:
     """`tokenizer`: a tokenizer folder to use instead of the model's; `generation_config`: see
     generation_defaults."""
     path = resolve_model_path(model)
@@ -267,8 +270,8 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, max_model_le
     model_generation = read_generation_config(path) if path.is_dir() else None
     defaults = generation_defaults(model_generation, generation_config)
     max_model_len = decoder_context(config, max_model_len)
-    running = prepare_weights(tensors, quantization, dtype)
-    model_ = build_decoder(config, tensors, dtype, max_model_len, path)
+    running = prepare_weights(tensors, quantization, dtype, device)
+    model_ = build_decoder(config, tensors, dtype, max_model_len, path, device=device)
     return LoadedModel(model_, config, tokenizer_, eos_token_ids(config, model_generation, tokenizer_), max_model_len,
                        path, model_name(model), running, defaults)
 
