@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.attention import AttentionSpec, BatchLayout, TorchAttentionBackend, TritonAttentionBackend
+from tokenmill.attention import (
+    AttentionSpec,
+    BatchLayout,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    select_attention_backend,
+    triton_backend,
+)
 from tokenmill.attention.torch_backend import window_start
 
 
@@ -80,15 +87,15 @@ def random_step(case: Case, device: str, seed: int) -> tuple[AttentionSpec, Batc
 
 
 def run_case(case: Case, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton backend's output, and the torch backend's in fp32 over the same values (NaNs zeroed: it
-    gathers padded contexts, whose masked slots it multiplies by 0)."""
+    """The Triton backend's output, and the torch backend's over the same values in fp32 on the CPU (NaNs
+    zeroed: it gathers padded contexts, whose masked slots it multiplies by 0); both on the CPU."""
     spec, batch, q, pool = random_step(case, device, seed)
-    triton_backend = TritonAttentionBackend(spec)
-    out = triton_backend.forward(q, pool, triton_backend.build_metadata(batch, case.window))
+    backend = TritonAttentionBackend(spec)
+    out = backend.forward(q, pool, backend.build_metadata(batch, case.window)).cpu()
     reference = TorchAttentionBackend(AttentionSpec(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                                    spec.block_size, torch.float32, spec.device))
-    expected = reference.forward(q.float(), pool.float().nan_to_num(), reference.build_metadata(batch, case.window))
-    return out, expected
+                                                    spec.block_size, torch.float32, torch.device("cpu")))
+    q, pool = q.cpu().float(), pool.cpu().float().nan_to_num()
+    return out, reference.forward(q, pool, reference.build_metadata(batch, case.window))
 
 
 def widen_bf16_dots_in_the_interpreter() -> None:
@@ -137,8 +144,6 @@ def test_the_interpreted_kernel_equals_the_torch_backend(
 
 
 def test_the_triton_backend_is_chosen_on_cuda_only() -> None:
-    from tokenmill.attention import select_attention_backend, triton_backend
-
     for dtype, head_dim, group, fits in [(torch.bfloat16, 64, 4, True), (torch.float32, 256, 1, True),
                                          (torch.float16, 80, 3, True), (torch.bfloat16, 512, 1, False),
                                          (torch.bfloat16, 128, 128, False), (torch.float64, 64, 1, False)]:
@@ -172,15 +177,13 @@ def test_the_kernel_on_a_gpu_equals_the_torch_backend(name: str) -> None:
     case = GPU_CASES[name]
     spec = AttentionSpec(case.kv_heads * case.group, case.kv_heads, case.head_dim, case.block_size, case.dtype,
                          torch.device("cuda"))
-    assert type(TritonAttentionBackend(spec)) is TritonAttentionBackend and TritonAttentionBackend.supports(spec)
+    assert type(select_attention_backend(spec)) is TritonAttentionBackend
     out, expected = run_case(case, "cuda")
     tolerance = TOLERANCE[case.dtype] * (10 if case.dtype == torch.float32 else 1)  # fp32: longer sums on the GPU
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 if __name__ == "__main__":  # the child process of `interpreted_outputs`, TRITON_INTERPRET=1 set
-    from tokenmill.attention import triton_backend
-
     assert type(triton_backend.paged_attention_kernel).__name__ == "InterpretedFunction"
     widen_bf16_dots_in_the_interpreter()
     torch.save({name: run_case(case, "cpu") for name, case in INTERPRETED_CASES.items()}, Path(sys.argv[1]))

@@ -13,7 +13,7 @@ prompt chunks alike; each program attends one tile of one request's queries for 
   pool's dtype for the weighted sum, as flash attention does.
 
 `build_metadata` lists a step's tiles once (its request and its first query each) in two launches:
-the decodes with tiles of 16 rows (a decode's group of query heads), the chunks with larger tiles,
+the decodes with tiles of 16 rows (a decode's query heads of one KV head; more past 16), the chunks with larger tiles,
 so one long chunk never pads the decodes' tiles and the chunks get tensor-core-sized GEMMs. The step's
 layout is read on the host; `forward` launches without a host sync. No shared-prefix (cascade) path:
 decodes sharing a prefix read it each.
@@ -167,7 +167,8 @@ class TritonMetadata(AttentionMetadata):
     launches: list[TileLaunch]
 
 
-def tiles(requests: torch.Tensor, num_queries: torch.Tensor, queries_per_tile: int) -> tuple[torch.Tensor, ...]:
+def tiles(requests: torch.Tensor, num_queries: torch.Tensor,
+          queries_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiles covering the given requests' queries, queries_per_tile each: their requests and first queries."""
     counts = (num_queries[requests] + queries_per_tile - 1) // queries_per_tile
     tile_request = requests.repeat_interleave(counts)
