@@ -9,9 +9,11 @@ from __future__ import annotations
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec, BatchLayout
 from tokenmill.attention.cpu_kernel_backend import CpuKernelAttentionBackend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.attention.triton_backend import TritonAttentionBackend
 
 # In order of preference; the torch backend runs everywhere.
-ATTENTION_BACKENDS: tuple[type[AttentionBackend], ...] = (CpuKernelAttentionBackend, TorchAttentionBackend)
+ATTENTION_BACKENDS: tuple[type[AttentionBackend], ...] = (TritonAttentionBackend, CpuKernelAttentionBackend,
+                                                          TorchAttentionBackend)
 
 
 def select_attention_backend(spec: AttentionSpec) -> AttentionBackend:
@@ -19,4 +21,5 @@ def select_attention_backend(spec: AttentionSpec) -> AttentionBackend:
 
 
 __all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "AttentionMetadata", "AttentionSpec", "BatchLayout",
-           "CpuKernelAttentionBackend", "TorchAttentionBackend", "select_attention_backend"]
+           "CpuKernelAttentionBackend", "TorchAttentionBackend", "TritonAttentionBackend",
+           "select_attention_backend"]
