@@ -6,6 +6,7 @@ on a lent machine); the rest checks here what does not need one.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,10 @@ def test_step_metadata_reaches_the_device_whole() -> None:
     assert moved.attend == meta.attend and len(moved.groups) == len(meta.groups) == 2
     assert [t.shape for t in tensors] == [meta.slot_mapping.shape] + [
         t.shape for g in meta.groups for t in vars(g).values() if isinstance(t, torch.Tensor)]
+    # The two decodes share two blocks: attended apart on the CPU only (the merge's op is the CPU's).
+    assert [g.shared_prefix_slots is not None for g in meta.groups] == [True, False]
+    elsewhere = TorchAttentionBackend(dataclasses.replace(spec, device=torch.device("meta"))).build_metadata(layout)
+    assert all(g.shared_prefix_slots is None for g in elsewhere.groups)
 
 
 @gpu

@@ -70,9 +70,10 @@ def window_start(context_len: torch.Tensor, num_queries: torch.Tensor, window: i
 
 def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_len: torch.Tensor,
                 block_table: torch.Tensor, block_size: int, queries_per_kv_head: int,
-                window: int | None) -> AttentionGroup:
+                window: int | None, split_prefix: bool = True) -> AttentionGroup:
     """query_start, num_queries, context_len: [B]; block_table: [B, max_blocks] (padded). With a
-    window, each request's context is read from the first position its earliest query sees."""
+    window, each request's context is read from the first position its earliest query sees. With
+    split_prefix, decodes attend to the prefix they share apart (shared_prefix_attention)."""
     max_q = int(num_queries.max())
     first = window_start(context_len, num_queries, window)
     span = context_len - first
@@ -91,7 +92,7 @@ def build_group(query_start: torch.Tensor, num_queries: torch.Tensor, context_le
     # row is repeated for the query heads sharing that KV head.
     mask = mask.repeat_interleave(queries_per_kv_head, dim=1).unsqueeze(1)
     group = AttentionGroup(query_index[query_valid], query_index, query_valid, slots, span, mask)
-    if max_q == 1 and window is None:
+    if max_q == 1 and window is None and split_prefix:
         prefix_len = shared_prefix_len(block_table, context_len, block_size)
         if prefix_len > 0:
             group.shared_prefix_slots = slots[0, :prefix_len]
@@ -110,8 +111,11 @@ def group_requests(batch: BatchLayout, spec: AttentionSpec, window: int | None) 
     groups = []
     for cls in length_class.unique().tolist():
         selected = length_class == cls
+        # NOTE: the shared prefix's merge takes its log-sum-exp from torch's CPU flash-attention op: other
+        # devices attend to the whole context (this backend is their fallback only).
         groups.append(build_group(batch.query_start[selected], num_queries[selected], batch.context_lens[selected],
-                                  batch.block_table[selected], spec.block_size, spec.queries_per_kv_head, window))
+                                  batch.block_table[selected], spec.block_size, spec.queries_per_kv_head, window,
+                                  split_prefix=spec.device.type == "cpu"))
     return groups
 
 
