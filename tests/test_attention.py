@@ -223,6 +223,21 @@ def test_decode_kernel_refuses_a_prefix_under_a_window_and_an_empty_window() -> 
         decode_kernel(q, pool[0], pool[1], slots, lens, NO_PREFIX, 0)
 
 
+@needs_kernel
+def test_decode_kernel_refuses_slots_outside_the_pool_and_contexts_past_their_tables() -> None:
+    pool, slots, lens = random_paged_requests([40, 40], 16, 3, 64, torch.bfloat16)
+    q = torch.randn(2, 9, 64).to(torch.bfloat16)
+    num_slots = pool.shape[1]
+    for bad in (-1, num_slots):
+        outside = slots.clone()
+        outside[1, 5] = bad
+        with pytest.raises(RuntimeError, match="context_slots outside the pool"):
+            decode_kernel(q, pool[0], pool[1], outside, lens, NO_PREFIX, None)
+    for bad_len in (0, slots.shape[1] + 1):
+        with pytest.raises(RuntimeError, match="every context needs 1..L tokens"):
+            decode_kernel(q, pool[0], pool[1], slots, torch.tensor([40, bad_len]), NO_PREFIX, None)
+
+
 def backends(spec: AttentionSpec) -> list[AttentionBackend]:
     """The torch backend, and the kernel backend where it runs."""
     return [TorchAttentionBackend(spec)] + ([CpuKernelAttentionBackend(spec)] if kernels.available() else [])

@@ -113,6 +113,11 @@ def test_rope_store_is_bit_exact_and_writes_the_pool(heads: int, kv_heads: int, 
     untouched = torch.ones(500, dtype=torch.bool)
     untouched[slots] = False
     assert not pool[:, untouched].any()
+    for bad in (-1, 500):  # a slot outside the pool is refused, not written
+        outside = slots.clone()
+        outside[tokens // 2] = bad
+        with pytest.raises(RuntimeError, match="slot_mapping outside the pool's 500 slots"):
+            ops.rope_store(qk, v, cos, sin, pool[0], pool[1], outside)
 
 
 @needs_kernels

@@ -730,11 +730,8 @@ void check_contexts(const at::Tensor& context_slots, const at::Tensor& context_l
   TORCH_CHECK(context_slots.dim() == 2 && context_slots.size(0) == rows && context_lens.dim() == 1 &&
               context_lens.size(0) == rows && context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(),
               "context_slots [R, L] and context_lens [R] int64");
-  if (rows > 0) {
-    const auto [low, high] = at::aminmax(context_lens);
-    TORCH_CHECK(low.item<int64_t>() >= min_len && high.item<int64_t>() <= context_slots.size(1),
-                "every context needs ", min_len, "..L tokens");
-  }
+  TORCH_CHECK(all_within(context_lens.data_ptr<int64_t>(), rows, min_len, context_slots.size(1)),
+              "every context needs ", min_len, "..L tokens");
   check_slots(context_slots, num_slots, "context_slots");
 }
 

@@ -45,9 +45,10 @@
 //   (n, j) for k = 4s + j. Q6_K's top 2 bits: two vectors per sub-block, step s in bits 2(s / 2) of vector s % 2.
 //   Q8_0: 8 vectors of bytes q + 128.
 // - scales kept compact, widened to fp32 per group in registers: fp16 d (and m or dmin) per feature and block;
-//   Q4_K's 6-bit sc and m unpacked to one byte per feature and sub-block, Q6_K's int8 sc per 16. Bytes per
-//   weight: the file's for every type but Q4_K (4.625 bits against 4.5). (fp32 ws and wm per sub-block would be
-//   2 more bits a weight: +44% bytes for Q4_K at M=1, where the bytes are the time.)
+//   Q4_K's 6-bit sc and m as the file packs them (unpacked at each fold), Q6_K's int8 sc per 16. Bytes per
+//   weight: the file's for every type. (Q4_K's sc and m unpacked to a byte each at load were 4.625 bits a weight
+//   against 4.5; fp32 ws and wm per sub-block would be 2 more bits a weight: +44% bytes for Q4_K at M=1, where the
+//   bytes are the time.)
 // Cost (Zen 4, one thread, weights in L2, M >= 64): each (row, sub-block) is 8 vpdpbusd (64 products each, against
 // vdpbf16ps' 32) and the fold (cvt, a multiply, two FMAs). Measured (one group a pass; two: see "Work") 296-317 GFLOP/s
 // (Q4_K, Q8_0, Q4_1) and 237-245 (Q6_K: two folds a sub-block) against dense_linear's bf16 221-231 on the same shape
@@ -85,8 +86,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/accumulate.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -265,24 +269,25 @@ struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
 };
 
 // d, dmin, scales[12] (8 6-bit scales and mins, ggml's get_scale_min_k4), qs[128]: sub-block c's weight l is
-// the low (c even) or high nibble of qs[32 (c / 2) + l]; value d sc[c] q - dmin m[c].
+// the low (c even) or high nibble of qs[32 (c / 2) + l]; value d sc[c] q - dmin m[c]. Packed: d, dmin, the file's
+// 12 bytes of scales as three vectors (lane n: bytes 4v .. 4v + 3 of feature n's), then the quants: the file's
+// 144 bytes a feature. NOTE: the scales stay 6-bit, unpacked in registers at each fold (a few logic operations and
+// one byte shuffle each, about what loading them widened took): unpacked at load to a byte each they were 4.625
+// bits a weight, and at M=1 the bytes are the time.
 struct Q4_K {
-  static constexpr int64_t kBlock = 256, kFileBytes = 144, kBytes = 8 * 256 + 2 * 128 + 2 * 32;
+  static constexpr int64_t kBlock = 256, kFileBytes = 144, kBytes = 8 * 256 + 3 * 64 + 2 * 32;
   static constexpr bool kHalves = false;
   static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = -1;
   static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
     for (int c = 0; c < 8; ++c) {
-      put_nibbles(out + 320 + 256 * c, [&](int n, int t) {
+      put_nibbles(out + 256 + 256 * c, [&](int n, int t) {
         const uint32_t word = u32_at(rows[n] + 16 + 32 * (c / 2) + 4 * t);
         return (c % 2 ? word >> 4 : word) & kLowNibbles;
       });
-      for (int n = 0; n < kLanes; ++n) {
-        const uint8_t* scales = rows[n] + 4;
-        const bool low = c < 4;
-        out[64 + 16 * c + n] = low ? scales[c] & 63 : (scales[c + 4] & 0xF) | ((scales[c - 4] >> 6) << 4);
-        out[192 + 16 * c + n] = low ? scales[c + 4] & 63 : (scales[c + 4] >> 4) | ((scales[c] >> 6) << 4);
-      }
+    }
+    for (int n = 0; n < kLanes; ++n) {
+      for (int v = 0; v < 3; ++v) put_u32(out + 64 + 64 * v + 4 * n, u32_at(rows[n] + 4 + 4 * v));
     }
     put_fp16(rows, 0, out);
     put_fp16(rows, 2, out + 32);
@@ -291,13 +296,27 @@ struct Q4_K {
     const uint8_t* p;
     __m512 d, dmin;
     explicit Unpack(const uint8_t* block) : p(block), d(fp16_vector(block)), dmin(fp16_vector(block + 32)) {}
-    __m512i quants(int j, int s) const { return nibbles(p + 320 + 256 * j, s); }
+    __m512i quants(int j, int s) const { return nibbles(p + 256 + 256 * j, s); }
+    // Sub-block j's scale and min (get_scale_min_k4 on the file's bytes: a = scales[0..3], b = [4..7], c = [8..11]):
+    // j < 4: the low 6 bits of byte j of a and of b; else the low and the high nibble of byte j - 4 of c, under the
+    // top 2 bits of byte j - 4 of a and of b. Each lane's byte j % 4 is then moved to its lane's low byte.
     void scales(int j, int, __m512& ws, __m512& wm) const {
-      const auto bytes = [&](int offset) {
-        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + offset + 16 * j))));
-      };
-      ws = _mm512_mul_ps(d, bytes(64));
-      wm = _mm512_mul_ps(dmin, bytes(192));
+      const __m512i a = _mm512_loadu_si512(p + 64), b = _mm512_loadu_si512(p + 128);
+      __m512i sc, m;
+      if (j < 4) {
+        sc = _mm512_and_si512(a, _mm512_set1_epi8(0x3F));
+        m = _mm512_and_si512(b, _mm512_set1_epi8(0x3F));
+      } else {
+        const __m512i c = _mm512_loadu_si512(p + 192), top = _mm512_set1_epi8(0x30), low = _mm512_set1_epi8(0x0F);
+        sc = _mm512_or_si512(_mm512_and_si512(c, low), _mm512_and_si512(_mm512_srli_epi16(a, 2), top));
+        m = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(c, 4), low),
+                            _mm512_and_si512(_mm512_srli_epi16(b, 2), top));
+      }
+      const int r = j % 4;  // in each 128-bit lane, word k's low byte from byte 4k + r, the others zero
+      const auto word = [r](int k) { return static_cast<int>(0x80808000u | (4 * k + r)); };
+      const __m512i pick = _mm512_set4_epi32(word(3), word(2), word(1), word(0));
+      ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_shuffle_epi8(sc, pick)));
+      wm = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_shuffle_epi8(m, pick)));
     }
   };
 };
@@ -597,6 +616,28 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {q, sums};
 }
 
+// An uninitialized tensor in a mapping of its own, 2 MB-aligned and advised as transparent huge pages.
+// NOTE: a weight is read end to end at every step (at M=1 the bytes are the time), and in 4 KB pages each page is a
+// TLB miss, a page walk that under virtualization walks two tables: reading 1 GiB with 2 threads here ran at 3.5
+// GB/s in 4 KB pages against 5.8 in 2 MB ones (under load 13; best of 20 rounds each, alternated). This kernel's THP
+// setting is "madvise", so memory from at::empty stays in 4 KB pages; and a fresh mapping, not the heap's memory
+// (posix_memalign gave 60% of the 1B's weights in huge pages): pages already faulted in stay 4 KB. Below 2 MB,
+// or where the mapping fails, at::empty.
+at::Tensor empty_in_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr uintptr_t kHugePage = 2 << 20, kPage = 4096;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kHugePage) return at::empty(sizes, options);
+  const size_t length = (bytes + kPage - 1) / kPage * kPage, mapped = length + kHugePage;
+  void* region = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (region == MAP_FAILED) return at::empty(sizes, options);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(region), start = (first + kHugePage - 1) / kHugePage * kHugePage;
+  if (start > first) munmap(region, start - first);  // the mapping trimmed to [start, start + length)
+  if (first + mapped > start + length) munmap(reinterpret_cast<void*>(start + length), first + mapped - start - length);
+  void* memory = reinterpret_cast<void*>(start);
+  madvise(memory, length, MADV_HUGEPAGE);  // advice: where it is refused, the memory works in 4 KB pages
+  return at::from_blob(memory, sizes, [length](void* p) { munmap(p, length); }, options);
+}
+
 at::Tensor int8_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.stride(1) == 1,
               "blocks must be uint8 [N, row_bytes] with contiguous rows");
@@ -608,7 +649,7 @@ at::Tensor int8_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_feature
                 F::kBlock);
     TORCH_CHECK(blocks.size(1) == per_row * F::kFileBytes, "blocks have ", blocks.size(1), " bytes a row, ",
                 per_row * F::kFileBytes, " expected for ", K, " weights");
-    packed = at::empty({groups_of(N), per_row, F::kBytes}, blocks.options());
+    packed = empty_in_huge_pages({groups_of(N), per_row, F::kBytes}, blocks.options());
     const uint8_t* w = blocks.data_ptr<uint8_t>();
     uint8_t* out = packed.data_ptr<uint8_t>();
     const int64_t stride = blocks.stride(0);
