@@ -153,6 +153,31 @@ def test_prompt_chunks_are_bitwise_their_tokens_decoded_alone(dtype: torch.dtype
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (1, 4, 256)])
+@pytest.mark.parametrize("window", [None, 20, 100])
+def test_short_chunks_read_in_place_have_the_bits_of_a_long_one(dtype: torch.dtype, kv_heads: int, group: int,
+                                                                head_dim: int, window: int | None) -> None:
+    """Chunks of 1 to 9 tokens (drafts being verified), which the kernel attends in place up to 24 rows a KV head and
+    packs above, several in one call and beside a long chunk: every query's output is, bit for bit, what one chunk
+    of all 70 tokens gives."""
+    torch.manual_seed(0)
+    pool, slots, _ = random_paged_requests([300, 90], 16, kv_heads, head_dim, dtype)
+    q = torch.randn(70 + 20, kv_heads * group, head_dim).to(dtype)
+    one = chunk_kernel(q[:70].contiguous(), pool[0], pool[1], torch.tensor([0]), torch.tensor([70]),
+                       slots[:1, :300].contiguous(), torch.tensor([300]), window)
+    sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 6, 5, 4, 3]
+    assert sum(sizes) == 70
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    pieces = chunk_kernel(q[:70].contiguous(), pool[0], pool[1], starts[:-1], torch.tensor(sizes),
+                          slots[[0] * len(sizes), :300].contiguous(), 230 + starts[1:], window)
+    assert torch.equal(one, pieces)
+    beside = chunk_kernel(q, pool[0], pool[1], torch.tensor([0, 3, 70]), torch.tensor([3, 67, 20]),
+                          slots[[0, 0, 1]].contiguous(), torch.tensor([233, 300, 90]), window)
+    assert torch.equal(one, beside[:70])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (1, 4, 256)])
 @pytest.mark.parametrize("window", [1, 20, 64, 100, 5000])
 def test_windowed_kernels_equal_dense_attention(dtype: torch.dtype, kv_heads: int, group: int, head_dim: int,

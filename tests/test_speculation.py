@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.speculation import (
+    MATCH_CLASS_STARTS,
     MAX_DRAFT,
-    MAX_NGRAM,
-    MIN_NGRAM,
     PROBE_INTERVAL,
     STEPS_REMEMBERED,
     STEPS_TO_TRUST,
@@ -22,17 +21,31 @@ from tokenmill.engine.speculation import (
     propose,
 )
 
+# The match classes drafts of the shortest and of the longest matches are in.
+SHORT, LONG = 1, len(MATCH_CLASS_STARTS)
+
 
 def test_propose_continues_the_latest_earlier_occurrence() -> None:
     assert propose([5, 6, 7, 8, 1, 5, 6, 7, 9, 5, 6, 7], 3) == ([9, 5, 6], 3)  # the latest of two matches
     assert propose([1, 2, 3, 4, 2, 3], 5) == ([4, 2, 3], 2)  # up to the end of the sequence
     assert propose([1, 2, 3, 9, 3], 2) == ([9, 3], 1)  # a shorter n-gram when the longer has no match
-    assert propose([1, 2, 3, 4, 5, 9, 2, 3, 4, 5, 8, 1, 2, 3, 4, 5], 2) == ([9, 2], 5)  # the longest match first
+    # The longest n-gram first (5 tokens: the class of 4-7).
+    assert propose([1, 2, 3, 4, 5, 9, 2, 3, 4, 5, 8, 1, 2, 3, 4, 5], 2) == ([9, 2], 4)
     assert propose([1, 2, 3, 4], 4) == ([], 0)  # nothing repeats
     assert propose([7, 7, 7, 7], 2) == ([7], 3)  # overlapping occurrences
     assert propose([1, 2, 1, 2], 0) == ([], 0)
     # Token ids whose bytes match across token boundaries are not matches.
     assert propose([0x10000, 0, 5, 1], 2) == ([], 0)  # 1's bytes straddle 0x10000 and 0
+
+
+def test_propose_takes_the_occurrence_matching_furthest_back() -> None:
+    """Of the 5-gram's occurrences, the one whose match with the sequence's end goes on longest (the line being
+    copied, not a phrase that recurs), its class that length's: 8 tokens the class of 8-15; 32 or more the last."""
+    phrase = [10, 11, 12, 13, 14]
+    line = [20, 21, 22, *phrase]
+    assert propose([*line, 1, 30, *phrase, 2, *line], 2) == ([1, 30], 5)
+    assert propose([*line, 1, 30, *phrase, 2, 40, *phrase], 2) == ([2, 40], 4)  # equally long: the latest
+    assert propose([*range(40), 99, *range(40)], 1) == ([99], LONG)
 
 
 # Fastest decode steps of SmolLM2 by token count (ms): the first extra tokens cost ~2.5 ms each, the
@@ -73,8 +86,8 @@ def test_step_cost_interpolates_the_fastest_steps_and_is_monotone() -> None:
     assert policy.step_cost(16) == pytest.approx(0.0208 * 24 / 16)  # beyond: the prior's slope from the last
 
 
-def drafts(*lengths: int, ngram: int = MAX_NGRAM) -> list[Draft]:
-    return [Draft([0] * length, ngram) for length in lengths]
+def drafts(*lengths: int, match_class: int = LONG) -> list[Draft]:
+    return [Draft([0] * length, match_class) for length in lengths]
 
 
 def test_draft_lengths_follow_cost_and_acceptance() -> None:
@@ -82,30 +95,30 @@ def test_draft_lengths_follow_cost_and_acceptance() -> None:
     assert DraftPolicy().draft_lengths(2, drafts(3, 0)) == [3, 0]  # no more than a sequence has
     policy = measured_policy()
     for i in range(200):  # 70% of the first drafts kept, and then whole spans (a copy goes on)
-        policy.observe_drafts(MAX_NGRAM, 8, 8 * (i % 10 < 7))
+        policy.observe_drafts(LONG, 8, 8 * (i % 10 < 7))
     assert policy.draft_lengths(4, drafts(8, 8, 8, 8)) == [8] * 4  # memory-bound, accepted: draft many
     assert not policy.may_draft(64) and policy.draft_lengths(64, drafts(*[8] * 64)) == [0] * 64  # compute-bound
     for i in range(200):  # half the first drafts kept
-        policy.observe_drafts(MAX_NGRAM, 8, 8 * (i % 2))
-    assert policy.acceptance(MAX_NGRAM, 0) == pytest.approx(0.5, abs=0.05) and policy.acceptance(MAX_NGRAM, 5) > 0.95
+        policy.observe_drafts(LONG, 8, 8 * (i % 2))
+    assert policy.acceptance(LONG, 0) == pytest.approx(0.5, abs=0.05) and policy.acceptance(LONG, 5) > 0.95
     assert policy.draft_lengths(1, drafts(8)) == [8]
-    assert verifications_until_no_drafts(policy, [MAX_NGRAM]) <= 80  # after 400 at 0.5, none kept any more
+    assert verifications_until_no_drafts(policy, [LONG]) <= 80  # after 400 at 0.5, none kept any more
     assert policy.draft_lengths(4, drafts(8, 8, 8, 8)) == [0] * 4
-    # Nothing to copy from the start: every n-gram length's drafts stop soon.
+    # Nothing to copy from the start: every match class's drafts stop soon.
     policy = measured_policy()
-    ngrams = list(range(MIN_NGRAM, MAX_NGRAM + 1))
-    assert verifications_until_no_drafts(policy, ngrams) <= 8 * len(ngrams)
+    classes = list(range(SHORT, LONG + 1))
+    assert verifications_until_no_drafts(policy, classes) <= 8 * len(classes)
     assert not policy.may_draft(1)
 
 
-def test_acceptance_is_measured_per_ngram_length() -> None:
-    """Short matches are wrong far more often than long ones: each length's drafts are priced by its own record."""
+def test_acceptance_is_measured_per_match_class() -> None:
+    """Short matches are wrong far more often than long ones: each class's drafts are priced by its own record."""
     policy = measured_policy()
     for i in range(100):
-        policy.observe_drafts(MAX_NGRAM, 8, 8 * (i % 10 < 7))
-        policy.observe_drafts(MIN_NGRAM, 8, 0)
-    assert policy.acceptance(MIN_NGRAM, 0) < 0.05 < 0.65 < policy.acceptance(MAX_NGRAM, 0)
-    mixed = [Draft([0] * 8, MAX_NGRAM), Draft([0] * 8, MIN_NGRAM), Draft([0] * 8, MAX_NGRAM)]
+        policy.observe_drafts(LONG, 8, 8 * (i % 10 < 7))
+        policy.observe_drafts(SHORT, 8, 0)
+    assert policy.acceptance(SHORT, 0) < 0.05 < 0.65 < policy.acceptance(LONG, 0)
+    mixed = [Draft([0] * 8, LONG), Draft([0] * 8, SHORT), Draft([0] * 8, LONG)]
     assert policy.draft_lengths(3, mixed) == [8, 0, 8]
     assert policy.may_draft(3)
 
@@ -114,30 +127,30 @@ def test_drafts_judged_useless_are_tried_again_later() -> None:
     """A job whose first lines had nothing to copy drafts again for its later lines: after PROBE_INTERVAL steps
     without drafts, the likeliest are verified anyway (a probe), and drafting goes on once they are kept."""
     policy = measured_policy()
-    verifications_until_no_drafts(policy, list(range(MIN_NGRAM, MAX_NGRAM + 1)))
+    verifications_until_no_drafts(policy, list(range(SHORT, LONG + 1)))
     probes = []
     for step in range(4 * PROBE_INTERVAL):  # nothing to copy still: a probe every PROBE_INTERVAL steps
         policy.observe_step(1, STEP_MS[1] / 1e3)
         if policy.may_draft(1) and (probe := policy.draft_lengths(1, drafts(8))[0]):
             probes.append(step)
-            policy.observe_drafts(MAX_NGRAM, probe, 0)
+            policy.observe_drafts(LONG, probe, 0)
     assert probes == [PROBE_INTERVAL * i - 1 for i in range(1, 5)]
     drafted = []
     for _ in range(4 * PROBE_INTERVAL):  # the lines copy now: each probe's drafts are kept, until drafting pays
         policy.observe_step(1, STEP_MS[1] / 1e3)
         drafted.append(policy.draft_lengths(1, drafts(8))[0] if policy.may_draft(1) else 0)
         if drafted[-1]:
-            policy.observe_drafts(MAX_NGRAM, drafted[-1], drafted[-1])
+            policy.observe_drafts(LONG, drafted[-1], drafted[-1])
     assert drafted[-PROBE_INTERVAL:] == [8] * PROBE_INTERVAL
 
 
-def verifications_until_no_drafts(policy: DraftPolicy, ngrams: list[int]) -> int:
-    """Verifications of drafts (found by n-grams of these lengths in turn) of which none is kept until the
-    policy drafts none of them at B = 1."""
+def verifications_until_no_drafts(policy: DraftPolicy, classes: list[int]) -> int:
+    """Verifications of drafts (of these match classes in turn) of which none is kept until the policy drafts none
+    of them at B = 1."""
     verifications = 0
-    while any(policy.draft_lengths(1, drafts(8, ngram=ngram)) != [0] for ngram in ngrams):
-        ngram = ngrams[verifications % len(ngrams)]
-        policy.observe_drafts(ngram, policy.draft_lengths(1, drafts(8, ngram=ngram))[0], 0)
+    while any(policy.draft_lengths(1, drafts(8, match_class=c)) != [0] for c in classes):
+        match_class = classes[verifications % len(classes)]
+        policy.observe_drafts(match_class, policy.draft_lengths(1, drafts(8, match_class=match_class))[0], 0)
         verifications += 1
     return verifications
 
@@ -152,12 +165,12 @@ def test_draft_lengths_take_the_likeliest_drafts_up_to_the_best_total() -> None:
             for _ in range(STEPS_TO_TRUST):
                 policy.observe_step(tokens, (10 + 2 * tokens ** rng.uniform(0.5, 1.1)) / 1e3)
         for _ in range(rng.randint(0, 30)):
-            policy.observe_drafts(rng.randint(MIN_NGRAM, MAX_NGRAM), 8, rng.choice([0, 1, 2, 8]))
-        proposed = [Draft([0] * rng.randint(0, MAX_DRAFT), rng.randint(MIN_NGRAM, MAX_NGRAM))
+            policy.observe_drafts(rng.randint(SHORT, LONG), 8, rng.choice([0, 1, 2, 8]))
+        proposed = [Draft([0] * rng.randint(0, MAX_DRAFT), rng.randint(SHORT, LONG))
                     for _ in range(rng.randint(1, 6))]
         lengths = policy.draft_lengths(len(proposed), proposed)
         assert all(0 <= n <= len(d.tokens) for n, d in zip(lengths, proposed))
-        chances = [([1.0, *policy.chances(d.ngram)], n, len(d.tokens)) for d, n in zip(proposed, lengths)]
+        chances = [([1.0, *policy.chances(d.match_class)], n, len(d.tokens)) for d, n in zip(proposed, lengths)]
         taken = [c[i] for c, n, _ in chances for i in range(1, n + 1)]
         left = [c[i] for c, n, a in chances for i in range(n + 1, a + 1)]
         assert not taken or not left or min(taken) >= max(left)  # the likeliest drafts first

@@ -270,7 +270,7 @@ class Engine:
             seq.num_computed_tokens += accepted  # those drafts' K/V are the sequence's own now
             seq.draft_token_ids = []
             if drafts:
-                self.drafts.observe_drafts(seq.draft_ngram, len(drafts), accepted)
+                self.drafts.observe_drafts(seq.draft_match_class, len(drafts), accepted)
                 self.stats.draft_tokens += len(drafts)
                 self.stats.accepted_draft_tokens += accepted
             if seq.request.metrics.first_token_time is None:
@@ -304,9 +304,9 @@ class Engine:
                         if seq.params.can_speculate and seq.num_computed_tokens == seq.num_tokens - 1 else Draft([], 0)
                         for seq in running]
             lengths = self.drafts.draft_lengths(len(running), proposed)
-            proposed = [Draft(draft.tokens[:length], draft.ngram) for draft, length in zip(proposed, lengths)]
+            proposed = [Draft(draft.tokens[:length], draft.match_class) for draft, length in zip(proposed, lengths)]
         for seq, draft in zip(running, proposed):
-            seq.draft_token_ids, seq.draft_ngram = draft.tokens, draft.ngram
+            seq.draft_token_ids, seq.draft_match_class = draft.tokens, draft.match_class
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, ahead: list[int]) -> list[int]:
         """One token per row, of the sequence beside it (`ahead` tokens after its next: sampler.sample);

@@ -50,10 +50,10 @@ class Sequence:
         self._decoder: DecodeStream | None = None  # made on the first token, when the tokenizer is at hand
         self.grammar: GrammarMatcher | None = None  # set by the engine for structured output
         # Tokens drafted for this step (engine/speculation.py): computed after token_ids, kept as
-        # far as the samples agree; cleared after every step. draft_ngram: the length of the n-gram
-        # that found them (their acceptance is measured per length).
+        # far as the samples agree; cleared after every step. draft_match_class: the class of the length of
+        # the match that found them (their acceptance is measured per class).
         self.draft_token_ids: list[int] = []
-        self.draft_ngram = 0
+        self.draft_match_class = 0
 
     @property
     def num_tokens(self) -> int:

@@ -3,9 +3,10 @@
 A decode step reads every weight once however few tokens it computes, so a thin batch (a job's tail)
 leaves the machine mostly idle. A sequence can instead compute its next token and k drafted ones in
 the same step, as a k + 1 token chunk, and keep the drafts its own sampler agrees with:
-- Drafts come from prompt lookup (n-gram matching): the tokens that followed the latest earlier
-  occurrence of the sequence's last n tokens (n = MAX_NGRAM down to MIN_NGRAM), in its prompt or
-  output. Free to compute, and strong where outputs copy spans of the input (extraction, rewriting).
+- Drafts come from prompt lookup (n-gram matching): the tokens that followed an earlier occurrence of
+  the sequence's last n tokens (n = MAX_NGRAM down to MIN_NGRAM), in its prompt or output; of the
+  MAX_NGRAM-gram's latest occurrences, the one whose match with the sequence's end runs furthest back.
+  Free to compute, and strong where outputs copy spans of the input (extraction, rewriting).
 - Verification needs no extra rule: each row of the chunk is sampled exactly as a plain decode of
   that position would be (same logits, as a row's result never depends on its batch; same per-token
   seed), and a draft is kept while it equals the sample; the first sample that differs is the
@@ -17,10 +18,11 @@ the same step, as a k + 1 token chunk, and keep the drafts its own sampler agree
   for every T, so that a busy machine slows every count alike), interpolated between measured
   token counts; not a line: the first extra tokens of a step cost more than the next ones. Draft i
   is kept with probability a_i given drafts 1 .. i-1 were, measured per draft position and per
-  length n of the n-gram that found it (a copied span tends to go on, so later drafts are kept more
-  often than the first, not less; and a 3-gram match is right far more often than a 1-gram one: on
-  the extraction benchmark 65-69% of drafts against 11%). The chance that a sequence's draft i is
-  kept is then c_i = a_1 ... a_i of its class. Each step, `draft_lengths` takes drafts in order of
+  class of the length of the match that found it (MATCH_CLASS_STARTS: a copied span tends to go on,
+  so later drafts are kept more often than the first, not less; a 3-gram match is right far more
+  often than a 1-gram one, on the extraction benchmark 65-69% of drafts against 11%; and a match of
+  16 tokens or more, a line being copied, more often than one of 5). The chance that a sequence's
+  draft i is kept is then c_i = a_1 ... a_i of its class. Each step, `draft_lengths` takes drafts in order of
   their chance (within a sequence that is position order: c_i falls with i) up to the total that
   maximises expected tokens per second; 0 once the batch is large enough that computing drafts
   costs more than they save. After PROBE_INTERVAL steps without drafts, the likeliest are verified
@@ -31,15 +33,26 @@ from __future__ import annotations
 
 import math
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from itertools import accumulate, groupby
 from operator import mul
 from typing import NamedTuple
 
 # Longer matches first: their drafts are kept more often (replaying the extraction benchmark at B=4, 3 -> 5 took
-# 2.04x over no drafts to 2.30x), and each length's acceptance is its own.
+# 2.04x over no drafts to 2.30x).
 MIN_NGRAM, MAX_NGRAM = 1, 5
+# A draft's class, whose acceptance is its own: the length of the match that found it (its n-gram, extended back
+# as far as the occurrence goes on matching, up to LONGEST_MATCH tokens), in classes starting at these lengths.
+# NOTE: with one class for every match of 5 or more tokens, the drafts of a line being copied (kept ~97% of the
+# time at every position) shared an acceptance with those of a 5-token match that happens to recur (first draft
+# ~86%), and at B=4 few of either were worth verifying. Replaying the extraction benchmark's greedy outputs through
+# this policy (24 requests; a step cost of 10 ms + 1 ms a token over 4), B=4 over no drafts: one class for n >= 5
+# 1.38x, these classes 1.64x (with the latest occurrence's match only, not the longest of OCCURRENCES_COMPARED:
+# 1.59x); B=1 3.36 -> 3.46x, B=2 2.49 -> 2.53x.
+MATCH_CLASS_STARTS = (1, 2, 3, 4, 8, 16, 32)
+LONGEST_MATCH = MATCH_CLASS_STARTS[-1]
+OCCURRENCES_COMPARED = 16  # of the MAX_NGRAM-gram, latest first
 MAX_DRAFT = 8
 # Where no step was measured: a step of one token costs as much as this many more (weights read vs
 # compute per token), scaled from the nearest measured token count.
@@ -66,22 +79,31 @@ PROBE_INTERVAL = 256
 
 class Draft(NamedTuple):
     tokens: list[int]
-    ngram: int  # the length of the n-gram that found them; 0: none found
+    match_class: int  # of the length of the match that found them (1 .. len(MATCH_CLASS_STARTS)); 0: none found
 
 
 def propose(token_ids: list[int], max_tokens: int) -> Draft:
-    """Up to max_tokens drafts: what followed the latest earlier occurrence of the last n tokens."""
+    """Up to max_tokens drafts: what followed an earlier occurrence of the last n tokens (module docstring)."""
     if max_tokens <= 0 or len(token_ids) < MIN_NGRAM + 1:
         return Draft([], 0)
     haystack = array("i", token_ids).tobytes()
     for n in range(min(MAX_NGRAM, len(token_ids) - 1), MIN_NGRAM - 1, -1):
         needle = haystack[-4 * n:]
         end = len(haystack) - 4  # an occurrence must end before the last token
-        while (found := haystack.rfind(needle, 0, end)) >= 0:
-            if found % 4 == 0:
-                start = found // 4 + n
-                return Draft(token_ids[start:start + max_tokens], n)
-            end = found + 4 * n - 1  # a match across token boundaries: look further back
+        compared, longest, start = 0, 0, 0
+        while compared < (OCCURRENCES_COMPARED if n == MAX_NGRAM else 1) and \
+                (found := haystack.rfind(needle, 0, end)) >= 0:
+            end = found + 4 * n - 1  # the next one further back
+            if found % 4:
+                continue  # a match across token boundaries
+            compared += 1
+            length, before = n, found // 4 - 1  # how far back the occurrence goes on matching
+            while length < LONGEST_MATCH and before >= 0 and token_ids[before] == token_ids[-1 - length]:
+                length, before = length + 1, before - 1
+            if length > longest:  # ties: the latest
+                longest, start = length, found // 4 + n
+        if compared:
+            return Draft(token_ids[start:start + max_tokens], bisect_right(MATCH_CLASS_STARTS, longest))
     return Draft([], 0)
 
 
@@ -89,9 +111,9 @@ class DraftPolicy:
     """Chooses each step's draft lengths from measured step costs and acceptance (module docstring)."""
 
     def __init__(self) -> None:
-        # Per n-gram length n (index n - MIN_NGRAM) and draft position i (0-based): decayed counts of
-        # verifications reaching position i, and of the drafts kept there.
-        classes = range(MAX_NGRAM - MIN_NGRAM + 1)
+        # Per match class c (index c - 1) and draft position i (0-based): decayed counts of verifications
+        # reaching position i, and of the drafts kept there.
+        classes = range(len(MATCH_CLASS_STARTS))
         self.reached = [[PRIOR_WEIGHT] * MAX_DRAFT for _ in classes]
         prior = [PRIOR_WEIGHT * (PRIOR_LATER_ACCEPTANCE if i else PRIOR_FIRST_ACCEPTANCE) for i in range(MAX_DRAFT)]
         self.kept = [list(prior) for _ in classes]
@@ -105,21 +127,20 @@ class DraftPolicy:
         self.recent.setdefault(tokens, deque(maxlen=STEPS_REMEMBERED)).append(seconds)
         self._knots = None
 
-    def observe_drafts(self, ngram: int, drafted: int, accepted: int) -> None:
-        """A sequence's k drafted tokens (found by an n-gram of this length) were verified, the first `accepted`
-        kept."""
+    def observe_drafts(self, match_class: int, drafted: int, accepted: int) -> None:
+        """A sequence's k drafted tokens (of this match class) were verified, the first `accepted` kept."""
         self.steps_without_drafts = 0
-        reached, kept = self.reached[ngram - MIN_NGRAM], self.kept[ngram - MIN_NGRAM]
+        reached, kept = self.reached[match_class - 1], self.kept[match_class - 1]
         for i in range(min(drafted, accepted + 1)):  # positions judged with every draft before them kept
             reached[i] = ACCEPTANCE_MEMORY * reached[i] + 1
             kept[i] = ACCEPTANCE_MEMORY * kept[i] + (i < accepted)
 
-    def acceptance(self, ngram: int, position: int) -> float:
-        return self.kept[ngram - MIN_NGRAM][position] / self.reached[ngram - MIN_NGRAM][position]
+    def acceptance(self, match_class: int, position: int) -> float:
+        return self.kept[match_class - 1][position] / self.reached[match_class - 1][position]
 
-    def chances(self, ngram: int) -> list[float]:
-        """c_i for i = 1 .. MAX_DRAFT: the chance that draft i of an n-gram of this length is kept."""
-        return list(accumulate((self.acceptance(ngram, i) for i in range(MAX_DRAFT)), mul))
+    def chances(self, match_class: int) -> list[float]:
+        """c_i for i = 1 .. MAX_DRAFT: the chance that draft i of this match class is kept."""
+        return list(accumulate((self.acceptance(match_class, i) for i in range(MAX_DRAFT)), mul))
 
     def knots(self) -> list[tuple[int, float]]:
         """(tokens, seconds) per trusted token count, the fastest recent step there or at any larger count."""
@@ -144,10 +165,10 @@ class DraftPolicy:
         return seconds * (PRIOR_TOKENS_PER_WEIGHT_READ + tokens) / (PRIOR_TOKENS_PER_WEIGHT_READ + nearest)
 
     def may_draft(self, batch_size: int) -> bool:
-        """Whether drafts could pay for batch_size sequences were MAX_DRAFT of them found for each by the
-        n-gram length kept most often (an upper bound on draft_lengths: checked before proposing, which
+        """Whether drafts could pay for batch_size sequences were MAX_DRAFT of them found for each in the
+        match class kept most often (an upper bound on draft_lengths: checked before proposing, which
         costs time in large batches)."""
-        best = max((self.chances(n) for n in range(MIN_NGRAM, MAX_NGRAM + 1)), key=sum)
+        best = max((self.chances(c) for c in range(1, len(MATCH_CLASS_STARTS) + 1)), key=sum)
         pays = self._best_total(batch_size, [(chance, batch_size) for chance in best]) > 0
         return pays or self._probe_due(batch_size)
 
@@ -157,10 +178,11 @@ class DraftPolicy:
 
     def draft_lengths(self, batch_size: int, drafts: list[Draft]) -> list[int]:
         """How many of its proposed drafts each sequence computes in a step of batch_size sequences."""
-        chances = {n: self.chances(n) for n in {d.ngram for d in drafts if d.tokens}}
+        chances = {c: self.chances(c) for c in {d.match_class for d in drafts if d.tokens}}
         # Every proposed draft with its chance of being kept, likeliest first (ties: lower positions,
         # then earlier sequences, so that a sequence's drafts are taken in position order).
-        ranked = sorted(((chances[d.ngram][i], i, s) for s, d in enumerate(drafts) for i in range(len(d.tokens))),
+        ranked = sorted(((chances[d.match_class][i], i, s) for s, d in enumerate(drafts)
+                         for i in range(len(d.tokens))),
                         key=lambda item: (-item[0], item[1], item[2]))
         runs = [(chance, len(list(run))) for chance, run in groupby(chance for chance, _, _ in ranked)]
         total = self._best_total(batch_size, runs) or (MAX_DRAFT if self._probe_due(batch_size) else 0)
