@@ -15,7 +15,7 @@ from test_quant_kernels import random_blocks
 from test_quantized_model import agreement, real_text_windows
 
 from tokenmill import LLM, kernels
-from tokenmill.models.int8_dot import BYTES_MIN_ROWS, Int8DotLinear
+from tokenmill.models.int8_dot import Int8DotLinear
 from tokenmill.models.linear import select_linear_method
 from tokenmill.models.quantized import QuantizedLinear, QuantizedWeight, stack_rows
 
@@ -103,27 +103,6 @@ def test_every_row_count_gives_a_row_the_bits_it_gets_alone(qtype: Q) -> None:
         for m in [*range(1, 71), 128, 300]:
             got = torch.ops.tokenmill.int8_linear(q[:m], sums[:m], packed, qtype, n)
             assert torch.equal(got.view(torch.int16), alone[:m].view(torch.int16)), (n, m)
-
-
-def test_q5_0_packed_as_bytes_gives_q5_0s_bits() -> None:
-    """Q5_0's blocks with each quant widened to a byte (the packing Int8DotLinear multiplies from BYTES_MIN_ROWS rows
-    on): the Q5_0 packing's bits for any M, partial groups included, narrow and widened; and the method's output the
-    same on either side of the threshold."""
-    k = 640
-    for n in (16, 37, 100):
-        blocks = torch.from_numpy(random_blocks(Q.Q5_0, n, k, seed=n))
-        q, sums = torch.ops.tokenmill.quantize_rows(random_rows(70, k, seed=n + 1))
-        packed = torch.ops.tokenmill.int8_pack(blocks, Q.Q5_0, k)
-        as_bytes = torch.ops.tokenmill.int8_pack(blocks, kernels.INT8_Q5_0_BYTES, k)
-        for m in (1, 5, 8, 13, 16, 64, 70):
-            for widened in (False, True):
-                expected = torch.ops.tokenmill.int8_linear(q[:m], sums[:m], packed, Q.Q5_0, n, widened)
-                got = torch.ops.tokenmill.int8_linear(q[:m], sums[:m], as_bytes, kernels.INT8_Q5_0_BYTES, n, widened)
-                assert torch.equal(got, expected), (n, m, widened)
-    x = random_rows(BYTES_MIN_ROWS + 3, k, seed=7)
-    method = Int8DotLinear(QuantizedWeight(blocks, Q.Q5_0, k, int8_activations=True), None)
-    assert torch.equal(method.apply(x).view(torch.int16), torch.cat([method.apply(row[None]) for row in x]).view(
-        torch.int16))
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=lambda t: t.name)

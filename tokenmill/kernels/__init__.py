@@ -49,9 +49,6 @@ ROPE_HEAD_DIM_MULTIPLE = 32  # rope_store rotates each half of a head in 16-lane
 # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 QUANT_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 INT8_DOT_TYPES = frozenset({2, 3, 6, 8, 12, 14})
-# int8_pack's and int8_linear's type for Q5_0 blocks packed with each quant widened to a byte (Q8_0's layout): the same
-# bits as Q5_0's packing, no unpacking in the products (1.14-1.17x at 8-64 rows), 1.55x the bytes.
-INT8_Q5_0_BYTES = 1006
 
 # torch.ops.tokenmill.decode_attention:
 # (query [B, heads, D], key_cache [slots, kv_heads, D], value_cache, context_slots [B, L] int64,
@@ -80,8 +77,7 @@ ChunkAttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
 # torch.ops.tokenmill.pack_dense: (weight [N, K] fp32 or bf16) -> the weight in dense_linear's layout, same dtype
 # torch.ops.tokenmill.dense_linear: (x [M, K] of the weight's dtype, packed, N, bias=None [N] fp32 or bf16,
 #  activation="none" | "gelu" | "gelu_tanh") -> [M, N]: act(x W^T + b), in fp32 then rounded once (batch-invariant)
-# gguf.GGMLQuantizationType values that int8_pack and int8_linear take: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K; and
-# INT8_Q5_0_BYTES (Q5_0 blocks, packed as bytes).
+# gguf.GGMLQuantizationType values that int8_pack and int8_linear take: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K.
 # torch.ops.tokenmill.quantize_rows: (x [M, K] bf16, K a multiple of 32) -> (q [M, K] int8, sums [M, K / 32, 8] fp32):
 #  each block of 32 of a row as d * q (d = amax / 127, q rounded to nearest-even), sums = (d, d sum(q), then int32s
 #  in fp32's bits: sum(q) times -8, -16 and -128, the sums of its first and last 16 q times -32, 0)

@@ -112,7 +112,6 @@ using namespace tokenmill;
 using bf16 = c10::BFloat16;
 
 enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
-constexpr int64_t kBytesTypes = 1000;  // + a type (Q5_0): its blocks packed as bytes (Bytes below)
 
 constexpr int kLanes = 16;          // output features per group
 constexpr int kSub = 32;            // k per sub-block, and per block of x
@@ -244,7 +243,7 @@ struct Q4_1 {  // d * q + m
 };
 
 struct Q5_0 {  // d * (q - 16), the fifth bits in a 32-bit mask
-  static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32, kScaleBytes = 32;
+  static constexpr int64_t kBlock = 32, kFileBytes = 22, kBytes = 256 + 64 + 32;
   static constexpr bool kHalves = false;
   static constexpr bool kTwoGroupPasses = true;
   static constexpr int kOffsetSlot = 3;
@@ -369,37 +368,6 @@ struct Q6_K {
       ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
       wm = _mm512_mul_ps(ws, _mm512_set1_ps(32.0f));
     }
-  };
-};
-
-// A type's blocks packed with each quant widened to a byte, laid out as Q8_0's (int8_pack's and int8_linear's type
-// kBytesTypes + the type's): the type's scales as it packs them (its first kScaleBytes), then each sub-block's 8 steps
-// as 64 bytes each, as its Unpack gives them. No unpacking in the passes, for more bytes: the same values, scales and
-// offsets, so the same bits. Q5_0 (its unpacking 3-4 operations a group and step, beside a two-group pass's 12
-// vpdpbusd; 1.55x the bytes): 1.14-1.17x at 8-64 rows (Gemma 3 270M's projections, one thread, CPU time, weights in
-// cache). Not served: Q6_K 0.96-1.09x (one tensor 1.27x in a noisy run), Q4_K 0.90-1.03x (load ~9).
-template <class F>
-struct Bytes {
-  static constexpr int64_t kBlock = F::kBlock, kFileBytes = F::kFileBytes, kScaleBytes = F::kScaleBytes;
-  static constexpr int64_t kBytes = kScaleBytes + kBlock / kSub * 8 * 64;
-  static constexpr bool kHalves = F::kHalves;
-  static constexpr bool kTwoGroupPasses = true;
-  static constexpr int kOffsetSlot = F::kOffsetSlot;
-  static void pack(const uint8_t* const (&rows)[kLanes], uint8_t* out) {
-    alignas(64) uint8_t block[F::kBytes];
-    F::pack(rows, block);
-    std::memcpy(out, block, kScaleBytes);
-    const typename F::Unpack unpack(block);
-    for (int j = 0; j < kBlock / kSub; ++j) {
-      for (int s = 0; s < 8; ++s) _mm512_storeu_si512(out + kScaleBytes + 512 * j + 64 * s, unpack.quants(j, s));
-    }
-  }
-  struct Unpack {
-    const uint8_t* p;
-    typename F::Unpack scales_of;
-    explicit Unpack(const uint8_t* block) : p(block), scales_of(block) {}
-    __m512i quants(int j, int s) const { return _mm512_loadu_si512(p + kScaleBytes + 512 * j + 64 * s); }
-    void scales(int j, int half, __m512& ws, __m512& wm) const { scales_of.scales(j, half, ws, wm); }
   };
 };
 
@@ -601,11 +569,10 @@ void with_format(int64_t qtype, Fn&& fn) {
     case kQ4_0: return fn(Q4_0{});
     case kQ4_1: return fn(Q4_1{});
     case kQ5_0: return fn(Q5_0{});
-    case kBytesTypes + kQ5_0: return fn(Bytes<Q5_0>{});
     case kQ4_K: return fn(Q4_K{});
     case kQ6_K: return fn(Q6_K{});
     default: TORCH_CHECK(false, "quantized type ", qtype, " has no int8 kernel (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K "
-                         "are 8, 2, 3, 6, 12, 14; Q5_0 packed as bytes 1006)");
+                         "are 8, 2, 3, 6, 12, 14)");
   }
 }
 

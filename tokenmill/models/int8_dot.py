@@ -11,9 +11,7 @@ teacher-forced: top-1 94.3%, KL 0.0052 nats (bf16 activations on quant_linear: 9
 tests/test_int8_dot.py). Chosen at load (`QuantizedWeight.int8_activations`,
 set by loader.prepare_weights for bf16 models); fp32 models keep QuantizedLinear, the accuracy mode. A fused
 projection of several types (a Q4_K_M file's Q6_K value rows beside Q4_K query and key) quantizes x once and
-concatenates the parts' outputs. Q5_0 parts (a Q4_K_M file's rows of a width that is not a multiple of 256: Gemma 3
-270M's 640) are packed twice: as Q5_0 for fewer than BYTES_MIN_ROWS rows, where the weights' bytes are the time, and
-with each quant widened to a byte for more, where the unpacking is (the same bits either way).
+concatenates the parts' outputs.
 
 `GroupedInt8Experts`: a mixture-of-experts layer's routed experts (models/moe.py) in one kernel call a step
 (`int8_moe`), where each expert's gate_up and down are one block type each: the step's (token, expert) pairs grouped
@@ -29,12 +27,6 @@ import torch
 from tokenmill import kernels
 from tokenmill.models.linear_method import Activation, LinearMethod, activate
 from tokenmill.models.quantized import QuantizedWeight, StackedQuantizedWeight
-
-Q5_0 = 6
-# Rows of x from which a Q5_0 part is multiplied on its byte packing (kernels.INT8_Q5_0_BYTES). Gemma 3 270M's Q5_0
-# projections, one thread, against the Q5_0 packing: 1.14-1.17x at 8, 16 and 64 rows with the weights in cache; below
-# 16 rows a decode step reads them from memory, where the byte packing's 1.55x the bytes counts.
-BYTES_MIN_ROWS = 16
 
 
 def int8_dot_serves(weight: QuantizedWeight) -> bool:
@@ -56,10 +48,6 @@ class Int8DotLinear(LinearMethod):
         # own for lookups).
         self.parts = [(torch.ops.tokenmill.int8_pack(p.blocks, int(p.qtype), p.in_features), int(p.qtype), p.shape[0])
                       for p in parts]
-        # The parts as multiplied from BYTES_MIN_ROWS rows on; Q5_0's byte packing made at the first such call.
-        # NOTE: not at load: a MoE layer's experts are multiplied by GroupedInt8Experts, never here.
-        self._q5_0_blocks = [p.blocks if int(p.qtype) == Q5_0 else None for p in parts]
-        self._many_rows_parts: list[tuple[torch.Tensor, int, int]] | None = None
         self.bias, self.activation = bias, activation
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,21 +61,12 @@ class Int8DotLinear(LinearMethod):
             return self._product(x, widened=True)
         return self.apply(x).float()
 
-    def _many_rows(self) -> list[tuple[torch.Tensor, int, int]]:
-        if self._many_rows_parts is None:
-            self._many_rows_parts = [
-                (torch.ops.tokenmill.int8_pack(blocks, kernels.INT8_Q5_0_BYTES, self.in_features),
-                 kernels.INT8_Q5_0_BYTES, n) if blocks is not None else (packed, qtype, n)
-                for blocks, (packed, qtype, n) in zip(self._q5_0_blocks, self.parts)]
-            self._q5_0_blocks = []
-        return self._many_rows_parts
-
     def _product(self, x: torch.Tensor, widened: bool) -> torch.Tensor:
         """widened: the product's bf16 values stored as fp32 by the kernel."""
         shape = x.shape
         q, sums = torch.ops.tokenmill.quantize_rows(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-        parts = self.parts if q.shape[0] < BYTES_MIN_ROWS else self._many_rows()
-        outputs = [torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n, widened) for packed, qtype, n in parts]
+        outputs = [torch.ops.tokenmill.int8_linear(q, sums, packed, qtype, n, widened)
+                   for packed, qtype, n in self.parts]
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         y = y if widened else y.to(x.dtype)
         if self.bias is not None:
