@@ -143,6 +143,7 @@ def test_the_key_form_waits_for_the_answer_to_its_key(server: Server, page: Page
     deadline = time.monotonic() + 5
     while not late and time.monotonic() < deadline:  # the route handler runs as Playwright dispatches events
         page.wait_for_timeout(20)
+    assert late, "the wrong key was never sent"
     late.pop().continue_()
     expect(page.locator("#key-message")).to_contain_text("401 (missing or wrong API key)")
     expect(page.locator("#key")).to_be_focused()
