@@ -52,15 +52,34 @@ def wait_for_records(output_dir: Path, count: int, process: subprocess.Popen, ti
     raise AssertionError("the job ended (or stalled) before it could be interrupted: make it longer")
 
 
+def wait_for_replicas(count: int, process: subprocess.Popen, timeout: float = 240) -> list[int]:
+    """The PIDs of `count` replica processes, in the order their constructors started, once that
+    many have. NOTE: one replica can return calls before another's constructor has started (on a
+    loaded machine their processes import torch for seconds, side by side); the job cannot end
+    without every replica, as the calls given to one wait for it."""
+    deadline = time.monotonic() + timeout
+    seen: list[int] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        seen += [pid for pid in replica_pids() if pid not in seen]
+        if len(seen) >= count:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"not {count} replica processes: {seen}")
+
+
 def replica_pids() -> list[int]:
-    pids = []
+    """The replicas' processes: Ray titles an actor's `ray::EngineReplica...` from its constructor
+    on. NOTE: a child that a replica forks (its kernel build's ninja) bears that title until it
+    execs, so a titled process whose parent is titled too is left out."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and b"ray::EngineReplica" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
+                # /proc/PID/stat: "pid (name) state ppid ...", the name being anything
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-    return pids
+    return [pid for pid, parent in parents.items() if parent not in parents]
 
 
 @pytest.mark.slow
@@ -110,9 +129,11 @@ def test_a_killed_replica_is_restarted_and_the_job_completes_exactly_once(
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_records(output_dir, 32, process)
-        victims = replica_pids()
-        assert len(victims) == 2
-        os.kill(victims[0], signal.SIGKILL)
+        replicas = wait_for_replicas(2, process)
+        # NOTE: the replica up last, so that it still has calls to run: either its first two, or,
+        # when both were up by the 32nd record, those it holds while the driver has more (20 calls
+        # of 16 lines, 2 in flight per replica).
+        os.kill(replicas[-1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
@@ -121,6 +142,8 @@ def test_a_killed_replica_is_restarted_and_the_job_completes_exactly_once(
     assert len(ids) == 320 and max(ids.values()) == 1
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["succeeded"] == 320 and summary["failed"] == 0
+    restarted = {int(name.rsplit(":", 1)[1]) for name in summary["replicas"]} - set(replicas)
+    assert restarted, summary["replicas"]  # a new process, not one of the two, returned calls
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ class Server:
             except OSError:
                 assert self.process.poll() is None, "the server died at start-up"
                 time.sleep(0.2)
+        self.kill()  # not left running: no fixture's teardown kills a server that never started
         raise TimeoutError("server did not start")
 
     def kill(self) -> None:

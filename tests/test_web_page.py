@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from test_server import API_KEY, Server, batch_file
 
 from tokenmill.endpoints import ENDPOINTS
@@ -59,6 +60,7 @@ def page(browser: Browser) -> Iterator[Page]:
 
 def enter_key(page: Page, key: str) -> None:
     expect(page.locator("#key-form")).to_be_visible()
+    expect(page.locator("#key")).to_be_editable()  # not while the server is asked about the last key
     page.fill("#key", key)
     page.click("#key-form button[type=submit]")
 
@@ -118,6 +120,36 @@ def test_a_wrong_key_gets_the_401_and_is_asked_again(server: Server, page: Page)
     page.reload()  # kept in the browser: not asked again
     expect(page.locator("#content")).to_be_visible()
     assert page.evaluate("localStorage.getItem('tokenmill.apiKey')") == API_KEY
+
+
+@needs_chromium
+def test_the_key_form_waits_for_the_answer_to_its_key(server: Server, page: Page) -> None:
+    """A late 401 (a loaded server's) cannot empty the field under the next key being typed: the
+    form is disabled until the answer comes."""
+    late: list[Route] = []
+
+    def hold_the_wrong_key(route: Route) -> None:
+        if route.request.headers.get("authorization") == "Bearer wrong-key":
+            late.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/v1/batches*", hold_the_wrong_key)
+    page.goto(server.url)
+    enter_key(page, "wrong-key")
+    expect(page.locator("#key-message")).to_have_text("Checking the key…")
+    expect(page.locator("#key")).to_be_disabled()
+    expect(page.locator("#key-form button[type=submit]")).to_be_disabled()
+    deadline = time.monotonic() + 5
+    while not late and time.monotonic() < deadline:  # the route handler runs as Playwright dispatches events
+        page.wait_for_timeout(20)
+    assert late, "the wrong key was never sent"
+    late.pop().continue_()
+    expect(page.locator("#key-message")).to_contain_text("401 (missing or wrong API key)")
+    expect(page.locator("#key")).to_be_focused()
+    expect(page.locator("#key")).to_have_value("")
+    enter_key(page, API_KEY)
+    expect(page.locator("#content")).to_be_visible()
 
 
 @needs_chromium

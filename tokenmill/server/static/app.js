@@ -50,6 +50,7 @@ function askForKey(message) {
   $("forget-key").hidden = true;
   $("key-message").textContent = `The server answered 401 (${message}): enter its API key.`;
   $("key-form").hidden = false;
+  $("key-fields").disabled = false; // before the focus: a disabled field takes none
   $("key").value = "";
   $("key").focus();
 }
@@ -266,10 +267,16 @@ async function createBatch(event) {
   }
 }
 
-$("key-form").addEventListener("submit", (event) => {
+// NOTE: the form is disabled until the server has answered for the key: a 401 that came while the
+// next key was being typed would empty the field under it (and a key submitted meanwhile would be
+// the one the late answer is taken for).
+$("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   localStorage.setItem(KEY_ITEM, $("key").value);
-  refresh();
+  $("key-fields").disabled = true;
+  $("key-message").textContent = "Checking the key…";
+  await refresh();
+  $("key-fields").disabled = false; // also when no answer came (the error says why): it can be tried again
 });
 $("forget-key").addEventListener("click", () => {
   localStorage.removeItem(KEY_ITEM);
