@@ -47,16 +47,22 @@ def random_rows(m: int, k: int, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-def test_rows_are_quantized_per_block_of_32() -> None:
-    x = random_rows(7, 96, 0)
-    x[2, 32:64] = 0  # a block of zeros: d = 0, q = 0
+# Rows whose blocks end mid-group of 16 (3, 18, 17 blocks a row), one block, many rows (groups across rows and
+# threads), and rows apart in memory (a narrowed view: quantized row by row).
+QUANTIZE_SHAPES = [(7, 96, 96), (64, 576, 576), (3, 1536, 1536), (1, 32, 32), (70, 544, 544), (9, 576, 640)]
+
+
+@pytest.mark.parametrize("m,k,width", QUANTIZE_SHAPES, ids=lambda v: str(v))
+def test_rows_are_quantized_per_block_of_32(m: int, k: int, width: int) -> None:
+    x = random_rows(m, width, m + k)[:, :k]
+    x[m // 2, 32:64] = 0  # a block of zeros: d = 0, q = 0
     q, sums = torch.ops.tokenmill.quantize_rows(x)
-    blocks = x.float().view(7, 3, 32)
+    blocks = x.float().reshape(m, k // 32, 32)
     d = blocks.abs().amax(-1) / 127
     expected = torch.where(d[..., None] > 0, blocks * (1 / d[..., None]), 0).round().clamp(-127, 127)  # half to even
-    assert torch.equal(q.view(7, 3, 32).float(), expected)
+    assert torch.equal(q.view(m, k // 32, 32).float(), expected)
     assert torch.equal(sums[..., 0], d)
-    halves = expected.view(7, 3, 2, 16).sum(-1).int()
+    halves = expected.view(m, k // 32, 2, 16).sum(-1).int()
     assert torch.equal(sums[..., 1], d * halves.sum(-1))
     # The weights' offsets times sum(q), negated, as int32: Q4_0's 8, Q5_0's 16, Q8_0's 128, Q6_K's 32 per half.
     offsets = sums[..., 2:].contiguous().view(torch.int32)
