@@ -1,5 +1,6 @@
 """tokenmill: a batch inference engine for large language models."""
 
+from tokenmill import openmp_runtime  # noqa: F401  (first: it sets how OpenMP spins before torch loads it)
 from tokenmill.engine.config import EngineConfig
 from tokenmill.errors import RequestError
 from tokenmill.llm import LLM
