@@ -5,10 +5,11 @@ libgomp, which reads `GOMP_SPINCOUNT` once, when it loads (when torch is first i
 idle thread spins 300,000 times (milliseconds) at the end of each parallel region and between them
 before it sleeps. On a machine with other busy processes (another engine, a test suite, a second Ray
 replica) the spinning threads take the cores from the threads they wait for: two engines prefilling
-at once on 2 cores ran 130 and 131 prompt tokens/s against 1,685 for one alone (the default), and 817
-and 822 with `GOMP_SPINCOUNT=1000` (docs/PERFORMANCE.md, "OpenMP's spinning"). A short spin still
-hands a step's ops from one to the next without a sleep (a decode step's gaps between ops are
-microseconds), so one engine alone runs as fast.
+at once on 2 cores ran 130 and 131 prompt tokens/s against 1,685 for one alone (the default), and
+~700 each at 3,000 spins (docs/PERFORMANCE.md, "Sharing the machine"). A short spin still hands a
+step's ops from one to the next without a sleep (a decode step's gaps between ops are microseconds):
+one engine alone ran its decode steps as fast at 3,000 spins, and 2-4% slower at 1,000, which shares
+the machine better still (~800 each).
 
 A `GOMP_SPINCOUNT` the user set is kept. Where torch was imported before tokenmill the runtime has
 already read its settings, and this changes nothing. The variable is set only while torch loads:
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = "1000"
+SPIN_COUNT = "3000"
 
 if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
