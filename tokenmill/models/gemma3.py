@@ -11,7 +11,9 @@ Llama-shaped (its linears, embedding, rope tables and rope/KV-store op are model
   (`config.rope_parameters[layer_type]`: local base 10k, global 1M on the released models);
 - the final logits soft-capped where the config says so (Gemma 3 releases do not; Gemma 2 did).
 Each op is computed as transformers computes it, so fp32 greedy output is transformers' token for token;
-in bf16 the fused CPU kernels (models/elementwise.py's GemmaOps) give the torch ops' bits.
+in bf16 the fused CPU kernels (models/elementwise.py's GemmaOps) give the torch ops' bits. Where every
+projection is on the int8 kernels and every op a fused one, a step's layers run in one C++ call
+(models/layer_stack.py's GemmaLayerStack: the same ops in the same order, the same bits).
 """
 
 from __future__ import annotations
