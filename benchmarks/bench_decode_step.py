@@ -1,11 +1,15 @@
 """Time (and optionally profile) the engine's decode step at a given batch size.
 
     .venv/bin/python benchmarks/bench_decode_step.py [--batch 64] [--prompt 128] [--shared] [--steps 32]
-                                                     [--dtype bfloat16] [--profile]
+                                                     [--dtype bfloat16] [--threads N] [--profile | --ab-layer-stack]
 
 B requests with random prompts of PROMPT tokens (one prompt shared by all with --shared) are
 prefilled, then STEPS decode steps of all B together are timed one by one; the median step is
-printed. With --profile, torch.profiler's table over the last steps follows.
+printed. With --profile, torch.profiler's table over the last steps follows. With --ab-layer-stack,
+the steps alternate between the model's layer stack (models/layer_stack.py) and its Python layers
+(the stack set aside), and each path's median wall and CPU time is printed: an A/B in one process,
+robust to a load that drifts (the CPU time of all threads: with one thread, robust to a shared core's
+load too).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -34,8 +39,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--model", help="a .gguf file or HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--threads", type=int, help="torch's threads (default: torch's own choice)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--ab-layer-stack", action="store_true", help="alternate steps with and without the stack")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     first_step = args.batch * (args.prompt % EngineConfig.block_size + 1)  # all B in one step
     # NOTE: speculation off: a decode step here is one token per sequence (drafts, on by default in
@@ -61,6 +70,9 @@ def main() -> None:
     for _ in range(2):  # warm-up decode steps (the first also submits the requests)
         step()
 
+    if args.ab_layer_stack:
+        ab_layer_stack(client, step, args.steps)
+        return
     times = []
     profiled = args.steps // 4 if args.profile else 0
     for _ in range(args.steps - profiled):
@@ -81,6 +93,27 @@ def main() -> None:
     if prof is not None:
         print(f"profile over {profiled} steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def ab_layer_stack(client: LocalClient, step: Callable[[], None], steps: int) -> None:
+    """Times `steps` decode steps, every other one with the model's layer stack set aside."""
+    model = client.engine.runner.model
+    stack = model.layer_stack
+    if stack is None:
+        raise SystemExit("the model has no layer stack here")
+    times: dict[str, list[tuple[float, float]]] = {"stack": [], "layers": []}
+    for i in range(steps):
+        path = ("stack", "layers")[i % 2]
+        model.layer_stack = stack if path == "stack" else None
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        times[path].append((time.perf_counter() - wall, time.process_time() - cpu))
+    model.layer_stack = stack
+    medians = {path: [statistics.median(t[k] for t in runs) * 1e3 for k in (0, 1)] for path, runs in times.items()}
+    for path, (wall, cpu) in medians.items():
+        print(f"{path}: wall median {wall:.2f} ms, CPU median {cpu:.2f} ms over {len(times[path])} steps")
+    print(f"layers / stack: wall {medians['layers'][0] / medians['stack'][0]:.3f}x, "
+          f"CPU {medians['layers'][1] / medians['stack'][1]:.3f}x")
 
 
 if __name__ == "__main__":

