@@ -110,6 +110,22 @@ Projection projection(std::vector<T> packed, std::vector<int64_t> qtypes, std::v
   return Projection{std::move(packed), std::move(qtypes), std::move(sizes)};
 }
 
+// A decoder layer's four projections; each family's layer adds its norms.
+struct Projections {
+  Projection qkv, o, gate_up, down;
+};
+
+Projections projections(std::vector<T> qkv_packed, std::vector<int64_t> qkv_qtypes, std::vector<int64_t> qkv_sizes,
+                        std::vector<T> o_packed, std::vector<int64_t> o_qtypes, std::vector<int64_t> o_sizes,
+                        std::vector<T> gate_up_packed, std::vector<int64_t> gate_up_qtypes,
+                        std::vector<int64_t> gate_up_sizes, std::vector<T> down_packed,
+                        std::vector<int64_t> down_qtypes, std::vector<int64_t> down_sizes) {
+  return Projections{projection(std::move(qkv_packed), std::move(qkv_qtypes), std::move(qkv_sizes)),
+                     projection(std::move(o_packed), std::move(o_qtypes), std::move(o_sizes)),
+                     projection(std::move(gate_up_packed), std::move(gate_up_qtypes), std::move(gate_up_sizes)),
+                     projection(std::move(down_packed), std::move(down_qtypes), std::move(down_sizes))};
+}
+
 // What every family's stack shares: the ops, the attention block, the step's groups.
 class DecoderStack : public torch::CustomClassHolder {
  protected:
@@ -201,11 +217,11 @@ class LayerStack : public DecoderStack {
                  std::vector<int64_t> o_sizes, std::vector<T> gate_up_packed, std::vector<int64_t> gate_up_qtypes,
                  std::vector<int64_t> gate_up_sizes, std::vector<T> down_packed, std::vector<int64_t> down_qtypes,
                  std::vector<int64_t> down_sizes) {
-    layers_.push_back(Layer{std::move(input_norm), std::move(post_norm),
-                            projection(std::move(qkv_packed), std::move(qkv_qtypes), std::move(qkv_sizes)),
-                            projection(std::move(o_packed), std::move(o_qtypes), std::move(o_sizes)),
-                            projection(std::move(gate_up_packed), std::move(gate_up_qtypes), std::move(gate_up_sizes)),
-                            projection(std::move(down_packed), std::move(down_qtypes), std::move(down_sizes))});
+    layers_.push_back(Layer{projections(std::move(qkv_packed), std::move(qkv_qtypes), std::move(qkv_sizes),
+                                        std::move(o_packed), std::move(o_qtypes), std::move(o_sizes),
+                                        std::move(gate_up_packed), std::move(gate_up_qtypes), std::move(gate_up_sizes),
+                                        std::move(down_packed), std::move(down_qtypes), std::move(down_sizes)),
+                            std::move(input_norm), std::move(post_norm)});
   }
 
   T forward(T x, std::vector<T> cos, std::vector<T> sin_signed, T kv_cache, std::vector<std::optional<T>> metadata,
@@ -229,9 +245,8 @@ class LayerStack : public DecoderStack {
   }
 
  private:
-  struct Layer {
+  struct Layer : Projections {
     T input_norm, post_norm;
-    Projection qkv, o, gate_up, down;
   };
 
   T final_norm_;
@@ -253,12 +268,12 @@ class GemmaLayerStack : public DecoderStack {
                  std::vector<int64_t> gate_up_sizes, std::vector<T> down_packed, std::vector<int64_t> down_qtypes,
                  std::vector<int64_t> down_sizes) {
     TORCH_CHECK(group >= 0 && static_cast<size_t>(group) < num_groups_, "a layer's group: 0 to ", num_groups_ - 1);
-    layers_.push_back(Layer{static_cast<size_t>(group), std::move(input_scale), std::move(post_attention_scale),
-                            std::move(pre_feedforward_scale), std::move(post_feedforward_scale), std::move(qk_scale),
-                            projection(std::move(qkv_packed), std::move(qkv_qtypes), std::move(qkv_sizes)),
-                            projection(std::move(o_packed), std::move(o_qtypes), std::move(o_sizes)),
-                            projection(std::move(gate_up_packed), std::move(gate_up_qtypes), std::move(gate_up_sizes)),
-                            projection(std::move(down_packed), std::move(down_qtypes), std::move(down_sizes))});
+    layers_.push_back(Layer{projections(std::move(qkv_packed), std::move(qkv_qtypes), std::move(qkv_sizes),
+                                        std::move(o_packed), std::move(o_qtypes), std::move(o_sizes),
+                                        std::move(gate_up_packed), std::move(gate_up_qtypes), std::move(gate_up_sizes),
+                                        std::move(down_packed), std::move(down_qtypes), std::move(down_sizes)),
+                            static_cast<size_t>(group), std::move(input_scale), std::move(post_attention_scale),
+                            std::move(pre_feedforward_scale), std::move(post_feedforward_scale), std::move(qk_scale)});
   }
 
   // Gemma3ForCausalLM.forward's loop: x the residual stream, `normed` the next block's input.
@@ -280,11 +295,10 @@ class GemmaLayerStack : public DecoderStack {
   }
 
  private:
-  struct Layer {
+  struct Layer : Projections {
     size_t group;
     T input_scale, post_attention_scale, pre_feedforward_scale, post_feedforward_scale;
     T qk_scale;  // [heads + kv_heads, head_dim]: q_norm's scale (times the query factor) per query head, k_norm's
-    Projection qkv, o, gate_up, down;
   };
 
   T final_scale_;
