@@ -8,8 +8,9 @@ replica) the spinning threads take the cores from the threads they wait for: two
 at once on 2 cores ran 130 and 131 prompt tokens/s against 1,685 for one alone (the default), and
 ~700 each at 3,000 spins (docs/PERFORMANCE.md, "Sharing the machine"). A short spin still hands a
 step's ops from one to the next without a sleep (a decode step's gaps between ops are microseconds):
-one engine alone ran its decode steps as fast at 3,000 spins, and 2-4% slower at 1,000, which shares
-the machine better still (~800 each).
+a lone engine's decode steps were 0-3% slower at 3,000 spins (SmolLM2 within the noise; the 1B-shaped
+Q4_K_M file B=1 ~1.5%, B=32 ~1%), and SmolLM2's at B=64 2-4% at 1,000, which shares the machine
+better still (~800 each).
 
 A `GOMP_SPINCOUNT` the user set is kept. Where torch was imported before tokenmill the runtime has
 already read its settings, and this changes nothing. The variable is set only while torch loads:
