@@ -13,6 +13,10 @@ calls alternated for --min-time seconds (milliseconds); the ratio is kernel / to
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import os
 from functools import partial

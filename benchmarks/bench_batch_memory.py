@@ -24,6 +24,10 @@ Inputs and the model are written under `--out` (default: a temporary folder) and
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import json
 import os

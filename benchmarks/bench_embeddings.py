@@ -19,6 +19,10 @@ Also checks that both give the same vectors (cosine of tokenmill's bf16 against 
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import importlib.util
 import json

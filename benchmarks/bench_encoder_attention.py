@@ -29,6 +29,10 @@ kernel / torch (sdpa alone), kernel GFLOP/s:
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import os
 from functools import partial

@@ -18,6 +18,10 @@ Weights from memory (the K=8192 and N=8192 shapes at small M) vary +-15% between
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import importlib.util
 import subprocess

@@ -12,6 +12,10 @@ process's CPU time) of each path are printed. With --profile, torch.profiler's t
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import random
 import statistics

@@ -8,6 +8,10 @@ two ways of running n samples can be compared on the same job (docs/PERFORMANCE.
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import json
 import time

@@ -21,6 +21,10 @@ weights are read from memory as in a model's step (the L3 holds 32 MB).
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import math
 import os

@@ -27,6 +27,10 @@ does not depend on the values).
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import itertools
 import math

@@ -13,6 +13,10 @@ engine (an empty prefix cache) and a small warm-up; the whole generate call is t
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import json
 import random

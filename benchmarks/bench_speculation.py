@@ -14,6 +14,10 @@ whether the tokens are identical (they must be):
 
 from __future__ import annotations
 
+import tokenmill.openmp_runtime  # noqa: F401  (before torch: OpenMP's idle spin as the CLI and `import tokenmill` set it)
+
+# isort: split
+
 import argparse
 import dataclasses
 import json
